@@ -1,0 +1,3 @@
+from bigasp.cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""Typed configuration: TOML files validated into pydantic models, plus CLI overrides.
+
+Every stage's config is a `Section` subclass: unknown keys are errors (typos never pass
+silently), values are validated, and the error names the file, the dotted key and the
+allowed values. Overrides use `dotted.key=value` with the value parsed as TOML, so
+`train.lr=2e-4` and `train.precision="bf16"` both work.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from bigasp.errors import ConfigError
+
+T = TypeVar("T", bound="Section")
+
+
+class Section(BaseModel):
+    """Base for every config block: strict keys, validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=VALUE` -> (['a','b','c'], parsed VALUE). Bare words are taken as strings."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value (e.g. train.lr=2e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as bf16 or a path
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each dotted override applied."""
+    out = _deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a table")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see docs/ for the allowed keys)"
+        elif "ctx" in e and "expected" in e["ctx"]:
+            msg = f"{msg} (allowed: {e['ctx']['expected']})"
+        lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate(model: type[T], data: Mapping[str, Any], source: str = "<config>") -> T:
+    """Validate plain data into `model`, turning pydantic errors into a readable ConfigError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+
+
+def load_config(model: type[T], path: str | Path | None, overrides: Iterable[str] = ()) -> T:
+    """Read TOML (or start from defaults when `path` is None), apply overrides, validate."""
+    data = read_toml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    return validate(model, data, str(path) if path is not None else "<defaults>")
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """Serialise plain config data (dicts, lists, scalars; None dropped) to TOML."""
+    scalars: list[str] = []
+    tables: list[str] = []
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, Mapping):
+            return "{ " + ", ".join(f"{_key(k)} = {fmt(x)}" for k, x in v.items() if x is not None) + " }"
+        return fmt(str(v))
+
+    def walk(prefix: str, node: Mapping[str, Any]) -> None:
+        own = [(k, v) for k, v in node.items() if v is not None and not isinstance(v, Mapping)]
+        subs = [(k, v) for k, v in node.items() if isinstance(v, Mapping)]
+        if prefix:
+            tables.append(f"\n[{prefix}]")
+            tables.extend(f"{_key(k)} = {fmt(v)}" for k, v in own)
+        else:
+            scalars.extend(f"{_key(k)} = {fmt(v)}" for k, v in own)
+        for k, v in subs:
+            walk(f"{prefix}.{_key(k)}" if prefix else _key(k), v)
+
+    walk("", data)
+    return "\n".join(scalars + tables).strip() + "\n"
+
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else f'"{k}"'

@@ -1,0 +1,54 @@
+"""`bigasp model ...`: inspect and convert SDXL weights."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+model_app = typer.Typer(help="Inspect and convert SDXL models (presets, diffusers folders, single files).")
+
+
+@model_app.command("info")
+def info(
+    model: str = typer.Argument(..., help="Preset name (tiny, sdxl-base), diffusers folder or single .safetensors."),
+    preset: str = typer.Option(None, help="Architecture preset of a single file, if it cannot be inferred."),
+) -> None:
+    """Print the model kind and each component's parameter count."""
+    from bigasp.models.io import load_model
+
+    m = load_model(model, preset=preset)
+    out = {"source": m.source, "kind": m.kind.to_json(), "components": {}}
+    for name, mod in m.modules().items():
+        params = sum(p.numel() for p in mod.parameters())
+        dtype = str(next(mod.parameters()).dtype).replace("torch.", "")
+        out["components"][name] = {"parameters": params, "dtype": dtype}
+    typer.echo(json.dumps(out, indent=2))
+
+
+@model_app.command("save")
+def save(
+    model: str = typer.Argument(..., help="Source: preset name, diffusers folder or single .safetensors."),
+    out: str = typer.Argument(..., help="Destination diffusers folder."),
+    prediction: str = typer.Option(None, help="Record the model kind: eps or flow (default: from the source)."),
+    shift: float = typer.Option(None, help="Record the flow shift (default: from the source, else 1.0)."),
+    preset: str = typer.Option(None, help="Architecture preset of a single file, if it cannot be inferred."),
+) -> None:
+    """Save any model source as a diffusers folder with its model kind recorded."""
+    from dataclasses import replace
+
+    from bigasp.models.io import load_model, save_diffusers_folder
+
+    m = load_model(model, preset=preset)
+    if prediction is not None or shift is not None:
+        m.kind = replace(
+            m.kind,
+            prediction=prediction or m.kind.prediction,
+            shift=shift if shift is not None else m.kind.shift,
+        )
+    path = save_diffusers_folder(m, out)
+    typer.echo(f"saved {path} ({m.kind.prediction}, shift {m.kind.shift})")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(model_app, name="model")

@@ -1,0 +1,144 @@
+"""Load SDXL from local disk, save a diffusers folder. Never touches the network.
+
+Accepted sources (`load_model`):
+- a preset name (`tiny`, `sdxl-base`): random weights from shipped configs;
+- a local diffusers folder (`model_index.json`, or `unet/`, `vae/`, ... subfolders);
+- a local single-file SDXL `.safetensors` in original LDM key layout (Civitai/ComfyUI files,
+  e.g. the bigASP releases), see `bigasp.models.single_file`.
+A hub id or a missing path is an error that says weights must be local.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from bigasp.errors import ModelLoadError
+from bigasp.models.components import SDXL, ModelKind
+from bigasp.models.presets import PRESETS, build_preset, component_config
+
+DIFFUSERS_CLASSES = {
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+    "tokenizer": ("transformers", "CLIPTokenizer"),
+    "tokenizer_2": ("transformers", "CLIPTokenizer"),
+    "scheduler": ("diffusers", "EulerDiscreteScheduler"),
+}
+
+
+def describe_missing(spec: str) -> str:
+    looks_like_hub = "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1
+    hint = (
+        f"{spec!r} looks like a Hugging Face hub id, but bigasp never downloads weights. "
+        if looks_like_hub
+        else f"{spec!r} does not exist. "
+    )
+    return (
+        hint + "Pass a local path: a diffusers folder (with model_index.json or unet/), a single-file "
+        "SDXL .safetensors (e.g. bigasp_v20.safetensors), or a preset name "
+        f"({', '.join(PRESETS)}). To fetch hub weights, download them yourself first "
+        "(e.g. `huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 --local-dir sdxl`)."
+    )
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())
+
+
+def load_model(
+    spec: str | os.PathLike,
+    components: Iterable[str] = SDXL.COMPONENTS,
+    *,
+    kind: ModelKind | None = None,
+    preset: str | None = None,
+    seed: int = 0,
+) -> SDXL:
+    """Load the requested components from a preset name, a diffusers folder or a single file.
+
+    `kind` overrides the model kind recorded in the checkpoint (or assumed: eps).
+    `preset` names the architecture of a single file when it cannot be inferred.
+    """
+    components = tuple(components)
+    spec_str = str(spec)
+    if spec_str in PRESETS:
+        return build_preset(spec_str, components, seed=seed, kind=kind)
+    path = Path(spec_str).expanduser()
+    if is_diffusers_folder(path):
+        return load_diffusers_folder(path, components, kind=kind)
+    if path.is_file() and path.suffix in (".safetensors", ".sft"):
+        from bigasp.models.single_file import load_single_file
+
+        return load_single_file(path, components, kind=kind, preset=preset)
+    if path.is_dir():
+        raise ModelLoadError(
+            f"{path} is a folder but not a diffusers model (no model_index.json or unet/). "
+            "Point at the folder that holds unet/, vae/, text_encoder/ and text_encoder_2/."
+        )
+    if path.is_file():
+        raise ModelLoadError(
+            f"{path} is not a .safetensors file; bigasp reads only safetensors (never pickle .ckpt/.pt). "
+            "Convert it with a trusted tool first."
+        )
+    raise ModelLoadError(describe_missing(spec_str))
+
+
+def load_diffusers_folder(path: Path, components: Iterable[str], *, kind: ModelKind | None = None) -> SDXL:
+    model = SDXL(kind=kind or ModelKind.load(path) or ModelKind(), source=str(path))
+    for comp in components:
+        sub = path / comp
+        if not sub.is_dir():
+            raise ModelLoadError(f"{path} has no {comp}/ subfolder; it is needed here")
+        try:
+            if comp in ("unet", "vae"):
+                import diffusers
+
+                cls = getattr(diffusers, DIFFUSERS_CLASSES[comp][1])
+                module = cls.from_pretrained(str(sub), local_files_only=True, use_safetensors=True)
+            else:
+                import transformers
+
+                cls = getattr(transformers, DIFFUSERS_CLASSES[comp][1])
+                module = cls.from_pretrained(str(sub), local_files_only=True, use_safetensors=True)
+        except (OSError, ValueError, EnvironmentError) as err:
+            raise ModelLoadError(f"could not load {sub}: {err}") from None
+        setattr(model, comp, module.eval())
+    return model
+
+
+def save_diffusers_folder(model: SDXL, path: str | os.PathLike, *, preset_for_missing: str | None = None) -> Path:
+    """Write `model` as a diffusers folder (safetensors) plus `bigasp_model.json`.
+
+    Components the bundle does not hold are omitted from `model_index.json`; tokenizers and a
+    scheduler config are always written so diffusers' `StableDiffusionXLPipeline` can open it.
+    The caller is responsible for atomicity (checkpoints write into a temp dir and rename).
+    """
+    from bigasp.text.tokenizer import tokenizer_dir
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    index: dict[str, object] = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.31.0"}
+    for comp, module in model.modules().items():
+        module.save_pretrained(str(out / comp), safe_serialization=True)
+        index[comp] = list(DIFFUSERS_CLASSES[comp])
+    for tok, pad in (("tokenizer", None), ("tokenizer_2", "!")):
+        shutil.copytree(tokenizer_dir(), out / tok, dirs_exist_ok=True)
+        if pad is not None:
+            cfg_path = out / tok / "tokenizer_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["pad_token"] = pad
+            cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        index[tok] = list(DIFFUSERS_CLASSES[tok])
+    (out / "scheduler").mkdir(exist_ok=True)
+    sched = component_config(preset_for_missing or "sdxl-base", "scheduler")
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
+    index["scheduler"] = list(DIFFUSERS_CLASSES["scheduler"])
+    for comp in ("vae", "text_encoder", "text_encoder_2", "unet"):
+        index.setdefault(comp, [None, None])
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    model.kind.save(out)
+    return out
