@@ -12,7 +12,6 @@ Usage: python scripts/build_clip_tokenizer.py [path/to/bpe_simple_vocab_16e6.txt
 from __future__ import annotations
 
 import gzip
-import json
 import sys
 from pathlib import Path
 
@@ -36,7 +35,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def build(bpe_gz: Path, out: Path) -> None:
-    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
     symbols = list(bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]

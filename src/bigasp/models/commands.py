@@ -11,7 +11,9 @@ model_app = typer.Typer(help="Inspect and convert SDXL models (presets, diffuser
 
 @model_app.command("info")
 def info(
-    model: str = typer.Argument(..., help="Preset name (tiny, sdxl-base), diffusers folder or single .safetensors."),
+    model: str = typer.Argument(
+        ..., help="Preset name (tiny, sdxl-base), diffusers folder or single .safetensors."
+    ),
     preset: str = typer.Option(None, help="Architecture preset of a single file, if it cannot be inferred."),
 ) -> None:
     """Print the model kind and each component's parameter count."""
@@ -30,7 +32,9 @@ def info(
 def save(
     model: str = typer.Argument(..., help="Source: preset name, diffusers folder or single .safetensors."),
     out: str = typer.Argument(..., help="Destination diffusers folder."),
-    prediction: str = typer.Option(None, help="Record the model kind: eps or flow (default: from the source)."),
+    prediction: str = typer.Option(
+        None, help="Record the model kind: eps or flow (default: from the source)."
+    ),
     shift: float = typer.Option(None, help="Record the flow shift (default: from the source, else 1.0)."),
     preset: str = typer.Option(None, help="Architecture preset of a single file, if it cannot be inferred."),
 ) -> None:

@@ -104,13 +104,15 @@ def load_diffusers_folder(path: Path, components: Iterable[str], *, kind: ModelK
 
                 cls = getattr(transformers, DIFFUSERS_CLASSES[comp][1])
                 module = cls.from_pretrained(str(sub), local_files_only=True, use_safetensors=True)
-        except (OSError, ValueError, EnvironmentError) as err:
+        except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load {sub}: {err}") from None
         setattr(model, comp, module.eval())
     return model
 
 
-def save_diffusers_folder(model: SDXL, path: str | os.PathLike, *, preset_for_missing: str | None = None) -> Path:
+def save_diffusers_folder(
+    model: SDXL, path: str | os.PathLike, *, preset_for_missing: str | None = None
+) -> Path:
     """Write `model` as a diffusers folder (safetensors) plus `bigasp_model.json`.
 
     Components the bundle does not hold are omitted from `model_index.json`; tokenizers and a

@@ -19,7 +19,13 @@ import torch
 from bigasp.errors import ModelLoadError
 from bigasp.models.components import SDXL, ModelKind
 
-PRESETS = ("sdxl-base", "tiny")
+
+def _discover() -> tuple[str, ...]:
+    root = resources.files("bigasp.models") / "configs"
+    return tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "unet.json").is_file()))
+
+
+PRESETS = _discover()  # one folder per preset under models/configs/
 COMPONENT_FILES = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
 
 
