@@ -1,0 +1,67 @@
+"""`bigasp dataset ...`: inspect and verify a dataset directory.
+
+Other packages add subcommands to `dataset_app` (e.g. the training-data preview), so it is a
+module-level Typer that `register` mounts once.
+"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+dataset_app = typer.Typer(help="Inspect a dataset directory (manifest, rejects, latent shards).")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@dataset_app.command("info")
+def info(
+    dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Images, rejects by reason, bucket histogram and bytes on disk."""
+    from bigasp.store.info import dataset_info
+
+    d = dataset_info(dataset)
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    typer.echo(f"dataset {d['root']} (format {d['format_version']})")
+    typer.echo(f"  images     {d['images']}")
+    typer.echo(f"  latents    {d['latents']}   not yet encoded {d['not_encoded']}")
+    typer.echo(f"  rejects    {sum(d['rejects'].values())}")
+    for reason, n in d["rejects"].items():
+        typer.echo(f"    {reason:<32} {n}")
+    typer.echo("  buckets (WxH: latents)")
+    for name, n in d["buckets"].items():
+        typer.echo(f"    {name:<12} {n}")
+    typer.echo("  bytes on disk")
+    for key, n in d["bytes"].items():
+        typer.echo(f"    {key:<20} {_human(n)}")
+
+
+@dataset_app.command("verify")
+def verify(
+    dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
+) -> None:
+    """Read every latent and check its checksum; exit 1 if any record is bad."""
+    from bigasp.store import LatentDataset
+
+    ds = LatentDataset(dataset)
+    errors = ds.verify()
+    for e in errors:
+        typer.echo(e, err=True)
+    typer.echo(f"{len(ds) - len(errors)} of {len(ds)} latents OK")
+    if errors:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(dataset_app, name="dataset")

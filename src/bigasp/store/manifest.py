@@ -1,0 +1,154 @@
+"""Schemas of the dataset's tables (manifest, rejects, latent index) and their readers.
+
+Keeping the Arrow schemas in one place is what lets ingest, encode, the training loader
+and `bigasp dataset info` agree on column names and types without importing each other.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from bigasp.errors import DataError
+from bigasp.store import layout
+
+# One row per unique image (content hash). Annotation columns are nullable: unknown != 0.
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),  # blake2b-128 hex of the file bytes
+        pa.field("path", pa.string()),  # where it was first seen; tar members as "a.tar::member"
+        pa.field("file_size", pa.int64()),
+        pa.field("mtime", pa.float64()),  # of the file (or tar) when ingested; incremental re-runs
+        pa.field("format", pa.string()),  # Pillow format name: JPEG, PNG, WEBP, ...
+        pa.field("mode", pa.string()),  # Pillow mode before conversion to RGB
+        pa.field("width", pa.int32()),  # logical size, AFTER EXIF orientation
+        pa.field("height", pa.int32()),
+        pa.field("orientation", pa.int8()),  # EXIF orientation tag (1 = none)
+        pa.field("captions", pa.list_(pa.string())),
+        pa.field("tags", pa.list_(pa.string())),
+        pa.field("score", pa.int8()),  # 0..9, null = unscored
+        pa.field("source", pa.string()),
+        pa.field("watermark", pa.bool_()),
+        pa.field("extra", pa.string()),  # JSON object text: sidecar keys we do not interpret
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("file_size", pa.int64()),
+        pa.field("mtime", pa.float64()),
+        pa.field("id", pa.string()),  # for duplicates: the id already in the manifest
+        pa.field("stage", pa.string()),  # ingest | encode
+    ]
+)
+
+# One row per stored latent; written next to each finished shard (latents/index/).
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("shard", pa.string()),  # path relative to the dataset root
+        pa.field("record", pa.int32()),
+        pa.field("offset", pa.int64()),
+        pa.field("length", pa.int64()),
+        pa.field("crc32", pa.int64()),  # zlib.crc32 of the stored (possibly compressed) bytes
+        pa.field("compression", pa.string()),  # none | zstd
+        pa.field("bucket_height", pa.int32()),
+        pa.field("bucket_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("crop_top", pa.int32()),
+        pa.field("crop_left", pa.int32()),
+    ]
+)
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Select and cast `table` to `schema` (missing nullable columns become null)."""
+    cols = []
+    for field in schema:
+        if field.name in table.column_names:
+            cols.append(table.column(field.name).cast(field.type))
+        else:
+            cols.append(pa.nulls(len(table), field.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def read_dataset_json(fs, root: str) -> dict[str, Any]:
+    path = f"{root}/{layout.DATASET_JSON}"
+    if not fs.exists(path):
+        raise DataError(
+            f"{root} is not a bigasp dataset ({layout.DATASET_JSON} missing); create it with `bigasp ingest`"
+        )
+    with fs.open(path, "rb") as f:
+        meta = json.loads(f.read())
+    version = meta.get("format_version")
+    if version != layout.FORMAT_VERSION:
+        raise DataError(
+            f"{path} has format_version {version}; this bigasp reads version {layout.FORMAT_VERSION}. "
+            "Re-ingest the images or use a matching bigasp version."
+        )
+    return meta
+
+
+def read_manifest(fs, root: str) -> pa.Table:
+    path = f"{root}/{layout.MANIFEST}"
+    if not fs.exists(path):
+        return empty(MANIFEST_SCHEMA)
+    return conform(layout.read_parquet(fs, path), MANIFEST_SCHEMA)
+
+
+def read_rejects(fs, root: str) -> pa.Table:
+    """Ingest rejects plus every encode rejects file."""
+    tables = []
+    path = f"{root}/{layout.REJECTS}"
+    if fs.exists(path):
+        tables.append(conform(layout.read_parquet(fs, path), REJECTS_SCHEMA))
+    for p in sorted(fs.glob(f"{root}/{layout.ENCODE_REJECTS_DIR}/*.parquet")):
+        if layout.visible(p):
+            tables.append(conform(layout.read_parquet(fs, p), REJECTS_SCHEMA))
+    return pa.concat_tables(tables) if tables else empty(REJECTS_SCHEMA)
+
+
+def read_index(fs, root: str) -> pa.Table:
+    """All committed latent index files, deduplicated by id (first shard name wins)."""
+    paths = sorted(p for p in fs.glob(f"{root}/{layout.INDEX_DIR}/*.parquet") if layout.visible(p))
+    if not paths:
+        return empty(INDEX_SCHEMA)
+    table = pa.concat_tables(conform(layout.read_parquet(fs, p), INDEX_SCHEMA) for p in paths)
+    table = table.sort_by([("id", "ascending"), ("shard", "ascending"), ("record", "ascending")])
+    ids = table.column("id").to_pylist()
+    keep = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+    if len(keep) != len(ids):
+        table = table.take(pa.array(keep, pa.int64()))
+    return table
+
+
+def init_dataset(root, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Create (or update) `dataset.json` in a local dataset directory; returns its content.
+
+    Keys already present are kept unless `extra` replaces them, so re-running ingest with new
+    options does not silently drop what the first run recorded.
+    """
+    from pathlib import Path
+
+    path = Path(root) / layout.DATASET_JSON
+    meta: dict[str, Any] = {}
+    if path.exists():
+        meta = json.loads(path.read_text())
+        if meta.get("format_version") != layout.FORMAT_VERSION:
+            raise DataError(
+                f"{path} has format_version {meta.get('format_version')}; this bigasp writes version "
+                f"{layout.FORMAT_VERSION}. Ingest into a new directory."
+            )
+    meta.update({"format_version": layout.FORMAT_VERSION, "kind": "bigasp-dataset", **(extra or {})})
+    layout.atomic_write_bytes(path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    return meta

@@ -1,0 +1,162 @@
+"""`LatentDataset`: the training-time view of a dataset directory.
+
+Opening reads only Parquet (manifest + latent index); `read_latent(i)` reads exactly one
+record's bytes at its recorded offset, verifies its checksum and decompresses it. File
+handles are opened lazily per process and dropped on pickling, so the object can be handed
+to DataLoader workers (fork or spawn) and to object-storage filesystems alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bigasp.errors import DataError
+from bigasp.store import layout
+from bigasp.store.manifest import read_dataset_json, read_index, read_manifest
+from bigasp.store.shard import check_crc, decode_record
+
+INDEX_COLUMNS = (
+    "shard",
+    "record",
+    "offset",
+    "length",
+    "crc32",
+    "compression",
+    "bucket_height",
+    "bucket_width",
+    "original_height",
+    "original_width",
+    "crop_top",
+    "crop_left",
+)
+
+
+def join_latents(manifest: pa.Table, index: pa.Table) -> pa.Table:
+    """Manifest rows that have a latent, with the index columns appended, sorted by id.
+
+    (Arrow's hash join cannot carry list columns such as captions, so we join by position.)
+    """
+    index = index.sort_by("id")
+    pos = pc.index_in(index.column("id"), value_set=manifest.column("id"))
+    keep = pc.is_valid(pos)
+    index = index.filter(keep)
+    rows = manifest.take(pc.drop_null(pos))
+    for name in INDEX_COLUMNS:
+        rows = rows.append_column(index.schema.field(name), index.column(name))
+    return rows.combine_chunks()
+
+
+class LatentDataset:
+    """Images that have a latent, sorted by id, with O(1) checksummed access to each latent."""
+
+    def __init__(self, root: str | os.PathLike, *, storage_options: dict | None = None):
+        self.root_url = str(root)
+        self.storage_options = dict(storage_options or {})
+        fs, self.root = layout.url_to_fs(self.root_url, self.storage_options)
+        self._fs = fs
+        self.meta = read_dataset_json(fs, self.root)
+        manifest = read_manifest(fs, self.root)
+        index = read_index(fs, self.root).select(["id", *INDEX_COLUMNS])
+        self.table: pa.Table = join_latents(manifest, index)
+        self.n_orphan_latents = len(index) - len(self.table)  # latents not in the manifest (ignored)
+        shards = self.table.column("shard")
+        self.shards: list[str] = pc.unique(shards).to_pylist() if len(self.table) else []
+        lookup = {s: i for i, s in enumerate(self.shards)}
+        self._shard_idx = np.array([lookup[s] for s in shards.to_pylist()], dtype=np.int32)
+        self._offset = self.table.column("offset").to_numpy()
+        self._length = self.table.column("length").to_numpy()
+        self._crc = self.table.column("crc32").to_numpy()
+        self._zstd = np.array([c == "zstd" for c in self.table.column("compression").to_pylist()], dtype=bool)
+        self._bh = self.table.column("bucket_height").to_numpy()
+        self._bw = self.table.column("bucket_width").to_numpy()
+        self._record = self.table.column("record").to_numpy()
+        self._local = layout.is_local(fs)
+        self._fds: dict[int, int] = {}
+        self._dctx = None
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __repr__(self) -> str:
+        return f"LatentDataset({self.root_url!r}, {len(self)} latents in {len(self.shards)} shards)"
+
+    # Pickling: ship the arrays, not open files or decompressors.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fds"] = {}
+        state["_dctx"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def latent_shape(self, i: int) -> tuple[int, int, int]:
+        return (4, int(self._bh[i]) // 8, int(self._bw[i]) // 8)
+
+    def _where(self, i: int) -> str:
+        return f"shard {self.root}/{self.shards[self._shard_idx[i]]} record {int(self._record[i])}"
+
+    def read_bytes(self, i: int) -> bytes:
+        """The stored bytes of row `i` (compressed if the shard is), not yet verified."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} out of range for a dataset of {len(self)} latents")
+        s = int(self._shard_idx[i])
+        offset, length = int(self._offset[i]), int(self._length[i])
+        path = f"{self.root}/{self.shards[s]}"
+        if self._local:
+            fd = self._fds.get(s)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise DataError(f"{path} is listed in the latent index but missing") from None
+                self._fds[s] = fd
+            data = os.pread(fd, length, offset)
+        else:
+            data = self._fs.cat_file(path, start=offset, end=offset + length)
+        if len(data) != length:
+            raise DataError(f"{self._where(i)}: short read ({len(data)} of {length} bytes); file truncated")
+        return data
+
+    def read_latent(self, i: int):
+        """float16 tensor [4, bucket_height//8, bucket_width//8], checksum-verified."""
+        import torch
+
+        return torch.from_numpy(self.read_latent_numpy(i))
+
+    def read_latent_numpy(self, i: int) -> np.ndarray:
+        data = self.read_bytes(i)
+        where = self._where(i)
+        check_crc(data, int(self._crc[i]), where)
+        dctx = None
+        if self._zstd[i]:
+            if self._dctx is None:
+                import zstandard
+
+                self._dctx = zstandard.ZstdDecompressor()
+            dctx = self._dctx
+        arr = decode_record(
+            data, "zstd" if self._zstd[i] else "none", self.latent_shape(i), dctx=dctx, where=where
+        )
+        return arr.copy()  # writable, detached from the read buffer
+
+    def verify(self) -> list[str]:
+        """Read and check every record; returns one error message per bad record."""
+        errors = []
+        for i in range(len(self)):
+            try:
+                self.read_latent_numpy(i)
+            except DataError as err:
+                errors.append(str(err))
+        return errors
