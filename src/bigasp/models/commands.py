@@ -28,30 +28,59 @@ def info(
     typer.echo(json.dumps(out, indent=2))
 
 
-@model_app.command("save")
-def save(
-    model: str = typer.Argument(..., help="Source: preset name, diffusers folder or single .safetensors."),
-    out: str = typer.Argument(..., help="Destination diffusers folder."),
-    prediction: str = typer.Option(
-        None, help="Record the model kind: eps or flow (default: from the source)."
-    ),
-    shift: float = typer.Option(None, help="Record the flow shift (default: from the source, else 1.0)."),
-    preset: str = typer.Option(None, help="Architecture preset of a single file, if it cannot be inferred."),
-) -> None:
-    """Save any model source as a diffusers folder with its model kind recorded."""
+def _with_kind(m, prediction: str | None, shift: float | None):
+    """Apply --prediction/--shift over the kind the source recorded (or eps)."""
     from dataclasses import replace
 
-    from bigasp.models.io import load_model, save_diffusers_folder
-
-    m = load_model(model, preset=preset)
     if prediction is not None or shift is not None:
         m.kind = replace(
             m.kind,
             prediction=prediction or m.kind.prediction,
             shift=shift if shift is not None else m.kind.shift,
         )
+    return m
+
+
+_PREDICTION_HELP = "Record the model kind: eps or flow (default: from the source, else eps)."
+_SHIFT_HELP = "Record the flow shift (default: from the source, else 1.0)."
+_PRESET_HELP = "Architecture preset of a single file, if it cannot be inferred."
+
+
+@model_app.command("save")
+def save(
+    model: str = typer.Argument(..., help="Source: preset name, diffusers folder or single .safetensors."),
+    out: str = typer.Argument(..., help="Destination diffusers folder."),
+    prediction: str = typer.Option(None, help=_PREDICTION_HELP),
+    shift: float = typer.Option(None, help=_SHIFT_HELP),
+    preset: str = typer.Option(None, help=_PRESET_HELP),
+) -> None:
+    """Save any model source as a diffusers folder with its model kind recorded."""
+    from bigasp.models.io import load_model, save_diffusers_folder
+
+    m = _with_kind(load_model(model, preset=preset), prediction, shift)
     path = save_diffusers_folder(m, out)
     typer.echo(f"saved {path} ({m.kind.prediction}, shift {m.kind.shift})")
+
+
+@model_app.command("export")
+def export(
+    model: str = typer.Argument(..., help="Source: preset name, diffusers folder or single .safetensors."),
+    out: str = typer.Argument(..., help="Destination single file, e.g. my_model.safetensors."),
+    prediction: str = typer.Option(None, help=_PREDICTION_HELP),
+    shift: float = typer.Option(None, help=_SHIFT_HELP),
+    preset: str = typer.Option(None, help=_PRESET_HELP),
+) -> None:
+    """Export as one SDXL .safetensors in the original key layout (loads in ComfyUI, A1111, Civitai).
+
+    The model kind is recorded in the file's metadata, so `bigasp generate` samples a flow
+    model correctly without flags.
+    """
+    from bigasp.models.io import load_model
+    from bigasp.models.single_file import save_single_file
+
+    m = _with_kind(load_model(model, preset=preset), prediction, shift)
+    path = save_single_file(m, out)
+    typer.echo(f"exported {path} ({m.kind.prediction}, shift {m.kind.shift})")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,467 @@
+"""Single-file SDXL checkpoints in the original SGM/LDM key layout (Civitai, ComfyUI, A1111).
+
+This is how SDXL finetunes are actually distributed (bigASP v2 and v2.5 included): one
+`.safetensors` holding all four networks under their original module paths:
+
+    model.diffusion_model.*                UNet (SGM `UNetModel`: input_blocks/middle_block/output_blocks)
+    first_stage_model.*                    VAE (LDM `AutoencoderKL`: encoder.down.N.block.M, mid.attn_1 ...)
+    conditioner.embedders.0.transformer.*  CLIP ViT-L, already in Hugging Face key names
+    conditioner.embedders.1.model.*        OpenCLIP bigG: fused q/k/v (`in_proj_weight`),
+                                           `text_projection` stored as the transpose of HF's Linear
+
+Loading goes through diffusers' own single-file converters (the field's reference
+implementation, used by every diffusers user who loads a Civitai file), fed with only the
+tensors of the requested components and with bigasp's shipped preset configs, so it works
+offline. Saving uses bigasp's own diffusers->LDM mapping below; the round-trip test checks
+the two against each other bit for bit.
+
+The model kind (eps/flow, shift) is recorded in the safetensors metadata, because a flow
+model sampled as eps produces garbage and a single file has no room for a side-car JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigasp.errors import ModelLoadError
+from bigasp.models.components import SDXL, ModelKind
+from bigasp.models.presets import PRESETS, build_component, component_config
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FORMAT = "bigasp.format_version"  # version of this layout + metadata convention
+META_KIND = "bigasp.model_kind"  # JSON of ModelKind.to_json(): prediction, shift
+META_COMPONENTS = "bigasp.components"  # comma-separated components the file holds
+
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "conditioner.embedders.0.transformer.",
+    "text_encoder_2": "conditioner.embedders.1.model.",
+}
+
+# ---------------------------------------------------------------------------------------------
+# diffusers / transformers key names -> original SGM/LDM key names
+# ---------------------------------------------------------------------------------------------
+
+# UNet ResBlock: diffusers ResnetBlock2D names -> SGM ResBlock (in_layers = [norm, act, conv], ...)
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def _split_param(key: str) -> tuple[str, str]:
+    module, _, param = key.rpartition(".")
+    return module, param
+
+
+def unet_key_to_ldm(key: str, *, layers_per_block: int, up_blocks_with_attention: set[int]) -> str:
+    """One diffusers UNet2DConditionModel key -> its SGM `UNetModel` key (without prefix).
+
+    SGM numbers every layer of the down path in one flat list `input_blocks`: index 0 is
+    conv_in, then per resolution level `layers_per_block` (resnet[, attention]) entries and
+    one downsampler entry. The up path (`output_blocks`) has `layers_per_block + 1` entries per
+    level, and the upsampler rides in the last entry of its level, after the attention if any.
+    Within an attention block the names are identical in both layouts.
+    """
+    per_down = layers_per_block + 1
+    per_up = layers_per_block + 1
+    module, param = _split_param(key)
+    if module in _UNET_FIXED:
+        return f"{_UNET_FIXED[module]}.{param}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
+        b, j, name = int(m[1]), int(m[2]), m[3]
+        return f"input_blocks.{1 + b * per_down + j}.0.{_UNET_RESNET[name]}.{param}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
+        b, j, rest = int(m[1]), int(m[2]), m[3]
+        return f"input_blocks.{1 + b * per_down + j}.1.{rest}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", module):
+        return f"input_blocks.{(int(m[1]) + 1) * per_down}.0.op.{param}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(\w+)", module):
+        return f"middle_block.{2 * int(m[1])}.{_UNET_RESNET[m[2]]}.{param}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
+        b, j, name = int(m[1]), int(m[2]), m[3]
+        return f"output_blocks.{b * per_up + j}.0.{_UNET_RESNET[name]}.{param}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
+        b, j, rest = int(m[1]), int(m[2]), m[3]
+        return f"output_blocks.{b * per_up + j}.1.{rest}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", module):
+        b = int(m[1])
+        slot = 2 if b in up_blocks_with_attention else 1
+        return f"output_blocks.{b * per_up + layers_per_block}.{slot}.conv.{param}"
+    raise ModelLoadError(f"UNet parameter {key!r} has no known SDXL single-file name")
+
+
+def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    lpb = config["layers_per_block"]
+    if not isinstance(lpb, int):
+        raise ModelLoadError("single-file export needs one layers_per_block for all UNet levels (as SDXL)")
+    with_attn = {
+        int(k.split(".")[1]) for k in state_dict if k.startswith("up_blocks.") and ".attentions." in k
+    }
+    return {
+        unet_key_to_ldm(k, layers_per_block=lpb, up_blocks_with_attention=with_attn): v
+        for k, v in state_dict.items()
+    }
+
+
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_to_ldm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL -> LDM `AutoencoderKL` keys.
+
+    LDM numbers decoder levels from the lowest resolution up (`up.0` is the last to run),
+    diffusers in execution order, so the index is reversed. LDM's mid-block attention uses
+    1x1 convolutions where diffusers uses Linear layers: weights gain two unit dimensions.
+    """
+    n_up = len(config["up_block_types"])
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        module, param = _split_param(key)
+        new: str | None = None
+        if m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out", module):
+            new = f"{m[1]}.norm_out.{param}"
+        elif module in (
+            "encoder.conv_in",
+            "encoder.conv_out",
+            "decoder.conv_in",
+            "decoder.conv_out",
+            "quant_conv",
+            "post_quant_conv",
+        ):
+            new = key
+        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
+            new = f"encoder.down.{m[1]}.block.{m[2]}.{_vae_resnet(m[3])}.{param}"
+        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv", module):
+            new = f"encoder.down.{m[1]}.downsample.conv.{param}"
+        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
+            new = f"decoder.up.{n_up - 1 - int(m[1])}.block.{m[2]}.{_vae_resnet(m[3])}.{param}"
+        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv", module):
+            new = f"decoder.up.{n_up - 1 - int(m[1])}.upsample.conv.{param}"
+        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(\w+)", module):
+            new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{_vae_resnet(m[3])}.{param}"
+        elif m := re.fullmatch(
+            r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)", module
+        ):
+            new = f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{param}"
+            if param == "weight" and m[2] != "group_norm" and value.ndim == 2:
+                value = value.reshape(*value.shape, 1, 1)
+        if new is None:
+            raise ModelLoadError(f"VAE parameter {key!r} has no known SDXL single-file name")
+        out[new] = value
+    return out
+
+
+def _vae_resnet(name: str) -> str:
+    if name not in ("norm1", "conv1", "norm2", "conv2", "conv_shortcut"):
+        raise ModelLoadError(f"VAE resnet parameter {name!r} has no known SDXL single-file name")
+    return "nin_shortcut" if name == "conv_shortcut" else name
+
+
+def clip_l_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIP ViT-L keeps Hugging Face names in SDXL files; newer transformers drop `text_model.`."""
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state_dict.items()}
+
+
+_OPENCLIP_LAYER = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+def clip_g_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF CLIPTextModelWithProjection -> OpenCLIP text tower as SGM stores it.
+
+    OpenCLIP's attention is `nn.MultiheadAttention` (one `in_proj` = [q; k; v] rows) and its
+    projection is a bare matrix applied as `x @ P`, i.e. the transpose of HF's Linear weight.
+    """
+    sd = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        module, param = _split_param(key)
+        if key == "embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = value
+        elif key == "embeddings.position_embedding.weight":
+            out["positional_embedding"] = value
+        elif module == "final_layer_norm":
+            out[f"ln_final.{param}"] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.t().contiguous()
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj", module):
+            fused.setdefault((int(m[1]), param), {})[m[2]] = value
+        elif (m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", module)) and m[2] in _OPENCLIP_LAYER:
+            out[f"transformer.resblocks.{m[1]}.{_OPENCLIP_LAYER[m[2]]}.{param}"] = value
+        else:
+            raise ModelLoadError(f"text_encoder_2 parameter {key!r} has no known SDXL single-file name")
+    for (layer, param), qkv in sorted(fused.items()):
+        if set(qkv) != {"q", "k", "v"}:
+            raise ModelLoadError(f"text_encoder_2 layer {layer} lacks one of q/k/v {param}")
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])
+    return out
+
+
+def component_to_ldm(component: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A component's state dict under its full single-file key names."""
+    sd = module.state_dict()
+    if component == "unet":
+        mapped = unet_to_ldm(sd, module.config)
+    elif component == "vae":
+        mapped = vae_to_ldm(sd, module.config)
+    elif component == "text_encoder":
+        mapped = clip_l_to_ldm(sd)
+    elif component == "text_encoder_2":
+        mapped = clip_g_to_ldm(sd)
+    else:
+        raise ModelLoadError(f"unknown component {component!r}")
+    prefix = PREFIXES[component]
+    return {prefix + k: v for k, v in mapped.items()}
+
+
+def ldm_state_dict(model: SDXL) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for comp, module in model.modules().items():
+        out.update(component_to_ldm(comp, module))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------
+
+
+def file_metadata(model: SDXL) -> dict[str, str]:
+    return {
+        META_FORMAT: str(FORMAT_VERSION),
+        META_KIND: json.dumps(model.kind.to_json(), sort_keys=True),
+        META_COMPONENTS: ",".join(model.modules()),
+    }
+
+
+def save_single_file(model: SDXL, path: str | os.PathLike) -> Path:
+    """Write `model` as one SGM-layout `.safetensors` (ComfyUI/A1111/Civitai loadable).
+
+    Atomic: written to a hidden temp file beside `path`, then renamed, so an interrupted
+    export never leaves a truncated file under the final name.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise ModelLoadError(f"single-file output {out} must end in .safetensors")
+    if not model.modules():
+        raise ModelLoadError("nothing to export: the model holds no components")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in ldm_state_dict(model).items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=file_metadata(model))
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------------
+
+
+@cache
+def _expected_shapes(preset: str, component: str) -> dict[str, tuple[int, ...]]:
+    """Single-file key -> shape for one preset component, computed on the meta device (no memory)."""
+    with torch.device("meta"):
+        module = build_component(component_config(preset, component), component)
+    return {k: tuple(v.shape) for k, v in component_to_ldm(component, module).items()}
+
+
+def expected_shapes(preset: str, components: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for comp in components:
+        out.update(_expected_shapes(preset, comp))
+    return out
+
+
+def _mismatches(file_shapes: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]]) -> list[str]:
+    problems = []
+    for key, shape in want.items():
+        got = file_shapes.get(key)
+        if got is None:
+            problems.append(f"{key} missing")
+        elif got != shape:
+            problems.append(f"{key} has shape {list(got)}, expected {list(shape)}")
+    return problems
+
+
+def infer_preset(
+    file_shapes: Mapping[str, tuple[int, ...]], components: Iterable[str], source: str = ""
+) -> str:
+    """The preset whose every tensor (for `components`) is in the file with the same shape."""
+    components = tuple(components)
+    report = []
+    for name in PRESETS:
+        problems = _mismatches(file_shapes, expected_shapes(name, components))
+        if not problems:
+            return name
+        report.append(f"  {name}: {len(problems)} mismatch(es), e.g. {problems[0]}")
+    raise ModelLoadError(
+        f"cannot tell which SDXL architecture {source or 'the file'} is: it matches no preset\n"
+        + "\n".join(report)
+        + f"\nIf it is a standard SDXL checkpoint, pass --preset sdxl-base (presets: {', '.join(PRESETS)})."
+    )
+
+
+def kind_from_metadata(metadata: Mapping[str, str] | None, source: str = "") -> ModelKind | None:
+    if not metadata or META_KIND not in metadata:
+        return None
+    try:
+        data = json.loads(metadata[META_KIND])
+    except json.JSONDecodeError:
+        raise ModelLoadError(f"{source}: metadata {META_KIND} is not JSON: {metadata[META_KIND]!r}") from None
+    return ModelKind.from_json(data, f"{source} metadata {META_KIND}")
+
+
+def _write_configs(folder: Path, preset: str, components: Iterable[str]) -> None:
+    """The preset's component configs as the local config folders diffusers' loaders read."""
+    for comp in components:
+        cfg = component_config(preset, comp)
+        if comp.startswith("text_encoder"):
+            # bigasp builds in fp32 (as build_component); the published configs say float16.
+            for key in ("architectures", "torch_dtype", "dtype"):
+                cfg.pop(key, None)
+        (folder / comp).mkdir()
+        (folder / comp / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _diffusers_loader(component: str) -> Callable[[dict[str, torch.Tensor], str], torch.nn.Module]:
+    if component in ("unet", "vae"):
+        import diffusers
+
+        cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
+
+        def load(sd: dict[str, torch.Tensor], config_dir: str) -> torch.nn.Module:
+            return cls.from_single_file(sd, config=config_dir, local_files_only=True)
+
+        return load
+
+    import transformers
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
+    cls = (
+        transformers.CLIPTextModel
+        if component == "text_encoder"
+        else transformers.CLIPTextModelWithProjection
+    )
+
+    def load_clip(sd: dict[str, torch.Tensor], config_dir: str) -> torch.nn.Module:
+        return create_diffusers_clip_model_from_ldm(cls, sd, config=config_dir, local_files_only=True)
+
+    return load_clip
+
+
+def load_single_file(
+    path: str | os.PathLike,
+    components: Iterable[str] = SDXL.COMPONENTS,
+    *,
+    kind: ModelKind | None = None,
+    preset: str | None = None,
+) -> SDXL:
+    """Load the requested components of a single-file SDXL checkpoint, offline.
+
+    Only the requested components' tensors are read (safetensors is memory-mapped, so
+    loading just the UNet of a 6.9 GB file never touches the VAE or text encoder bytes).
+    `preset` names the architecture; when None it is inferred from the tensor shapes.
+    The model kind comes from `kind` if given, else from the file's metadata (bigasp writes
+    it), else eps, the kind of every SDXL checkpoint that predates bigasp.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    components = tuple(components)
+    for comp in components:
+        if comp not in PREFIXES:
+            raise ModelLoadError(f"unknown component {comp!r}; choose from {', '.join(PREFIXES)}")
+    if not path.is_file():
+        raise ModelLoadError(f"single-file checkpoint {path} does not exist")
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(f"{path} is not a readable .safetensors file: {err}") from None
+    with handle as f:
+        keys = list(f.keys())
+        metadata = f.metadata()
+        for comp in components:
+            if not any(k.startswith(PREFIXES[comp]) for k in keys):
+                raise ModelLoadError(
+                    f"{path} has no {comp} weights (no keys under {PREFIXES[comp]!r}). "
+                    + (
+                        "It does not look like a single-file SDXL checkpoint; a diffusers component file "
+                        "belongs in its folder: pass the folder instead."
+                        if not any(k.startswith(tuple(PREFIXES.values())) for k in keys)
+                        else f"Load without {comp}, or take it from another model."
+                    )
+                )
+        shapes = {
+            k: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith(tuple(PREFIXES.values()))
+        }
+        if preset is None:
+            preset = infer_preset(shapes, components, str(path))
+        elif preset not in PRESETS:
+            raise ModelLoadError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        else:
+            problems = _mismatches(shapes, expected_shapes(preset, components))
+            if problems:
+                raise ModelLoadError(
+                    f"{path} does not match preset {preset!r} ({len(problems)} problem(s)):\n  "
+                    + "\n  ".join(problems[:5])
+                    + "\nOmit --preset to let bigasp infer the architecture."
+                )
+        recorded = kind_from_metadata(metadata, str(path))
+        if kind is not None and recorded is not None and kind != recorded:
+            log.warning("%s records %s; using the requested %s instead", path, recorded, kind)
+        model = SDXL(kind=kind or recorded or ModelKind(), source=str(path))
+        with tempfile.TemporaryDirectory(prefix="bigasp-config-") as cfg_dir:
+            _write_configs(Path(cfg_dir), preset, components)
+            for comp in components:
+                wanted = _expected_shapes(preset, comp)
+                sd = {k: f.get_tensor(k) for k in wanted}
+                module = _diffusers_loader(comp)(sd, str(Path(cfg_dir, comp)))
+                del sd
+                on_meta = [n for n, p in module.state_dict().items() if p.is_meta]
+                if on_meta:
+                    raise ModelLoadError(f"{path}: {comp} tensors were not loaded: {on_meta[:3]}")
+                setattr(model, comp, module.eval())
+    return model
