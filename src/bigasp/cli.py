@@ -50,6 +50,9 @@ def _register() -> None:
     from bigasp.models import commands as model_commands
 
     model_commands.register(app)
+    from bigasp.sample import commands as sample_commands
+
+    sample_commands.register(app)
     from bigasp.store import commands as store_commands
 
     store_commands.register(app)

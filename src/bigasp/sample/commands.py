@@ -1,0 +1,175 @@
+"""`bigasp generate` and `bigasp watch`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+PRESET_HELP = "Settings preset: auto (by model kind), bigasp-v2.5 (flow) or bigasp-v2 (eps)."
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'832x1216' -> (width, height)."""
+    from bigasp.errors import ConfigError
+
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size {text!r} must look like WIDTHxHEIGHT, e.g. 832x1216") from None
+    return w, h
+
+
+def parse_dtype(name: str | None):
+    import torch
+
+    from bigasp.errors import ConfigError
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def build_settings(model_kind, preset: str, **flags):
+    """Preset (auto = by model kind) + explicit flags -> validated GenerateSettings."""
+    import logging
+
+    from bigasp.config import validate
+    from bigasp.sample.generate import PRESETS, GenerateSettings, preset_for
+
+    name = preset_for(model_kind) if preset == "auto" else preset
+    if name not in PRESETS:
+        from bigasp.errors import ConfigError
+
+        raise ConfigError(f"--preset {preset!r}: choose auto or one of {', '.join(PRESETS)}")
+    size = flags.pop("size", None)
+    if size is not None:
+        flags["width"], flags["height"] = parse_size(size)
+    data = {**PRESETS[name]["settings"], **{k: v for k, v in flags.items() if v is not None}}
+    settings = validate(GenerateSettings, data, "command-line flags")
+    expected = PRESETS[name]["prediction"]
+    actual = settings.prediction or model_kind.prediction
+    if expected != actual:
+        logging.getLogger(__name__).warning(
+            "preset %s is meant for a %s model but this model is %s; if it is bigASP v2.5 pass "
+            "--prediction flow (single files carry no kind)",
+            name,
+            expected,
+            actual,
+        )
+    settings.check()
+    return settings
+
+
+def unique_path(path: Path) -> Path:
+    k = 1
+    out = path
+    while out.exists():
+        out = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        k += 1
+    return out
+
+
+def generate(
+    prompts: list[str] = typer.Argument(..., help="Prompt(s); ComfyUI weight syntax by default."),
+    model: str = typer.Option(..., "--model", "-m", help="Diffusers folder, single .safetensors or preset."),
+    negative: str = typer.Option(None, help="Negative prompt (preset: 'low quality')."),
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    steps: int = typer.Option(None, help="Sampling steps."),
+    cfg: float = typer.Option(None, help="CFG scale (1 = no negative pass)."),
+    pag: float = typer.Option(None, help="PAG scale (0 = off)."),
+    sampler: str = typer.Option(None, help="euler | dpmpp_2m | dpmpp_2m_sde | dpmpp_3m_sde"),
+    scheduler: str = typer.Option(None, help="normal | simple | sgm_uniform | beta | karras | exponential"),
+    shift: float = typer.Option(None, help="Flow shift (ComfyUI ModelSamplingSD3); default from the model."),
+    prediction: str = typer.Option(None, help="Override model kind: eps or flow."),
+    size: str = typer.Option(None, help="WIDTHxHEIGHT, multiples of 8 (64 recommended); default 832x1216."),
+    seed: int = typer.Option(None, help="Noise seed (default 0)."),
+    batch: int = typer.Option(None, help="Images per prompt."),
+    syntax: str = typer.Option(None, help="Prompt weight syntax: comfy | a1111 | none."),
+    noise: str = typer.Option(None, help="SDE noise: iid | brownian (needs torchsde)."),
+    out: Path = typer.Option(Path("outputs"), help="Output folder for PNGs."),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda if available)."),
+    dtype: str = typer.Option(
+        None, help="UNet/text encoder precision: fp32 | fp16 | bf16 (default fp16 on GPU)."
+    ),
+    vae_dtype: str = typer.Option("fp32", help="VAE decode precision (fp32 avoids SDXL VAE NaNs)."),
+    arch: str = typer.Option(None, help="Architecture preset of a single file, if it cannot be inferred."),
+) -> None:
+    """Generate images from text, sampled exactly as ComfyUI would."""
+    from bigasp.models.io import load_model
+    from bigasp.sample.generate import Generator, save_png
+
+    m = load_model(model, preset=arch)
+    settings = build_settings(
+        m.kind, preset, negative=negative, steps=steps, cfg=cfg, pag=pag, sampler=sampler,
+        scheduler=scheduler, shift=shift, prediction=prediction, size=size, seed=seed, batch=batch,
+        syntax=syntax, noise=noise,
+    )  # fmt: skip
+    gen = Generator(m, device, parse_dtype(dtype), vae_dtype=parse_dtype(vae_dtype))
+    images = gen.generate(prompts, settings)
+    for k, im in enumerate(images):
+        p, j = divmod(k, settings.batch)
+        path = save_png(im, unique_path(out / f"{settings.seed}-{p:02d}-{j:02d}.png"))
+        typer.echo(str(path))
+
+
+def watch(
+    run_dir: Path = typer.Argument(..., help="Run dir (with checkpoints/) or a checkpoints dir."),
+    prompts: Path = typer.Option(..., "--prompts", help="Text file, one prompt per line ('#' comments)."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds; every prompt is sampled with each."),
+    every_samples: int = typer.Option(
+        0, help="Sample a checkpoint only if none sampled within this many training samples before it."
+    ),
+    interval: float = typer.Option(60.0, help="Seconds between polls."),
+    once: bool = typer.Option(False, "--once", help="Process what is there now and exit (tests, cron)."),
+    out: Path = typer.Option(None, help="Samples folder (default RUN_DIR/samples)."),
+    base: str = typer.Option(None, help="Model supplying components a checkpoint lacks (e.g. the VAE)."),
+    preset: str = typer.Option("auto", help=PRESET_HELP),
+    negative: str = typer.Option(None, help="Negative prompt."),
+    steps: int = typer.Option(None, help="Sampling steps."),
+    cfg: float = typer.Option(None, help="CFG scale."),
+    pag: float = typer.Option(None, help="PAG scale."),
+    sampler: str = typer.Option(None, help="Sampler name."),
+    scheduler: str = typer.Option(None, help="Scheduler name."),
+    shift: float = typer.Option(None, help="Flow shift."),
+    prediction: str = typer.Option(None, help="Override model kind: eps or flow."),
+    size: str = typer.Option(None, help="WIDTHxHEIGHT."),
+    device: str = typer.Option(None, help="cuda | cpu."),
+    dtype: str = typer.Option(None, help="fp32 | fp16 | bf16."),
+) -> None:
+    """Sample new complete checkpoints of a training run into a side-by-side HTML gallery."""
+    from bigasp.errors import ConfigError
+    from bigasp.sample.watch import Watcher, read_prompts
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
+    flags = dict(
+        negative=negative, steps=steps, cfg=cfg, pag=pag, sampler=sampler, scheduler=scheduler,
+        shift=shift, prediction=prediction, size=size,
+    )  # fmt: skip
+    watcher = Watcher(
+        run_dir,
+        read_prompts(prompts),
+        seed_list,
+        out_dir=out,
+        every_samples=every_samples,
+        base=base,
+        device=device,
+        dtype=parse_dtype(dtype),
+        settings_for=lambda model: build_settings(model.kind, preset, **flags),
+    )
+    if once:
+        for path in watcher.run_once():
+            typer.echo(str(path))
+    else:
+        watcher.run(interval)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+    app.command("watch")(watch)

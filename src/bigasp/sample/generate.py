@@ -1,0 +1,351 @@
+"""Text-to-image for bigASP models: load once, generate many, as ComfyUI would.
+
+The pipeline is ComfyUI's KSampler on an empty latent: initial noise from
+`torch.manual_seed(seed)` as one CPU float32 `randn` over the whole batch latent, scaled
+by the model's `noise_scaling`; a ComfyUI schedule; a k-diffusion sampler over a guided
+denoiser (CFG + PAG); latent ÷ VAE scaling factor; VAE decode (fp32 by default: SDXL's
+VAE overflows in fp16); `clamp((x+1)/2)`, ×255 and truncation to uint8. Same settings and
+seed give the same image.
+
+Settings presets encode the model cards: `bigasp-v2.5` (flow: euler, beta, CFG 3 + PAG 2,
+negative "low quality") and `bigasp-v2` (eps: DPM++ 2M SDE, karras, 40 steps, CFG 3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from bigasp.config import Section
+from bigasp.errors import ConfigError
+from bigasp.models.components import SDXL, ModelKind
+from bigasp.sample.guidance import Conditioning, GuidedDenoiser, perturbed_attention
+from bigasp.sample.model_sampling import max_denoise, model_sampling
+from bigasp.sample.prompts import encode_weighted, prompt_chunks
+from bigasp.sample.samplers import (
+    STOCHASTIC,
+    brownian_noise_sampler,
+    iid_noise_sampler,
+    run_sampler,
+)
+from bigasp.sample.schedules import schedule
+
+log = logging.getLogger(__name__)
+
+SamplerName = Literal["euler", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde"]
+SchedulerName = Literal["normal", "simple", "sgm_uniform", "beta", "karras", "exponential"]
+SDE_SEED_KEY = 0x5DEECE66D  # keeps i.i.d. SDE noise independent of the initial noise for a seed
+
+
+class GenerateSettings(Section):
+    """Everything that determines an image besides the prompt and the weights."""
+
+    negative: str = Field("low quality", description="Negative prompt (bigASP cards: 'low quality').")
+    steps: int = Field(30, ge=1, le=1000, description="Sampling steps (beta may run fewer: de-duplication).")
+    cfg: float = Field(3.0, description="CFG scale in denoised space; 1.0 skips the negative pass.")
+    pag: float = Field(2.0, ge=0.0, description="Perturbed-Attention Guidance scale; 0 disables it.")
+    sampler: SamplerName = Field("euler", description="ComfyUI sampler name.")
+    scheduler: SchedulerName = Field("beta", description="ComfyUI scheduler name.")
+    shift: float | None = Field(
+        None, gt=0, description="Flow shift (ModelSamplingSD3); None = from the model."
+    )
+    prediction: Literal["eps", "flow"] | None = Field(
+        None, description="Override the model kind (eps = bigASP v2 / SDXL, flow = bigASP v2.5)."
+    )
+    width: int = Field(832, ge=8, description="Image width in pixels, multiple of 8 (64 recommended).")
+    height: int = Field(1216, ge=8, description="Image height in pixels, multiple of 8 (64 recommended).")
+    seed: int = Field(0, ge=0, lt=2**63, description="Noise seed (ComfyUI-compatible).")
+    batch: int = Field(1, ge=1, description="Images per prompt (one noise tensor over the batch).")
+    syntax: Literal["comfy", "a1111", "none"] = Field("comfy", description="Prompt weight syntax.")
+    noise: Literal["iid", "brownian"] = Field(
+        "iid", description="SDE noise: i.i.d. normal, or torchsde's Brownian tree (ComfyUI bit-exact)."
+    )
+
+    def check(self) -> None:
+        """Raise a ConfigError for settings that cannot produce an image."""
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v % 8:
+                raise ConfigError(
+                    f"{name} {v} is not a multiple of 8; SDXL latents are 1/8 of the image size. "
+                    f"Use e.g. {max(64, round(v / 64) * 64)} (multiples of 64 are recommended)."
+                )
+        if self.width % 64 or self.height % 64:
+            log.warning(
+                "size %dx%d is not a multiple of 64; SDXL works best with 64", self.width, self.height
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GenerateSettings:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown generation preset {name!r}; choose one of {', '.join(PRESETS)}")
+        data = {**PRESETS[name]["settings"], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**data)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # bigASP v2.5 card: euler, shift 1.0 + beta, PAG ~2 with CFG 2-5, negative "low quality".
+    "bigasp-v2.5": {
+        "prediction": "flow",
+        "settings": {"sampler": "euler", "scheduler": "beta", "steps": 30, "cfg": 3.0, "pag": 2.0},
+    },
+    # bigASP v2 card: DPM++ 2M SDE (or 3M SDE), karras (or exponential), 40 steps, CFG 2-3.
+    "bigasp-v2": {
+        "prediction": "eps",
+        "settings": {"sampler": "dpmpp_2m_sde", "scheduler": "karras", "steps": 40, "cfg": 3.0, "pag": 0.0},
+    },
+}
+
+
+def preset_for(kind: ModelKind) -> str:
+    return "bigasp-v2.5" if kind.prediction == "flow" else "bigasp-v2"
+
+
+def resolve_kind(model_kind: ModelKind, settings: GenerateSettings) -> ModelKind:
+    """The model's recorded kind with the settings' overrides applied."""
+    kind = model_kind
+    if settings.prediction is not None:
+        kind = replace(kind, prediction=settings.prediction)
+    if settings.shift is not None:
+        kind = replace(kind, shift=settings.shift)
+    return kind
+
+
+def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """ComfyUI `prepare_noise`: the CPU generator seeded like `torch.manual_seed(seed)`, one randn."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(tuple(shape), dtype=torch.float32, generator=g, device="cpu")
+
+
+def auto_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def to_pil(pixels: torch.Tensor) -> list:
+    """[-1, 1] images -> PIL, exactly ComfyUI's VAEDecode + SaveImage rounding (truncation)."""
+    from PIL import Image
+
+    x = torch.clamp((pixels.float() + 1.0) / 2.0, 0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.clip(255.0 * im, 0, 255).astype(np.uint8)) for im in x]
+
+
+class Generator:
+    """Holds an SDXL bundle on a device; `generate` many times with different settings."""
+
+    def __init__(
+        self,
+        model: SDXL,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        vae_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        missing = [c for c in SDXL.COMPONENTS if getattr(model, c) is None]
+        if missing:
+            raise ConfigError(
+                f"generation needs all SDXL components; {model.source or 'model'} lacks {missing}"
+            )
+        self.device = torch.device(device or auto_device())
+        if dtype is None:
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.model, self.dtype, self.vae_dtype = model, dtype, vae_dtype
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            getattr(model, name).to(device=self.device, dtype=dtype).eval()
+        model.vae.to(device=self.device, dtype=vae_dtype).eval()
+        self.last_unet_calls = 0
+
+    # -- pieces (public so the watcher, demo and bench can time or reuse them) -----------
+
+    @torch.no_grad()
+    def conditioning(self, prompts: Sequence[str], settings: GenerateSettings) -> Conditioning:
+        """Text + micro-conditioning for `prompts`, each repeated `settings.batch` times."""
+        from bigasp.models.conditioning import Crop, Size, sdxl_time_ids
+
+        m = self.model
+        text = encode_weighted(m.text_encoder, m.text_encoder_2, list(prompts), settings.syntax)
+        size = Size(settings.height, settings.width)
+        time_ids = sdxl_time_ids(original_size=size, crop=Crop(0, 0), target_size=size, device=self.device)
+        b = settings.batch
+        return Conditioning(
+            embeds=text.embeds.repeat_interleave(b, dim=0),
+            pooled=text.pooled.repeat_interleave(b, dim=0),
+            time_ids=time_ids.repeat(len(prompts) * b, 1),
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        settings: GenerateSettings,
+        *,
+        callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Sample latents (in the VAE's own scale, i.e. already divided by scaling_factor)."""
+        settings.check()
+        kind = resolve_kind(self.model.kind, settings)
+        ms = model_sampling(kind.prediction, kind.shift)
+        sig = schedule(ms, settings.scheduler, settings.steps).tolist()
+        n = len(prompts) * settings.batch
+        shape = (settings.batch, 4, settings.height // 8, settings.width // 8)
+        noise = initial_noise(settings.seed, shape).repeat(len(prompts), 1, 1, 1).to(self.device)
+        x = ms.noise_scaling(sig[0], noise, torch.zeros_like(noise), max_denoise(ms, sig[0]))
+
+        cond = self.conditioning(prompts, settings)
+        uncond = None
+        if not math.isclose(settings.cfg, 1.0):
+            neg = self.conditioning([settings.negative], settings.model_copy(update={"batch": n}))
+            uncond = neg
+        denoiser = GuidedDenoiser(
+            self.model.unet, ms, cond, uncond, cfg=settings.cfg, pag=settings.pag, dtype=self.dtype
+        )
+        noise_sampler = None
+        if settings.sampler in STOCHASTIC:
+            if settings.noise == "brownian":
+                noise_sampler = brownian_noise_sampler(x, sig, settings.seed)
+            else:
+                g = torch.Generator(self.device).manual_seed(settings.seed ^ SDE_SEED_KEY)
+                noise_sampler = iid_noise_sampler(x, g)
+
+        def run() -> torch.Tensor:
+            return run_sampler(
+                settings.sampler, denoiser, x, sig, ms=ms, noise_sampler=noise_sampler, callback=callback
+            )
+
+        if settings.pag > 0:
+            with perturbed_attention(self.model.unet, denoiser.state):
+                out = run()
+        else:
+            out = run()
+        self.last_unet_calls = denoiser.unet_calls
+        # inverse_noise_scaling at sigma 0 is the identity for both kinds.
+        return out / self.model.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode to [-1, 1] pixels in the VAE's dtype (fp32 by default)."""
+        vae = self.model.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(latents.to(self.vae_dtype) + shift, return_dict=False)[0]
+
+    def generate(self, prompts: Sequence[str] | str, settings: GenerateSettings | None = None) -> list:
+        """PIL images, `settings.batch` per prompt, each carrying its PNG metadata in `.info`."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        settings = settings or GenerateSettings.from_preset(preset_for(self.model.kind))
+        kind = resolve_kind(self.model.kind, settings)
+        # Prompts of different chunk counts are sampled separately: padding a short prompt
+        # with empty chunks would change its image.
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(len(prompt_chunks(p, settings.syntax)), []).append(i)
+        images: list = [None] * len(prompts)
+        for idx in groups.values():
+            batch_images = to_pil(self.decode(self.sample([prompts[i] for i in idx], settings)))
+            for k, i in enumerate(idx):
+                images[i] = batch_images[k * settings.batch : (k + 1) * settings.batch]
+        out = []
+        for p, ims in zip(prompts, images, strict=True):
+            for j, im in enumerate(ims):
+                im.info.update(png_metadata(p, settings, kind, self.model.source, batch_index=j))
+                out.append(im)
+        return out
+
+
+# -- PNG metadata --------------------------------------------------------------------------
+
+SAMPLER_NAMES = {
+    "euler": "Euler",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
+}
+SCHEDULE_NAMES = {
+    "normal": "Normal",
+    "simple": "Simple",
+    "sgm_uniform": "SGM Uniform",
+    "beta": "Beta",
+    "karras": "Karras",
+    "exponential": "Exponential",
+}
+JSON_KEY = "bigasp"
+
+
+def parameters_text(prompt: str, s: GenerateSettings, kind: ModelKind, source: str, batch_index: int) -> str:
+    """A1111's `parameters` format: prompt, `Negative prompt:` line, `Key: value` line."""
+    fields = [
+        ("Steps", s.steps),
+        ("Sampler", SAMPLER_NAMES[s.sampler]),
+        ("Schedule type", SCHEDULE_NAMES[s.scheduler]),
+        ("CFG scale", s.cfg),
+        ("Seed", s.seed),
+        ("Size", f"{s.width}x{s.height}"),
+        ("Model", Path(source).name if source else "unknown"),
+    ]
+    if s.batch > 1:
+        fields += [("Batch size", s.batch), ("Batch pos", batch_index)]
+    if s.pag > 0:
+        fields.append(("PAG scale", s.pag))
+    fields += [("Prediction", kind.prediction)]
+    if kind.prediction == "flow":
+        fields.append(("Shift", kind.shift))
+    fields += [("Emphasis", s.syntax), ("Version", f"bigasp {_version()}")]
+    line = ", ".join(f"{k}: {v}" for k, v in fields)
+    return f"{prompt}\nNegative prompt: {s.negative}\n{line}"
+
+
+def png_metadata(
+    prompt: str, s: GenerateSettings, kind: ModelKind, source: str, batch_index: int = 0
+) -> dict:
+    payload = {
+        "prompt": prompt,
+        "settings": s.model_dump(mode="json"),
+        "model": {"source": source, "kind": kind.to_json()},
+        "batch_index": batch_index,
+        "version": _version(),
+    }
+    return {
+        "parameters": parameters_text(prompt, s, kind, source, batch_index),
+        JSON_KEY: json.dumps(payload, sort_keys=True),
+    }
+
+
+def _version() -> str:
+    from bigasp import __version__
+
+    return __version__
+
+
+def save_png(image, path: str | Path) -> Path:
+    """Write a PNG with its `parameters` and JSON text chunks; atomic (temp + rename)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    for key in ("parameters", JSON_KEY):
+        if key in image.info:
+            info.add_text(key, image.info[key])
+    tmp = path.with_name(f".tmp-{path.name}")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+    return path
+
+
+def read_png_metadata(path: str | Path) -> dict:
+    """The JSON chunk of a PNG written by `save_png` (`prompt`, `settings`, `model`, ...)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        raw = im.text.get(JSON_KEY)
+    if raw is None:
+        raise ConfigError(f"{path} has no bigasp metadata chunk")
+    return json.loads(raw)

@@ -1,0 +1,265 @@
+"""Prompt weight syntax and weighted SDXL text encoding.
+
+Two syntaxes, because users paste prompts from both worlds:
+
+* `comfy` (default; ComfyUI core): `(text)` ×1.1 per level, `(text:1.3)` *replaces* the
+  weight, `\\(` `\\)` are literal parentheses, `[text]` is plain text, an unclosed `(`
+  leaves the rest literal. Weights act as `z = (z - z_empty)·w + z_empty`, position-wise
+  against the encoding of the empty prompt.
+* `a1111` (AUTOMATIC1111): brackets multiply (`(x:1.3)` inside `( )` gives 1.43),
+  `[text]` ÷1.1, unclosed brackets weight to the end, `BREAK` starts a new 75-token chunk.
+  Weights act as `z *= w`, then each chunk's mean is restored (per prompt, per encoder).
+
+`none` encodes the text as written. Token streams are chunked every 75 tokens as bigASP was
+trained (`bigasp.text`), with no hard limit; prompts past 225 tokens (what bigASP saw in
+training) get a warning. ComfyUI moves short weighted segments whole to the next chunk at
+a boundary; bigasp does not (the training-time split is the one the model knows).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bigasp.text import CHUNK_CONTENT, TE1_PAD, TE2_PAD, ChunkedTokens, chunk_ids, tokenize
+
+log = logging.getLogger(__name__)
+
+SYNTAXES = ("comfy", "a1111", "none")
+TRAINED_TOKENS = 225
+BREAK = object()  # a forced chunk boundary (A1111)
+
+# -- ComfyUI syntax ----------------------------------------------------------------------
+
+_ESC_CLOSE, _ESC_OPEN = "\0\1", "\0\2"
+
+
+def _split_parentheses(text: str) -> list[str]:
+    """Top-level `( ... )` groups and plain runs; unbalanced input degrades to literal text."""
+    parts: list[str] = []
+    current = ""
+    depth = 0
+    for ch in text:
+        if ch == "(":
+            if depth == 0:
+                if current:
+                    parts.append(current)
+                current = "("
+            else:
+                current += ch
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                parts.append(current + ")")
+                current = ""
+            else:
+                current += ch
+        else:
+            current += ch
+    if current:
+        parts.append(current)
+    return parts
+
+
+def _comfy_weights(text: str, weight: float) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for part in _split_parentheses(text):
+        if len(part) >= 2 and part[0] == "(" and part[-1] == ")":
+            inner = part[1:-1]
+            w = weight * 1.1
+            colon = inner.rfind(":")
+            if colon > 0:
+                try:
+                    w = float(inner[colon + 1 :])
+                    inner = inner[:colon]
+                except ValueError:
+                    pass
+            out += _comfy_weights(inner, w)
+        else:
+            out.append((part, weight))
+    return out
+
+
+def parse_comfy(text: str) -> list[tuple[str, float]]:
+    """ComfyUI `token_weights` on escaped text: [(segment, weight)], escapes resolved."""
+    escaped = text.replace("\\)", _ESC_CLOSE).replace("\\(", _ESC_OPEN)
+    return [
+        (seg.replace(_ESC_CLOSE, ")").replace(_ESC_OPEN, "("), w) for seg, w in _comfy_weights(escaped, 1.0)
+    ]
+
+
+# -- A1111 syntax ------------------------------------------------------------------------
+
+_A1111_TOKEN = re.compile(
+    r"""\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:""", re.X
+)
+_A1111_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def parse_a1111(text: str) -> list[tuple[str, float] | object]:
+    """A1111 `parse_prompt_attention`: [(segment, weight)] with `BREAK` markers, equal
+    neighbouring weights merged."""
+    res: list[list] = []
+    rounds: list[int] = []
+    squares: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for item in res[start:]:
+            if item[0] is not BREAK:
+                item[1] *= factor
+
+    for m in _A1111_TOKEN.finditer(text):
+        tok, explicit = m.group(0), m.group(1)
+        if tok.startswith("\\"):
+            res.append([tok[1:], 1.0])
+        elif tok == "(":
+            rounds.append(len(res))
+        elif tok == "[":
+            squares.append(len(res))
+        elif explicit is not None and rounds:
+            scale(rounds.pop(), float(explicit))
+        elif tok == ")" and rounds:
+            scale(rounds.pop(), 1.1)
+        elif tok == "]" and squares:
+            scale(squares.pop(), 1 / 1.1)
+        else:
+            for i, piece in enumerate(_A1111_BREAK.split(tok)):
+                if i > 0:
+                    res.append([BREAK, -1.0])
+                res.append([piece, 1.0])
+    for start in rounds:
+        scale(start, 1.1)
+    for start in squares:
+        scale(start, 1 / 1.1)
+    merged: list[list] = []
+    for item in res or [["", 1.0]]:
+        if merged and item[0] is not BREAK and merged[-1][0] is not BREAK and merged[-1][1] == item[1]:
+            merged[-1][0] += item[0]
+        else:
+            merged.append(item)
+    return [BREAK if seg is BREAK else (seg, w) for seg, w in merged]
+
+
+def parse(text: str, syntax: str = "comfy") -> list[tuple[str, float] | object]:
+    if syntax == "comfy":
+        return parse_comfy(text)
+    if syntax == "a1111":
+        return parse_a1111(text)
+    if syntax == "none":
+        return [(text, 1.0)]
+    raise ValueError(f"unknown prompt syntax {syntax!r}; choose one of {', '.join(SYNTAXES)}")
+
+
+# -- tokens, chunks, weights -------------------------------------------------------------
+
+
+@dataclass
+class WeightedTokens:
+    """Chunked ids for both encoders plus the weight of every position ([B, n, 77])."""
+
+    tokens: ChunkedTokens
+    weights: torch.Tensor
+
+    @property
+    def weighted(self) -> bool:
+        return bool((self.weights != 1.0).any())
+
+
+def prompt_chunks(text: str, syntax: str = "comfy") -> list[tuple[list[int], list[float]]]:
+    """One prompt -> content chunks of at most 75 (id, weight) pairs."""
+    items = parse(text, syntax)
+    segments = [it for it in items if it is not BREAK and it[0]]
+    ids_per_segment = iter(tokenize([seg for seg, _ in segments]))
+    chunks: list[tuple[list[int], list[float]]] = [([], [])]
+    n_tokens = 0
+    for it in items:
+        if it is BREAK:
+            chunks.append(([], []))
+            continue
+        seg, w = it
+        if not seg:
+            continue
+        for tok in next(ids_per_segment):
+            if len(chunks[-1][0]) == CHUNK_CONTENT:
+                chunks.append(([], []))
+            chunks[-1][0].append(tok)
+            chunks[-1][1].append(w)
+            n_tokens += 1
+    if n_tokens > TRAINED_TOKENS:
+        log.warning(
+            "prompt has %d tokens; bigASP was trained on at most %d (the rest still counts, "
+            "in extra 75-token chunks)",
+            n_tokens,
+            TRAINED_TOKENS,
+        )
+    return chunks
+
+
+def weighted_tokens(prompts: Sequence[str], syntax: str = "comfy", *, min_chunks: int = 1) -> WeightedTokens:
+    """Chunk a batch, padded with empty chunks to a common count (as `chunk_batch`)."""
+    per_prompt = [prompt_chunks(p, syntax) for p in prompts]
+    n = max([min_chunks, *(len(c) for c in per_prompt)])
+    b = len(prompts)
+    te1 = np.empty((b, n, CHUNK_CONTENT + 2), dtype=np.int64)
+    te2 = np.empty_like(te1)
+    weights = np.ones(te1.shape, dtype=np.float32)
+    for i, chunks in enumerate(per_prompt):
+        for k in range(n):
+            ids, ws = chunks[k] if k < len(chunks) else ([], [])
+            te1[i, k] = chunk_ids(ids, pad_id=TE1_PAD, n_chunks=1)[0]
+            te2[i, k] = chunk_ids(ids, pad_id=TE2_PAD, n_chunks=1)[0]
+            weights[i, k, 1 : 1 + len(ws)] = ws
+    lengths = [sum(len(ids) for ids, _ in c) for c in per_prompt]
+    tokens = ChunkedTokens(torch.from_numpy(te1), torch.from_numpy(te2), lengths, 0)
+    return WeightedTokens(tokens, torch.from_numpy(weights))
+
+
+def apply_weights_comfy(z: torch.Tensor, z_empty: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`z = (z - z_empty)·w + z_empty` per position; z [B, 77n, C], z_empty [1, 77, C], w [B, 77n]."""
+    n = z.shape[1] // z_empty.shape[1]
+    base = z_empty.repeat(1, n, 1).to(z.dtype)
+    w = weights.to(z.dtype).unsqueeze(-1)
+    return torch.where(w != 1.0, (z - base) * w + base, z)
+
+
+def apply_weights_a1111(
+    z: torch.Tensor, weights: torch.Tensor, split: int, chunk_len: int = 77
+) -> torch.Tensor:
+    """`z *= w`, then restore each (prompt, chunk, encoder) block's mean; encoders split at `split`."""
+    b, length, c = z.shape
+    n = length // chunk_len
+    zz = z.reshape(b, n, chunk_len, c)
+    w = weights.reshape(b, n, chunk_len, 1).to(z.dtype)
+    out = []
+    for part in (zz[..., :split], zz[..., split:]):
+        before = part.mean(dim=(2, 3), keepdim=True)
+        scaled = part * w
+        after = scaled.mean(dim=(2, 3), keepdim=True)
+        out.append(scaled * (before / after))
+    return torch.cat(out, dim=-1).reshape(b, length, c)
+
+
+@torch.no_grad()
+def encode_weighted(text_encoder, text_encoder_2, prompts: Sequence[str], syntax: str = "comfy"):
+    """Prompts with weight syntax -> `TextConditioning` (pooled never weighted, as ComfyUI)."""
+    from bigasp.models.conditioning import TextConditioning, encode_tokens
+
+    wt = weighted_tokens(prompts, syntax)
+    cond = encode_tokens(text_encoder, text_encoder_2, wt.tokens)
+    if not wt.weighted:
+        return cond
+    w = wt.weights.reshape(len(prompts), -1).to(cond.embeds.device)
+    z = cond.embeds.float()
+    if syntax == "a1111":
+        z = apply_weights_a1111(z, w, split=text_encoder.config.hidden_size)
+    else:
+        empty = weighted_tokens([""], "none").tokens
+        z_empty = encode_tokens(text_encoder, text_encoder_2, empty).embeds.float()
+        z = apply_weights_comfy(z, z_empty, w)
+    return TextConditioning(embeds=z.to(cond.embeds.dtype), pooled=cond.pooled)

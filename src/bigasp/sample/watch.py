@@ -1,0 +1,271 @@
+"""Sample training checkpoints on a separate machine, as bigASP did.
+
+The watcher polls a run directory for *complete* checkpoints (a `step-*` folder whose
+`checkpoint.json` says `"complete": true`; anything starting with "." is in progress and
+never read), renders a fixed grid (prompts × seeds) for each selected checkpoint into
+`samples/<checkpoint>/`, and rewrites a static `samples/index.html` that puts the steps
+side by side. A checkpoint's folder is generated under a temp name with its `done.json`
+written last, then renamed into place: after a crash or restart, finished checkpoints are
+skipped and half-finished ones are redone from scratch.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bigasp.errors import BigaspError, ConfigError, ModelLoadError
+from bigasp.models.components import SDXL
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "done.json"
+GALLERY_FILE = "index.html"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    samples_seen: int
+    step: int | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def checkpoints_dir(path: str | Path) -> Path:
+    """A run dir holds `checkpoints/`; a checkpoints dir is accepted as is."""
+    path = Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def complete_checkpoints(path: str | Path) -> list[Checkpoint]:
+    """Complete checkpoints under a run or checkpoints dir, sorted by samples seen."""
+    root = checkpoints_dir(path)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if d.name.startswith(".") or not d.name.startswith("step-") or not d.is_dir():
+            continue
+        meta_path = d / "checkpoint.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue  # not written yet (or being deleted): not complete
+        if meta.get("complete") is not True:
+            continue
+        samples = meta.get("samples_seen")
+        if samples is None:
+            try:
+                samples = int(d.name.removeprefix("step-"))
+            except ValueError:
+                continue
+        found.append(Checkpoint(d, int(samples), meta.get("step")))
+    return sorted(found, key=lambda c: (c.samples_seen, c.name))
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompts file {path} does not exist (one prompt per line)")
+    prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ConfigError(f"prompts file {path} has no prompts (one per line; '#' starts a comment)")
+    return prompts
+
+
+def image_name(prompt_index: int, seed: int) -> str:
+    return f"p{prompt_index:03d}-seed{seed}.png"
+
+
+class Watcher:
+    """Generates the grid for each new complete checkpoint; `run_once` is one poll."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        settings=None,
+        out_dir: str | Path | None = None,
+        every_samples: int = 0,
+        base: str | None = None,
+        device: str | None = None,
+        dtype=None,
+        settings_for: Callable[[SDXL], object] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.prompts, self.seeds = list(prompts), list(seeds)
+        if not self.seeds:
+            raise ConfigError("watch needs at least one seed")
+        self.settings = settings
+        self.settings_for = settings_for
+        ck = checkpoints_dir(self.run_dir)
+        default_out = ck.parent if ck != self.run_dir else self.run_dir
+        self.samples_dir = Path(out_dir) if out_dir is not None else default_out / "samples"
+        self.every_samples = every_samples
+        self.base, self.device, self.dtype = base, device, dtype
+        self._base_model: SDXL | None = None
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def done(self) -> dict[str, int]:
+        """Finished checkpoint names -> samples seen, from their done markers."""
+        out = {}
+        if not self.samples_dir.is_dir():
+            return out
+        for d in self.samples_dir.iterdir():
+            marker = d / DONE_FILE
+            if d.name.startswith(".") or not marker.is_file():
+                continue
+            try:
+                out[d.name] = int(json.loads(marker.read_text())["samples_seen"])
+            except (OSError, ValueError, KeyError):
+                continue
+        return out
+
+    def pending(self) -> list[Checkpoint]:
+        """Complete checkpoints not yet sampled, thinned to one per `every_samples`."""
+        done = self.done()
+        taken = sorted(done.values())
+        todo = []
+        for c in complete_checkpoints(self.run_dir):
+            if c.name in done:
+                continue
+            if self.every_samples > 0 and any(
+                c.samples_seen - self.every_samples < s <= c.samples_seen for s in taken
+            ):
+                continue
+            todo.append(c)
+            taken.append(c.samples_seen)
+        return todo
+
+    # -- work --------------------------------------------------------------------------------
+
+    def load(self, ckpt: Checkpoint) -> SDXL:
+        from bigasp.models.io import load_model
+
+        folder = ckpt.path / "model"
+        present = [c for c in SDXL.COMPONENTS if (folder / c).is_dir()]
+        model = load_model(folder, present)
+        missing = [c for c in SDXL.COMPONENTS if c not in present]
+        if missing:
+            if self.base is None:
+                raise ModelLoadError(
+                    f"{folder} has no {', '.join(missing)}; pass --base MODEL to supply them "
+                    "(e.g. the model training started from)"
+                )
+            if self._base_model is None:
+                self._base_model = load_model(self.base, missing)
+            for c in missing:
+                setattr(model, c, getattr(self._base_model, c))
+        return model
+
+    def process(self, ckpt: Checkpoint) -> Path:
+        from bigasp.sample.generate import GenerateSettings, Generator, preset_for, save_png
+
+        final = self.samples_dir / ckpt.name
+        tmp = self.samples_dir / f".tmp-{ckpt.name}"
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by an interrupted run: redo from scratch
+        if final.exists():
+            shutil.rmtree(final)  # no done marker (or we would not be here)
+        tmp.mkdir(parents=True)
+        model = self.load(ckpt)
+        if self.settings_for is not None:
+            settings = self.settings_for(model)
+        else:
+            settings = self.settings or GenerateSettings.from_preset(preset_for(model.kind))
+        gen = Generator(model, self.device, self.dtype)
+        t0 = time.perf_counter()
+        for seed in self.seeds:
+            s = settings.model_copy(update={"seed": seed, "batch": 1})
+            images = gen.generate(self.prompts, s)
+            for i, im in enumerate(images):
+                save_png(im, tmp / image_name(i, seed))
+        marker = {
+            "checkpoint": ckpt.name,
+            "samples_seen": ckpt.samples_seen,
+            "step": ckpt.step,
+            "prompts": self.prompts,
+            "seeds": self.seeds,
+            "settings": settings.model_dump(mode="json"),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        _atomic_write(tmp / DONE_FILE, json.dumps(marker, indent=2) + "\n")
+        os.replace(tmp, final)
+        log.info("sampled %s (%d images)", ckpt.name, len(self.prompts) * len(self.seeds))
+        return final
+
+    def run_once(self) -> list[Path]:
+        """Sample every pending checkpoint, then rewrite the gallery."""
+        written = []
+        for ckpt in self.pending():
+            if not (ckpt.path / "checkpoint.json").is_file():
+                continue  # pruned by the trainer since listing
+            try:
+                written.append(self.process(ckpt))
+            except (BigaspError, OSError) as err:
+                log.warning("skipping %s for now: %s", ckpt.name, err)
+                shutil.rmtree(self.samples_dir / f".tmp-{ckpt.name}", ignore_errors=True)
+        if written or not (self.samples_dir / GALLERY_FILE).exists():
+            self.write_gallery()
+        return written
+
+    def run(self, interval: float = 60.0) -> None:
+        log.info(
+            "watching %s every %.0fs; samples in %s",
+            checkpoints_dir(self.run_dir),
+            interval,
+            self.samples_dir,
+        )
+        while True:
+            self.run_once()
+            time.sleep(interval)
+
+    def write_gallery(self) -> Path:
+        """Static HTML: one row per (prompt, seed), one column per sampled checkpoint."""
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        done = sorted(self.done().items(), key=lambda kv: (kv[1], kv[0]))
+        head = "".join(f"<th>{html.escape(name)}<br>{samples:,} samples</th>" for name, samples in done)
+        rows = []
+        for i, prompt in enumerate(self.prompts):
+            for seed in self.seeds:
+                cells = []
+                for name, _ in done:
+                    rel = f"{name}/{image_name(i, seed)}"
+                    exists = (self.samples_dir / rel).is_file()
+                    cells.append(
+                        f'<td><a href="{rel}"><img src="{rel}" loading="lazy"></a></td>'
+                        if exists
+                        else "<td></td>"
+                    )
+                label = f"{html.escape(prompt)}<br><small>seed {seed}</small>"
+                rows.append(f"<tr><th class=p>{label}</th>{''.join(cells)}</tr>")
+        page = (
+            "<!doctype html><html><head><meta charset=utf-8><title>bigasp samples</title><style>"
+            "body{font-family:sans-serif}table{border-collapse:collapse}td,th{padding:4px;vertical-align:top}"
+            "th.p{max-width:24em;text-align:left;font-weight:normal}img{max-width:256px}</style></head><body>"
+            f"<h1>Samples of {html.escape(str(self.run_dir))}</h1>"
+            f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table></body></html>\n"
+        )
+        return _atomic_write(self.samples_dir / GALLERY_FILE, page)
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
