@@ -56,6 +56,9 @@ def _register() -> None:
     from bigasp.store import commands as store_commands
 
     store_commands.register(app)
+    from bigasp.train import data_commands
+
+    data_commands.register(app)
 
 
 _register()

@@ -11,17 +11,38 @@ is identical for `num_workers` 0 or 16 and after any resume. Sampler semantics l
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from pydantic import Field
 
 from bigasp.config import Section
-from bigasp.errors import DataError
-from bigasp.text import chunk_batch, tokenize
-from bigasp.text.synthesis import PromptConfig
+from bigasp.errors import ConfigError, DataError
+from bigasp.text import CHUNK_CONTENT, chunk_batch, tokenize
+from bigasp.text.aliases import AliasTable
+from bigasp.text.synthesis import (
+    EVAL_EPOCH,
+    PRETOKEN_PATTERN,
+    PromptConfig,
+    SampleMeta,
+    expected_quality_tokens,
+    prompt_rng,
+    synthesize,
+)
+from bigasp.train.sampler import (
+    EpochPlan,
+    SamplerState,
+    build_row_buckets,
+    chunk_estimates,
+    eval_plan,
+    plan_epoch,
+    resume_position,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +171,490 @@ def collate(
         epoch=epoch,
         position=position,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row estimates (vectorised over the whole table; no per-row Python objects)
+
+
+def row_token_estimates(table: pa.Table, prompt: PromptConfig) -> np.ndarray:
+    """Estimated content tokens of each row's (caption) prompt, int32, without tokenising.
+
+    Uses an `n_tokens` column when the dataset has one (int, or list = per caption, averaged).
+    Otherwise counts CLIP pre-tokens (words, digits, punctuation runs) of every caption in
+    Arrow's C++ regex engine and averages per row; BPE splits rare words further, which the
+    mismatch statistics report. Rows without a caption get a tag prompt of about
+    min(#tags, tag_count_mean) tags at `tokens_per_tag` each.
+    """
+    n = len(table)
+    names = table.column_names
+    if "n_tokens" in names:
+        col = table.column("n_tokens").combine_chunks()
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            return _list_mean(col, pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float64))
+        return pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.int32)
+    est = np.zeros(n, dtype=np.float64)
+    has_caption = np.zeros(n, dtype=bool)
+    if "captions" in names and n:
+        caps = table.column("captions").combine_chunks()
+        flat = pc.list_flatten(caps)
+        counts = pc.fill_null(pc.count_substring_regex(flat, PRETOKEN_PATTERN), 0)
+        est = _list_mean(caps, counts.to_numpy(zero_copy_only=False).astype(np.float64)).astype(np.float64)
+        has_caption = pc.fill_null(pc.list_value_length(caps), 0).to_numpy(zero_copy_only=False) > 0
+    if "tags" in names and n and not has_caption.all():
+        n_tags = pc.fill_null(pc.list_value_length(table.column("tags").combine_chunks()), 0)
+        n_tags = n_tags.to_numpy(zero_copy_only=False).astype(np.float64)
+        tag_est = np.minimum(n_tags, prompt.tag_count_mean) * prompt.tokens_per_tag
+        est = np.where(has_caption, est, tag_est)
+    return np.rint(est).astype(np.int32)
+
+
+def _list_mean(lists: pa.Array, values: np.ndarray) -> np.ndarray:
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    sums = np.bincount(owner, weights=values, minlength=len(lengths))
+    return np.rint(sums / np.maximum(lengths, 1)).astype(np.int32)
+
+
+def row_chunk_estimates(
+    table: pa.Table, cfg: DataConfig, token_estimates: np.ndarray | None = None
+) -> np.ndarray:
+    """Estimated chunk count (1..max_chunks) of every row: caption tokens + expected quality tokens."""
+    tokens = row_token_estimates(table, cfg.prompt) if token_estimates is None else token_estimates
+    q = cfg.quality_tokens if cfg.quality_tokens is not None else expected_quality_tokens(cfg.prompt)
+    return chunk_estimates(tokens, q, cfg.max_chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation / stable split
+
+
+@dataclass(frozen=True)
+class Split:
+    train: np.ndarray  # int64 row indices, ascending
+    validation: np.ndarray  # int64 row indices, ascending; never trained on
+    stable: np.ndarray  # int64: first `stable_size` train rows under a fixed shuffle
+    excluded: int = 0  # rows dropped before splitting (score 0)
+
+
+def split_dataset(dataset, cfg: DataConfig, *, seed: int) -> Split:
+    """Held-out validation rows and the fixed 'stable train loss' rows, keyed by `seed` only."""
+    table = dataset.table
+    n = len(table)
+    rows = np.arange(n, dtype=np.int64)
+    excluded = 0
+    if cfg.exclude_score_zero and "score" in table.column_names:
+        score = pc.fill_null(table.column("score"), -1).to_numpy(zero_copy_only=False)
+        keep = score != 0
+        excluded = int(n - keep.sum())
+        rows = rows[keep]
+        if excluded:
+            log.info("excluded %d image(s) with score 0 from training and validation", excluded)
+    n_val = min(cfg.validation_size, len(rows) // 10)
+    if n_val < cfg.validation_size:
+        log.warning(
+            "validation set capped at %d image(s) (10%% of %d usable) instead of data.validation_size=%d",
+            n_val,
+            len(rows),
+            cfg.validation_size,
+        )
+    perm = prompt_rng(seed, 0, 0, domain=b"split-val").permutation(len(rows))
+    validation = np.sort(rows[perm[:n_val]])
+    train = np.sort(rows[perm[n_val:]])
+    stable_perm = prompt_rng(seed, 0, 0, domain=b"split-stable").permutation(len(train))
+    stable = train[stable_perm[: min(cfg.stable_size, len(train))]]
+    return Split(train=train, validation=validation, stable=stable, excluded=excluded)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building one batch (runs in a DataLoader worker)
+
+
+def _conditioning_columns(table: pa.Table) -> list[str]:
+    want = [
+        "captions",
+        "tags",
+        "score",
+        "source",
+        "watermark",
+        "extra",
+        "original_height",
+        "original_width",
+        "crop_top",
+        "crop_left",
+        "bucket_height",
+        "bucket_width",
+    ]
+    if "n_tokens" in table.column_names:
+        want.append("n_tokens")
+    return [c for c in want if c in table.column_names]
+
+
+def synthesize_rows(
+    table: pa.Table,
+    rows: np.ndarray,
+    *,
+    seed: int,
+    epoch: int,
+    cfg: DataConfig,
+    aliases: AliasTable | None = None,
+    token_estimates: np.ndarray | None = None,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Training prompts of `rows` under keys `(seed, epoch, row)`, plus the rows' metadata dicts."""
+    sub = table.select(_conditioning_columns(table)).take(pa.array(rows, pa.int64())).to_pylist()
+    prompts = []
+    for row_idx, row in zip(np.asarray(rows).tolist(), sub, strict=True):
+        n_tok = int(token_estimates[row_idx]) if token_estimates is not None else None
+        meta = SampleMeta.from_row(row_idx, row, n_tokens=n_tok)
+        prompts.append(synthesize(meta, cfg.prompt, (seed, epoch, row_idx), aliases))
+    return prompts, sub
+
+
+def build_batch(
+    dataset,
+    rows: np.ndarray,
+    *,
+    seed: int,
+    epoch: int,
+    cfg: DataConfig,
+    aliases: AliasTable | None = None,
+    token_estimates: np.ndarray | None = None,
+    chunk_estimate: int = 0,
+    position: int = -1,
+) -> Batch:
+    """Read, synthesise (key `(seed, epoch, row)`), tokenise and collate the given rows."""
+    prompts, sub = synthesize_rows(
+        dataset.table, rows, seed=seed, epoch=epoch, cfg=cfg, aliases=aliases, token_estimates=token_estimates
+    )
+    samples = [
+        Sample(
+            index=row_idx,
+            latent=dataset.read_latent(row_idx),
+            prompt=prompt,
+            original_size=(int(row["original_height"]), int(row["original_width"])),
+            crop=(int(row["crop_top"]), int(row["crop_left"])),
+            target_size=(int(row["bucket_height"]), int(row["bucket_width"])),
+        )
+        for row_idx, prompt, row in zip(np.asarray(rows).tolist(), prompts, sub, strict=True)
+    ]
+    return collate(
+        samples, max_chunks=cfg.max_chunks, chunk_estimate=chunk_estimate, epoch=epoch, position=position
+    )
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    rows: np.ndarray
+    epoch: int
+    position: int
+    chunk_estimate: int
+
+
+class _BatchSource(torch.utils.data.Dataset):
+    """Map-style dataset whose items are whole batches; deterministic per item."""
+
+    def __init__(self, dataset, cfg: DataConfig, seed: int, aliases, token_estimates, items: list[BatchItem]):
+        self.dataset = dataset
+        self.cfg = cfg
+        self.seed = seed
+        self.aliases = aliases
+        self.token_estimates = token_estimates
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Batch:
+        it = self.items[i]
+        return build_batch(
+            self.dataset,
+            it.rows,
+            seed=self.seed,
+            epoch=it.epoch,
+            cfg=self.cfg,
+            aliases=self.aliases,
+            token_estimates=self.token_estimates,
+            chunk_estimate=it.chunk_estimate,
+            position=it.position,
+        )
+
+
+def _loader(source: _BatchSource, cfg: DataConfig) -> torch.utils.data.DataLoader:
+    workers = cfg.num_workers
+    return torch.utils.data.DataLoader(
+        source,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+        persistent_workers=False,
+        worker_init_fn=_worker_init if workers > 0 else None,
+    )
+
+
+def _worker_init(_: int) -> None:
+    # Tokenisation and decompression are per-batch work; one thread per worker avoids
+    # oversubscribing the cores that the other workers and the trainer use.
+    torch.set_num_threads(1)
+
+
+def load_aliases(cfg: DataConfig) -> AliasTable | None:
+    if not cfg.prompt.aliases_path or cfg.prompt.alias_prob <= 0:
+        return None
+    table = AliasTable.load(cfg.prompt.aliases_path)
+    s = table.stats
+    log.info(
+        "tag aliases %s: %d aliases in %d groups (%d active rows, %d inactive, %d self, %d duplicate, %d chained)",
+        table.source,
+        len(table),
+        len(table.groups),
+        s.active,
+        s.inactive,
+        s.self_aliases,
+        s.duplicates,
+        s.chained,
+    )
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loader
+
+
+@dataclass
+class LoaderStats:
+    """Running counts since construction (or the last `reset`): what `bigasp dataset batches` reports."""
+
+    batches: int = 0
+    samples: int = 0
+    chunk_hist: dict[int, int] = field(default_factory=dict)  # padded chunk count per batch
+    batch_estimate_mismatch: int = 0  # batches whose padded chunk count != the estimate
+    sample_estimate_mismatch: int = 0  # samples whose own chunk count != the batch's estimate
+    truncated: int = 0
+    dropped_per_epoch: dict[int, int] = field(default_factory=dict)
+
+    def add(self, b: Batch, max_chunks: int) -> None:
+        n = int(b.te1_ids.shape[1])
+        self.batches += 1
+        self.samples += len(b)
+        self.chunk_hist[n] = self.chunk_hist.get(n, 0) + 1
+        self.truncated += b.n_truncated
+        if b.chunk_estimate:
+            self.batch_estimate_mismatch += int(n != b.chunk_estimate)
+            if b.n_tokens is not None:
+                own = np.clip(-(-b.n_tokens.numpy() // CHUNK_CONTENT), 1, max_chunks)
+                self.sample_estimate_mismatch += int((own != b.chunk_estimate).sum())
+
+
+class TrainLoader:
+    """Endless iterable of this rank's `Batch`es over the training split, exactly resumable.
+
+    `state_dict()` after consuming k batches on every rank, loaded into a fresh loader, gives
+    exactly the batches (rows, latents, prompt text) that batch k+1 onwards of the
+    uninterrupted run would have been; see docs/data-loading.md for world-size and
+    batch-size changes.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        cfg: DataConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int | None = None,
+        device_batch_size: int | None = None,
+        split: Split | None = None,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"invalid rank {rank} for world size {world_size}")
+        self.dataset = dataset
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = cfg.seed if seed is None else int(seed)
+        self.device_batch_size = (
+            cfg.device_batch_size if device_batch_size is None else int(device_batch_size)
+        )
+        if self.device_batch_size < 1:
+            raise ConfigError(f"device_batch_size must be >= 1 (got {self.device_batch_size})")
+        self.split = split if split is not None else split_dataset(dataset, cfg, seed=self.seed)
+        table = dataset.table
+        self.token_estimates = row_token_estimates(table, cfg.prompt)
+        train = self.split.train
+        chunks = row_chunk_estimates(table, cfg, self.token_estimates)[train] if cfg.chunk_bucketing else None
+        heights = table.column("bucket_height").to_numpy(zero_copy_only=False)[train]
+        widths = table.column("bucket_width").to_numpy(zero_copy_only=False)[train]
+        self.buckets = build_row_buckets(train, heights, widths, chunks)
+        self.aliases = load_aliases(cfg)
+        self.epoch = 0
+        self.position = 0
+        self.stats = LoaderStats()
+        self._plan: EpochPlan | None = None
+        self._report_buckets()
+
+    def _report_buckets(self) -> None:
+        b = self.device_batch_size
+        counts = self.buckets.counts
+        tiny = [k for k in range(len(counts)) if 0 < counts[k] < b]
+        if tiny:
+            lost = int(counts[tiny].sum())
+            log.warning(
+                "%d bucket(s) hold fewer than device_batch_size=%d images, so their %d image(s) are never "
+                "trained on: %s. Lower device_batch_size, add images, or set data.chunk_bucketing=false.",
+                len(tiny),
+                b,
+                lost,
+                ", ".join(f"{self.buckets.describe(k)}={int(counts[k])}" for k in tiny[:20]),
+            )
+        if counts.sum() and (counts // b).sum() < self.world_size:
+            raise DataError(
+                f"the training split ({int(counts.sum())} images in {len(counts)} buckets) gives "
+                f"{int((counts // b).sum())} full batch(es) of {b}, fewer than one per rank ({self.world_size}); "
+                "lower device_batch_size or use a larger dataset"
+            )
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return SamplerState(
+            epoch=self.epoch,
+            position=self.position,
+            device_batch_size=self.device_batch_size,
+            world_size=self.world_size,
+            seed=self.seed,
+            n_rows=len(self.buckets.rows),
+        ).to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        st = SamplerState.from_dict(state)
+        if st.seed != self.seed:
+            raise ConfigError(
+                f"loader state was saved with seed {st.seed} but this run uses seed {self.seed}; "
+                "resume with the same data.seed (the epoch order and prompts depend on it)"
+            )
+        if st.n_rows not in (-1, len(self.buckets.rows)):
+            log.warning(
+                "the training split had %d rows when the state was saved and has %d now: the dataset changed, "
+                "so the resumed order is not the one the interrupted run would have used",
+                st.n_rows,
+                len(self.buckets.rows),
+            )
+        self.epoch = st.epoch
+        self.position = resume_position(st, self.device_batch_size)
+        if st.device_batch_size != self.device_batch_size:
+            log.warning(
+                "device batch size changed %d -> %d: epoch %d is re-planned and resumes at sample %d "
+                "(batch %d); see docs/data-loading.md",
+                st.device_batch_size,
+                self.device_batch_size,
+                st.epoch,
+                self.position * self.device_batch_size,
+                self.position,
+            )
+        elif st.world_size != self.world_size:
+            log.info(
+                "world size changed %d -> %d: the global batch sequence continues unchanged at batch %d",
+                st.world_size,
+                self.world_size,
+                self.position,
+            )
+
+    # -- iteration -----------------------------------------------------------------------------
+    def plan(self, epoch: int) -> EpochPlan:
+        if self._plan is None or self._plan.epoch != epoch:
+            self._plan = plan_epoch(
+                self.buckets, seed=self.seed, epoch=epoch, device_batch_size=self.device_batch_size
+            )
+        return self._plan
+
+    def batches_per_epoch(self) -> int:
+        """Steps (one batch per rank) in a full epoch."""
+        return self.plan(self.epoch).steps_from(0, self.world_size)
+
+    def _items(self, plan: EpochPlan, start: int) -> list[BatchItem]:
+        chunks = self.buckets.bucket_chunks
+        return [
+            BatchItem(plan.batch_rows(p), plan.epoch, int(p), int(chunks[plan.batch_bucket[p]]))
+            for p in plan.rank_positions(start, self.rank, self.world_size)
+        ]
+
+    def __iter__(self) -> Iterator[Batch]:
+        w = self.world_size
+        while True:
+            plan = self.plan(self.epoch)
+            items = self._items(plan, self.position)
+            if self.position == 0:
+                dropped = plan.leftover_samples + plan.tail_dropped(0, w) * plan.device_batch_size
+                self.stats.dropped_per_epoch[plan.epoch] = dropped
+                log.info(
+                    "epoch %d: %d batches of %d per rank; %d image(s) dropped this epoch (%d in incomplete "
+                    "bucket batches, %d batch(es) at the end not divisible by world size %d)",
+                    plan.epoch,
+                    plan.steps_from(0, w),
+                    plan.device_batch_size,
+                    dropped,
+                    plan.leftover_samples,
+                    plan.tail_dropped(0, w),
+                    w,
+                )
+            if not items:
+                raise DataError("an epoch planned no batch for this rank; the training split is too small")
+            source = _BatchSource(
+                self.dataset, self.cfg, self.seed, self.aliases, self.token_estimates, items
+            )
+            for batch in _loader(source, self.cfg):
+                self.position = batch.position - self.rank + w
+                self.stats.add(batch, self.cfg.max_chunks)
+                yield batch
+            self.epoch += 1
+            self.position = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation / stable batches
+
+
+def eval_batches(
+    dataset,
+    indices: np.ndarray,
+    cfg: DataConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device_batch_size: int | None = None,
+    seed: int | None = None,
+) -> Iterator[Batch]:
+    """Deterministic bucket-homogeneous batches over `indices`, each index exactly once across ranks.
+
+    Prompts use the fixed key `(seed, EVAL_EPOCH, row)`, so every call (and every rank count)
+    sees the same prompt per image. Bucket tails are kept as smaller batches; batch `j` goes to
+    rank `j % world_size`, so ranks may get different numbers of batches.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid rank {rank} for world size {world_size}")
+    seed = cfg.seed if seed is None else int(seed)
+    b = cfg.device_batch_size if device_batch_size is None else int(device_batch_size)
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) == 0:
+        return
+    table = dataset.table
+    tokens = row_token_estimates(table, cfg.prompt)
+    chunks = row_chunk_estimates(table, cfg, tokens)[indices] if cfg.chunk_bucketing else None
+    buckets = build_row_buckets(
+        indices,
+        table.column("bucket_height").to_numpy(zero_copy_only=False)[indices],
+        table.column("bucket_width").to_numpy(zero_copy_only=False)[indices],
+        chunks,
+    )
+    key_of = {int(r): int(buckets.bucket_chunks[k]) for r, k in zip(buckets.rows, buckets.keys, strict=True)}
+    batches = eval_plan(buckets, device_batch_size=b)
+    mine = [
+        BatchItem(rows, EVAL_EPOCH, j, key_of[int(rows[0])])
+        for j, rows in enumerate(batches)
+        if j % world_size == rank
+    ]
+    if not mine:
+        return
+    source = _BatchSource(dataset, cfg, seed, load_aliases(cfg), tokens, mine)
+    yield from _loader(source, cfg)

@@ -1,0 +1,215 @@
+"""`bigasp dataset preview` and `bigasp dataset batches`: see what training will see, before training.
+
+Both run the real training data path (split, buckets, epoch plan, prompt synthesis with the
+run's keys) but never read a latent, so they are cheap even on a large dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+
+from bigasp.store.commands import dataset_app
+
+BIGASP_V2_CHUNKS = {3: 0.25, 2: 0.66, 1: 0.09}  # share of batches per chunk count (v1 card notes)
+
+
+def load_data_config(path: str | None, overrides: list[str] | None = None):
+    """`[data]` of a run config (or a file that is only the data table), with `key=value` overrides."""
+    from bigasp.config import apply_overrides, read_toml, validate
+    from bigasp.train.data import DataConfig
+
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        full = read_toml(path)
+        raw = full["data"] if isinstance(full.get("data"), dict) else full
+        source = f"{path} [data]" if isinstance(full.get("data"), dict) else str(path)
+    raw = apply_overrides(raw, overrides or [])
+    return validate(DataConfig, raw, source)
+
+
+def _loader(dataset: str, config: str | None, overrides: list[str], world_size: int, batch: int | None):
+    from bigasp.store import LatentDataset
+    from bigasp.train.data import TrainLoader
+
+    cfg = load_data_config(config, overrides)
+    ds = LatentDataset(dataset)
+    return TrainLoader(ds, cfg, rank=0, world_size=world_size, seed=cfg.seed, device_batch_size=batch)
+
+
+_SET_HELP = "Override a [data] key, e.g. --set prompt.tag_prob=0.5 (repeatable)."
+
+
+@dataset_app.command("preview")
+def preview(
+    dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
+    n: int = typer.Option(20, "--n", help="How many prompts to print."),
+    epoch: int = typer.Option(0, "--epoch", help="Epoch whose order and prompt keys to use."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Run config (its [data] table is used)."),
+    overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
+) -> None:
+    """Print synthesised prompts exactly as training sees them in epoch E (first N of the epoch order)."""
+    from bigasp.train.data import synthesize_rows
+
+    loader = _loader(dataset, config, overrides, 1, None)
+    plan = loader.plan(epoch)
+    table = loader.dataset.table
+    ids = table.column("id")
+    shown = 0
+    for p in range(plan.n_batches):
+        rows = plan.batch_rows(p)
+        bucket = int(plan.batch_bucket[p])
+        prompts, _ = synthesize_rows(
+            table,
+            rows,
+            seed=loader.seed,
+            epoch=epoch,
+            cfg=loader.cfg,
+            aliases=loader.aliases,
+            token_estimates=loader.token_estimates,
+        )
+        for r, prompt in zip(rows.tolist(), prompts, strict=True):
+            typer.echo(f"[{r} {ids[r].as_py()} {loader.buckets.describe(bucket)}] {prompt!r}")
+            shown += 1
+            if shown >= n:
+                return
+
+
+def batch_report(loader, epochs: int = 1, max_batches: int = 2000) -> dict[str, Any]:
+    """Planned batches per epoch, drops, bucket usage, estimated and actual chunk counts."""
+    import numpy as np
+
+    from bigasp.text import tokenize
+    from bigasp.text.chunking import n_chunks_for
+    from bigasp.train.data import synthesize_rows
+
+    b = loader.buckets
+    w = loader.world_size
+    out: dict[str, Any] = {
+        "train_rows": len(b.rows),
+        "validation_rows": len(loader.split.validation),
+        "excluded_score_zero": loader.split.excluded,
+        "device_batch_size": loader.device_batch_size,
+        "world_size": w,
+        "epochs": [],
+    }
+    for e in range(epochs):
+        plan = loader.plan(e)
+        steps = plan.steps_from(0, w)
+        est = b.bucket_chunks[plan.batch_bucket[: steps * w]]
+        out["epochs"].append(
+            {
+                "epoch": e,
+                "steps": steps,
+                "batches": steps * w,
+                "dropped_samples": plan.leftover_samples + plan.tail_dropped(0, w) * plan.device_batch_size,
+                "dropped_in_bucket_tails": plan.leftover_samples,
+                "dropped_batches_at_end": plan.tail_dropped(0, w),
+                "estimated_chunks": {int(c): int((est == c).sum()) for c in np.unique(est)},
+            }
+        )
+    plan = loader.plan(0)
+    used = np.bincount(plan.batch_bucket, minlength=b.n_buckets) * plan.device_batch_size
+    out["buckets"] = [
+        {
+            "bucket": b.describe(k),
+            "rows": int(b.counts[k]),
+            "used_epoch0": int(used[k]),
+            "too_small": bool(b.counts[k] < loader.device_batch_size),
+        }
+        for k in np.argsort(-b.counts)
+    ]
+    n = min(max_batches, plan.n_batches)
+    hist: dict[int, int] = {}
+    batch_mismatch = sample_mismatch = samples = truncated = 0
+    for p in range(n):
+        rows = plan.batch_rows(p)
+        prompts, _ = synthesize_rows(
+            loader.dataset.table,
+            rows,
+            seed=loader.seed,
+            epoch=0,
+            cfg=loader.cfg,
+            aliases=loader.aliases,
+            token_estimates=loader.token_estimates,
+        )
+        lengths = [len(t) for t in tokenize(prompts)]
+        own = [min(n_chunks_for(x), loader.cfg.max_chunks) for x in lengths]
+        truncated += sum(1 for x in lengths if x > 75 * loader.cfg.max_chunks)
+        padded = max(own)
+        hist[padded] = hist.get(padded, 0) + 1
+        estimate = int(b.bucket_chunks[plan.batch_bucket[p]])
+        if estimate:
+            batch_mismatch += int(padded != estimate)
+            sample_mismatch += sum(1 for c in own if c != estimate)
+        samples += len(rows)
+    out["actual"] = {
+        "batches_checked": n,
+        "chunks_per_batch": {k: hist[k] for k in sorted(hist)},
+        "batch_estimate_mismatch_rate": batch_mismatch / max(n, 1),
+        "sample_estimate_mismatch_rate": sample_mismatch / max(samples, 1),
+        "truncated_prompts": truncated,
+    }
+    return out
+
+
+@dataset_app.command("batches")
+def batches(
+    dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Run config (its [data] table is used)."),
+    overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
+    epochs: int = typer.Option(1, "--epochs", help="Epochs to plan (drops differ per epoch)."),
+    world_size: int = typer.Option(1, "--world-size", help="Ranks the run will use."),
+    device_batch_size: int | None = typer.Option(
+        None, "--device-batch-size", help="Default: data.device_batch_size."
+    ),
+    max_batches: int = typer.Option(
+        2000, "--max-batches", help="Batches whose prompts are tokenised for actual counts."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Chunk counts per batch (estimated and actual), bucket usage and dropped samples per epoch."""
+    loader = _loader(dataset, config, overrides, world_size, device_batch_size)
+    r = batch_report(loader, epochs=epochs, max_batches=max_batches)
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    typer.echo(
+        f"train {r['train_rows']} rows (validation {r['validation_rows']}, score-0 excluded "
+        f"{r['excluded_score_zero']}); device batch {r['device_batch_size']} x world {r['world_size']}"
+    )
+    for e in r["epochs"]:
+        typer.echo(
+            f"epoch {e['epoch']}: {e['steps']} steps, {e['batches']} batches, dropped {e['dropped_samples']} "
+            f"samples ({e['dropped_in_bucket_tails']} in bucket tails, {e['dropped_batches_at_end']} batch(es) at end)"
+        )
+    a = r["actual"]
+    total = max(a["batches_checked"], 1)
+    typer.echo(
+        f"chunks per batch, first {a['batches_checked']} batches of epoch 0 (bigASP v2: 25% / 66% / 9%):"
+    )
+    for c in sorted(a["chunks_per_batch"], reverse=True):
+        ref = BIGASP_V2_CHUNKS.get(c)
+        ref_s = f"   (bigASP {ref:.0%})" if ref is not None else ""
+        typer.echo(f"  {c * 75:>4} tokens ({c} chunk): {a['chunks_per_batch'][c] / total:6.1%}{ref_s}")
+    typer.echo(
+        f"estimate vs actual chunk count: {a['batch_estimate_mismatch_rate']:.1%} of batches, "
+        f"{a['sample_estimate_mismatch_rate']:.1%} of samples differ; {a['truncated_prompts']} prompt(s) truncated"
+    )
+    typer.echo("buckets (rows, used in epoch 0):")
+    for bk in r["buckets"]:
+        flag = "   TOO SMALL for one batch" if bk["too_small"] else ""
+        typer.echo(f"  {bk['bucket']:<16} {bk['rows']:>9} {bk['used_epoch0']:>9}{flag}")
+
+
+def register(app: typer.Typer) -> None:
+    """The commands above are already on `dataset_app`; check that the store mounted it on `app`.
+
+    Registering this module before the store's `register` would silently hide the commands.
+    """
+    mounted = any(g.typer_instance is dataset_app for g in app.registered_groups)
+    if not mounted:
+        raise RuntimeError("bigasp.store.commands.register(app) must run before bigasp.train.data_commands")
