@@ -86,8 +86,11 @@ def chunk_batch(
     if te1 is None:
         empty = torch.empty((0, n, CHUNK_LEN), dtype=torch.long)
         return ChunkedTokens(empty, empty.clone(), [], 0)
-    te2 = te1.copy()
-    # TE2 pads with 0 instead of EOS: every position after each chunk's first EOS.
-    after_eos = np.cumsum(te1 == EOS, axis=-1) - (te1 == EOS) > 0
-    te2[after_eos] = TE2_PAD
+    # TE2 pads with 0 instead of EOS. The pad positions follow from the content lengths, not
+    # from "after the first EOS": a prompt may contain the literal text <|endoftext|>, which
+    # CLIP's tokenizer turns into id 49407 inside the content (and which must stay content).
+    kept = np.minimum(np.asarray(lengths, dtype=np.int64), n * CHUNK_CONTENT)
+    per_chunk = np.clip(kept[:, None] - CHUNK_CONTENT * np.arange(n)[None, :], 0, CHUNK_CONTENT)
+    pad = np.arange(CHUNK_LEN)[None, None, :] > per_chunk[:, :, None] + 1
+    te2 = np.where(pad, TE2_PAD, te1)
     return ChunkedTokens(torch.from_numpy(te1), torch.from_numpy(te2), lengths, truncated)
