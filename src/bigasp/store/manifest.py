@@ -19,6 +19,7 @@ MANIFEST_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),  # blake2b-128 hex of the file bytes
         pa.field("path", pa.string()),  # where it was first seen; tar members as "a.tar::member"
+        pa.field("tar_offset", pa.int64()),  # byte offset of a tar member's data (null for plain files)
         pa.field("file_size", pa.int64()),
         pa.field("mtime", pa.float64()),  # of the file (or tar) when ingested; incremental re-runs
         pa.field("format", pa.string()),  # Pillow format name: JPEG, PNG, WEBP, ...

@@ -1,0 +1,1 @@
+"""Dataset preparation: ingest photos into a manifest, VAE-encode them into latent shards."""

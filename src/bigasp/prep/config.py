@@ -1,0 +1,84 @@
+"""`[ingest]` and `[encode]` config sections. Defaults follow bigASP v2's published recipe."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from bigasp.buckets import BucketConfig
+from bigasp.config import Section
+
+PILLOW_HARD_LIMIT = 178_956_970  # Pillow refuses above 2 x its default MAX_IMAGE_PIXELS
+
+
+class IngestConfig(Section):
+    """How `bigasp ingest` scans sources and what it rejects."""
+
+    buckets: BucketConfig = Field(
+        default_factory=BucketConfig,
+        description="Bucket rule; used to reject images too small for their bucket, and recorded in "
+        "dataset.json so `bigasp encode` uses the same set.",
+    )
+    allow_upscale: bool = Field(
+        False, description="Keep images smaller than their bucket (they will be upscaled at encode time)."
+    )
+    max_pixels: int = Field(
+        PILLOW_HARD_LIMIT,
+        description="Decompression-bomb guard: images with more pixels (width*height) are rejected as "
+        "too_large. bigASP used 933,120,000.",
+    )
+    animated: Literal["reject", "first_frame"] = Field(
+        "reject", description="Animated GIF/WebP/APNG: reject, or keep and train on the first frame."
+    )
+    verify: Literal["header", "decode"] = Field(
+        "header",
+        description="header: read the header and check the end-of-file marker (JPEG EOI, PNG IEND, WebP "
+        "RIFF length) — fast; decode: fully decode every image — slow, also catches corrupt scan data.",
+    )
+    commit_every: int = Field(
+        1000, gt=0, description="Rows per committed part; a crash loses at most this many images' work."
+    )
+    workers: int = Field(1, ge=1, description="Processes that read and probe files (1 = in-process).")
+    progress: bool = Field(True, description="Show a progress bar with images/s.")
+
+
+class EncodeConfig(Section):
+    """How `bigasp encode` turns manifest rows into fp16 latents."""
+
+    vae: str = Field(
+        "",
+        description="VAE: a preset name (tiny, sdxl-base), a diffusers AutoencoderKL folder (config.json + "
+        "safetensors), or a full model (diffusers folder or single-file .safetensors).",
+    )
+    buckets: BucketConfig | None = Field(
+        None, description="Bucket rule; unset = the rule recorded in dataset.json at ingest."
+    )
+    seed: int = Field(
+        0, description="Keys the random crop and the latent sample of every image (with its id)."
+    )
+    latent: Literal["sample", "mean"] = Field(
+        "sample", description="sample: latent_dist.sample() as bigASP; mean: the distribution mean."
+    )
+    scaling_factor: float | None = Field(
+        None, description="Multiplier applied to stored latents; unset = the VAE config's scaling_factor."
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="VAE compute precision. fp32 default: the SDXL VAE overflows in fp16."
+    )
+    device: str = Field("auto", description="auto = cuda:LOCAL_RANK when CUDA is available, else cpu.")
+    batch_size: int = Field(16, gt=0, description="Images per VAE batch (all from one bucket).")
+    num_workers: int = Field(4, ge=0, description="DataLoader processes decoding and resizing images.")
+    shard_size: int = Field(2048, gt=0, description="Latents per shard file (one bucket per shard).")
+    compression: Literal["none", "zstd"] = Field(
+        "none", description="Per-record compression of stored latents (see docs/PERFORMANCE.md)."
+    )
+    zstd_level: int = Field(3, ge=1, le=22, description="zstd level when compression = zstd.")
+    draft_margin: float = Field(
+        1.0,
+        ge=0,
+        description="JPEG draft mode: let libjpeg decode at 1/2, 1/4 or 1/8 scale while the result stays at "
+        "least draft_margin x the resize target (so it only acts when downscaling >= 2x). 0 disables.",
+    )
+    max_pixels: int = Field(PILLOW_HARD_LIMIT, description="Same decompression-bomb guard as ingest.")
+    progress: bool = Field(True, description="Show a progress bar with images/s.")
