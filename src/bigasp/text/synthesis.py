@@ -19,6 +19,7 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -276,20 +277,63 @@ def metadata_tags(meta: SampleMeta, cfg: PromptConfig) -> list[str]:
     return tags
 
 
-def _choose_tags(tags: list[str], n_tags: int, cfg: PromptConfig, rng: np.random.Generator) -> list[str]:
+class _Draws:
+    """Uniform draws from one keyed generator, fetched in blocks (numpy calls cost ~µs each)."""
+
+    __slots__ = ("_buf", "_i", "rng")
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self._buf: list[float] = rng.random(16).tolist()
+        self._i = 0
+
+    def u(self) -> float:
+        if self._i == len(self._buf):
+            self._buf = self.rng.random(16).tolist()
+            self._i = 0
+        x = self._buf[self._i]
+        self._i += 1
+        return x
+
+    def many(self, n: int) -> list[float]:
+        return self.rng.random(n).tolist() if n > 0 else []
+
+    def index(self, n: int) -> int:
+        return min(int(self.u() * n), n - 1)
+
+    def categorical(self, weights: list[float]) -> int:
+        x = self.u() * sum(weights)
+        acc = 0.0
+        for i, w in enumerate(weights):
+            acc += w
+            if x < acc:
+                return i
+        return len(weights) - 1
+
+    def normal(self, mean: float, std: float) -> float:
+        return _STD_NORMAL.inv_cdf(min(max(self.u(), 1e-12), 1 - 1e-12)) * std + mean
+
+    def permutation(self, n: int) -> list[int]:
+        return self.rng.permutation(n).tolist() if n > 1 else list(range(n))
+
+
+_STD_NORMAL = NormalDist()
+
+
+def _choose_tags(tags: list[str], n_tags: int, cfg: PromptConfig, d: _Draws) -> list[str]:
     """Priority tags always, then a uniform sample of the rest, in shuffled order."""
     priority = set(cfg.priority_tags)
     keep = [t for t in tags if t in priority]
     rest = [t for t in tags if t not in priority]
     n = min(max(n_tags, len(keep)), len(tags))
-    picked = [rest[i] for i in rng.permutation(len(rest))[: n - len(keep)]]
+    picked = [rest[i] for i in d.permutation(len(rest))[: n - len(keep)]]
     chosen = keep + picked
-    return [chosen[i] for i in rng.permutation(len(chosen))]
+    return [chosen[i] for i in d.permutation(len(chosen))]
 
 
-def _tag_count(meta: SampleMeta, cfg: PromptConfig, rng: np.random.Generator) -> int:
-    match = rng.random() < cfg.tag_count_match_prob
-    normal = rng.normal(cfg.tag_count_mean, cfg.tag_count_std)
+def _tag_count(meta: SampleMeta, cfg: PromptConfig, d: _Draws) -> int:
+    match = d.u() < cfg.tag_count_match_prob
+    normal = d.normal(cfg.tag_count_mean, cfg.tag_count_std)
     n_tokens = meta.n_tokens
     if n_tokens is None and meta.captions:
         n_tokens = round(sum(estimate_tokens(c) for c in meta.captions) / len(meta.captions))
@@ -301,31 +345,26 @@ def _tag_count(meta: SampleMeta, cfg: PromptConfig, rng: np.random.Generator) ->
 
 
 def _render_tags(
-    tags: list[str],
-    cfg: PromptConfig,
-    rng: np.random.Generator,
-    aliases: AliasTable | None,
-    protected: set[str],
+    tags: list[str], cfg: PromptConfig, d: _Draws, aliases: AliasTable | None, protected: set[str]
 ) -> list[str]:
-    style = int(rng.choice(3, p=np.asarray(cfg.underscore_weights) / sum(cfg.underscore_weights)))
-    alias_u = rng.random(len(tags))
-    space_u = rng.random(len(tags))
+    style = d.categorical(cfg.underscore_weights)  # 0 keep, 1 spaces, 2 mixed
+    u = d.many(3 * len(tags))
     out = []
-    for tag, ua, us in zip(tags, alias_u, space_u, strict=True):
-        if aliases is not None and tag not in protected and ua < cfg.alias_prob:
+    for k, tag in enumerate(tags):
+        if aliases is not None and tag not in protected and u[3 * k] < cfg.alias_prob:
             options = aliases.alternatives(tag)
             if options:
-                tag = options[int(rng.integers(len(options)))]
-        if style == 1 or (style == 2 and us < cfg.mixed_space_prob):
+                tag = options[min(int(u[3 * k + 2] * len(options)), len(options) - 1)]
+        if style == 1 or (style == 2 and u[3 * k + 1] < cfg.mixed_space_prob):
             tag = tag.replace("_", " ")
         out.append(tag)
     return out
 
 
-def _join_tags(parts: list[str], cfg: PromptConfig, rng: np.random.Generator) -> str:
+def _join_tags(parts: list[str], cfg: PromptConfig, d: _Draws) -> str:
     if not parts:
         return ""
-    u = rng.random(len(parts) - 1)
+    u = d.many(len(parts) - 1)
     pieces = [parts[0]]
     for part, x in zip(parts[1:], u, strict=True):
         pieces.append(", " if x < cfg.separator_space_prob else ",")
@@ -333,17 +372,16 @@ def _join_tags(parts: list[str], cfg: PromptConfig, rng: np.random.Generator) ->
     return "".join(pieces)
 
 
-def _score_tags(score: int, cfg: PromptConfig, rng: np.random.Generator) -> str:
+def _score_tags(score: int, cfg: PromptConfig, d: _Draws) -> str:
     """bigASP v2: 1-3 of {score_1_up .. score_N_up, score_N}, each maybe spaced, prepended one by one."""
     candidates = [f"score_{k}_up" for k in range(1, score + 1)] + [f"score_{score}"]
-    w = np.asarray(cfg.score_tag_count_weights, dtype=float)
-    count = int(rng.choice(len(w), p=w / w.sum())) + 1
-    picked = [candidates[i] for i in rng.permutation(len(candidates))[: min(count, len(candidates))]]
+    count = d.categorical(cfg.score_tag_count_weights) + 1
+    picked = [candidates[i] for i in d.permutation(len(candidates))[: min(count, len(candidates))]]
     text = ""
     for tag in picked:
-        if rng.random() < cfg.score_tag_space_prob:
+        if d.u() < cfg.score_tag_space_prob:
             tag = tag.replace("_", " ")
-        sep = cfg.score_tag_separators[int(rng.integers(len(cfg.score_tag_separators)))]
+        sep = cfg.score_tag_separators[d.index(len(cfg.score_tag_separators))]
         text = tag + sep + text
     return text
 
@@ -356,50 +394,45 @@ def synthesize(
 ) -> str:
     """The training prompt of `meta` under `key = (run_seed, epoch, sample_index)`.
 
-    Pure: no state besides the arguments. Draw order is fixed (UCG, source, body, quality)
+    Pure: no state besides the arguments. Draw order is fixed (UCG, source, quality, body)
     so each probability is exactly the configured one, independent of the others.
     """
-    rng = prompt_rng(*key)
-    if rng.random() < cfg.ucg_rate:
+    d = _Draws(prompt_rng(*key))
+    if d.u() < cfg.ucg_rate:
         return ""
     tags = metadata_tags(meta, cfg)
-    use_tags = rng.random() < cfg.tag_prob
+    use_tags = d.u() < cfg.tag_prob
     if not meta.captions:
         use_tags = True
     elif not tags:
         use_tags = False
 
-    quality_word = None
-    want_quality = rng.random()
+    want_quality = d.u()
     has_score = meta.score is not None and 0 <= meta.score <= 9
+    quality_word = None
     if has_score and cfg.quality == "quality_words" and want_quality < cfg.quality_word_prob:
         quality_word = cfg.quality_words[meta.score]
 
     if use_tags:
-        chosen = _choose_tags(tags, _tag_count(meta, cfg, rng), cfg, rng)
-        rendered = _render_tags(chosen, cfg, rng, aliases, set(cfg.priority_tags))
+        chosen = _choose_tags(tags, _tag_count(meta, cfg, d), cfg, d)
+        rendered = _render_tags(chosen, cfg, d, aliases, set(cfg.priority_tags))
         if quality_word is not None:
-            rendered.insert(int(rng.integers(len(rendered) + 1)), quality_word)
-        body = _join_tags(rendered, cfg, rng)
+            rendered.insert(d.index(len(rendered) + 1), quality_word)
+        body = _join_tags(rendered, cfg, d)
     else:
-        body = meta.captions[int(rng.integers(len(meta.captions)))] if meta.captions else ""
+        body = meta.captions[d.index(len(meta.captions))] if meta.captions else ""
         if quality_word is not None:
             if not body:
                 body = quality_word
-            elif rng.random() < 0.5:
+            elif d.u() < 0.5:
                 body = f"{quality_word}, {body}"
             else:
                 body = (
                     f"{body} {quality_word}" if body.rstrip()[-1:] in ".!?,;:" else f"{body}, {quality_word}"
                 )
 
-    if (
-        cfg.quality == "score_tags"
-        and meta.score is not None
-        and meta.score >= 0
-        and want_quality < cfg.score_tag_prob
-    ):
-        prefix = _score_tags(meta.score, cfg, rng)
+    if has_score and cfg.quality == "score_tags" and want_quality < cfg.score_tag_prob:
+        prefix = _score_tags(meta.score, cfg, d)
         body = prefix + body if body else prefix.rstrip(" ,")
     return body.strip()
 
