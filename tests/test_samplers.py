@@ -1,0 +1,186 @@
+"""Sampler steps against closed forms of the formulas in the reference note (§3)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bigasp.sample import sigmas
+from bigasp.sample.model_sampling import EpsDiscrete, FlowConst
+from bigasp.sample.samplers import (
+    run_sampler,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_3m_sde,
+    sample_euler,
+)
+
+SIG = [10.0, 4.0, 1.5, 0.5, 0.1]
+
+
+def const_model(a: torch.Tensor, seen: list | None = None):
+    def model(x, sigma):
+        if seen is not None:
+            seen.append(sigma)
+        return a.expand_as(x).clone()
+
+    return model
+
+
+def zeros(sigma, sigma_next):
+    return torch.zeros(2, 3, dtype=torch.float64)
+
+
+def test_euler_linear_model_closed_form():
+    c = 0.3
+    x0 = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    out = sample_euler(lambda x, s: c * x, x0, SIG)
+    factor = np.prod([1 + (1 - c) * (SIG[i + 1] - SIG[i]) / SIG[i] for i in range(len(SIG) - 1)])
+    torch.testing.assert_close(out, x0 * factor)
+
+
+def test_euler_flow_step_is_x_plus_dsigma_v_and_matches_diffusers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ms = FlowConst(3.0)
+    sig = sigmas("flow", "normal", 4, 3.0).tolist()
+
+    def v_of(x, sigma):  # a fixed "velocity network"
+        return torch.sin(x) + sigma
+
+    x0 = torch.linspace(-1, 1, 6, dtype=torch.float32).reshape(1, 6)
+    out = sample_euler(lambda x, s: ms.denoised(s, v_of(x, s), x), x0, sig)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(4)
+    x = x0.clone()
+    for t in sched.timesteps:
+        s = float(t) / 1000
+        x = sched.step(v_of(x, s), t, x).prev_sample
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-6)
+
+
+def test_dpmpp_2m_exact_for_constant_denoised():
+    a = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+    x0 = torch.tensor([[3.0, 1.0, -4.0]], dtype=torch.float64)
+    seen = []
+    out = sample_dpmpp_2m(const_model(a, seen), x0, SIG)
+    # exponential integrator: x(σ) = a + (x0 - a)·σ/σ0 exactly
+    torch.testing.assert_close(out, a + (x0 - a) * SIG[-1] / SIG[0])
+    assert seen == SIG[:-1]
+    assert torch.equal(sample_dpmpp_2m(const_model(a), x0, [*SIG, 0.0]), a)  # last step returns D
+
+
+def test_dpmpp_2m_second_order_step():
+    ds = [torch.full((1, 2), v, dtype=torch.float64) for v in (1.0, 2.0, 3.0)]
+    it = iter(ds)
+    x0 = torch.ones(1, 2, dtype=torch.float64)
+    s = [10.0, 5.0, 2.0]
+    out = sample_dpmpp_2m(lambda x, sig: next(it), x0, s)
+    x1 = (s[1] / s[0]) * x0 + (1 - s[1] / s[0]) * ds[0]
+    h, h_last = math.log(s[1] / s[2]), math.log(s[0] / s[1])
+    r = h_last / h
+    dd = (1 + 1 / (2 * r)) * ds[1] - (1 / (2 * r)) * ds[0]
+    torch.testing.assert_close(out, (s[2] / s[1]) * x1 + (1 - s[2] / s[1]) * dd)
+
+
+def test_dpmpp_2m_sde_eps_closed_form_with_noise():
+    ms = EpsDiscrete()
+    a = torch.full((1, 3), 0.7, dtype=torch.float64)
+    x0 = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    n = torch.tensor([[0.1, -0.2, 0.3]], dtype=torch.float64)
+    s0, s1 = 8.0, 2.0
+    out = sample_dpmpp_2m_sde(const_model(a), x0, [s0, s1], ms=ms, noise_sampler=lambda u, v: n)
+    q = (s1 / s0) ** 2  # eps: λ = -log σ, eta = 1 -> e^{-2h} = (σ'/σ)²
+    expected = q * x0 + (1 - q) * a + s1 * math.sqrt(1 - q) * n
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("fn", [sample_dpmpp_2m_sde, sample_dpmpp_3m_sde])
+def test_flow_sde_keeps_noiseless_path(fn):
+    """With D = x0 and zero noise, flow λ = log((1-σ)/σ), α = 1-σ keep x = (1-σ)·x0 exactly."""
+    ms = FlowConst(1.0)
+    a = torch.tensor([[0.3, -0.6, 1.2]], dtype=torch.float64)
+    s = [0.9, 0.6, 0.35, 0.1, 0.02]
+    out = fn(const_model(a), (1 - s[0]) * a, s, ms=ms, noise_sampler=lambda u, v: torch.zeros_like(a))
+    torch.testing.assert_close(out, (1 - s[-1]) * a)
+
+
+@pytest.mark.parametrize("fn", [sample_dpmpp_2m_sde, sample_dpmpp_3m_sde])
+def test_flow_sde_offsets_first_sigma(fn):
+    ms = FlowConst(6.0)
+    seen = []
+    a = torch.zeros(1, 2, dtype=torch.float64)
+    sig = sigmas("flow", "normal", 3, 6.0).tolist()
+    fn(const_model(a, seen), torch.ones(1, 2, dtype=torch.float64), sig, ms=ms, noise_sampler=lambda u, v: a)
+    assert seen[0] == pytest.approx(6 * 0.9999 / (1 + 5 * 0.9999), rel=1e-7)
+    assert seen[1:] == sig[1:-1]
+
+
+def test_sde_final_step_returns_denoised():
+    ms = EpsDiscrete()
+    a = torch.full((1, 2), 0.25, dtype=torch.float64)
+    for fn in (sample_dpmpp_2m_sde, sample_dpmpp_3m_sde):
+        out = fn(const_model(a), torch.ones(1, 2, dtype=torch.float64), [3.0, 1.0, 0.0], ms=ms,
+                 noise_sampler=lambda u, v: torch.ones(1, 2, dtype=torch.float64))  # fmt: skip
+        assert torch.equal(out, a)
+
+
+def _ode_error(fn, n: int, **kw) -> float:
+    """eta=0 (deterministic) on D(λ) = cos λ; exact: x_t = σ_t/σ_s·x_s + σ_t·[e^λ(cos λ+sin λ)/2]_s^t."""
+    ms = EpsDiscrete()
+    s_hi, s_lo = 10.0, 0.1
+    lam = np.linspace(-math.log(s_hi), -math.log(s_lo), n + 1)
+    sig = list(np.exp(-lam))
+    x0 = torch.tensor([[1.0]], dtype=torch.float64)
+
+    def model(x, sigma):
+        return torch.full_like(x, math.cos(-math.log(sigma)))
+
+    out = fn(model, x0, sig, ms=ms, noise_sampler=None, eta=0.0, **kw)
+
+    def prim(lm):
+        return math.exp(lm) * (math.cos(lm) + math.sin(lm)) / 2
+
+    exact = s_lo / s_hi * 1.0 + s_lo * (prim(lam[-1]) - prim(lam[0]))
+    return abs(float(out) - exact)
+
+
+def test_dpmpp_3m_is_third_order_and_2m_second_order():
+    e3 = [_ode_error(sample_dpmpp_3m_sde, n) for n in (10, 20, 40)]
+    e2 = [_ode_error(sample_dpmpp_2m_sde, n) for n in (10, 20, 40)]
+    # halving h divides the error by ~2^order (ComfyUI's phi_3 sign; diffusers' would not)
+    assert e3[1] / e3[2] > 6.0 and e3[0] / e3[1] > 5.0, e3
+    assert 3.0 < e2[1] / e2[2] < 5.5, e2
+
+
+def test_iid_noise_sampler_is_seeded(tiny_generator_seed=3):
+    from bigasp.sample.samplers import iid_noise_sampler
+
+    x = torch.zeros(2, 4, 2, 2)
+    a = iid_noise_sampler(x, torch.Generator().manual_seed(tiny_generator_seed))(1.0, 0.5)
+    b = iid_noise_sampler(x, torch.Generator().manual_seed(tiny_generator_seed))(1.0, 0.5)
+    assert torch.equal(a, b) and a.shape == x.shape and float(a.std()) > 0.5
+
+
+def test_run_sampler_dispatch_and_unknown():
+    a = torch.zeros(1, 2)
+    out = run_sampler("euler", const_model(a), torch.ones(1, 2), [2.0, 1.0, 0.0], ms=EpsDiscrete())
+    assert torch.equal(out, a)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        run_sampler("lms", const_model(a), a, [1.0, 0.0], ms=EpsDiscrete())
+
+
+def test_brownian_tree_optional():
+    from bigasp.sample.samplers import brownian_noise_sampler, brownian_tree_available
+
+    x = torch.zeros(1, 4, 2, 2)
+    if not brownian_tree_available():
+        with pytest.raises(ImportError, match="torchsde"):
+            brownian_noise_sampler(x, [14.6, 1.0, 0.0], seed=1)
+        return
+    ns = brownian_noise_sampler(x, [14.6, 1.0, 0.0], seed=1)
+    a, b = ns(14.6, 1.0), brownian_noise_sampler(x, [14.6, 1.0, 0.0], seed=1)(14.6, 1.0)
+    assert torch.equal(a, b) and a.shape == x.shape
