@@ -56,9 +56,18 @@ def _register() -> None:
     from bigasp.store import commands as store_commands
 
     store_commands.register(app)
+    from bigasp.prep import commands as prep_commands
+
+    prep_commands.register(app)
     from bigasp.train import data_commands
 
     data_commands.register(app)
+    from bigasp.train import commands as train_commands
+
+    train_commands.register(app)
+    from bigasp.bench import commands as bench_commands
+
+    bench_commands.register(app)
 
 
 _register()

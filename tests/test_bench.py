@@ -1,0 +1,213 @@
+"""`bigasp bench`: FLOP counts against hand counts, and smoke runs that check the JSON record."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+from bigasp.bench.common import BenchResult, command_line, parse_res
+from bigasp.bench.flops import (
+    ModuleFlopCounter,
+    attention_flops,
+    conv2d_flops,
+    count_flops,
+    linear_flops,
+)
+from bigasp.cli import app
+from bigasp.errors import ConfigError
+
+
+class ConvLinearAttn(nn.Module):
+    """A small known model: conv 3->8 (3x3, pad 1) -> conv 8->16 (3x3, stride 2) -> tokens -> qkv -> SDPA -> out."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.qkv = nn.Linear(16, 48)
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.c2(F.silu(self.c1(x)))  # [B,16,8,8]
+        t = h.flatten(2).transpose(1, 2)  # [B,64,16]
+        q, k, v = self.qkv(t).view(t.shape[0], t.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # 2 heads of 8
+        return self.out(a.transpose(1, 2).reshape(t.shape))
+
+
+def hand_count(b: int) -> int:
+    # Written out by hand from the layer shapes (2 FLOPs per multiply-accumulate).
+    c1 = 2 * b * 16 * 16 * 8 * 3 * 3 * 3  # out 16x16, 8 ch, 3 in-ch x 3x3 kernel
+    c2 = 2 * b * 8 * 8 * 16 * 8 * 3 * 3  # out 8x8, 16 ch, 8 in-ch x 3x3
+    qkv = 2 * (b * 64) * 16 * 48
+    attn = 2 * (2 * b * 2 * 64 * 64 * 8)  # QK^T and AV, 2 heads, 64 tokens, dim 8
+    out = 2 * (b * 64) * 16 * 10
+    return c1 + c2 + qkv + attn + out
+
+
+def test_formulas_match_hand_count():
+    b = 3
+    assert conv2d_flops(b, 3, 8, (3, 3), (16, 16)) == 2 * b * 16 * 16 * 8 * 27
+    assert linear_flops(b * 64, 16, 48) == 2 * b * 64 * 16 * 48
+    assert attention_flops(b, 2, 64, 64, 8) == 4 * b * 2 * 64 * 64 * 8
+
+
+def test_flop_counter_matches_hand_count_forward_and_backward():
+    torch.manual_seed(0)
+    model = ConvLinearAttn()
+    x = torch.randn(3, 3, 16, 16)
+    fwd, _ = count_flops(lambda: model(x))
+    assert fwd.total == hand_count(3)
+    # CPU flash attention is counted (torch does not register it by itself).
+    assert fwd.by_op["_scaled_dot_product_flash_attention_for_cpu"] == 4 * 3 * 2 * 64 * 64 * 8
+    with ModuleFlopCounter(model) as m:
+        model(x)
+    assert m.by_kind["conv"] + m.by_kind["linear"] == hand_count(3) - 4 * 3 * 2 * 64 * 64 * 8
+
+    # Backward of a matmul costs 2x its forward (grad input + grad weight), except the first
+    # layer's grad input when the data needs none: model FLOPs = 3 fwd - c1's input-grad term.
+    # torch's raw count charges flash-attention backward 2.5x (QK^T recompute).
+    fb, _ = count_flops(lambda: model(x).sum().backward())
+    c1, attn = 2 * 3 * 16 * 16 * 8 * 27, 4 * 3 * 2 * 64 * 64 * 8
+    assert fb.model == 3 * hand_count(3) - c1
+    assert fb.total == 3 * hand_count(3) - c1 + attn // 2
+
+
+def test_tiny_unet_forward_flops_match_module_hand_count(tiny_model):
+    """Aten-level count == shape-level count over every Linear, Conv2d and Attention of the UNet."""
+    unet = tiny_model.unet
+    b = 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, 4, 8, 8, generator=g)
+    ctx = torch.randn(b, 154, unet.config.cross_attention_dim, generator=g)
+    added = {"text_embeds": torch.randn(b, 32, generator=g), "time_ids": torch.randn(b, 6, generator=g)}
+
+    def fwd():
+        with torch.no_grad():
+            return unet(x, torch.tensor([1, 500]), ctx, added_cond_kwargs=added).sample
+
+    counted, _ = count_flops(fwd)
+    with ModuleFlopCounter(unet) as hand:
+        fwd()
+    assert counted.total == hand.total
+    assert hand.by_kind["attention"] > 0 and hand.by_kind["conv"] > 0
+    assert counted.by_op["convolution"] == hand.by_kind["conv"]
+
+
+def _run_cli(args: list[str], tmp_path) -> dict:
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith(f"| {args[1]} |")]
+    assert len(rows) == 1, result.output  # exactly one pasteable row
+    data = json.loads(out.read_text())
+    assert data["format_version"] == 1 and data["bench"] == args[1]
+    assert data["command"].startswith(f"bigasp bench {args[1]} ")
+    assert data["machine"]["device"] == "cpu" and data["date"]
+    return data
+
+
+def test_bench_train_cpu_json_fields(tmp_path):
+    d = _run_cli(
+        [
+            "bench",
+            "train",
+            "--res",
+            "32x32",
+            "--device-batch",
+            "2",
+            "--tokens",
+            "154",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+        ],
+        tmp_path,
+    )
+    m = d["metrics"]
+    assert d["config"]["tokens"] == 154 and d["config"]["train_te1"] is True
+    assert m["img_per_s"] > 0 and m["ms_per_step"] > 0
+    assert m["img_per_s"] == pytest.approx(1 / (m["ms_per_step"] / 1000))
+    # Counted, not assumed: the step did fwd+bwd of UNet and TE1, so attention backward is in.
+    assert m["flops_by_op"]["convolution_backward"] > 0
+    assert m["flops_counted"] == sum(m["flops_by_op"].values())
+    sdpa_bwd = m["flops_by_op"]["_scaled_dot_product_flash_attention_for_cpu_backward"]
+    assert m["flops_per_step"] == m["flops_counted"] - sdpa_bwd // 5
+    assert m["model_tflops"] == pytest.approx(m["flops_per_step"] / (m["ms_per_step"] / 1000) / 1e12)
+    assert m["mfu"] is None and m["mfu_pct"] is None  # no meaningful peak on CPU
+    assert m["trainable_params"] > 0 and m["peak_rss_gib"] > 0
+    assert m["loss"] == m["loss"]  # not NaN
+
+
+def test_bench_train_flops_scale_with_batch():
+    """Per-sample FLOPs do not depend on the batch (a count that did would be counting setup)."""
+    from bigasp.bench.train import TrainBenchConfig, TrainStepHarness
+
+    cfg = TrainBenchConfig(height=32, width=32, device_batch=2, tokens=77, precision="fp32")
+    h = TrainStepHarness(cfg, torch.device("cpu"))
+    two, _ = count_flops(h.forward_backward)
+    h.latents, h.noise, h.timesteps, h.time_ids = h.latents[:1], h.noise[:1], h.timesteps[:1], h.time_ids[:1]
+    h.tokens = replace(h.tokens, te1=h.tokens.te1[:1], te2=h.tokens.te2[:1])
+    one, _ = count_flops(h.forward_backward)
+    assert two.model == 2 * one.model > 0
+
+
+def test_bench_encode_cpu_json_fields(tmp_path):
+    d = _run_cli(
+        ["bench", "encode", "--res", "64x64", "--batch", "1", "--iters", "1", "--device", "cpu"], tmp_path
+    )
+    m = d["metrics"]
+    assert m["latent_shape"] == [4, 8, 8]
+    assert m["img_per_s"] > 0 and m["tflop_per_image"] > 0 and m["mfu_pct"] is None
+
+
+def test_bench_tokenize_json_fields(tmp_path):
+    d = _run_cli(["bench", "tokenize", "--prompts", "200", "--repeats", "1"], tmp_path)
+    m = d["metrics"]
+    assert m["ms_per_1000"] > 0 and m["prompts_per_s"] == pytest.approx(1e6 / m["ms_per_1000"])
+    assert m["tokens_min"] >= 30 and m["tokens_max"] <= 260
+
+
+def test_realistic_prompts_are_deterministic_and_long():
+    from bigasp.bench.tokenize import realistic_prompts
+    from bigasp.text import tokenize
+
+    a, b = realistic_prompts(60, seed=3), realistic_prompts(60, seed=3)
+    assert a == b and a != realistic_prompts(60, seed=4)
+    lengths = sorted(len(t) for t in tokenize(a))
+    assert lengths[len(lengths) // 2] > 77  # most need 2+ chunks, like bigASP captions
+
+
+def test_command_line_and_row_roundtrip():
+    cmd = command_line(
+        "train", {"preset": "tiny", "compile": False, "fsdp": True, "train_te1": False, "json_out": "x"}
+    )
+    assert cmd == "bigasp bench train --preset tiny --fsdp --frozen-te1"
+    r = BenchResult(
+        "train",
+        {},
+        {"img_per_s": 12.345, "mfu_pct": None},
+        [("img_per_s", "img/s"), ("mfu_pct", "% MFU")],
+        cmd,
+    )
+    assert r.table_row().startswith("| train | 12.3 img/s, n/a % MFU | `bigasp bench train")
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ConfigError, match="HEIGHTxWIDTH"):
+        parse_res("1024")
+    from bigasp.bench.train import TrainBenchConfig
+
+    with pytest.raises(ConfigError, match="--tokens"):
+        TrainBenchConfig(tokens=100).validate()
