@@ -1,0 +1,48 @@
+"""`bigasp train CONFIG.toml [--resume auto|PATH] [key=value ...]`."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(
+        "train",
+        context_settings={"allow_extra_args": False},
+        help=(
+            "Train (or resume) an SDXL finetune from a TOML run config. Overrides use dotted keys, "
+            "e.g. `train.lr=2e-4 data.device_batch_size=8`. Multi-GPU: launch with torchrun "
+            "(see docs/training.md)."
+        ),
+    )
+    def train_cmd(
+        config: str = typer.Argument(..., help="Run config TOML (see configs/ and docs/training.md)."),
+        overrides: list[str] = typer.Argument(None, help="key.path=value overrides, parsed as TOML values."),
+        resume: str = typer.Option(
+            None,
+            "--resume",
+            help="'auto' = newest complete checkpoint in run_dir (fresh if none), or a path.",
+        ),
+        print_config: bool = typer.Option(
+            False, "--print-config", help="Print the resolved config as TOML and exit."
+        ),
+    ) -> None:
+        from bigasp.config import dump_toml, load_config
+        from bigasp.train.config import RunConfig
+
+        cfg = load_config(RunConfig, config, overrides or [])
+        if print_config:
+            typer.echo(dump_toml(cfg.model_dump(mode="json")))
+            return
+        from bigasp.train.distributed import shutdown
+        from bigasp.train.trainer import train
+
+        try:
+            result = train(cfg, resume=resume)
+        finally:
+            shutdown()
+        typer.echo(
+            f"done: {result.samples_seen:,} samples, {result.step} steps, {result.skipped_steps} skipped"
+            + (f", last checkpoint {result.last_checkpoint}" if result.last_checkpoint else "")
+            + (" (stopped by signal)" if result.stopped_by_signal else "")
+        )

@@ -1,0 +1,207 @@
+"""The run config of `bigasp train`: one TOML file, every key documented here and in docs/training.md.
+
+Defaults are bigASP v2's published recipe (eps + min-SNR 5, fp16 AMP with GradScaler 65,536,
+AdamW 1e-4 / wd 0.1, warmup 100k samples then cosine, global batch 2048, 40M samples, validate
+every 50k, save every 500k). Every size and interval is in SAMPLES so a recipe keeps its meaning
+when the number of GPUs changes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from bigasp.config import Section
+from bigasp.errors import ConfigError
+from bigasp.train.data import DataConfig
+
+
+class ModelConfig(Section):
+    """`[model]`: what to finetune and which parts train."""
+
+    source: str = Field(
+        "sdxl-base",
+        description="Weights to start from: a local diffusers folder, a single-file SDXL .safetensors, or a "
+        "preset name (tiny, sdxl-base = random init from shipped configs). Never downloaded.",
+    )
+    preset: str | None = Field(
+        None, description="Architecture preset of a single file when it cannot be inferred (e.g. sdxl-base)."
+    )
+    init_seed: int = Field(0, description="Seed for random init when `source` is a preset.")
+    train_text_encoder: bool = Field(True, description="Train CLIP ViT-L (text encoder 1); bigASP v2: true.")
+    train_text_encoder_2: bool = Field(
+        False, description="Train OpenCLIP bigG (text encoder 2); bigASP v2 and v2.5: false."
+    )
+    frozen_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Storage dtype of FROZEN text encoders (they run under no_grad; lower precision "
+        "saves memory and time). Trained parts always keep fp32 master weights.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in backward (UNet and trained text encoders): ~10x less "
+        "activation memory for ~26% more FLOPs (docs/PERFORMANCE.md).",
+    )
+    save_vae: bool = Field(
+        True,
+        description="Load the VAE (CPU, unused by training) so checkpoints are complete diffusers folders "
+        "that `bigasp generate` can open directly.",
+    )
+    sampling_shift: float = Field(
+        1.0,
+        gt=0,
+        description="Flow shift recorded in the checkpoint's bigasp_model.json as the default for sampling "
+        "(ComfyUI ModelSamplingSD3 shift). Ignored for eps models.",
+    )
+
+
+class TrainConfig(Section):
+    """`[train]`: objective, optimisation, precision, run length."""
+
+    objective: Literal["eps", "flow"] = Field(
+        "eps", description="eps = SDXL DDPM noise prediction (v2); flow = rectified flow, v target (v2.5)."
+    )
+    min_snr_gamma: float | None = Field(
+        5.0,
+        gt=0,
+        description="eps only: min-SNR-gamma weight min(SNR, g)/SNR; unset = plain MSE. Ignored by flow.",
+    )
+    offset_noise: float = Field(0.0, ge=0, description="Offset-noise strength (bigASP: none).")
+    flow_timesteps: Literal["logit_normal", "uniform"] = Field(
+        "logit_normal", description="flow only: distribution of t before the shift."
+    )
+    flow_logit_mean: float = Field(0.0, description="flow only: logit-normal mean (SD3 default 0).")
+    flow_logit_std: float = Field(1.0, gt=0, description="flow only: logit-normal std (SD3 default 1).")
+    flow_shift: float = Field(
+        1.0, gt=0, description="flow only: training timestep shift s t / (1 + (s-1) t); 1 = none."
+    )
+
+    batch_size: int = Field(
+        2048,
+        ge=1,
+        description="Global batch in samples = data.device_batch_size x accumulation x world size.",
+    )
+    gradient_accumulation: int | None = Field(
+        None, ge=1, description="Micro-steps per optimizer step; unset = derived from batch_size."
+    )
+    max_samples: int = Field(40_000_000, ge=1, description="Run length in samples (v2: 40M, v2.5: 150M).")
+
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate of the UNet.")
+    text_encoder_lr: float | None = Field(None, gt=0, description="Peak lr of text encoder 1; unset = lr.")
+    text_encoder_2_lr: float | None = Field(None, gt=0, description="Peak lr of text encoder 2; unset = lr.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="After warmup: cosine to min_lr_ratio at max_samples, or constant."
+    )
+    warmup_samples: int = Field(100_000, ge=0, description="Linear warmup length in samples.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of the peak lr.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; unset = no clip.")
+
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp16",
+        description="Autocast dtype over fp32 master weights. fp16 uses a GradScaler (bigASP v2); "
+        "bf16 needs none (v2.5).",
+    )
+    grad_scaler_init: float = Field(
+        65536.0, gt=0, description="fp16 only: initial loss scale (bigASP: 65,536)."
+    )
+    grad_scaler_growth_interval: int = Field(
+        2000, ge=1, description="fp16 only: good steps before the scale doubles (torch default 2000)."
+    )
+    max_consecutive_skips: int = Field(
+        25,
+        ge=1,
+        description="Abort after this many optimizer steps in a row skipped for non-finite loss/grads.",
+    )
+    tf32: bool = Field(True, description="Allow TF32 matmuls/convolutions on Ampere+ GPUs.")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = CUDA when available.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if not 0 <= self.betas[0] < 1 or not 0 <= self.betas[1] < 1:
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        return self
+
+
+class ValidationConfig(Section):
+    """`[validation]`: held-out loss and the stable train loss, fixed noise and stratified t."""
+
+    every: int = Field(50_000, ge=0, description="Validate every this many samples (0 = never).")
+    at_start: bool = Field(True, description="Also validate before the first step (the baseline).")
+    stable: bool = Field(
+        True, description="Also compute the stable train loss on data.stable_size train images."
+    )
+    t_bins: int = Field(10, ge=1, description="Report the loss in this many equal bins of t in [0, 1].")
+    device_batch_size: int | None = Field(
+        None, ge=1, description="Eval micro-batch; unset = data.device_batch_size."
+    )
+
+
+class CheckpointConfig(Section):
+    """`[checkpoint]`: when to save and what to keep."""
+
+    every: int = Field(500_000, ge=0, description="Save every this many samples (0 = only at end/signal).")
+    keep_last: int = Field(3, ge=1, description="Keep the newest this many checkpoints.")
+    keep_every: int | None = Field(
+        5_000_000,
+        ge=1,
+        description="Also keep forever the first checkpoint at/after each multiple of this "
+        "many samples; unset = keep only the last ones.",
+    )
+    at_end: bool = Field(True, description="Save when the run reaches train.max_samples.")
+    on_signal: bool = Field(True, description="On SIGTERM/SIGINT (preemption), save then exit.")
+
+
+class LoggingConfig(Section):
+    """`[logging]`: console progress and metric sinks."""
+
+    every: int = Field(10_000, ge=1, description="Log training metrics every this many samples.")
+    wandb_project: str | None = Field(None, description="W&B project; unset = no W&B.")
+    wandb_mode: Literal["online", "offline", "disabled"] = Field(
+        "offline", description="W&B mode; offline needs no network (`wandb sync` later)."
+    )
+    wandb_name: str | None = Field(None, description="W&B run name/id; unset = the run dir's name.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files to RUN/tensorboard.")
+    flops: bool = Field(True, description="Count model FLOPs per new batch shape (meta device) for TFLOP/s.")
+    batch_log: bool = Field(
+        False, description="Write RUN/batches.jsonl: every micro-batch's rows and prompts (audit data order)."
+    )
+
+
+class RunConfig(Section):
+    """The whole `bigasp train` config file."""
+
+    run_dir: str = Field(
+        "runs/bigasp", description="Output folder: checkpoints/, metrics.jsonl, config.toml."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+def resolve_accumulation(cfg: RunConfig, world_size: int) -> int:
+    """Micro-steps per optimizer step, checking batch_size = device_batch x accumulation x world size."""
+    per_step = cfg.data.device_batch_size * world_size
+    b = cfg.train.batch_size
+    acc = cfg.train.gradient_accumulation
+    if acc is None:
+        if b % per_step:
+            raise ConfigError(
+                f"train.batch_size = {b} is not a multiple of data.device_batch_size ({cfg.data.device_batch_size}) "
+                f"x world size ({world_size}) = {per_step}; pick a batch_size that is, e.g. "
+                f"{max(1, round(b / per_step)) * per_step}"
+            )
+        return b // per_step
+    if acc * per_step != b:
+        raise ConfigError(
+            f"train.batch_size = {b} but data.device_batch_size ({cfg.data.device_batch_size}) x "
+            f"train.gradient_accumulation ({acc}) x world size ({world_size}) = {acc * per_step}; make them "
+            "agree or leave gradient_accumulation unset to derive it"
+        )
+    return acc

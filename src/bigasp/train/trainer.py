@@ -1,0 +1,492 @@
+"""The training loop of `bigasp train`, readable top to bottom.
+
+    setup:  processes -> model (trainable / frozen parts) -> optimizer + scaler -> data -> resume
+    loop:   lr(samples) -> accumulation micro-steps (DDP syncs only on the last) -> unscale, clip,
+            skip if non-finite -> optimizer step -> log / validate / checkpoint / stop on signal
+
+Everything random is keyed: a sample's noise and timestep come from (seed, epoch, row), so a run
+is the same on 1 or 32 GPUs (up to float summation order) and bitwise the same after a resume on
+CPU. Sizes and intervals are in samples (docs/training.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigasp.config import dump_toml
+from bigasp.errors import BigaspError
+from bigasp.models.components import SDXL, ModelKind
+from bigasp.models.io import load_model, save_diffusers_folder
+from bigasp.text import TE2_PAD
+from bigasp.train import checkpoint as ckpt_io
+from bigasp.train.config import RunConfig, resolve_accumulation
+from bigasp.train.data import TrainLoader, eval_batches, split_dataset
+from bigasp.train.denoiser import Denoiser, time_ids_from
+from bigasp.train.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+)
+from bigasp.train.flops import FlopCounter
+from bigasp.train.objectives import Objective, ObjectiveConfig
+from bigasp.train.optim import build_optimizer, set_lr
+from bigasp.train.schedule import lr_multiplier
+from bigasp.train.tracking import Tracker, truncate_jsonl
+from bigasp.train.validation import evaluate
+
+log = logging.getLogger("bigasp.train")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingDiverged(BigaspError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    samples_seen: int
+    step: int
+    skipped_steps: int
+    stopped_by_signal: bool = False
+    last_checkpoint: Path | None = None
+    validation: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def objective_config(cfg: RunConfig) -> ObjectiveConfig:
+    t = cfg.train
+    return ObjectiveConfig(
+        prediction=t.objective,
+        min_snr_gamma=t.min_snr_gamma,
+        offset_noise=t.offset_noise,
+        flow_timesteps=t.flow_timesteps,
+        flow_logit_mean=t.flow_logit_mean,
+        flow_logit_std=t.flow_logit_std,
+        flow_shift=t.flow_shift,
+    )
+
+
+def configure_model(model: SDXL, cfg: RunConfig, device: torch.device) -> None:
+    """Trainable parts: train mode, grads on. Frozen parts: eval, no grads, `frozen_dtype` storage."""
+    m = cfg.model
+    model.unet.requires_grad_(True).train()
+    for name, trains in (("text_encoder", m.train_text_encoder), ("text_encoder_2", m.train_text_encoder_2)):
+        enc = getattr(model, name)
+        if trains:
+            enc.requires_grad_(True).train()
+        else:
+            enc.requires_grad_(False).eval().to(DTYPES[m.frozen_dtype])
+    if m.train_text_encoder:
+        # Conditioning uses TE1's penultimate hidden state: its last layer and final norm never
+        # receive a gradient, so they are frozen (keeps DDP free of find_unused_parameters).
+        te1 = getattr(model.text_encoder, "text_model", model.text_encoder)  # transformers 4 vs 5
+        te1.encoder.layers[-1].requires_grad_(False)
+        te1.final_layer_norm.requires_grad_(False)
+    if m.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        for name, trains in (
+            ("text_encoder", m.train_text_encoder),
+            ("text_encoder_2", m.train_text_encoder_2),
+        ):
+            if trains:
+                getattr(model, name).gradient_checkpointing_enable()
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        getattr(model, name).to(device)
+    if model.vae is not None:
+        model.vae.requires_grad_(False).eval()  # stays on CPU: only saved with checkpoints
+
+
+def new_window() -> dict[str, Any]:
+    """Accumulators between two log lines: summed step stats, samples, pure step time."""
+    return {"samples": 0, "step_time": 0.0, "stats": torch.zeros(7, dtype=torch.float64)}
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary, then exits.
+    A second SIGINT interrupts immediately."""
+
+    def __init__(self, enabled: bool):
+        self.set = False
+        self._old: dict[int, Any] = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.set and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.set = True
+        log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: RunConfig, *, resume: str | None = None, dataset=None) -> TrainResult:
+    """Run (or resume) training as configured; returns where it stopped."""
+    # ---- processes, devices, numerics ------------------------------------------------------
+    dist: DistInfo = init_distributed(cfg.train.device)
+    device, rank, world = dist.device, dist.rank, dist.world_size
+    accumulation = resolve_accumulation(cfg, world)
+    batch_size = cfg.train.batch_size
+    seed = cfg.data.seed
+    run_dir = Path(cfg.run_dir)
+    if cfg.train.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = None if cfg.train.precision == "fp32" else DTYPES[cfg.train.precision]
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    # ---- where to start -------------------------------------------------------------------
+    ckpt_path = broadcast_object(ckpt_io.resolve_resume(resume, run_dir) if dist.is_main else None)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_io.clean_stale_temps(run_dir)
+        (run_dir / "config.toml").write_text(dump_toml(cfg.model_dump(mode="json")))
+    saved = ckpt_io.load_state(ckpt_path) if ckpt_path is not None else None
+
+    # ---- model ------------------------------------------------------------------------------
+    kind = ModelKind(
+        prediction=cfg.train.objective,
+        shift=cfg.model.sampling_shift if cfg.train.objective == "flow" else 1.0,
+    )
+    components = ("unet", "text_encoder", "text_encoder_2", *(("vae",) if cfg.model.save_vae else ()))
+    source = str(ckpt_path / "model") if ckpt_path is not None else cfg.model.source
+    model = load_model(source, components, kind=kind, preset=cfg.model.preset, seed=cfg.model.init_seed)
+    configure_model(model, cfg, device)
+    denoiser = Denoiser(model.unet, model.text_encoder, model.text_encoder_2)
+    net: torch.nn.Module = denoiser
+    if dist.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            denoiser,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=False,
+            gradient_as_bucket_view=True,
+        )
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
+    objective = Objective(objective_config(cfg))
+
+    # ---- optimizer and loss scaler ---------------------------------------------------------
+    t = cfg.train
+    optimizer = build_optimizer(
+        [
+            ("unet", list(model.unet.parameters()), t.lr),
+            ("text_encoder", list(model.text_encoder.parameters()), t.text_encoder_lr or t.lr),
+            ("text_encoder_2", list(model.text_encoder_2.parameters()), t.text_encoder_2_lr or t.lr),
+        ],
+        betas=t.betas,
+        eps=t.adam_eps,
+        weight_decay=t.weight_decay,
+    )
+    scaler = torch.amp.GradScaler(
+        device.type,
+        init_scale=t.grad_scaler_init,
+        growth_interval=t.grad_scaler_growth_interval,
+        enabled=t.precision == "fp16",
+    )
+
+    # ---- data -------------------------------------------------------------------------------
+    if dataset is None:
+        from bigasp.store import LatentDataset
+
+        dataset = LatentDataset(cfg.data.dataset)
+    split = split_dataset(dataset, cfg.data, seed=seed)
+    loader = TrainLoader(
+        dataset, cfg.data, rank=rank, world_size=world, seed=seed,
+        device_batch_size=cfg.data.device_batch_size, split=split,
+    )  # fmt: skip
+
+    # ---- resume -----------------------------------------------------------------------------
+    samples_seen, step, skipped, consecutive = 0, 0, 0, 0
+    val_history: list[dict[str, Any]] = []
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        st = saved["trainer"]
+        if st.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(st["scaler"])
+        samples_seen, step = int(st["samples_seen"]), int(st["step"])
+        skipped, consecutive = int(st["skipped_steps"]), int(st["consecutive_skips"])
+        val_history = st.get("validation", [])
+        loaders = st["loader"]
+        loader.load_state_dict(loaders[rank] if len(loaders) == world else loaders[0])
+        rng_key = f"rank{rank}.torch_cpu"
+        if rng_key in saved["rng"]:
+            torch.set_rng_state(saved["rng"][rng_key])
+        if st.get("batch_size") != batch_size:
+            log.warning("batch_size changed %s -> %s on resume", st.get("batch_size"), batch_size)
+        log.info("resumed from %s at %d samples (step %d)", ckpt_path, samples_seen, step)
+
+    tracker = Tracker(
+        run_dir,
+        enabled=dist.is_main,
+        config=cfg.model_dump(mode="json"),
+        wandb_project=cfg.logging.wandb_project,
+        wandb_mode=cfg.logging.wandb_mode,
+        wandb_name=cfg.logging.wandb_name,
+        tensorboard=cfg.logging.tensorboard,
+        resume_samples=samples_seen if saved is not None else None,
+    )
+    batch_log = None
+    if cfg.logging.batch_log:
+        path = run_dir / f"batches.rank{rank}.jsonl"
+        if saved is not None:
+            truncate_jsonl(path, samples_seen)
+        elif path.exists():
+            path.unlink()
+        batch_log = path.open("a", encoding="utf-8")
+    flops = FlopCounter(model, cfg) if cfg.logging.flops else None
+
+    result = TrainResult(samples_seen, step, skipped)
+
+    # ---- validation and checkpoint closures -----------------------------------------------------
+    def run_validation() -> dict[str, Any]:
+        denoiser.eval()
+        vb = cfg.validation.device_batch_size or cfg.data.device_batch_size
+        sets = [("val", split.validation)] + ([("stable", split.stable)] if cfg.validation.stable else [])
+        out: dict[str, Any] = {}
+        start = time.perf_counter()
+        for name, rows in sets:
+            if len(rows) == 0:
+                continue
+            batches = eval_batches(
+                dataset, rows, cfg.data, rank=rank, world_size=world, device_batch_size=vb, seed=seed
+            )
+            out.update(
+                evaluate(
+                    denoiser, objective, batches, indices=rows, name=name, seed=seed, device=device,
+                    autocast=autocast, t_bins=cfg.validation.t_bins,
+                )
+            )  # fmt: skip
+        denoiser.unet.train()
+        for name, trains in (
+            ("text_encoder", cfg.model.train_text_encoder),
+            ("text_encoder_2", cfg.model.train_text_encoder_2),
+        ):
+            getattr(denoiser, name).train(trains)
+        out["val/seconds"] = time.perf_counter() - start
+        tracker.log(out, samples=samples_seen, step=step)
+        if dist.is_main:
+            log.info(
+                "validation at %d samples: %s",
+                samples_seen,
+                ", ".join(f"{k} {v:.5f}" for k, v in out.items() if k.endswith("/loss")),
+            )
+        val_history.append({"samples": samples_seen, **{k: v for k, v in out.items() if k.endswith("/loss")}})
+        result.validation.append({"samples": samples_seen, **out})
+        return out
+
+    def save(reason: str) -> Path | None:
+        loader_states = all_gather_objects(loader.state_dict())
+        rngs = all_gather_objects(ckpt_io.rng_tensors())
+        path = None
+        if dist.is_main:
+            path = ckpt_io.save_checkpoint(
+                run_dir,
+                samples_seen=samples_seen,
+                step=step,
+                write_model=lambda folder: save_diffusers_folder(model, folder),
+                optimizer_state=optimizer.state_dict(),
+                scaler_state=ckpt_io.scaler_to_json(scaler) if scaler.is_enabled() else None,
+                trainer_state={
+                    "samples_seen": samples_seen,
+                    "step": step,
+                    "skipped_steps": skipped,
+                    "consecutive_skips": consecutive,
+                    "loader": loader_states,
+                    "world_size": world,
+                    "batch_size": batch_size,
+                    "accumulation": accumulation,
+                    "validation": val_history,
+                },
+                rng_states=rngs,  # type: ignore[arg-type]
+                config_toml=dump_toml(cfg.model_dump(mode="json")),
+                extra_meta={"reason": reason, "objective": cfg.train.objective, "world_size": world},
+            )
+            ckpt_io.apply_retention(
+                run_dir, keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every
+            )
+            log.info("saved checkpoint %s (%s)", path, reason)
+        barrier()
+        return path
+
+    # ---- the loop -------------------------------------------------------------------------------
+    stop = StopFlag(cfg.checkpoint.on_signal)
+    if saved is None and cfg.validation.at_start and cfg.validation.every:
+        run_validation()
+    batches = iter(loader)
+    window = new_window()
+    last_saved_at = samples_seen if saved is not None else -1
+    try:
+        while samples_seen < t.max_samples:
+            step_start = time.perf_counter()
+            lr_mult = lr_multiplier(
+                samples_seen + batch_size,
+                warmup_samples=t.warmup_samples,
+                total_samples=t.max_samples,
+                schedule=t.lr_schedule,
+                min_ratio=t.min_lr_ratio,
+            )
+            set_lr(optimizer, lr_mult)
+            # stats: weighted loss, mse, micro-batches, non-finite, tokens padded, tokens used, flops
+            stats = torch.zeros(7, dtype=torch.float64, device=device)
+            for micro in range(accumulation):
+                batch = next(batches).to(device, non_blocking=True)
+                if batch_log is not None:
+                    batch_log.write(json.dumps({
+                        "samples": samples_seen, "step": step, "micro": micro, "epoch": batch.epoch,
+                        "position": batch.position, "rows": batch.indices.tolist(), "prompts": batch.prompts,
+                    }) + "\n")  # fmt: skip
+                keys = [(seed, "noise", batch.epoch, int(r)) for r in batch.indices]
+                prep = objective.sample_batch(batch.latents, keys)
+                time_ids = time_ids_from(batch.original_size, batch.crop, batch.target_size)
+                last = micro == accumulation - 1
+                sync = contextlib.nullcontext() if last or not dist.distributed else net.no_sync()
+                with sync:
+                    with autocast():
+                        pred = net(prep.x_t, prep.timesteps, batch.te1_ids, batch.te2_ids, time_ids)
+                    loss, mse, _ = objective.loss(pred, prep)
+                    scaler.scale(loss / accumulation).backward()
+                stats[0] += loss.detach().double()
+                stats[1] += mse.detach().double()
+                stats[2] += 1
+                stats[3] += float(not torch.isfinite(loss).item())
+                stats[4] += batch.te2_ids.numel()
+                stats[5] += float((batch.te2_ids != TE2_PAD).sum())
+                if flops is not None:
+                    stats[6] += flops.per_batch(batch)
+            # Gradients are synced now; unscale (fp16), clip, and skip the step if anything is non-finite.
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or float("inf"))
+            stats[3] += float(not torch.isfinite(grad_norm).item())
+            all_reduce_sum(stats)
+            finite = stats[3].item() == 0
+            if finite:
+                if scaler.is_enabled():
+                    scaler.step(optimizer)
+                else:
+                    optimizer.step()
+                consecutive = 0
+            else:
+                skipped += 1
+                consecutive += 1
+                log.warning(
+                    "step %d: non-finite loss or gradient (grad norm %s); step skipped (%d in a row, %d total)",
+                    step, float(grad_norm), consecutive, skipped,
+                )  # fmt: skip
+            if scaler.is_enabled():
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            samples_seen += batch_size
+            result.samples_seen, result.step, result.skipped_steps = samples_seen, step, skipped
+            if consecutive >= t.max_consecutive_skips:
+                tracker.log({"train/skipped_steps": skipped}, samples=samples_seen, step=step)
+                raise TrainingDiverged(
+                    f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step {step}, "
+                    f"{samples_seen} samples); training stopped without saving. Resume from the last "
+                    "checkpoint with a lower train.lr, train.precision='bf16', or a higher "
+                    "train.max_consecutive_skips if fp16 loss-scale warm-up needs it."
+                )
+
+            # ---- logging -----------------------------------------------------------------------
+            step_time = time.perf_counter() - step_start
+            window["stats"] += stats.cpu()
+            window["samples"] += batch_size
+            window["step_time"] += step_time
+            log_now = samples_seen // cfg.logging.every != (samples_seen - batch_size) // cfg.logging.every
+            if log_now or samples_seen >= t.max_samples:
+                s = window["stats"]
+                elapsed = window["step_time"]
+                sps = window["samples"] / elapsed if elapsed > 0 else float("nan")
+                micro_n = max(float(s[2]), 1.0)
+                metrics = {
+                    "train/loss": float(s[0]) / micro_n,
+                    "train/mse": float(s[1]) / micro_n,
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/grad_norm": float(grad_norm),
+                    "train/skipped_steps": skipped,
+                    "perf/samples_per_s": sps,
+                    "perf/samples_per_s_per_gpu": sps / world,
+                    "perf/tokens_padded": float(s[4]),
+                    "perf/tokens_used": float(s[5]),
+                    "perf/token_efficiency": float(s[5]) / max(float(s[4]), 1.0),
+                    "epoch": loader.epoch,
+                }
+                if scaler.is_enabled():
+                    metrics["train/loss_scale"] = float(scaler.get_scale())
+                if flops is not None and elapsed > 0:
+                    metrics["perf/tflops_per_gpu"] = float(s[6]) / elapsed / world / 1e12
+                    metrics["perf/model_tflop_per_sample"] = float(s[6]) / max(window["samples"], 1) / 1e12
+                tracker.log(metrics, samples=samples_seen, step=step)
+                if dist.is_main:
+                    eta = (t.max_samples - samples_seen) / sps if sps > 0 else float("inf")
+                    line = (
+                        f"samples {samples_seen:,}/{t.max_samples:,} ({100 * samples_seen / t.max_samples:.1f}%)"
+                        f" | step {step} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.3g}"
+                        f" | {sps:,.1f} samples/s | ETA {format_duration(eta)}"
+                    )
+                    if "perf/tflops_per_gpu" in metrics:
+                        line += f" | {metrics['perf/tflops_per_gpu']:.3g} TFLOP/s/GPU"
+                    log.info(line)
+                window = new_window()
+            if batch_log is not None:
+                batch_log.flush()
+
+            # ---- validation, checkpoints, preemption --------------------------------------------------
+            v_every = cfg.validation.every
+            if v_every and samples_seen // v_every != (samples_seen - batch_size) // v_every:
+                run_validation()
+            stop_now = all_reduce_sum(torch.tensor([float(stop.set)], device=device)).item() > 0
+            c_every = cfg.checkpoint.every
+            due = c_every and samples_seen // c_every != (samples_seen - batch_size) // c_every
+            if due or (stop_now and cfg.checkpoint.on_signal):
+                result.last_checkpoint = save("signal" if stop_now and not due else "interval")
+                last_saved_at = samples_seen
+            if stop_now:
+                result.stopped_by_signal = True
+                log.warning("stopped by signal at %d samples", samples_seen)
+                break
+        if samples_seen >= t.max_samples and cfg.checkpoint.at_end and last_saved_at != samples_seen:
+            result.last_checkpoint = save("end")
+    finally:
+        stop.restore()
+        tracker.close()
+        if batch_log is not None:
+            batch_log.close()
+    return result
