@@ -1,0 +1,323 @@
+"""Single-file SDXL (.safetensors, original SGM/LDM key names): export, then load through diffusers.
+
+The round trip writes with bigasp's own diffusers->SGM mapping and reads with diffusers'
+single-file converters, so agreement bit for bit means the two mappings are each other's
+inverse. The sdxl-base checks run on the meta device (shapes only, no memory).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from bigasp.errors import ModelLoadError
+from bigasp.models import SDXL, ModelKind, build_preset
+from bigasp.models.io import load_model
+from bigasp.models.single_file import (
+    META_FORMAT,
+    META_KIND,
+    PREFIXES,
+    clip_g_to_ldm,
+    component_to_ldm,
+    ldm_state_dict,
+    load_single_file,
+    save_single_file,
+    unet_to_ldm,
+    vae_to_ldm,
+)
+
+
+@pytest.fixture(scope="module")
+def distinct_model(tiny_model) -> SDXL:
+    """The tiny model with every tensor filled with distinct random values.
+
+    Freshly initialised norms are all ones and biases all zeros; a mapping that swapped two
+    of them would go unnoticed. Random values make every misplacement visible.
+    """
+    model = copy.deepcopy(tiny_model)
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for module in model.modules().values():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+    model.kind = ModelKind(prediction="flow", shift=3.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_file(distinct_model, tmp_path_factory):
+    return save_single_file(distinct_model, tmp_path_factory.mktemp("sf") / "tiny.safetensors")
+
+
+def assert_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_round_trip_is_bitwise_identical_for_all_components(distinct_model, tiny_file):
+    loaded = load_single_file(tiny_file)
+    for comp in SDXL.COMPONENTS:
+        assert_identical(getattr(distinct_model, comp), getattr(loaded, comp))
+    assert loaded.kind == ModelKind(prediction="flow", shift=3.0)
+    assert loaded.source == str(tiny_file)
+    assert all(not m.training for m in loaded.modules().values())
+
+
+def test_file_layout_and_metadata(tiny_file):
+    with safe_open(str(tiny_file), "pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    assert all(k.startswith(tuple(PREFIXES.values())) for k in keys)
+    for prefix in PREFIXES.values():
+        assert any(k.startswith(prefix) for k in keys)
+    # a few tiny-preset names in SGM layout (2 levels, 1 layer per block)
+    for key in (
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.input_blocks.2.0.op.weight",
+        "model.diffusion_model.input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight",
+        "model.diffusion_model.output_blocks.1.2.conv.weight",
+        "model.diffusion_model.label_emb.0.0.weight",
+        "first_stage_model.decoder.up.0.block.1.conv2.weight",
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+        "conditioner.embedders.1.model.ln_final.weight",
+    ):
+        assert key in keys, key
+    assert meta[META_FORMAT] == "1"
+    kind = json.loads(meta[META_KIND])
+    assert kind["prediction"] == "flow" and kind["shift"] == 3.0
+
+
+def test_load_reads_only_requested_components(tiny_file, monkeypatch, distinct_model):
+    import safetensors
+
+    real_open = safetensors.safe_open
+    read: list[str] = []
+
+    class Recording:
+        def __init__(self, *a, **kw):
+            self._f = real_open(*a, **kw)
+
+        def __enter__(self):
+            self._h = self._f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self._h.get_tensor(key)
+
+        def __getattr__(self, name):
+            return getattr(self._h, name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    m = load_single_file(tiny_file, ["text_encoder_2"])
+    assert m.unet is None and m.vae is None and m.text_encoder is None
+    assert read and all(k.startswith(PREFIXES["text_encoder_2"]) for k in read)
+    assert_identical(m.text_encoder_2, distinct_model.text_encoder_2)
+
+
+def test_load_model_dispatches_single_files(tiny_file, distinct_model):
+    m = load_model(tiny_file, ["vae"], kind=ModelKind("eps"))
+    assert_identical(m.vae, distinct_model.vae)
+    assert m.kind == ModelKind("eps")  # an explicit kind overrides the recorded one
+
+
+def test_files_without_bigasp_metadata_are_eps_and_extra_keys_are_ignored(distinct_model, tmp_path):
+    """A Civitai-style file: no bigasp metadata, plus non-parameter keys real releases carry."""
+    tensors = {k: v.contiguous() for k, v in ldm_state_dict(distinct_model).items()}
+    tensors["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    tensors["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6)
+    tensors["denoiser.sigmas"] = torch.linspace(0.03, 14.6, 1000)
+    path = tmp_path / "civitai.safetensors"
+    save_file(tensors, str(path), metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base"})
+    m = load_single_file(path, ["unet", "text_encoder"])
+    assert m.kind == ModelKind("eps", 1.0)
+    assert_identical(m.unet, distinct_model.unet)
+    assert_identical(m.text_encoder, distinct_model.text_encoder)
+    assert load_single_file(path, ["unet"], kind=ModelKind("flow", 2.0)).kind == ModelKind("flow", 2.0)
+
+
+def test_half_precision_file(distinct_model, tmp_path):
+    half = SDXL(text_encoder=copy.deepcopy(distinct_model.text_encoder).half())
+    path = save_single_file(half, tmp_path / "half.safetensors")
+    m = load_single_file(path, ["text_encoder"])
+    for k, v in distinct_model.text_encoder.state_dict().items():
+        assert torch.equal(m.text_encoder.state_dict()[k], v.half().float()), k
+
+
+# --- preset inference and errors --------------------------------------------------------
+
+
+def test_shape_mismatch_names_the_key_and_suggests_preset(distinct_model, tmp_path):
+    tensors = {k: v.contiguous() for k, v in component_to_ldm("unet", distinct_model.unet).items()}
+    tensors["model.diffusion_model.out.2.weight"] = torch.zeros(8, 32, 3, 3)
+    path = tmp_path / "odd.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(ModelLoadError, match="--preset") as err:
+        load_single_file(path, ["unet"])
+    assert "model.diffusion_model.out.2.weight" in str(err.value)
+    with pytest.raises(ModelLoadError, match="does not match preset 'tiny'"):
+        load_single_file(path, ["unet"], preset="tiny")
+
+
+def test_wrong_explicit_preset_and_unknown_preset(tiny_file):
+    with pytest.raises(ModelLoadError, match="does not match preset 'sdxl-base'"):
+        load_single_file(tiny_file, ["text_encoder"], preset="sdxl-base")
+    with pytest.raises(ModelLoadError, match="unknown preset 'sd15'"):
+        load_single_file(tiny_file, ["text_encoder"], preset="sd15")
+
+
+def test_missing_component_is_a_clear_error(distinct_model, tmp_path):
+    path = save_single_file(SDXL(unet=distinct_model.unet), tmp_path / "unet_only.safetensors")
+    assert load_single_file(path, ["unet"]).vae is None
+    with pytest.raises(ModelLoadError, match=r"has no vae weights .*first_stage_model"):
+        load_single_file(path, ["vae"])
+
+
+def test_diffusers_component_file_is_not_mistaken_for_a_single_file(distinct_model, tmp_path):
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in distinct_model.vae.state_dict().items()}, str(path))
+    with pytest.raises(ModelLoadError, match="pass the folder instead"):
+        load_single_file(path, ["vae"])
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ModelLoadError, match=r"not a readable \.safetensors"):
+        load_single_file(bad)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_single_file(tmp_path / "nope.safetensors")
+
+
+def test_save_is_atomic_and_keeps_the_old_file_on_failure(distinct_model, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    small = SDXL(text_encoder=distinct_model.text_encoder)
+    out = save_single_file(small, tmp_path / "m.safetensors")
+    before = out.read_bytes()
+
+    def boom(*a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_single_file(small, out)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    with pytest.raises(ModelLoadError, match=r"must end in \.safetensors"):
+        save_single_file(small, tmp_path / "m.ckpt")
+
+
+# --- the real SDXL layout, on the meta device ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_meta() -> SDXL:
+    return build_preset("sdxl-base", device="meta")
+
+
+@pytest.fixture(scope="module")
+def sdxl_ldm(sdxl_meta) -> dict[str, torch.Tensor]:
+    return ldm_state_dict(sdxl_meta)
+
+
+# (key, shape) pairs as they appear in sd_xl_base_1.0.safetensors and its finetunes
+KNOWN_SDXL_KEYS = {
+    "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": (640, 640),
+    "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+    "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+    "model.diffusion_model.input_blocks.6.0.op.weight": (640, 640, 3, 3),
+    "model.diffusion_model.middle_block.1.proj_in.weight": (1280, 1280),
+    "model.diffusion_model.middle_block.2.out_layers.3.weight": (1280, 1280, 3, 3),
+    "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+    "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+    "model.diffusion_model.output_blocks.8.0.skip_connection.weight": (320, 640, 1, 1),
+    "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+    "model.diffusion_model.time_embed.2.weight": (1280, 1280),
+    "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+    "first_stage_model.encoder.down.0.block.0.conv1.weight": (128, 128, 3, 3),
+    "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight": (256, 128, 1, 1),
+    "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+    "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+    "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+    "first_stage_model.quant_conv.weight": (8, 8, 1, 1),
+    "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
+    "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+    "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": (3840, 1280),
+    "conditioner.embedders.1.model.transformer.resblocks.31.mlp.c_proj.bias": (1280,),
+    "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280),
+    "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+    "conditioner.embedders.1.model.text_projection": (1280, 1280),
+}
+
+
+def test_sdxl_base_key_names_and_shapes(sdxl_ldm):
+    for key, shape in KNOWN_SDXL_KEYS.items():
+        assert key in sdxl_ldm, key
+        assert tuple(sdxl_ldm[key].shape) == shape, key
+    for absent in (
+        "model.diffusion_model.input_blocks.1.1.norm.weight",  # level 0 has no attention in SDXL
+        "model.diffusion_model.output_blocks.8.1.norm.weight",
+        "model.diffusion_model.input_blocks.9.0.in_layers.0.weight",
+        "first_stage_model.decoder.up.0.upsample.conv.weight",
+    ):
+        assert absent not in sdxl_ldm
+
+
+def test_sdxl_base_key_counts(sdxl_meta, sdxl_ldm):
+    """UNet, VAE and CLIP-L map one to one; bigG fuses q/k/v weight+bias (6 -> 2) in 32 layers."""
+    counts = {c: sum(k.startswith(p) for k in sdxl_ldm) for c, p in PREFIXES.items()}
+    diffusers_counts = {c: len(m.state_dict()) for c, m in sdxl_meta.modules().items()}
+    assert diffusers_counts == {"unet": 1680, "vae": 248, "text_encoder": 196, "text_encoder_2": 517}
+    assert counts == {"unet": 1680, "vae": 248, "text_encoder": 196, "text_encoder_2": 517 - 32 * 4}
+    assert len(sdxl_ldm) == 2513
+
+
+def test_diffusers_recognises_the_layout_as_sdxl_base(sdxl_ldm):
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    assert infer_diffusers_model_type(sdxl_ldm) == "xl_base"
+
+
+def test_sdxl_base_mapping_is_the_inverse_of_diffusers_converters(sdxl_meta):
+    """On the real architecture every tensor must come back to the parameter it left from."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    def prefixed(comp, mapped):
+        return {PREFIXES[comp] + k: v for k, v in mapped.items()}
+
+    unet_sd = sdxl_meta.unet.state_dict()
+    ldm = prefixed("unet", unet_to_ldm(unet_sd, sdxl_meta.unet.config))
+    back = convert_ldm_unet_checkpoint(ldm, dict(sdxl_meta.unet.config))
+    assert back.keys() == unet_sd.keys()
+    assert all(back[k] is unet_sd[k] for k in unet_sd)  # UNet keys are pure renames: same objects
+
+    vae_sd = sdxl_meta.vae.state_dict()
+    ldm = prefixed("vae", vae_to_ldm(vae_sd, sdxl_meta.vae.config))
+    back = convert_ldm_vae_checkpoint(ldm, dict(sdxl_meta.vae.config))
+    assert back.keys() == vae_sd.keys()
+    assert all(back[k].shape == vae_sd[k].shape for k in vae_sd)
+    assert all(back[k] is vae_sd[k] for k in vae_sd if "mid_block.attentions" not in k)
+
+    te2_sd = sdxl_meta.text_encoder_2.state_dict()
+    ldm = prefixed("text_encoder_2", clip_g_to_ldm(te2_sd))
+    back = convert_open_clip_checkpoint(sdxl_meta.text_encoder_2, ldm, PREFIXES["text_encoder_2"])
+    assert back.keys() == te2_sd.keys()
+    assert all(back[k].shape == te2_sd[k].shape for k in te2_sd)
+    untouched = [k for k in te2_sd if "_proj." not in k or "out_proj" in k]
+    assert all(back[k] is te2_sd[k] for k in untouched if k != "text_projection.weight")
