@@ -285,9 +285,10 @@ def _conditioning_columns(table: pa.Table) -> list[str]:
         "bucket_height",
         "bucket_width",
     ]
-    if "n_tokens" in table.column_names:
+    names = set(table.column_names)
+    if "n_tokens" in names:
         want.append("n_tokens")
-    return [c for c in want if c in table.column_names]
+    return [c for c in want if c in names]
 
 
 def synthesize_rows(
@@ -517,9 +518,12 @@ class TrainLoader:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        epoch, position = self.epoch, self.position
+        if position > 0 and self.plan(epoch).steps_from(position, self.world_size) == 0:
+            epoch, position = epoch + 1, 0  # the epoch is finished: the next batch is the next epoch's first
         return SamplerState(
-            epoch=self.epoch,
-            position=self.position,
+            epoch=epoch,
+            position=position,
             device_batch_size=self.device_batch_size,
             world_size=self.world_size,
             seed=self.seed,
@@ -599,6 +603,9 @@ class TrainLoader:
                     w,
                 )
             if not items:
+                if self.position > 0:  # resumed exactly at the end of an epoch
+                    self.epoch, self.position = self.epoch + 1, 0
+                    continue
                 raise DataError("an epoch planned no batch for this rank; the training split is too small")
             source = _BatchSource(
                 self.dataset, self.cfg, self.seed, self.aliases, self.token_estimates, items
