@@ -1,0 +1,139 @@
+"""`bigasp ingest` and `bigasp encode`.
+
+Settings come from (lowest to highest priority): the section defaults, an optional TOML file
+(`--config`; its `[ingest]` / `[encode]` table, or the top level), `--set key=value`
+overrides, then the explicit flags below.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+
+CONFIG_HELP = "TOML file with an [ingest] / [encode] table (or the keys at top level)."
+SET_HELP = "Override a config key, e.g. --set buckets.step=16 (repeatable)."
+
+
+def _load(model, section: str, config: str | None, sets: list[str], flags: dict[str, Any]):
+    from bigasp.config import apply_overrides, read_toml, validate
+
+    data = read_toml(config) if config else {}
+    data = data.get(section, data) if isinstance(data.get(section), dict) else data
+    data = apply_overrides(data, sets or [])
+    data.update({k: v for k, v in flags.items() if v is not None})
+    return validate(model, data, config or "command-line flags")
+
+
+def _print_counts(title: str, counts: dict[str, int]) -> None:
+    if counts:
+        typer.echo(title)
+        for k, v in counts.items():
+            typer.echo(f"  {k:<24} {v}")
+
+
+def ingest_cmd(
+    sources: list[str] = typer.Argument(
+        ..., help="Folders (recursive), uncompressed .tar shards, or .txt path lists."
+    ),
+    out: str = typer.Option(
+        ..., "--out", "-o", help="Dataset directory (created if missing; re-runs add new images)."
+    ),
+    config: str = typer.Option(None, "--config", help=CONFIG_HELP),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    allow_upscale: bool = typer.Option(
+        None, "--allow-upscale/--no-allow-upscale", help="Keep images smaller than their bucket."
+    ),
+    max_pixels: int = typer.Option(None, help="Reject images with more pixels (decompression-bomb guard)."),
+    animated: str = typer.Option(None, help="Animated images: reject or first_frame."),
+    verify: str = typer.Option(None, help="header (fast, end-marker check) or decode (full decode)."),
+    workers: int = typer.Option(None, help="Probe processes (1 = in-process)."),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Record images (+ sidecar captions/tags/scores) in DATASET/manifest.parquet; rejects in rejects.parquet."""
+    from bigasp.prep.config import IngestConfig
+    from bigasp.prep.ingest import ingest
+
+    cfg = _load(
+        IngestConfig,
+        "ingest",
+        config,
+        sets,
+        dict(
+            allow_upscale=allow_upscale,
+            max_pixels=max_pixels,
+            animated=animated,
+            verify=verify,
+            workers=workers,
+            progress=progress,
+        ),
+    )
+    s = ingest(sources, out, cfg)
+    if as_json:
+        typer.echo(json.dumps(s.to_json(), indent=2))
+        return
+    typer.echo(
+        f"ingest: {s.scanned} scanned, {s.new} new, {s.skipped} already known, {s.duplicates} duplicates, "
+        f"{sum(s.rejects.values())} rejected in {s.seconds:.1f} s ({s.images_per_second:.0f} img/s); "
+        f"{s.total_images} images in {out}"
+    )
+    _print_counts("rejects by reason:", dict(sorted(s.rejects.items())))
+
+
+def encode_cmd(
+    dataset: str = typer.Argument(..., help="Dataset directory made by `bigasp ingest`."),
+    vae: str = typer.Option(
+        None, "--vae", help="Preset (tiny, sdxl-base), diffusers VAE folder, or model path."
+    ),
+    config: str = typer.Option(None, "--config", help=CONFIG_HELP),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
+    batch_size: int = typer.Option(None, help="Images per VAE batch."),
+    num_workers: int = typer.Option(None, help="Decode worker processes."),
+    dtype: str = typer.Option(None, help="VAE precision: fp32 (default), bf16, fp16."),
+    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
+    seed: int = typer.Option(None, help="Seed for crops and latent sampling."),
+    compression: str = typer.Option(None, help="none or zstd."),
+    shard_size: int = typer.Option(None, help="Latents per shard."),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """VAE-encode the manifest into latent shards. Multi-GPU / multi-node: launch with torchrun or srun."""
+    from bigasp.prep.config import EncodeConfig
+    from bigasp.prep.encode import encode
+
+    cfg = _load(
+        EncodeConfig,
+        "encode",
+        config,
+        sets,
+        dict(
+            vae=vae,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            compression=compression,
+            shard_size=shard_size,
+            progress=progress,
+        ),
+    )
+    s = encode(dataset, cfg)
+    if s.rank != 0:
+        return
+    if as_json:
+        typer.echo(json.dumps(s.to_json(), indent=2))
+        return
+    typer.echo(
+        f"encode: {s.encoded} encoded, {s.skipped} already done, {sum(s.rejects.values())} rejected, "
+        f"{s.shards} shards, {s.seconds:.1f} s ({s.images_per_second:.1f} img/s) on {s.world_size} process(es)"
+    )
+    _print_counts("latents per bucket (WxH):", dict(sorted(s.per_bucket.items(), key=lambda kv: -kv[1])))
+    _print_counts("rejects by reason:", dict(sorted(s.rejects.items())))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ingest")(ingest_cmd)
+    app.command("encode")(encode_cmd)

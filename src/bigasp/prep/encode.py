@@ -1,0 +1,433 @@
+"""`bigasp encode`: VAE-encode every manifest image into bucket-grouped latent shards.
+
+Pipeline per rank: plan (bucket + crop of every image, a pure function of its size, id and
+the seed) -> DataLoader workers decode/resize/crop whole bucket batches -> the VAE encodes
+on the accelerator -> a writer thread compresses, checksums and appends to shards. Each
+rank takes every world_size-th image of the (bucket, id)-sorted plan, so ranks never
+overlap and need no coordination; finished work is whatever the committed shard indexes
+list, so a restart (with any world size) skips it. Latent noise is drawn per image from a
+generator keyed by (seed, id), so the result does not depend on batching or rank count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from bigasp.buckets import Bucket, BucketConfig, BucketSet, Placement, place
+from bigasp.errors import ConfigError, DataError, ModelLoadError
+from bigasp.prep.config import EncodeConfig
+from bigasp.prep.images import Reject, load_for_bucket, pixel_limit
+from bigasp.prep.ingest import content_id
+from bigasp.prep.sources import Ref
+from bigasp.store import layout
+from bigasp.store.manifest import REJECTS_SCHEMA, read_dataset_json, read_index, read_manifest, read_rejects
+from bigasp.store.shard import RecordMeta, ShardWriter, rebuild_missing_indexes
+
+log = logging.getLogger(__name__)
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun, or SLURM when launched by `srun` alone."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def load_vae(spec: str):
+    """A diffusers AutoencoderKL from a preset, a VAE folder, or a full model (folder or file)."""
+    from bigasp.models.io import load_model
+    from bigasp.models.presets import PRESETS
+
+    if not spec:
+        raise ConfigError(
+            "encode needs a VAE: pass --vae (a preset such as tiny, a VAE folder or a model path)"
+        )
+    path = Path(spec).expanduser()
+    if spec not in PRESETS and path.is_dir() and (path / "config.json").is_file():
+        from diffusers import AutoencoderKL
+
+        try:
+            return AutoencoderKL.from_pretrained(
+                str(path), local_files_only=True, use_safetensors=True
+            ).eval()
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"could not load the VAE folder {path}: {err}") from None
+    return load_model(spec, components=["vae"]).vae
+
+
+def _key(seed: int, image_id: str, purpose: str) -> int:
+    d = hashlib.blake2b(f"{seed}:{image_id}:{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(d, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class Job:
+    id: str
+    ref: Ref
+    orientation: int
+    placement: Placement
+
+
+def plan(manifest: pa.Table, buckets: BucketSet, seed: int) -> list[Job]:
+    """Every manifest image's bucket and crop, sorted by (bucket, id) — identical on every rank."""
+    jobs = []
+    cols = manifest.select(
+        ["id", "path", "tar_offset", "file_size", "width", "height", "orientation"]
+    ).to_pydict()
+    for i in range(len(manifest)):
+        path, off = cols["path"][i], cols["tar_offset"][i]
+        file = path.split("::", 1)[0] if off is not None else path
+        jobs.append(
+            Job(
+                cols["id"][i],
+                Ref(file, off, cols["file_size"][i]),
+                cols["orientation"][i] or 1,
+                place(cols["height"][i], cols["width"][i], buckets, seed=seed, image_id=cols["id"][i]),
+            )
+        )
+    jobs.sort(key=lambda j: (j.placement.bucket, j.id))
+    return jobs
+
+
+class DecodeDataset:
+    """Map-style dataset for DataLoader workers: index -> (index, pixels | None, reason, detail)."""
+
+    def __init__(self, jobs: list[Job], draft_margin: float, max_pixels: int):
+        self.jobs = jobs
+        self.draft_margin = draft_margin
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int):
+        job = self.jobs[i]
+        try:
+            with pixel_limit(self.max_pixels):
+                try:
+                    data = job.ref.read()
+                except OSError as err:
+                    raise Reject("unreadable", str(err)) from None
+                if content_id(data) != job.id:
+                    raise Reject(
+                        "changed_since_ingest", "file bytes no longer match the manifest id; re-run ingest"
+                    )
+                try:
+                    arr = load_for_bucket(
+                        data, job.placement, orientation=job.orientation, draft_margin=self.draft_margin
+                    )
+                except Reject:
+                    raise
+                except Exception as err:
+                    raise Reject("decode_failed", f"{type(err).__name__}: {err}") from None
+        except Reject as r:
+            return i, None, r.reason, r.detail
+        return i, arr, "", ""
+
+
+def collate(items):
+    import torch
+
+    ok = [(i, a) for i, a, _, _ in items if a is not None]
+    bad = [(i, r, d) for i, a, r, d in items if a is None]
+    pixels = torch.from_numpy(np.stack([a for _, a in ok])).permute(0, 3, 1, 2) if ok else None
+    return [i for i, _ in ok], pixels, bad
+
+
+def bucket_batches(jobs: list[Job], batch_size: int) -> list[list[int]]:
+    """Consecutive runs of `jobs` (sorted by bucket) cut into batches that never mix buckets."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i, job in enumerate(jobs):
+        if cur and (len(cur) == batch_size or jobs[cur[0]].placement.bucket != job.placement.bucket):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+class _ShardSink(threading.Thread):
+    """Writes latents off the critical path: one open shard per bucket, rotated at shard_size."""
+
+    def __init__(self, root: Path, stem_prefix: str, cfg: EncodeConfig, header: dict[str, Any]):
+        super().__init__(daemon=True, name="bigasp-shard-writer")
+        self.root, self.prefix, self.cfg, self.header = root, stem_prefix, cfg, header
+        self.q: queue.Queue = queue.Queue(maxsize=8)
+        self.open: dict[Bucket, ShardWriter] = {}
+        self.seq = 0
+        self.error: BaseException | None = None
+        self.shards = 0
+
+    def run(self) -> None:
+        try:
+            while (item := self.q.get()) is not None:
+                bucket, latents, metas = item
+                for lat, meta in zip(latents, metas, strict=True):
+                    w = self.open.get(bucket)
+                    if w is None:
+                        self.seq += 1
+                        w = self.open[bucket] = ShardWriter(
+                            self.root,
+                            f"{self.prefix}-{self.seq:06d}",
+                            bucket.height,
+                            bucket.width,
+                            channels=lat.shape[0],
+                            compression=self.cfg.compression,
+                            level=self.cfg.zstd_level,
+                            header=self.header,
+                        )
+                    w.add(lat, meta)
+                    if len(w) >= self.cfg.shard_size:
+                        w.close()
+                        self.shards += 1
+                        del self.open[bucket]
+            for w in self.open.values():
+                w.close()
+                self.shards += 1
+            self.open.clear()
+        except BaseException as err:  # surfaced in the main thread
+            self.error = err
+            for w in self.open.values():
+                w.abort()
+
+    def put(self, item) -> None:
+        while self.is_alive():
+            try:
+                self.q.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                continue
+        raise RuntimeError(f"the shard writer stopped: {self.error!r}")
+
+
+@dataclass
+class EncodeSummary:
+    rank: int = 0
+    world_size: int = 1
+    planned: int = 0  # this rank's share of the manifest
+    skipped: int = 0  # already encoded (or rejected) by an earlier run
+    encoded: int = 0
+    rejects: Counter = field(default_factory=Counter)
+    per_bucket: Counter = field(default_factory=Counter)  # "WxH" -> latents written now
+    shards: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "planned": self.planned,
+            "skipped": self.skipped,
+            "encoded": self.encoded,
+            "rejects": dict(sorted(self.rejects.items())),
+            "per_bucket": dict(sorted(self.per_bucket.items(), key=lambda kv: -kv[1])),
+            "shards": self.shards,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+        }
+
+    def merge(self, other: EncodeSummary) -> None:
+        self.planned += other.planned
+        self.skipped += other.skipped
+        self.encoded += other.encoded
+        self.rejects.update(other.rejects)
+        self.per_bucket.update(other.per_bucket)
+        self.shards += other.shards
+        self.seconds = max(self.seconds, other.seconds)
+
+
+def _device(cfg: EncodeConfig, local_rank: int):
+    import torch
+
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def encode_batch(vae, pixels, ids: list[str], cfg: EncodeConfig, scaling: float, device, dtype) -> np.ndarray:
+    """uint8 [B,3,H,W] -> fp16 latents [B,4,H/8,W/8] (numpy; may contain non-finite values)."""
+    import torch
+
+    x = pixels.to(device, non_blocking=True).to(dtype) / 127.5 - 1.0
+    with torch.inference_mode():
+        dist = vae.encode(x).latent_dist
+        mean = dist.mean.float()
+        if cfg.latent == "sample":
+            eps = torch.stack(
+                [
+                    torch.randn(
+                        mean.shape[1:], generator=torch.Generator().manual_seed(_key(cfg.seed, i, "vae"))
+                    )
+                    for i in ids
+                ]
+            ).to(device)
+            lat = mean + dist.std.float() * eps
+        else:
+            lat = mean
+        lat = lat * scaling
+    return lat.to(torch.float16).cpu().numpy()
+
+
+def encode(dataset: str | os.PathLike, cfg: EncodeConfig) -> EncodeSummary:
+    """Encode this rank's share of `dataset`; returns the summary (merged over ranks on rank 0)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    t0 = time.perf_counter()
+    root = Path(dataset)
+    fs, rootp = layout.url_to_fs(str(root))
+    meta = read_dataset_json(fs, rootp)
+    rank, world, local_rank = dist_env()
+    pg = _init_group(world)
+    bcfg = cfg.buckets or BucketConfig(**meta.get("buckets", {}))
+    buckets = BucketSet(bcfg.buckets())
+    session = uuid.uuid4().hex[:8]
+    rebuild_missing_indexes(root)  # shards whose index write was interrupted
+    manifest = read_manifest(fs, rootp)
+    if len(manifest) == 0:
+        raise DataError(f"{root}/{layout.MANIFEST} has no images; run `bigasp ingest` first")
+    done = set(read_index(fs, rootp).column("id").to_pylist())
+    rej = read_rejects(fs, rootp)
+    done.update(
+        i
+        for i, s in zip(rej.column("id").to_pylist(), rej.column("stage").to_pylist(), strict=True)
+        if s == "encode"
+    )
+    jobs = plan(manifest, buckets, cfg.seed)[rank::world]
+    summary = EncodeSummary(rank=rank, world_size=world, planned=len(jobs))
+    todo = [j for j in jobs if j.id not in done]
+    summary.skipped = len(jobs) - len(todo)
+
+    if todo:
+        device = _device(cfg, local_rank)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+        vae = load_vae(cfg.vae).to(device)
+        if next(vae.parameters()).dtype != dtype:
+            vae = vae.to(dtype=dtype)
+        vae.eval()
+        scaling = cfg.scaling_factor if cfg.scaling_factor is not None else float(vae.config.scaling_factor)
+        header = {
+            "vae": cfg.vae,
+            "scaling_factor": scaling,
+            "latent": cfg.latent,
+            "seed": cfg.seed,
+            "vae_dtype": cfg.dtype,
+            "buckets": bcfg.model_dump(),
+        }
+        sink = _ShardSink(root, f"{session}-r{rank:05d}", cfg, header)
+        sink.start()
+        reject_rows: list[dict] = []
+        loader = DataLoader(
+            DecodeDataset(todo, cfg.draft_margin, cfg.max_pixels),
+            batch_sampler=bucket_batches(todo, cfg.batch_size),
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4 if cfg.num_workers > 0 else None,
+        )
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), unit="img", desc=f"encode r{rank}", disable=not cfg.progress or rank != 0)
+        try:
+            for idx, pixels, bad in loader:
+                for i, reason, detail in bad:
+                    reject_rows.append(_reject(todo[i], reason, detail))
+                if pixels is not None:
+                    ids = [todo[i].id for i in idx]
+                    lat = encode_batch(vae, pixels, ids, cfg, scaling, device, dtype)
+                    finite = np.isfinite(lat).reshape(len(ids), -1).all(axis=1)
+                    keep = [k for k in range(len(ids)) if finite[k]]
+                    for k in range(len(ids)):
+                        if not finite[k]:
+                            reject_rows.append(
+                                _reject(todo[idx[k]], "non_finite", "VAE produced inf/nan (try --dtype fp32)")
+                            )
+                    if keep:
+                        p0 = todo[idx[0]].placement
+                        metas = [_meta(todo[idx[k]]) for k in keep]
+                        sink.put((p0.bucket, lat[keep], metas))
+                        summary.per_bucket[p0.bucket.name] += len(keep)
+                        summary.encoded += len(keep)
+                bar.update(len(idx) + len(bad))
+        finally:
+            bar.close()
+            sink.put(None)
+            sink.join()
+        if sink.error is not None:
+            raise sink.error
+        summary.shards = sink.shards
+        for r in reject_rows:
+            summary.rejects[r["reason"]] += 1
+        if reject_rows:
+            layout.atomic_write_parquet(
+                pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA),
+                root / layout.ENCODE_REJECTS_DIR / f"{session}-r{rank:05d}.parquet",
+            )
+    summary.seconds = time.perf_counter() - t0
+    if pg:
+        summary = _gather(summary)
+    return summary
+
+
+def _meta(job: Job) -> RecordMeta:
+    p = job.placement
+    return RecordMeta(job.id, p.original_height, p.original_width, p.crop_top, p.crop_left)
+
+
+def _reject(job: Job, reason: str, detail: str) -> dict[str, Any]:
+    return {
+        "path": job.ref.file if job.ref.offset is None else f"{job.ref.file}@{job.ref.offset}",
+        "reason": reason,
+        "detail": detail,
+        "file_size": job.ref.size,
+        "mtime": None,
+        "id": job.id,
+        "stage": "encode",
+    }
+
+
+def _init_group(world: int) -> bool:
+    """A gloo group only to merge the summaries at the end; the work split needs none."""
+    import torch.distributed as dist
+
+    if world <= 1 or "MASTER_ADDR" not in os.environ or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return True
+
+
+def _gather(summary: EncodeSummary) -> EncodeSummary:
+    import torch.distributed as dist
+
+    parts: list[EncodeSummary | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, summary)
+    total = EncodeSummary(rank=summary.rank, world_size=summary.world_size)
+    for p in parts:
+        if p is not None:
+            total.merge(p)
+    dist.barrier()
+    dist.destroy_process_group()
+    return total
