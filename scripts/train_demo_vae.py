@@ -108,8 +108,10 @@ def main() -> None:
         shutil.rmtree(args.out)
     os.replace(tmp, args.out)
     size = sum(p.stat().st_size for p in args.out.iterdir())
-    print(f"wrote {args.out} ({size / 1e6:.2f} MB) in {time.time() - t0:.0f}s; params "
-          f"{sum(p.numel() for p in vae.parameters())}; data mean abs {float(np.abs(data.numpy()).mean()):.3f}")
+    print(
+        f"wrote {args.out} ({size / 1e6:.2f} MB) in {time.time() - t0:.0f}s; params "
+        f"{sum(p.numel() for p in vae.parameters())}; data mean abs {float(np.abs(data.numpy()).mean()):.3f}"
+    )
 
 
 if __name__ == "__main__":

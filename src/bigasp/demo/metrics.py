@@ -73,7 +73,7 @@ def classify_shape(img: Image.Image) -> str | None:
     width = max(right - left + 1, 1.0)
     profile = []
     for frac in (0.2, 0.5, 0.8):
-        row = int(round(top + frac * (bottom - top)))
+        row = int(top + frac * (bottom - top) + 0.5)
         profile.append(mask[row].sum() / width)
     p = np.array(profile)
     return min(SHAPE_PROFILES, key=lambda s: float(np.abs(p - np.array(SHAPE_PROFILES[s])).sum()))
@@ -103,7 +103,9 @@ class Adherence:
 
 
 def colour_adherence(
-    images: Sequence[Image.Image], colours: Sequence[str], palette: Mapping[str, tuple[int, int, int]] = COLOURS
+    images: Sequence[Image.Image],
+    colours: Sequence[str],
+    palette: Mapping[str, tuple[int, int, int]] = COLOURS,
 ) -> Adherence:
     if len(images) != len(colours):
         raise ValueError(f"{len(images)} images but {len(colours)} prompted colours")
