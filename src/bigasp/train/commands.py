@@ -23,6 +23,9 @@ def register(app: typer.Typer) -> None:
             "--resume",
             help="'auto' = newest complete checkpoint in run_dir (fresh if none), or a path.",
         ),
+        stop_at: int = typer.Option(
+            None, "--stop-at", help="Checkpoint and exit after this many samples (a slice of the schedule)."
+        ),
         print_config: bool = typer.Option(
             False, "--print-config", help="Print the resolved config as TOML and exit."
         ),
@@ -38,7 +41,7 @@ def register(app: typer.Typer) -> None:
         from bigasp.train.trainer import train
 
         try:
-            result = train(cfg, resume=resume)
+            result = train(cfg, resume=resume, stop_at=stop_at)
         finally:
             shutdown()
         typer.echo(

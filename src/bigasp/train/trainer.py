@@ -155,8 +155,15 @@ class StopFlag:
 # The run
 
 
-def train(cfg: RunConfig, *, resume: str | None = None, dataset=None) -> TrainResult:
-    """Run (or resume) training as configured; returns where it stopped."""
+def train(
+    cfg: RunConfig, *, resume: str | None = None, stop_at: int | None = None, dataset=None
+) -> TrainResult:
+    """Run (or resume) training as configured; returns where it stopped.
+
+    `stop_at`: checkpoint and stop once this many samples are seen (a slice of the schedule, e.g.
+    to fit a cluster time limit; the lr schedule still spans `train.max_samples`). `dataset`: an
+    already-open `LatentDataset` (default: open `data.dataset`).
+    """
     # ---- processes, devices, numerics ------------------------------------------------------
     dist: DistInfo = init_distributed(cfg.train.device)
     device, rank, world = dist.device, dist.rank, dist.world_size
@@ -473,14 +480,19 @@ def train(cfg: RunConfig, *, resume: str | None = None, dataset=None) -> TrainRe
             if v_every and samples_seen // v_every != (samples_seen - batch_size) // v_every:
                 run_validation()
             stop_now = all_reduce_sum(torch.tensor([float(stop.set)], device=device)).item() > 0
+            sliced = stop_at is not None and samples_seen >= stop_at and samples_seen < t.max_samples
             c_every = cfg.checkpoint.every
             due = c_every and samples_seen // c_every != (samples_seen - batch_size) // c_every
-            if due or (stop_now and cfg.checkpoint.on_signal):
-                result.last_checkpoint = save("signal" if stop_now and not due else "interval")
+            if due or (stop_now and cfg.checkpoint.on_signal) or sliced:
+                reason = "interval" if due else "signal" if stop_now else "stop_at"
+                result.last_checkpoint = save(reason)
                 last_saved_at = samples_seen
             if stop_now:
                 result.stopped_by_signal = True
                 log.warning("stopped by signal at %d samples", samples_seen)
+                break
+            if sliced:
+                log.info("reached stop_at=%d samples; resume with --resume auto", stop_at)
                 break
         if samples_seen >= t.max_samples and cfg.checkpoint.at_end and last_saved_at != samples_seen:
             result.last_checkpoint = save("end")
