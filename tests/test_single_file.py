@@ -321,3 +321,21 @@ def test_sdxl_base_mapping_is_the_inverse_of_diffusers_converters(sdxl_meta):
     assert all(back[k].shape == te2_sd[k].shape for k in te2_sd)
     untouched = [k for k in te2_sd if "_proj." not in k or "out_proj" in k]
     assert all(back[k] is te2_sd[k] for k in untouched if k != "text_projection.weight")
+
+
+def test_presets_with_equal_shapes_but_different_configs_are_ambiguous(tiny_file, monkeypatch):
+    from bigasp.models import single_file
+
+    shapes = single_file.expected_shapes("tiny", ["unet"])
+    if sum(single_file.expected_shapes(p, ["unet"]) == shapes for p in single_file.PRESETS) < 2:
+        pytest.skip("needs two shipped presets with the same UNet shapes (tiny and demo)")
+    real = single_file._config_sans_meta
+
+    def differing(preset, component):
+        return {**real(preset, component), "attention_head_dim": preset}
+
+    assert load_single_file(tiny_file, ["unet"]).unet is not None  # tiny and demo share UNet configs
+    monkeypatch.setattr(single_file, "_config_sans_meta", differing)
+    with pytest.raises(ModelLoadError, match=r"fits several presets.*--preset"):
+        load_single_file(tiny_file, ["unet"])
+    assert load_single_file(tiny_file, ["unet"], preset="tiny").unet is not None

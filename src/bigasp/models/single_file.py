@@ -332,11 +332,23 @@ def infer_preset(
     """The preset whose every tensor (for `components`) is in the file with the same shape."""
     components = tuple(components)
     report = []
+    matches = []
     for name in PRESETS:
         problems = _mismatches(file_shapes, expected_shapes(name, components))
         if not problems:
-            return name
-        report.append(f"  {name}: {len(problems)} mismatch(es), e.g. {problems[0]}")
+            matches.append(name)
+        else:
+            report.append(f"  {name}: {len(problems)} mismatch(es), e.g. {problems[0]}")
+    if matches:
+        # Presets may share shapes yet differ elsewhere (head counts, VAE scaling factor);
+        # guessing between such presets would silently change the computation.
+        configs = {json.dumps([_config_sans_meta(m, c) for c in components], sort_keys=True) for m in matches}
+        if len(configs) > 1:
+            raise ModelLoadError(
+                f"{source or 'the file'} fits several presets with different configs "
+                f"({', '.join(matches)}); pass --preset to choose one."
+            )
+        return matches[0]
     raise ModelLoadError(
         f"cannot tell which SDXL architecture {source or 'the file'} is: it matches no preset\n"
         + "\n".join(report)
@@ -465,3 +477,10 @@ def load_single_file(
                     raise ModelLoadError(f"{path}: {comp} tensors were not loaded: {on_meta[:3]}")
                 setattr(model, comp, module.eval())
     return model
+
+
+def _config_sans_meta(preset: str, component: str) -> dict[str, Any]:
+    """A preset component's config without bookkeeping keys (`_class_name`, dtype, ...)."""
+    cfg = component_config(preset, component)
+    drop = {"architectures", "torch_dtype", "dtype"}
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in drop}
