@@ -1,0 +1,119 @@
+"""Generator end to end on the tiny preset: noise, determinism, presets, size errors, PNG metadata, CLI."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bigasp.errors import ConfigError
+from bigasp.models import ModelKind
+from bigasp.sample import GenerateSettings, Generator, read_png_metadata, save_png
+from bigasp.sample.generate import PRESETS, initial_noise
+from bigasp.sample.model_sampling import EpsDiscrete, FlowConst, max_denoise
+
+
+def small(preset: str = "bigasp-v2.5", **kw) -> GenerateSettings:
+    return GenerateSettings.from_preset(preset, **{"width": 64, "height": 64, "steps": 3, **kw})
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model):
+    tiny_model.kind = ModelKind("flow", 1.0)
+    return Generator(tiny_model, "cpu", torch.float32)
+
+
+def test_initial_noise_is_comfyui_prepare_noise():
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        expected = torch.randn((3, 4, 8, 8), dtype=torch.float32, generator=None, device="cpu")
+    assert torch.equal(initial_noise(1234, (3, 4, 8, 8)), expected)
+
+
+def test_noise_scaling_start():
+    eps, flow = EpsDiscrete(), FlowConst(1.0)
+    n = torch.ones(1, 4, 2, 2)
+    z = torch.zeros_like(n)
+    assert max_denoise(eps, eps.sigma_max)
+    s = eps.sigma_max
+    torch.testing.assert_close(eps.noise_scaling(s, n, z, True), n * math.sqrt(1 + s * s))
+    torch.testing.assert_close(flow.noise_scaling(1.0, n, z, True), n)
+
+
+def test_presets_follow_the_cards():
+    v25, v2 = GenerateSettings.from_preset("bigasp-v2.5"), GenerateSettings.from_preset("bigasp-v2")
+    assert (v25.sampler, v25.scheduler, v25.cfg, v25.pag, v25.negative) == (
+        "euler",
+        "beta",
+        3.0,
+        2.0,
+        "low quality",
+    )
+    assert (v2.sampler, v2.scheduler, v2.steps, v2.cfg, v2.pag) == ("dpmpp_2m_sde", "karras", 40, 3.0, 0.0)
+    assert PRESETS["bigasp-v2.5"]["prediction"] == "flow" and PRESETS["bigasp-v2"]["prediction"] == "eps"
+    with pytest.raises(ConfigError, match="unknown generation preset"):
+        GenerateSettings.from_preset("sd15")
+
+
+def test_size_must_be_multiple_of_8(gen):
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        gen.generate("a cat", small(width=60))
+
+
+def test_same_seed_same_image_and_png_roundtrip(gen, tmp_path):
+    s = small(seed=7, batch=2)
+    a = gen.generate(["a photo of a (cat:1.2)"], s)
+    b = gen.generate(["a photo of a (cat:1.2)"], s)
+    assert len(a) == 2 and a[0].size == (64, 64)
+    assert gen.last_unet_calls == len(__import__("bigasp").sample.sigmas("flow", "beta", 3)) - 1
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))  # batch items differ
+    c = gen.generate(["a photo of a (cat:1.2)"], small(seed=8, batch=2))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
+
+    path = save_png(a[1], tmp_path / "out.png")
+    from PIL import Image
+
+    with Image.open(path) as im:
+        params = im.text["parameters"]
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(a[1]))
+    lines = params.split("\n")
+    assert lines[0] == "a photo of a (cat:1.2)"
+    assert lines[1] == "Negative prompt: low quality"
+    assert "Steps: 3, Sampler: Euler, Schedule type: Beta, CFG scale: 3.0, Seed: 7, Size: 64x64" in lines[2]
+    assert "PAG scale: 2.0" in lines[2] and "Batch pos: 1" in lines[2] and "Shift: 1.0" in lines[2]
+    meta = read_png_metadata(path)
+    assert GenerateSettings.model_validate(meta["settings"]) == s
+    assert meta["batch_index"] == 1 and meta["model"]["kind"]["prediction"] == "flow"
+
+
+def test_eps_sde_preset_is_deterministic_and_prompt_grouping_exact(gen):
+    s = small("bigasp-v2", prediction="eps", steps=3, seed=3)
+    long_prompt = ", ".join(["dog"] * 90)  # 2 chunks
+    alone = gen.generate(["a cat"], s)[0]
+    together = gen.generate(["a cat", long_prompt], s)
+    assert np.array_equal(np.asarray(alone), np.asarray(together[0]))
+    assert len(together) == 2
+
+
+def test_cli_generate_writes_png(tmp_path):
+    from bigasp.cli import main
+
+    main(["generate", "a cat", "--model", "tiny", "--size", "64x64", "--steps", "2",
+          "--seed", "5", "--out", str(tmp_path)])  # fmt: skip
+    files = sorted(tmp_path.glob("*.png"))
+    assert [f.name for f in files] == ["5-00-00.png"]
+    meta = read_png_metadata(files[0])
+    assert meta["settings"]["seed"] == 5 and meta["settings"]["sampler"] == "dpmpp_2m_sde"  # eps preset
+
+
+def test_cli_bad_size_is_clear_error(tmp_path, capsys):
+    from bigasp.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "a cat", "--model", "tiny", "--size", "63x64", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "multiple of 8" in capsys.readouterr().err
