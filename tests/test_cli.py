@@ -1,0 +1,99 @@
+"""The `bigasp` command: help for every group, `bigasp model info|save|export`, user errors exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from bigasp.cli import app, main
+from bigasp.models.single_file import META_KIND
+
+runner = CliRunner()
+
+
+def test_console_entry_point_help():
+    """The real entry point in a fresh interpreter: exit 0 and the stages listed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bigasp", "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "model" in proc.stdout and "Usage" in proc.stdout
+
+
+def test_every_group_has_help():
+    top = runner.invoke(app, ["--help"])
+    assert top.exit_code == 0
+    groups = [g.name for g in app.registered_groups]
+    assert "model" in groups
+    for group in groups:
+        assert group in top.output
+        sub = runner.invoke(app, [group, "--help"])
+        assert sub.exit_code == 0, (group, sub.output)
+        assert "Usage" in sub.output
+
+
+def test_model_help_lists_commands():
+    out = runner.invoke(app, ["model", "--help"])
+    assert out.exit_code == 0
+    for cmd in ("info", "save", "export"):
+        assert cmd in out.output
+    export_help = runner.invoke(app, ["model", "export", "--help"])
+    assert (
+        export_help.exit_code == 0
+        and "--prediction" in export_help.output
+        and "--shift" in export_help.output
+    )
+
+
+def test_model_info_reports_parameters():
+    out = runner.invoke(app, ["model", "info", "tiny"])
+    assert out.exit_code == 0, out.output
+    info = json.loads(out.output)
+    assert info["kind"]["prediction"] == "eps"
+    assert set(info["components"]) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    assert info["components"]["text_encoder"]["parameters"] > 49408 * 32  # at least the token embedding
+
+
+def test_model_export_records_the_kind_and_info_reads_it(tmp_path):
+    out_file = tmp_path / "flow.safetensors"
+    res = runner.invoke(
+        app, ["model", "export", "tiny", str(out_file), "--prediction", "flow", "--shift", "3"]
+    )
+    assert res.exit_code == 0, res.output
+    with safe_open(str(out_file), "pt") as f:
+        assert json.loads(f.metadata()[META_KIND]) == {
+            "format_version": 1,
+            "prediction": "flow",
+            "shift": 3.0,
+        }
+    info = runner.invoke(app, ["model", "info", str(out_file)])
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.output)["kind"] == {"format_version": 1, "prediction": "flow", "shift": 3.0}
+    folder = tmp_path / "as_folder"
+    saved = runner.invoke(app, ["model", "save", str(out_file), str(folder)])
+    assert saved.exit_code == 0, saved.output
+    assert json.loads((folder / "bigasp_model.json").read_text())["prediction"] == "flow"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["model", "info", "stabilityai/stable-diffusion-xl-base-1.0"], "never downloads"),
+        (["model", "info", "/nonexistent/model.safetensors"], "does not exist"),
+        (["model", "export", "tiny", "out.safetensors", "--prediction", "v"], "'eps' or 'flow'"),
+    ],
+)
+def test_user_errors_exit_2_with_a_message(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out.safetensors").exists()
