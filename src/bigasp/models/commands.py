@@ -18,8 +18,10 @@ def info(
 ) -> None:
     """Print the model kind and each component's parameter count."""
     from bigasp.models.io import load_model
+    from bigasp.models.presets import PRESETS, build_preset
 
-    m = load_model(model, preset=preset)
+    # A preset is only shapes: build it on the meta device so `info sdxl-base` needs no 14 GB.
+    m = build_preset(model, device="meta") if model in PRESETS else load_model(model, preset=preset)
     out = {"source": m.source, "kind": m.kind.to_json(), "components": {}}
     for name, mod in m.modules().items():
         params = sum(p.numel() for p in mod.parameters())
