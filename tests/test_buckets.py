@@ -93,3 +93,16 @@ def test_crop_is_keyed_by_seed_and_id_not_global_rng():
     assert len(tops) > 5  # the seed changes the crop
     ids = {place(3000, 7000, bs, seed=1, image_id=f"i{k}").crop_top for k in range(20)}
     assert len(ids) > 5  # and so does the image
+
+
+def test_vectorised_nearest_matches_scalar():
+    import numpy as np
+
+    bs = BucketSet(SDXL_BUCKETS)
+    rng = np.random.default_rng(3)
+    h = rng.integers(16, 9000, 3000)
+    w = rng.integers(16, 9000, 3000)
+    h[:31] = [b.height for b in SDXL_BUCKETS]  # exact bucket aspects, incl. the square
+    w[:31] = [b.width for b in SDXL_BUCKETS]
+    got = bs.nearest_indices(h, w, chunk=700)
+    assert [bs.buckets[i] for i in got] == [bs.nearest(int(a), int(b)) for a, b in zip(h, w, strict=True)]

@@ -140,6 +140,27 @@ class BucketSet:
         )
         return self.buckets[best]
 
+    def nearest_indices(self, heights, widths, chunk: int = 1 << 20):
+        """Vectorised `nearest` for many images: index into `self.buckets` per image.
+
+        Same rule and tie-break (larger area first) as `nearest`; chunked so 10M+ images
+        need only a few hundred MB.
+        """
+        import numpy as np
+
+        h = np.asarray(heights, dtype=np.float64)
+        w = np.asarray(widths, dtype=np.float64)
+        by_area = sorted(
+            range(len(self.buckets)), key=lambda i: -self.buckets[i].height * self.buckets[i].width
+        )
+        la_b = np.array([self._log_aspects[i] for i in by_area])
+        remap = np.array(by_area, dtype=np.int64)
+        out = np.empty(len(h), dtype=np.int64)
+        for s in range(0, len(h), chunk):
+            la = np.log(w[s : s + chunk] / h[s : s + chunk])
+            out[s : s + chunk] = remap[np.argmin(np.abs(la_b[None, :] - la[:, None]), axis=1)]
+        return out
+
     def fits_without_upscale(self, height: int, width: int) -> bool:
         b = self.nearest(height, width)
         return height >= b.height and width >= b.width

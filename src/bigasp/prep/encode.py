@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from bigasp.buckets import Bucket, BucketConfig, BucketSet, Placement, place
 from bigasp.errors import ConfigError, DataError, ModelLoadError
@@ -84,24 +85,28 @@ class Job:
     placement: Placement
 
 
-def plan(manifest: pa.Table, buckets: BucketSet, seed: int) -> list[Job]:
-    """Every manifest image's bucket and crop, sorted by (bucket, id) — identical on every rank."""
+def plan(
+    manifest: pa.Table, buckets: BucketSet, seed: int, *, rank: int = 0, world_size: int = 1
+) -> list[Job]:
+    """This rank's images with bucket and crop: every world_size-th entry of the whole manifest
+    sorted by (bucket, id). The order depends only on the manifest, so ranks never overlap."""
+    h = manifest.column("height").to_numpy(zero_copy_only=False)
+    w = manifest.column("width").to_numpy(zero_copy_only=False)
+    bidx = buckets.nearest_indices(h, w)
+    bh = np.array([b.height for b in buckets.buckets], dtype=np.int32)[bidx]
+    bw = np.array([b.width for b in buckets.buckets], dtype=np.int32)[bidx]
+    keys = pa.table({"bh": bh, "bw": bw, "id": manifest.column("id")})
+    order = pc.sort_indices(keys, sort_keys=[("bh", "ascending"), ("bw", "ascending"), ("id", "ascending")])
+    mine = manifest.select(["id", "path", "tar_offset", "file_size", "width", "height", "orientation"]).take(
+        order.to_numpy()[rank::world_size]
+    )
+    cols = mine.to_pydict()
     jobs = []
-    cols = manifest.select(
-        ["id", "path", "tar_offset", "file_size", "width", "height", "orientation"]
-    ).to_pydict()
-    for i in range(len(manifest)):
-        path, off = cols["path"][i], cols["tar_offset"][i]
+    for i in range(len(mine)):
+        path, off, iid = cols["path"][i], cols["tar_offset"][i], cols["id"][i]
         file = path.split("::", 1)[0] if off is not None else path
-        jobs.append(
-            Job(
-                cols["id"][i],
-                Ref(file, off, cols["file_size"][i]),
-                cols["orientation"][i] or 1,
-                place(cols["height"][i], cols["width"][i], buckets, seed=seed, image_id=cols["id"][i]),
-            )
-        )
-    jobs.sort(key=lambda j: (j.placement.bucket, j.id))
+        p = place(cols["height"][i], cols["width"][i], buckets, seed=seed, image_id=iid)
+        jobs.append(Job(iid, Ref(file, off, cols["file_size"][i]), cols["orientation"][i] or 1, p))
     return jobs
 
 
@@ -308,16 +313,20 @@ def encode(dataset: str | os.PathLike, cfg: EncodeConfig) -> EncodeSummary:
     manifest = read_manifest(fs, rootp)
     if len(manifest) == 0:
         raise DataError(f"{root}/{layout.MANIFEST} has no images; run `bigasp ingest` first")
-    done = set(read_index(fs, rootp).column("id").to_pylist())
+    jobs = plan(manifest, buckets, cfg.seed, rank=rank, world_size=world)
     rej = read_rejects(fs, rootp)
-    done.update(
-        i
-        for i, s in zip(rej.column("id").to_pylist(), rej.column("stage").to_pylist(), strict=True)
-        if s == "encode"
+    rej = rej.filter(pc.equal(rej.column("stage"), "encode"))
+    done_ids = pa.concat_arrays(
+        [
+            read_index(fs, rootp).column("id").combine_chunks(),
+            rej.column("id").combine_chunks().cast(pa.string()),
+        ]
     )
-    jobs = plan(manifest, buckets, cfg.seed)[rank::world]
+    is_done = pc.is_in(pa.array([j.id for j in jobs], pa.string()), value_set=done_ids).to_numpy(
+        zero_copy_only=False
+    )
     summary = EncodeSummary(rank=rank, world_size=world, planned=len(jobs))
-    todo = [j for j in jobs if j.id not in done]
+    todo = [j for j, d in zip(jobs, is_done, strict=True) if not d]
     summary.skipped = len(jobs) - len(todo)
 
     if todo:

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from bigasp.errors import DataError
 from bigasp.store import layout
@@ -125,11 +126,15 @@ def read_index(fs, root: str) -> pa.Table:
     if not paths:
         return empty(INDEX_SCHEMA)
     table = pa.concat_tables(conform(layout.read_parquet(fs, p), INDEX_SCHEMA) for p in paths)
-    table = table.sort_by([("id", "ascending"), ("shard", "ascending"), ("record", "ascending")])
-    ids = table.column("id").to_pylist()
-    keep = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
-    if len(keep) != len(ids):
-        table = table.take(pa.array(keep, pa.int64()))
+    table = table.sort_by(
+        [("id", "ascending"), ("shard", "ascending"), ("record", "ascending")]
+    ).combine_chunks()
+    ids = table.column("id")
+    if len(ids) > 1:
+        first = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+        keep = pa.concat_arrays([pa.array([True]), first.combine_chunks()])
+        if not pc.all(keep).as_py():
+            table = table.filter(keep)
     return table
 
 

@@ -67,12 +67,17 @@ class LatentDataset:
         self.n_orphan_latents = len(index) - len(self.table)  # latents not in the manifest (ignored)
         shards = self.table.column("shard")
         self.shards: list[str] = pc.unique(shards).to_pylist() if len(self.table) else []
-        lookup = {s: i for i, s in enumerate(self.shards)}
-        self._shard_idx = np.array([lookup[s] for s in shards.to_pylist()], dtype=np.int32)
+        self._shard_idx = (
+            pc.index_in(shards, value_set=pa.array(self.shards, pa.string())).to_numpy(zero_copy_only=False)
+            if len(self.table)
+            else np.zeros(0, np.int32)
+        ).astype(np.int32)
         self._offset = self.table.column("offset").to_numpy()
         self._length = self.table.column("length").to_numpy()
         self._crc = self.table.column("crc32").to_numpy()
-        self._zstd = np.array([c == "zstd" for c in self.table.column("compression").to_pylist()], dtype=bool)
+        self._zstd = (
+            pc.equal(self.table.column("compression"), "zstd").to_numpy(zero_copy_only=False).astype(bool)
+        )
         self._bh = self.table.column("bucket_height").to_numpy()
         self._bw = self.table.column("bucket_width").to_numpy()
         self._record = self.table.column("record").to_numpy()
@@ -149,7 +154,7 @@ class LatentDataset:
         arr = decode_record(
             data, "zstd" if self._zstd[i] else "none", self.latent_shape(i), dctx=dctx, where=where
         )
-        return arr.copy()  # writable, detached from the read buffer
+        return arr if arr.flags.writeable else arr.copy()  # writable, detached from the read buffer
 
     def verify(self) -> list[str]:
         """Read and check every record; returns one error message per bad record."""
