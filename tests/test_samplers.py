@@ -184,3 +184,93 @@ def test_brownian_tree_optional():
     ns = brownian_noise_sampler(x, [14.6, 1.0, 0.0], seed=1)
     a, b = ns(14.6, 1.0), brownian_noise_sampler(x, [14.6, 1.0, 0.0], seed=1)(14.6, 1.0)
     assert torch.equal(a, b) and a.shape == x.shape
+
+
+def _eps_fn(x, sigma):
+    return 0.2 * x / math.sqrt(1 + sigma * sigma) + math.sin(sigma)
+
+
+@pytest.mark.parametrize("algo", ["dpmsolver++", "sde-dpmsolver++"])
+def test_dpmpp_2m_and_2m_sde_match_diffusers_with_shared_noise(algo):
+    """Reference §7.2: the 1st/2nd-order (midpoint) updates are algebraically the same as diffusers'."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", algorithm_type=algo,
+        solver_order=2, use_karras_sigmas=True, lower_order_final=False, final_sigmas_type="zero",
+    )  # fmt: skip
+    sched.set_timesteps(16)
+    sig = [float(s) for s in sched.sigmas]
+    g = torch.Generator().manual_seed(0)
+    noises = [torch.randn(1, 4, 2, 2, generator=g, dtype=torch.float64) for _ in sig]
+    x_ve0 = torch.randn(1, 4, 2, 2, generator=g, dtype=torch.float64) * sig[0]
+
+    x_vp = x_ve0 / math.sqrt(1 + sig[0] ** 2)
+    for i, t in enumerate(sched.timesteps):
+        x_ve = x_vp * math.sqrt(1 + sig[i] ** 2)
+        x_vp = sched.step(_eps_fn(x_ve, sig[i]), t, x_vp, variance_noise=noises[i]).prev_sample
+
+    it = iter(noises)
+    model = lambda x, s: x - s * _eps_fn(x, s)  # noqa: E731
+    if algo == "dpmsolver++":
+        ours = sample_dpmpp_2m(model, x_ve0, sig)
+    else:
+        ours = sample_dpmpp_2m_sde(model, x_ve0, sig, ms=EpsDiscrete(), noise_sampler=lambda u, v: next(it))
+    torch.testing.assert_close(ours, x_vp, rtol=1e-5, atol=1e-5)
+
+
+class _NoSync(torch.Tensor):
+    """A tensor that fails on anything that would make the host wait for the device."""
+
+    BANNED = frozenset(
+        {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+         torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
+    )  # fmt: skip
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.BANNED:
+            raise AssertionError(f"host sync in the sampling loop: {func.__name__}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde"])
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_sampling_loop_never_reads_device_values(name, kind):
+    """CPU twin of the GPU sync-debug test: samplers only do tensor arithmetic on x and D."""
+    from bigasp.sample.samplers import iid_noise_sampler
+
+    ms = EpsDiscrete() if kind == "eps" else FlowConst(3.0)
+    x = torch.randn(1, 4, 2, 2).as_subclass(_NoSync)
+    with pytest.raises(AssertionError, match="host sync"):
+        bool(x.sum() > 0)  # the trap works
+    out = run_sampler(name, lambda x, s: 0.5 * x, x, sigmas(kind, "karras", 5, 3.0).tolist(), ms=ms,
+                      noise_sampler=iid_noise_sampler(x, torch.Generator().manual_seed(0)))  # fmt: skip
+    assert isinstance(out, _NoSync)
+
+
+@pytest.mark.gpu
+def test_sampling_loop_has_no_cuda_sync(tiny_model):
+    from bigasp.sample.guidance import Conditioning, GuidedDenoiser, perturbed_attention
+    from bigasp.sample.samplers import iid_noise_sampler
+
+    unet = tiny_model.unet.to("cuda")
+    try:
+        c = unet.config
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        cond = Conditioning(torch.randn(1, 77, c.cross_attention_dim, device="cuda"),
+                            torch.randn(1, pooled, device="cuda"), torch.ones(1, 6, device="cuda"))  # fmt: skip
+        den = GuidedDenoiser(unet, FlowConst(1.0), cond, cond, cfg=3.0, pag=2.0)
+        x = torch.randn(1, 4, 8, 8, device="cuda")
+        ns = iid_noise_sampler(x, torch.Generator("cuda").manual_seed(0))
+        sig = sigmas("flow", "beta", 4).tolist()
+        with perturbed_attention(unet, den.state):
+            run_sampler("dpmpp_2m_sde", den, x, sig, ms=FlowConst(1.0), noise_sampler=ns)  # warm-up
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                run_sampler("dpmpp_2m_sde", den, x, sig, ms=FlowConst(1.0), noise_sampler=ns)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        unet.to("cpu")

@@ -48,27 +48,20 @@ def checkpoints_dir(path: str | Path) -> Path:
 
 
 def complete_checkpoints(path: str | Path) -> list[Checkpoint]:
-    """Complete checkpoints under a run or checkpoints dir, sorted by samples seen."""
-    root = checkpoints_dir(path)
-    if not root.is_dir():
-        return []
+    """Complete checkpoints under a run or checkpoints dir, sorted by samples seen.
+
+    Completeness is the trainer's own rule (`bigasp.train.checkpoint.is_complete`), so the
+    two sides cannot drift apart.
+    """
+    from bigasp.train.checkpoint import list_complete_checkpoints, read_meta
+
     found = []
-    for d in root.iterdir():
-        if d.name.startswith(".") or not d.name.startswith("step-") or not d.is_dir():
-            continue
-        meta_path = d / "checkpoint.json"
+    for d in list_complete_checkpoints(checkpoints_dir(path)):
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = read_meta(d)
         except (OSError, ValueError):
-            continue  # not written yet (or being deleted): not complete
-        if meta.get("complete") is not True:
-            continue
-        samples = meta.get("samples_seen")
-        if samples is None:
-            try:
-                samples = int(d.name.removeprefix("step-"))
-            except ValueError:
-                continue
+            continue  # pruned by the trainer since listing
+        samples = meta.get("samples_seen", int(d.name.removeprefix("step-")))
         found.append(Checkpoint(d, int(samples), meta.get("step")))
     return sorted(found, key=lambda c: (c.samples_seen, c.name))
 
