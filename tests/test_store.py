@@ -11,6 +11,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from bigasp.errors import DataError
@@ -229,3 +230,53 @@ def test_dataset_info_cli(tmp_path):
     shutil.rmtree(tmp_path / layout.SHARDS_DIR)
     res = CliRunner().invoke(app, ["dataset", "verify", str(tmp_path)])
     assert res.exit_code != 0
+
+
+def test_import_bigasp_dataset(tmp_path):
+    vaes = tmp_path / "vaes"
+    rng = np.random.default_rng(5)
+    truth = {}
+    for k, (lh, lw) in enumerate([(104, 152), (152, 104), (104, 152)]):
+        h = f"{k:02x}" * 16
+        lat = rng.standard_normal((4, lh, lw)).astype(np.float16)
+        p = vaes / h[:2] / h[2:4] / f"{h}.bin.gz"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write_bigasp_latent(p, LegacyLatent(lat, 2000 + k, 3000, 3 * k, k))
+        truth[h] = lat
+    index = tmp_path / "bigasp.parquet"
+    rows = [
+        {
+            "image_hash": h,
+            "tag_string": "1girl, outdoors,watermark",
+            "caption": f"photo {h[:2]}",
+            "score": 5,
+            "n_tokens": 9,
+        }
+        for h in truth
+    ]
+    rows.append(
+        {"image_hash": "ff" * 16, "tag_string": "", "caption": "", "score": 1, "n_tokens": 0}
+    )  # no latent
+    pq.write_table(pa.Table.from_pylist(rows), index)
+    from typer.testing import CliRunner
+
+    from bigasp.cli import app
+
+    res = CliRunner().invoke(
+        app, ["dataset", "import-bigasp", str(vaes), "--out", str(tmp_path / "ds"), "--index", str(index)]
+    )
+    assert res.exit_code == 0, res.output
+    ds = LatentDataset(str(tmp_path / "ds"))
+    assert ds.table.column("id").to_pylist() == sorted(truth)
+    for i, r in enumerate(ds.table.to_pylist()):
+        np.testing.assert_array_equal(ds.read_latent(i).numpy(), truth[r["id"]])
+        assert r["tags"] == ["1girl", "outdoors", "watermark"] and r["score"] == 5
+        assert (r["crop_top"], r["crop_left"]) == (
+            r["original_height"] - 2000,
+            3 * (r["original_height"] - 2000),
+        )
+    assert {(r["bucket_width"], r["bucket_height"]) for r in ds.table.to_pylist()} == {
+        (1216, 832),
+        (832, 1216),
+    }
+    assert dataset_info(str(tmp_path / "ds"))["rejects"] == {"ingest:unreadable": 1}

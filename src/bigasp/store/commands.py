@@ -63,5 +63,20 @@ def verify(
         raise typer.Exit(1)
 
 
+@dataset_app.command("import-bigasp")
+def import_bigasp_cmd(
+    vaes: str = typer.Argument(..., help="bigASP's vaes/ folder (vaes/ab/cd/<md5>.bin.gz)."),
+    out: str = typer.Option(..., "--out", "-o", help="New dataset directory."),
+    index: str = typer.Option(None, help="bigASP's build-dataset.py Parquet (captions, tags, scores)."),
+    compression: str = typer.Option("none", help="none or zstd."),
+    shard_size: int = typer.Option(2048, help="Latents per shard."),
+) -> None:
+    """Convert an existing bigASP dataset (per-image .bin.gz latents) into a bigasp dataset."""
+    from bigasp.store.importer import import_bigasp
+
+    counts = import_bigasp(vaes, out, index=index, compression=compression, shard_size=shard_size)
+    typer.echo(json.dumps(counts))
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(dataset_app, name="dataset")
