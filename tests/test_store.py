@@ -271,10 +271,8 @@ def test_import_bigasp_dataset(tmp_path):
     for i, r in enumerate(ds.table.to_pylist()):
         np.testing.assert_array_equal(ds.read_latent(i).numpy(), truth[r["id"]])
         assert r["tags"] == ["1girl", "outdoors", "watermark"] and r["score"] == 5
-        assert (r["crop_top"], r["crop_left"]) == (
-            r["original_height"] - 2000,
-            3 * (r["original_height"] - 2000),
-        )
+        k = r["original_height"] - 2000
+        assert (r["crop_top"], r["crop_left"], r["original_width"]) == (3 * k, k, 3000)
     assert {(r["bucket_width"], r["bucket_height"]) for r in ds.table.to_pylist()} == {
         (1216, 832),
         (832, 1216),
