@@ -339,3 +339,16 @@ def test_presets_with_equal_shapes_but_different_configs_are_ambiguous(tiny_file
     with pytest.raises(ModelLoadError, match=r"fits several presets.*--preset"):
         load_single_file(tiny_file, ["unet"])
     assert load_single_file(tiny_file, ["unet"], preset="tiny").unet is not None
+
+
+def test_vae_attention_stored_as_matrices_also_loads(distinct_model, tmp_path):
+    """Some converters write the VAE mid-block attention as [C, C] instead of 1x1 convs."""
+    tensors = {k: v.contiguous() for k, v in component_to_ldm("vae", distinct_model.vae).items()}
+    squeezed = [k for k in tensors if ".mid.attn_1." in k and tensors[k].ndim == 4]
+    assert len(squeezed) == 8  # q, k, v, proj_out in encoder and decoder
+    for k in squeezed:
+        tensors[k] = tensors[k][:, :, 0, 0].contiguous()
+    path = tmp_path / "vae2d.safetensors"
+    save_file(tensors, str(path))
+    assert_identical(load_single_file(path, ["vae"], preset="tiny").vae, distinct_model.vae)
+    assert_identical(load_single_file(path, ["vae"]).vae, distinct_model.vae)

@@ -315,13 +315,21 @@ def expected_shapes(preset: str, components: Iterable[str]) -> dict[str, tuple[i
     return out
 
 
+def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Drop trailing unit dims: some tools store the VAE's 1x1-conv attention weights as 2-D
+    matrices; diffusers' converter accepts both, so both must match here."""
+    while len(shape) > 1 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
 def _mismatches(file_shapes: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]]) -> list[str]:
     problems = []
     for key, shape in want.items():
         got = file_shapes.get(key)
         if got is None:
             problems.append(f"{key} missing")
-        elif got != shape:
+        elif _squeeze(got) != _squeeze(shape):
             problems.append(f"{key} has shape {list(got)}, expected {list(shape)}")
     return problems
 
