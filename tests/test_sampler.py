@@ -145,3 +145,16 @@ def test_plan_handles_large_arrays_quickly_and_compactly():
     assert plan.order.dtype == np.int64 and plan.batch_starts.dtype == np.int64
     assert plan.n_batches * 16 + plan.leftover_samples == n
     assert len(np.unique(plan.order)) == n
+
+
+def test_fast_and_generic_bucket_paths_agree():
+    # multiples of 8 take the O(N) dense path; other sizes the np.unique path: same buckets
+    rng = np.random.default_rng(1)
+    n = 5000
+    h, w, c = rng.choice([64, 832, 1216, 1728], n), rng.choice([576, 832, 1024], n), rng.integers(1, 4, n)
+    fast = build_row_buckets(np.arange(n), h, w, c)
+    slow = build_row_buckets(np.arange(n), h + 1, w, c)
+    assert np.array_equal(fast.keys, slow.keys)
+    assert np.array_equal(fast.bucket_hw, slow.bucket_hw - [1, 0])
+    assert np.array_equal(fast.bucket_chunks, slow.bucket_chunks)
+    assert np.array_equal(fast.counts, slow.counts)

@@ -69,11 +69,30 @@ def build_row_buckets(
     c = np.zeros(len(rows), dtype=np.int64) if chunks is None else np.asarray(chunks, dtype=np.int64)
     if not (len(h) == len(w) == len(c) == len(rows)):
         raise ValueError("rows, heights, widths and chunks must have the same length")
-    code = (h << 32) | (w << 8) | c
-    uniq, keys = np.unique(code, return_inverse=True)
+    if len(rows) and (h.min() < 0 or w.min() < 0 or c.min() < 0 or c.max() > 255):
+        raise ValueError("bucket sizes must be non-negative and chunk estimates in 0..255")
+    if len(rows) and (h % 8 == 0).all() and (w % 8 == 0).all() and max(h.max(), w.max()) < 8 * 4096:
+        # O(N) with no sort of N rows: dense indices of the few distinct heights and widths,
+        # a compact (h, w, c) code, bincount + lookup table.
+        hv, hi = _dense(h >> 3)
+        wv, wi = _dense(w >> 3)
+        code = (hi * len(wv) + wi) * 256 + c
+        present = np.flatnonzero(np.bincount(code))
+        lut = np.zeros(int(present[-1]) + 1, dtype=np.int32)
+        lut[present] = np.arange(len(present), dtype=np.int32)
+        keys = lut[code]
+        uniq = present.astype(np.int64)
+        hw = np.stack([hv[uniq // 256 // len(wv)] << 3, wv[(uniq // 256) % len(wv)] << 3], axis=1).astype(
+            np.int32
+        )
+        uniq = uniq % 256  # chunk estimate per bucket
+    else:
+        code = (h << 32) | (w << 8) | c
+        uniq, keys = np.unique(code, return_inverse=True)
+        hw = np.stack([uniq >> 32, (uniq >> 8) & 0xFFFFFF], axis=1).astype(np.int32)
+    del code
     if len(uniq) > np.iinfo(np.int16).max:
         raise ValueError(f"{len(uniq)} buckets is more than supported (32767)")
-    hw = np.stack([uniq >> 32, (uniq >> 8) & 0xFFFFFF], axis=1).astype(np.int32)
     return RowBuckets(
         rows=rows,
         keys=keys.astype(np.int16),
@@ -81,6 +100,14 @@ def build_row_buckets(
         bucket_chunks=(uniq & 0xFF).astype(np.int8),
         counts=np.bincount(keys, minlength=len(uniq)).astype(np.int64),
     )
+
+
+def _dense(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values ascending, index of each element) for small non-negative ints, in O(N)."""
+    values = np.flatnonzero(np.bincount(v))
+    lut = np.zeros(int(values[-1]) + 1, dtype=np.int64)
+    lut[values] = np.arange(len(values))
+    return values.astype(np.int64), lut[v]
 
 
 @dataclass(frozen=True)
