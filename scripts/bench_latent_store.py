@@ -77,6 +77,41 @@ def main() -> None:
                     f"| {kind} | {label} | {size:,.0f} | {100 * (1 - size / raw):.1f}% | {wt * 1e3:.2f} | "
                     f"{rt * 1e3:.3f} | {1 / rt:,.0f} |"
                 )
+    codecs(min(args.n, 64), args.level)
+
+
+def codecs(n: int, level: int) -> None:
+    """Codec alone (no file I/O): bigASP's gzip-9 vs zstd with and without the byte shuffle."""
+    import gzip
+
+    import zstandard
+
+    from bigasp.store.shard import decode_record, encode_record
+
+    z = zstandard.ZstdCompressor(level=level)
+    d = zstandard.ZstdDecompressor()
+    shape = (4, 128, 128)
+    table = (
+        ("gzip-9 (bigASP)", lambda a: gzip.compress(a.tobytes(), 9), gzip.decompress),
+        (f"zstd-{level} unshuffled", lambda a: z.compress(a.tobytes()), d.decompress),
+        (
+            f"zstd-{level} byte-shuffled (store)",
+            lambda a: encode_record(a, "zstd", level, z),
+            lambda b: decode_record(b, "zstd", shape, dctx=d),
+        ),
+    )
+    print("\n| latents | codec | saved | decode ms/latent |")
+    print("|---|---|---|---|")
+    for kind, smooth in (("iid N(0,1)", False), ("smooth N(0,1)", True)):
+        lats = latents(n, smooth, seed=2)
+        for label, comp, dec in table:
+            blobs = [comp(a) for a in lats]
+            t = time.perf_counter()
+            for b in blobs:
+                dec(b)
+            dt = (time.perf_counter() - t) / len(blobs)
+            saved = 1 - sum(map(len, blobs)) / (len(lats) * lats[0].nbytes)
+            print(f"| {kind} | {label} | {100 * saved:.1f}% | {dt * 1e3:.3f} |")
 
 
 if __name__ == "__main__":
