@@ -257,3 +257,35 @@ def test_kill_mid_run_loses_nothing_committed_and_never_duplicates(tmp_path):
     assert s.skipped == 20 and s.new == 20 and s.duplicates == 1
     ids = pq.read_table(out / layout.MANIFEST).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 40
+
+
+def test_worker_processes_give_the_same_manifest(src, tmp_path):
+    ingest([src], tmp_path / "one", cfg())
+    ingest([src], tmp_path / "two", cfg(workers=2))
+    cols = ["id", "path", "width", "height", "captions", "tags", "score", "extra"]
+    a = pq.read_table(tmp_path / "one" / layout.MANIFEST).select(cols)
+    b = pq.read_table(tmp_path / "two" / layout.MANIFEST).select(cols)
+    assert a.equals(b) and len(a) == 9
+    ra = pq.read_table(tmp_path / "one" / layout.REJECTS).sort_by("path").select(["path", "reason"])
+    rb = pq.read_table(tmp_path / "two" / layout.REJECTS).sort_by("path").select(["path", "reason"])
+    assert ra.equals(rb)
+
+
+def test_ingest_cli_flags_and_config_file(src, tmp_path):
+    from typer.testing import CliRunner
+
+    from bigasp.cli import app
+
+    conf = tmp_path / "ingest.toml"
+    conf.write_text(
+        "[ingest]\nmax_pixels = 100000\n[ingest.buckets]\nstep = 16\nmin_area = 3072\nmax_area = 4096\n"
+    )
+    out = tmp_path / "ds"
+    args = ["ingest", str(src), "--out", str(out), "--config", str(conf), "--no-progress", "--json"]
+    res = CliRunner().invoke(app, [*args, "--set", "animated=first_frame", "--allow-upscale"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["new"] == 10 and summary["duplicates"] == 1  # anim.gif and small.jpg kept
+    assert summary["rejects"]["too_large"] == 1  # from the config file
+    res = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out), "--set", "verify=full"])
+    assert res.exit_code != 0 and "verify" in str(res.exception or res.output)
