@@ -242,12 +242,35 @@ def bench_throughput(latent: int, n_images: int, batch: int, batches: int, worke
     loader = TrainLoader(ds, cfg, rank=0, world_size=1)
     it = iter(loader)
     next(it)  # tokenizer load, worker start
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for _ in range(batches):
         n += len(next(it))
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # Stage breakdown on the same rows, single process (which stage bounds a worker).
+    from bigasp.text import tokenize
+    from bigasp.train.data import synthesize_rows
+
+    sample = np.arange(min(n_images, 256))
+    t = time.perf_counter()
+    for i in sample:
+        ds.read_latent(int(i))
+    t_read = time.perf_counter() - t
+    t = time.perf_counter()
+    prompts, _ = synthesize_rows(
+        ds.table, sample, seed=0, epoch=0, cfg=cfg, token_estimates=loader.token_estimates
+    )
+    t_synth = time.perf_counter() - t
+    t = time.perf_counter()
+    tokenize(prompts)
+    t_tok = time.perf_counter() - t
+    us = lambda x: round(x / len(sample) * 1e6)  # noqa: E731
     return {
+        "stage_us_per_sample": {
+            "read+crc+zstd": us(t_read),
+            "synthesise": us(t_synth),
+            "tokenize": us(t_tok),
+        },
         "latent": [4, latent, latent],
         "compression": "zstd",
         "device_batch_size": batch,
@@ -256,6 +279,9 @@ def bench_throughput(latent: int, n_images: int, batch: int, batches: int, worke
         "seconds": round(dt, 2),
         "samples_per_s": round(n / dt),
         "samples_per_s_per_worker": round(n / dt / max(workers, 1)),
+        # CPU seconds of this process (workers=0): the rate one dedicated core sustains, independent
+        # of how many other processes share the machine.
+        "samples_per_cpu_s": round(n / cpu) if workers == 0 and cpu > 0 else None,
     }
 
 
