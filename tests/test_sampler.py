@@ -11,6 +11,7 @@ from bigasp.train.sampler import (
     chunk_estimates,
     eval_plan,
     plan_epoch,
+    plan_for_rank,
     resume_position,
 )
 
@@ -158,3 +159,17 @@ def test_fast_and_generic_bucket_paths_agree():
     assert np.array_equal(fast.bucket_hw, slow.bucket_hw - [1, 0])
     assert np.array_equal(fast.bucket_chunks, slow.bucket_chunks)
     assert np.array_equal(fast.counts, slow.counts)
+
+
+def test_plan_for_rank_matches_the_pieces():
+    rng = np.random.default_rng(2)
+    n = 3000
+    h, w = rng.choice([832, 1216], n), rng.choice([832, 1216], n)
+    tokens = rng.integers(0, 250, n)
+    buckets, plan, mine = plan_for_rank(
+        h, w, tokens, seed=9, epoch=4, device_batch_size=8, world_size=4, rank=3
+    )
+    ref = build_row_buckets(np.arange(n), h, w, chunk_estimates(tokens, 8.25))
+    assert np.array_equal(buckets.keys, ref.keys)
+    same = plan_epoch(ref, seed=9, epoch=4, device_batch_size=8)
+    assert np.array_equal(plan.order, same.order) and np.array_equal(mine, same.rank_positions(0, 3, 4))

@@ -636,8 +636,28 @@ class TrainLoader:
                 self.position = batch.position - self.rank + w
                 self.stats.add(batch, self.cfg.max_chunks)
                 yield batch
+            self._log_stats()
             self.epoch += 1
             self.position = 0
+
+    def _log_stats(self) -> None:
+        s = self.stats
+        if not s.batches:
+            return
+        hist = ", ".join(
+            f"{c} chunk(s) {n / s.batches:.0%}" for c, n in sorted(s.chunk_hist.items(), reverse=True)
+        )
+        log.info(
+            "epoch %d done on rank %d: %d batches so far (%s); chunk estimate missed in %.1f%% of batches and "
+            "%.1f%% of samples; %d prompt(s) truncated",
+            self.epoch,
+            self.rank,
+            s.batches,
+            hist,
+            100 * s.batch_estimate_mismatch / s.batches,
+            100 * s.sample_estimate_mismatch / max(s.samples, 1),
+            s.truncated,
+        )
 
 
 # ---------------------------------------------------------------------------------------------

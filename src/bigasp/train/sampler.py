@@ -173,6 +173,31 @@ def plan_epoch(buckets: RowBuckets, *, seed: int, epoch: int, device_batch_size:
     )
 
 
+def plan_for_rank(
+    heights: np.ndarray,
+    widths: np.ndarray,
+    token_estimates: np.ndarray | None,
+    *,
+    seed: int,
+    epoch: int,
+    device_batch_size: int,
+    world_size: int = 1,
+    rank: int = 0,
+    quality_tokens: float = 8.25,
+    max_chunks: int = 3,
+) -> tuple[RowBuckets, EpochPlan, np.ndarray]:
+    """Everything a rank computes before its first batch, from plain per-row integer columns.
+
+    For benchmarks and tools: rows are `0..N-1`; `token_estimates=None` buckets by resolution
+    only. Returns the buckets, the epoch plan and this rank's global batch positions.
+    """
+    n = len(heights)
+    chunks = None if token_estimates is None else chunk_estimates(token_estimates, quality_tokens, max_chunks)
+    buckets = build_row_buckets(np.arange(n, dtype=np.int64), heights, widths, chunks)
+    plan = plan_epoch(buckets, seed=seed, epoch=epoch, device_batch_size=device_batch_size)
+    return buckets, plan, plan.rank_positions(0, rank, world_size)
+
+
 def eval_plan(buckets: RowBuckets, *, device_batch_size: int) -> list[np.ndarray]:
     """Deterministic bucket-homogeneous batches using every row once (last of a bucket may be short)."""
     order = buckets.rows[np.argsort(buckets.keys, kind="stable")]
