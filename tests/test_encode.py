@@ -169,6 +169,8 @@ def test_non_finite_latents_are_rejected_not_stored(ingested, tmp_path):
 
     assert dataset_info(str(ds_dir))["rejects"] == {"encode:non_finite": 10}
     assert enc.encode(ds_dir, ecfg()).skipped == 10  # recorded rejects count as done
+    retry = enc.encode(ds_dir, ecfg(retry_rejects=True))
+    assert retry.encoded == 10 and len(LatentDataset(str(ds_dir))) == 10
 
 
 def test_vae_folder_loads_same_weights(tmp_path):

@@ -82,3 +82,6 @@ class EncodeConfig(Section):
     )
     max_pixels: int = Field(PILLOW_HARD_LIMIT, description="Same decompression-bomb guard as ingest.")
     progress: bool = Field(True, description="Show a progress bar with images/s.")
+    retry_rejects: bool = Field(
+        False, description="Encode again images an earlier encode rejected (e.g. non_finite under fp16)."
+    )

@@ -85,6 +85,9 @@ class Job:
     placement: Placement
 
 
+PLAN_COLUMNS = ("id", "path", "tar_offset", "file_size", "width", "height", "orientation")
+
+
 def plan(
     manifest: pa.Table, buckets: BucketSet, seed: int, *, rank: int = 0, world_size: int = 1
 ) -> list[Job]:
@@ -97,9 +100,7 @@ def plan(
     bw = np.array([b.width for b in buckets.buckets], dtype=np.int32)[bidx]
     keys = pa.table({"bh": bh, "bw": bw, "id": manifest.column("id")})
     order = pc.sort_indices(keys, sort_keys=[("bh", "ascending"), ("bw", "ascending"), ("id", "ascending")])
-    mine = manifest.select(["id", "path", "tar_offset", "file_size", "width", "height", "orientation"]).take(
-        order.to_numpy()[rank::world_size]
-    )
+    mine = manifest.select(list(PLAN_COLUMNS)).take(order.to_numpy()[rank::world_size])
     cols = mine.to_pydict()
     jobs = []
     for i in range(len(mine)):
@@ -310,12 +311,12 @@ def encode(dataset: str | os.PathLike, cfg: EncodeConfig) -> EncodeSummary:
     buckets = BucketSet(bcfg.buckets())
     session = uuid.uuid4().hex[:8]
     rebuild_missing_indexes(root)  # shards whose index write was interrupted
-    manifest = read_manifest(fs, rootp)
+    manifest = read_manifest(fs, rootp, columns=list(PLAN_COLUMNS))
     if len(manifest) == 0:
         raise DataError(f"{root}/{layout.MANIFEST} has no images; run `bigasp ingest` first")
     jobs = plan(manifest, buckets, cfg.seed, rank=rank, world_size=world)
     rej = read_rejects(fs, rootp)
-    rej = rej.filter(pc.equal(rej.column("stage"), "encode"))
+    rej = rej.filter(pc.equal(rej.column("stage"), "encode")) if not cfg.retry_rejects else rej.slice(0, 0)
     done_ids = pa.concat_arrays(
         [
             read_index(fs, rootp).column("id").combine_chunks(),

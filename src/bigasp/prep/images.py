@@ -23,10 +23,12 @@ from PIL import Image, UnidentifiedImageError
 
 from bigasp.buckets import Placement
 
-IMAGE_EXTENSIONS = {
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
-    ".avif", ".heic", ".heif", ".jp2", ".j2k", ".jxl", ".ppm", ".pgm", ".pbm", ".tga", ".ico", ".psd",
-}  # fmt: skip
+
+def _openable_extensions() -> frozenset[str]:
+    """Extensions of formats this Pillow build can open (plugins such as HEIF add theirs)."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
 
 # EXIF orientation -> the Pillow transpose that makes the image upright (as ImageOps.exif_transpose).
 TRANSPOSE = {
@@ -114,7 +116,7 @@ def probe(data: bytes, *, name: str, max_pixels: int, animated: str, verify: str
         raise Reject("too_large", str(err)) from None
     except UnidentifiedImageError:
         ext = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
-        if ext in IMAGE_EXTENSIONS:
+        if ext in _openable_extensions():
             raise Reject("corrupt", "Pillow cannot identify the image data") from None
         raise Reject(
             "unsupported_format", f"not an image format Pillow can open ({ext or 'no extension'})"

@@ -130,7 +130,7 @@ def scan_list(path: Path) -> Iterator[Item]:
         if not line or line.startswith("#"):
             continue
         p = Path(line).expanduser()
-        p = p if p.is_absolute() else base / p
+        p = (p if p.is_absolute() else base / p).absolute()
         yield _single(p)
 
 
@@ -151,7 +151,7 @@ def _single(p: Path) -> Item:
 def scan(sources: list[str | os.PathLike]) -> Iterator[Item]:
     """Items of every source, in a stable order (sources in order, names sorted)."""
     for src in sources:
-        p = Path(src).expanduser()
+        p = Path(src).expanduser().absolute()  # the manifest must not depend on the working directory
         if p.is_dir():
             yield from scan_folder(p)
         elif p.is_file() and p.suffix.lower() == ".tar":
