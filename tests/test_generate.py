@@ -20,9 +20,10 @@ def small(preset: str = "bigasp-v2.5", **kw) -> GenerateSettings:
 
 
 @pytest.fixture(scope="module")
-def gen(tiny_model):
-    tiny_model.kind = ModelKind("flow", 1.0)
-    return Generator(tiny_model, "cpu", torch.float32)
+def gen():
+    from bigasp.models import build_preset
+
+    return Generator(build_preset("tiny", seed=0, kind=ModelKind("flow", 1.0)), "cpu", torch.float32)
 
 
 def test_initial_noise_is_comfyui_prepare_noise():
@@ -117,3 +118,27 @@ def test_cli_bad_size_is_clear_error(tmp_path, capsys):
         main(["generate", "a cat", "--model", "tiny", "--size", "63x64", "--out", str(tmp_path)])
     assert e.value.code == 2
     assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_cli_settings_from_preset_and_flags(caplog):
+    from bigasp.sample.commands import build_settings
+
+    s = build_settings(ModelKind("flow", 6.0), "auto", steps=12, size="896x1152", cfg=None)
+    assert (s.sampler, s.scheduler, s.steps, s.cfg, s.width, s.height) == (
+        "euler",
+        "beta",
+        12,
+        3.0,
+        896,
+        1152,
+    )
+    assert s.shift is None  # taken from the model kind at sampling time
+    s = build_settings(ModelKind("eps"), "auto", sampler="dpmpp_3m_sde", scheduler="exponential")
+    assert (s.sampler, s.scheduler, s.steps) == ("dpmpp_3m_sde", "exponential", 40)
+    with caplog.at_level("WARNING"):
+        build_settings(ModelKind("eps"), "bigasp-v2.5")
+    assert "--prediction flow" in caplog.text
+    with pytest.raises(ConfigError, match="WIDTHxHEIGHT"):
+        build_settings(ModelKind("eps"), "auto", size="832*1216")
+    with pytest.raises(ConfigError, match="sampler"):
+        build_settings(ModelKind("eps"), "auto", sampler="ddim")

@@ -116,3 +116,16 @@ def test_missing_components_need_base(tmp_path):
     assert w.run_once() == []  # logged and skipped, not crashed
     with pytest.raises(Exception, match="--base"):
         w.load(w.pending()[0])
+
+
+def test_cli_watch_once(tmp_path, tiny_model):
+    from bigasp.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints", 7, model=tiny_model)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    main(["watch", str(run), "--prompts", str(prompts), "--seeds", "3", "--once", "--size", "64x64",
+          "--steps", "2", "--device", "cpu"])  # fmt: skip
+    assert (run / "samples" / "step-000000000007" / "p000-seed3.png").is_file()
+    assert (run / "samples" / "index.html").is_file()
