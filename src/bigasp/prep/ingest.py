@@ -150,17 +150,20 @@ class _Examiner:
         return examine(item, self.cfg, self.buckets)
 
 
-def _results(items: list[Item], cfg: IngestConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+def _results(items: Iterator[Item], cfg: IngestConfig) -> Iterator[tuple[str, dict[str, Any]]]:
     fn = _Examiner(cfg)
     if cfg.workers <= 1:
         with pixel_limit(cfg.max_pixels):
             for item in items:
                 yield examine(item, cfg, fn.buckets)
         return
+    import itertools
     import multiprocessing as mp
 
     with mp.get_context("fork").Pool(cfg.workers) as pool:
-        yield from pool.imap(fn, items, chunksize=64)
+        # Pool.imap drains its input eagerly; feed bounded chunks so memory stays flat.
+        while chunk := list(itertools.islice(items, 4096)):
+            yield from pool.imap(fn, chunk, chunksize=64)
 
 
 # --- parts: the crash-safe commit log -------------------------------------------------------
@@ -227,22 +230,21 @@ def _lock(root: Path) -> Iterator[None]:
         f.close()
 
 
-def _known(root: Path) -> tuple[set[str], set[tuple[str, int, float]]]:
+def _key(path: str, size: int | None, mtime: float | None) -> bytes:
+    """16-byte digest of an incremental key: ~50 bytes per file in memory instead of ~250."""
+    return hashlib.blake2b(f"{path}\0{size}\0{mtime!r}".encode(), digest_size=16).digest()
+
+
+def _known(root: Path) -> tuple[set[str], set[bytes]]:
     ids: set[str] = set()
-    keys: set[tuple[str, int, float]] = set()
+    keys: set[bytes] = set()
     for path, schema in ((root / layout.MANIFEST, MANIFEST_SCHEMA), (root / layout.REJECTS, REJECTS_SCHEMA)):
         if path.exists():
             t = _read(path, schema)
             if schema is MANIFEST_SCHEMA:
                 ids.update(t.column("id").to_pylist())
-            keys.update(
-                zip(
-                    t.column("path").to_pylist(),
-                    t.column("file_size").to_pylist(),
-                    t.column("mtime").to_pylist(),
-                    strict=True,
-                )
-            )
+            cols = (t.column(c).to_pylist() for c in ("path", "file_size", "mtime"))
+            keys.update(_key(*k) for k in zip(*cols, strict=True))
     return ids, keys
 
 
@@ -261,13 +263,15 @@ def ingest(
         )
         fold_parts(root)  # a previous run that died left committed parts: keep them
         ids, keys = _known(root)
-        items = []
-        for item in scan(list(sources)):
-            summary.scanned += 1
-            if item.key in keys:
-                summary.skipped += 1
-            else:
-                items.append(item)
+
+        def todo() -> Iterator[Item]:  # streamed: 10M+ files never sit in a list
+            for item in scan(list(sources)):
+                summary.scanned += 1
+                if _key(*item.key) in keys:
+                    summary.skipped += 1
+                else:
+                    yield item
+
         run = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         rows: list[dict] = []
         rejects: list[dict] = []
@@ -293,9 +297,9 @@ def ingest(
 
         from tqdm import tqdm
 
-        bar = tqdm(total=len(items), unit="img", desc="ingest", disable=not cfg.progress, smoothing=0.05)
+        bar = tqdm(unit="img", desc="ingest", disable=not cfg.progress, smoothing=0.05)
         pending = 0
-        for status, row in _results(items, cfg):
+        for status, row in _results(todo(), cfg):
             if status == "ok":
                 if row["id"] in ids:
                     summary.duplicates += 1
