@@ -289,3 +289,13 @@ def test_ingest_cli_flags_and_config_file(src, tmp_path):
     assert summary["rejects"]["too_large"] == 1  # from the config file
     res = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out), "--set", "verify=full"])
     assert res.exit_code != 0 and "verify" in str(res.exception or res.output)
+
+
+def test_symlink_cycles_and_dangling_links_do_not_stop_the_scan(tmp_path):
+    data = tmp_path / "in"
+    (data / "a").mkdir(parents=True)
+    (data / "a" / "one.jpg").write_bytes(jpeg_bytes(seed=40))
+    (data / "a" / "loop").symlink_to(data)  # a -> loop -> in -> a ...
+    (data / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    s = ingest([data], tmp_path / "ds", cfg())
+    assert s.new == 1 and s.scanned == 1

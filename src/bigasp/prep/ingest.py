@@ -86,7 +86,7 @@ def examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, dic
     """("ok", manifest row) or ("reject", rejects row) for one item; never raises for bad input."""
     try:
         if item.missing:
-            raise Reject("unreadable", "listed path does not exist")
+            raise Reject("unreadable", item.error or "listed path does not exist")
         try:
             data = item.data.read()
         except OSError as err:

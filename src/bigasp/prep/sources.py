@@ -42,7 +42,8 @@ class Item:
     mtime: float
     txt: Ref | None = None
     json: Ref | None = None
-    missing: bool = False  # listed in a path list but not found
+    missing: bool = False  # listed but not found, or unreadable while scanning
+    error: str = ""  # why, when missing
 
     @property
     def key(self) -> tuple[str, int, float]:
@@ -59,35 +60,51 @@ def _hidden(name: str) -> bool:
 
 
 def scan_folder(root: Path) -> Iterator[Item]:
+    """Depth-first, names sorted; follows symlinks but never visits a directory twice."""
     stack = [root]
+    seen: set[tuple[int, int]] = set()
     while stack:
         d = stack.pop()
         try:
+            st = d.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                continue  # symlink cycle or a second link to the same folder
+            seen.add((st.st_dev, st.st_ino))
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as err:
-            raise DataError(f"cannot list {d}: {err}") from None
+            if d == root:
+                raise DataError(f"cannot list {d}: {err}") from None
+            yield Item(str(d), Ref(str(d), None, 0), 0.0, missing=True, error=f"cannot list folder: {err}")
+            continue
         files: dict[str, os.DirEntry] = {}
         subdirs = []
         for e in entries:
             if _hidden(e.name):
                 continue
-            if e.is_dir(follow_symlinks=True):
-                subdirs.append(Path(e.path))
-            elif e.is_file(follow_symlinks=True):
-                files[e.name] = e
+            try:
+                if e.is_dir(follow_symlinks=True):
+                    subdirs.append(Path(e.path))
+                elif e.is_file(follow_symlinks=True):
+                    files[e.name] = e
+            except OSError:
+                continue  # vanished or a dangling symlink: nothing to ingest
         stack.extend(reversed(subdirs))
         for name, e in files.items():
             stem, ext = _split(name)
             if ext in SIDECAR_EXT:
                 continue
-            st = e.stat()
-            side = {}
-            for sext in SIDECAR_EXT:
-                s = files.get(stem + sext)
-                if s is not None:
-                    side[sext] = Ref(s.path, None, s.stat().st_size)
+            try:
+                fst = e.stat()
+                side = {}
+                for sext in SIDECAR_EXT:
+                    s = files.get(stem + sext)
+                    if s is not None:
+                        side[sext] = Ref(s.path, None, s.stat().st_size)
+            except OSError as err:
+                yield Item(e.path, Ref(e.path, None, 0), 0.0, missing=True, error=str(err))
+                continue
             yield Item(
-                e.path, Ref(e.path, None, st.st_size), st.st_mtime, side.get(".txt"), side.get(".json")
+                e.path, Ref(e.path, None, fst.st_size), fst.st_mtime, side.get(".txt"), side.get(".json")
             )
 
 
