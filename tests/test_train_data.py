@@ -287,8 +287,6 @@ def test_collate_and_batch_transfer():
     ]
     moved = b.to("cpu")
     assert torch.equal(moved.latents, b.latents) and moved.prompts == b.prompts
-    if torch.cuda.is_available():
-        assert b.pin_memory().latents.is_pinned()
     bad = [*samples, Sample(2, torch.zeros(4, 3, 3, dtype=torch.float16), "x", (1, 1), (0, 0), (24, 24))]
     with pytest.raises(Exception, match="differ in shape"):
         collate(bad)
@@ -321,3 +319,21 @@ def test_dataset_cli_preview_and_batches(ds, capsys):
     assert 0 <= a["sample_estimate_mismatch_rate"] <= 1
     e0 = r["epochs"][0]
     assert e0["batches"] * 2 + e0["dropped_samples"] == r["train_rows"]
+
+
+@pytest.mark.gpu
+def test_pinned_batch_reaches_the_gpu_unchanged():
+    samples = [
+        Sample(i, torch.full((4, 2, 3), float(i), dtype=torch.float16), "a dog", (10, 20), (1, 2), (16, 24))
+        for i in range(3)
+    ]
+    b = collate(samples).pin_memory()
+    assert b.latents.is_pinned() and b.te1_ids.is_pinned()
+    g = b.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert (
+        g.latents.is_cuda
+        and torch.equal(g.latents.cpu(), b.latents)
+        and torch.equal(g.te2_ids.cpu(), b.te2_ids)
+    )
+    assert g.prompts == b.prompts

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import struct
 from collections.abc import Mapping
@@ -236,12 +235,15 @@ def prompt_rng(run_seed: int, epoch: int, index: int, domain: bytes = b"prompt")
 
 # CLIP's pre-tokenisation pattern (contractions, letter runs, single digits, punctuation
 # runs). Counting its matches is a cheap lower-bound estimate of the BPE token count.
-PRETOKEN_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"
 _PRETOKEN_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+")
 
 
 def estimate_tokens(text: str) -> int:
-    """Cheap CLIP token-count estimate of one text (same rule as the vectorised table estimate)."""
+    """Cheap CLIP token-count estimate of one text, when no per-row estimate is given.
+
+    The training loader always passes the row's table-wide estimate (`row_token_estimates`)
+    instead, so tag counts and chunk buckets agree; this is for standalone use.
+    """
     return len(_PRETOKEN_RE.findall(text.lower()))
 
 
@@ -437,19 +439,9 @@ def synthesize(
     return body.strip()
 
 
-def n_tags_for_tokens(n_tokens: int, cfg: PromptConfig) -> int:
-    """Tag count that matches a caption of `n_tokens` tokens (bigASP: int(n / 2.5), min 5)."""
-    return max(cfg.min_tags, int(n_tokens / cfg.tokens_per_tag))
-
-
-def chunks_for_tokens(n_tokens: float, max_chunks: int = 3) -> int:
-    return int(min(max(math.ceil(n_tokens / 75), 1), max_chunks))
-
-
 __all__ = [
     "DEFAULT_QUALITY_WORDS",
     "EVAL_EPOCH",
-    "PRETOKEN_PATTERN",
     "PromptConfig",
     "SampleMeta",
     "estimate_tokens",

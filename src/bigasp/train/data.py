@@ -101,7 +101,6 @@ class Batch:
     chunk_estimate: int = 0  # the sampler's chunk-count estimate for this batch (0 = none)
     epoch: int = -1  # epoch and global batch position this batch came from (-1 = eval)
     position: int = -1
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def _map(self, fn) -> Batch:
         changes = {f.name: fn(getattr(self, f.name)) for f in fields(self)}
