@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +46,20 @@ def ingested(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("enc")
     src = d / "src"
     src.mkdir()
-    sizes = [(120, 90), (90, 120), (100, 100), (130, 80), (64, 48), (80, 130), (110, 110), (96, 72), (72, 96)]
+    sizes = [(120, 90), (90, 120), (100, 100), (130, 80), (64, 48), (80, 130), (110, 110), (96, 72)]
     for k, (w, h) in enumerate(sizes):
         noise(w, h, k).save(src / f"im{k}.jpg", quality=92)
+    buf = io.BytesIO()
+    noise(72, 96, 50).save(buf, "PNG")  # one image inside a tar: encode reads it by offset
+    with tarfile.open(d / "shard.tar", "w") as tf:
+        info = tarfile.TarInfo("x/in-tar.png")
+        info.size = len(buf.getvalue())
+        tf.addfile(info, io.BytesIO(buf.getvalue()))
     rot = noise(120, 90, 99)
     exif = Image.Exif()
     exif[0x0112] = 6
     rot.save(src / "rot.jpg", quality=92, exif=exif.tobytes())
-    ingest([src], d / "ds", IngestConfig(buckets=TINY, progress=False))
+    ingest([src, d / "shard.tar"], d / "ds", IngestConfig(buckets=TINY, progress=False))
     return d / "ds"
 
 
@@ -101,7 +108,7 @@ def test_jpeg_draft_decodes_smaller_with_same_result():
 def _expected_latent(ds: LatentDataset, i: int, vae, seed: int) -> np.ndarray:
     """Recompute one latent from scratch: decode, crop, VAE posterior, keyed noise."""
     row = ds.table.slice(i, 1).to_pylist()[0]
-    data = Path(row["path"]).read_bytes()
+    data = enc.Ref(row["path"].split("::")[0], row["tar_offset"], row["file_size"]).read()
     b = Bucket(row["bucket_height"], row["bucket_width"])
     p = place(row["height"], row["width"], BucketSet(TINY.buckets()), seed=seed, image_id=row["id"])
     assert (p.bucket, p.crop_top, p.crop_left) == (b, row["crop_top"], row["crop_left"])
@@ -125,7 +132,8 @@ def test_encode_round_trip_and_resume(ingested, encoded):
     assert len(ds) == 10
     vae = enc.load_vae("tiny")
     rot = ds.table.column("path").to_pylist().index(str(ingested.parent / "src" / "rot.jpg"))
-    for i in (0, rot):
+    in_tar = [p.endswith("::x/in-tar.png") for p in ds.table.column("path").to_pylist()].index(True)
+    for i in (0, rot, in_tar):
         got = ds.read_latent(i)
         assert got.dtype == torch.float16 and tuple(got.shape) == ds.latent_shape(i)
         np.testing.assert_allclose(got.float().numpy(), _expected_latent(ds, i, vae, 0), atol=2e-3, rtol=1e-3)
