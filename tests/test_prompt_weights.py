@@ -140,3 +140,15 @@ def test_encode_weighted_against_plain_encoding(tiny_model):
     n_plain = 1 + len(tokenize(["a "])[0] + tokenize(["photo"])[0] + tokenize([" of a "])[0])
     torch.testing.assert_close(weighted.embeds[0, :n_plain], unweighted.embeds[0, :n_plain])
     assert not torch.allclose(weighted.embeds[0, n_plain], unweighted.embeds[0, n_plain])
+
+
+def test_encode_weighted_a1111_mode(tiny_model):
+    te1, te2 = tiny_model.text_encoder, tiny_model.text_encoder_2
+    comfy = encode_weighted(te1, te2, ["a (cat:1.4)"], "comfy")
+    a1111 = encode_weighted(te1, te2, ["a (cat:1.4)"], "a1111")
+    plain = encode_weighted(te1, te2, ["a cat"], "none")
+    torch.testing.assert_close(a1111.pooled, plain.pooled)
+    assert not torch.allclose(a1111.embeds, comfy.embeds)
+    split = te1.config.hidden_size
+    for part in (slice(0, split), slice(split, None)):  # mean restored per encoder
+        torch.testing.assert_close(a1111.embeds[..., part].mean(), plain.embeds[..., part].mean())

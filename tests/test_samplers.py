@@ -274,3 +274,30 @@ def test_sampling_loop_has_no_cuda_sync(tiny_model):
                 torch.cuda.set_sync_debug_mode("default")
     finally:
         unet.to("cpu")
+
+
+def test_brownian_sampler_increments_with_a_stand_in_tree(monkeypatch):
+    """The tree is queried over [σmin, σmax] of the un-offset list; increments are sign-corrected
+    for descending sigmas and normalised by sqrt(|Δσ|) (ComfyUI BatchedBrownianTree)."""
+    import sys
+    import types
+
+    from bigasp.sample.samplers import brownian_noise_sampler
+
+    made = {}
+
+    class Tree:  # W(t) = t · w, a straight-line "Brownian" path
+        def __init__(self, t0, w0, t1, entropy):
+            made.update(t0=t0, t1=t1, entropy=entropy, shape=tuple(w0.shape))
+            self.w = torch.arange(w0.numel(), dtype=torch.float32).reshape(w0.shape)
+
+        def __call__(self, ta, tb):
+            assert float(ta) <= float(tb)
+            return (tb - ta) * self.w
+
+    monkeypatch.setitem(sys.modules, "torchsde", types.SimpleNamespace(BrownianTree=Tree))
+    x = torch.zeros(1, 2, 2, 1)
+    ns = brownian_noise_sampler(x, [1.0, 0.5, 0.2, 0.0], seed=42)
+    assert made == {"t0": 0.2, "t1": 1.0, "entropy": 42, "shape": (1, 2, 2, 1)}
+    n = ns(0.5, 0.2)
+    torch.testing.assert_close(n, -math.sqrt(0.3) * torch.arange(4.0).reshape(1, 2, 2, 1))

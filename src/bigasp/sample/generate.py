@@ -34,6 +34,7 @@ from bigasp.sample.prompts import encode_weighted, prompt_chunks
 from bigasp.sample.samplers import (
     STOCHASTIC,
     brownian_noise_sampler,
+    brownian_tree_available,
     iid_noise_sampler,
     run_sampler,
 )
@@ -223,6 +224,11 @@ class Generator:
         noise_sampler = None
         if settings.sampler in STOCHASTIC:
             if settings.noise == "brownian":
+                if not brownian_tree_available():
+                    raise ConfigError(
+                        "noise = 'brownian' needs the optional torchsde package (pip install torchsde); "
+                        "use noise = 'iid' (default) otherwise"
+                    )
                 noise_sampler = brownian_noise_sampler(x, sig, settings.seed)
             else:
                 g = torch.Generator(self.device).manual_seed(settings.seed ^ SDE_SEED_KEY)
