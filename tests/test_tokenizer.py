@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from bigasp.text import BOS, EOS, TE1_PAD, TE2_PAD, chunk_batch, clip_tokenizer, tokenize
-from bigasp.text.tokenizer import VOCAB_SIZE, tokenizer_dir
+from bigasp.text import tokenizer as tokenizer_module
+from bigasp.text.tokenizer import VOCAB_SIZE, tokenize_reference, tokenizer_dir
 
 BPE_GZ = Path(__file__).resolve().parents[1] / "scripts" / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -138,3 +139,31 @@ REFERENCE_TEXTS = [
 @pytest.mark.parametrize("text", REFERENCE_TEXTS)
 def test_shipped_tokenizer_equals_reference_clip_bpe(text):
     assert tokenize([text])[0] == reference_clip_ids(text)
+
+
+# --- the fast path equals the shipped Rust tokenizer -----------------------------------------
+
+TRICKY_TEXTS = [
+    "ΟΔΟΣ ΣΑΣ",  # word-final capital sigma: lowered per character, as the Rust normaliser does
+    "İstanbul ß ﬁne ﬀ ﬃ Ǆ ǅ",
+    "e\u0301te\u0301 vs \u00e9t\u00e9",  # NFC composes
+    "a\u00a0b\u2028c\u3000d\u200be\x1cf\x85g\ufeffh\x0bi",  # assorted whitespace / invisibles
+    "tab\tnew\nline\r\n  end",
+    "<|EndOfText|> is text but <|endoftext|> is special, <| alone",
+    "ＦＵＬＬｗｉｄｔｈ １２３ Ⅻ ² ½ ٣",
+    "don't I'LL it's WE'VE they'd",
+    "’curly’ “quotes” — dash… 👩‍👩‍👧 ❤️",
+]
+
+
+@pytest.mark.parametrize("text", TRICKY_TEXTS + REFERENCE_TEXTS)
+def test_fast_tokenize_equals_reference_tokenizer(text):
+    assert tokenize([text]) == tokenize_reference([text])
+
+
+def test_word_cache_is_bounded_and_stays_exact(monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "_WORD_CACHE_MAX", 8)
+    monkeypatch.setattr(tokenizer_module, "_word_cache", {})
+    texts = [f"word{i} another{i}, yet more words number {i}" for i in range(20)]
+    assert tokenize(texts) == tokenize_reference(texts)
+    assert len(tokenizer_module._word_cache) <= 8
