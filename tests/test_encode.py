@@ -237,3 +237,25 @@ def test_cuda_encode_matches_cpu(encoded, ingested, tmp_path, dtype):
     tol = 2e-3 if dtype == "fp32" else 5e-2
     for i in range(len(cpu)):
         np.testing.assert_allclose(gpu.read_latent(i).float(), cpu.read_latent(i).float(), atol=tol, rtol=tol)
+
+
+def test_encode_rejects_changed_missing_and_undecodable_files(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for k, name in enumerate(("ok", "changed", "gone")):
+        noise(100, 100, 60 + k).save(src / f"{name}.jpg", quality=90)
+    buf = io.BytesIO()
+    noise(100, 100, 7).save(buf, "PNG")
+    png = bytearray(buf.getvalue())
+    start = png.index(b"IDAT") + 4
+    png[start + 10 : start + 40] = bytes(30)  # corrupt the compressed pixels; header and IEND intact
+    (src / "broken.png").write_bytes(bytes(png))
+    ds = tmp_path / "ds"
+    ingest([src], ds, IngestConfig(buckets=TINY, progress=False))  # header checks pass
+    (src / "changed.jpg").write_bytes((src / "changed.jpg").read_bytes() + b"\0")
+    (src / "gone.jpg").unlink()
+    s = enc.encode(ds, ecfg())
+    assert s.encoded == 1
+    assert s.rejects == {"changed_since_ingest": 1, "unreadable": 1, "decode_failed": 1}
+    rej = pq.read_table(next((ds / layout.ENCODE_REJECTS_DIR).glob("*.parquet"))).to_pylist()
+    assert all(r["stage"] == "encode" and r["detail"] and r["id"] for r in rej)
