@@ -152,3 +152,20 @@ def test_encode_weighted_a1111_mode(tiny_model):
     split = te1.config.hidden_size
     for part in (slice(0, split), slice(split, None)):  # mean restored per encoder
         torch.testing.assert_close(a1111.embeds[..., part].mean(), plain.embeds[..., part].mean())
+
+
+def test_comfy_chunking_moves_short_segments_whole():
+    from bigasp.sample.prompts import prompt_chunks
+
+    head = "cat, " * 37
+    n_head = len(tokenize([head])[0])
+    assert n_head == 74
+    text = head + "(big cat:1.2)"
+    assert [len(c[0]) for c in prompt_chunks(text, "comfy", "bigasp")] == [75, 1]
+    comfy = prompt_chunks(text, "comfy", "comfy")
+    assert [len(c[0]) for c in comfy] == [74, 2]
+    assert comfy[1][1] == [pytest.approx(1.2)] * 2
+    long_group = head + "(" + "dog " * 10 + ":1.2)"  # >= 8 tokens: split to fill the chunk
+    assert [len(c[0]) for c in prompt_chunks(long_group, "comfy", "comfy")] == [75, 9]
+    plain = "dog, " * 60  # no weights: both rules give the same chunks
+    assert prompt_chunks(plain, "comfy", "comfy") == prompt_chunks(plain, "comfy", "bigasp")

@@ -89,6 +89,7 @@ def generate(
     seed: int = typer.Option(None, help="Noise seed (default 0)."),
     batch: int = typer.Option(None, help="Images per prompt."),
     syntax: str = typer.Option(None, help="Prompt weight syntax: comfy | a1111 | none."),
+    chunking: str = typer.Option(None, help="Chunk boundaries: bigasp (plain 75-token split) | comfy."),
     noise: str = typer.Option(None, help="SDE noise: iid | brownian (needs torchsde)."),
     out: Path = typer.Option(Path("outputs"), help="Output folder for PNGs."),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda if available)."),
@@ -106,7 +107,7 @@ def generate(
     settings = build_settings(
         m.kind, preset, negative=negative, steps=steps, cfg=cfg, pag=pag, sampler=sampler,
         scheduler=scheduler, shift=shift, prediction=prediction, size=size, seed=seed, batch=batch,
-        syntax=syntax, noise=noise,
+        syntax=syntax, chunking=chunking, noise=noise,
     )  # fmt: skip
     gen = Generator(m, device, parse_dtype(dtype), vae_dtype=parse_dtype(vae_dtype))
     images = gen.generate(prompts, settings)

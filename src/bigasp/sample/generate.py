@@ -67,6 +67,11 @@ class GenerateSettings(Section):
     seed: int = Field(0, ge=0, lt=2**63, description="Noise seed (ComfyUI-compatible).")
     batch: int = Field(1, ge=1, description="Images per prompt (one noise tensor over the batch).")
     syntax: Literal["comfy", "a1111", "none"] = Field("comfy", description="Prompt weight syntax.")
+    chunking: Literal["bigasp", "comfy"] = Field(
+        "bigasp",
+        description="75-token chunk boundaries: plain split as bigASP trained, or ComfyUI's rule "
+        "(short weighted segments move whole to the next chunk).",
+    )
     noise: Literal["iid", "brownian"] = Field(
         "iid", description="SDE noise: i.i.d. normal, or torchsde's Brownian tree (ComfyUI bit-exact)."
     )
@@ -185,7 +190,9 @@ class Generator:
         from bigasp.models.conditioning import Crop, Size, sdxl_time_ids
 
         m = self.model
-        text = encode_weighted(m.text_encoder, m.text_encoder_2, list(prompts), settings.syntax)
+        text = encode_weighted(
+            m.text_encoder, m.text_encoder_2, list(prompts), settings.syntax, settings.chunking
+        )
         size = Size(settings.height, settings.width)
         time_ids = sdxl_time_ids(original_size=size, crop=Crop(0, 0), target_size=size, device=self.device)
         b = settings.batch
@@ -265,7 +272,7 @@ class Generator:
         # with empty chunks would change its image.
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
-            groups.setdefault(len(prompt_chunks(p, settings.syntax)), []).append(i)
+            groups.setdefault(len(prompt_chunks(p, settings.syntax, settings.chunking)), []).append(i)
         images: list = [None] * len(prompts)
         for idx in groups.values():
             batch_images = to_pil(self.decode(self.sample([prompts[i] for i in idx], settings)))

@@ -13,7 +13,8 @@ Two syntaxes, because users paste prompts from both worlds:
 `none` encodes the text as written. Token streams are chunked every 75 tokens as bigASP was
 trained (`bigasp.text`), with no hard limit; prompts past 225 tokens (what bigASP saw in
 training) get a warning. ComfyUI moves short weighted segments whole to the next chunk at
-a boundary; bigasp does not (the training-time split is the one the model knows).
+a boundary; that rule is available as `chunking="comfy"`, the default being the plain
+training-time split the model knows (the two agree for prompts without weight syntax).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from bigasp.text import CHUNK_CONTENT, TE1_PAD, TE2_PAD, ChunkedTokens, chunk_id
 log = logging.getLogger(__name__)
 
 SYNTAXES = ("comfy", "a1111", "none")
+CHUNKINGS = ("bigasp", "comfy")
+COMFY_MAX_WORD = 8  # ComfyUI SDTokenizer.max_word_length
 TRAINED_TOKENS = 225
 BREAK = object()  # a forced chunk boundary (A1111)
 
@@ -171,8 +174,17 @@ class WeightedTokens:
         return bool((self.weights != 1.0).any())
 
 
-def prompt_chunks(text: str, syntax: str = "comfy") -> list[tuple[list[int], list[float]]]:
-    """One prompt -> content chunks of at most 75 (id, weight) pairs."""
+def prompt_chunks(
+    text: str, syntax: str = "comfy", chunking: str = "bigasp"
+) -> list[tuple[list[int], list[float]]]:
+    """One prompt -> content chunks of at most 75 (id, weight) pairs.
+
+    `chunking="bigasp"` splits the token stream every 75 tokens (bigASP training);
+    `"comfy"` keeps ComfyUI's rule: a weighted segment of fewer than 8 tokens that does not
+    fit closes the chunk early and moves whole to the next one (longer segments are split).
+    """
+    if chunking not in CHUNKINGS:
+        raise ValueError(f"unknown chunking {chunking!r}; choose one of {', '.join(CHUNKINGS)}")
     items = parse(text, syntax)
     segments = [it for it in items if it is not BREAK and it[0]]
     ids_per_segment = iter(tokenize([seg for seg, _ in segments]))
@@ -185,12 +197,16 @@ def prompt_chunks(text: str, syntax: str = "comfy") -> list[tuple[list[int], lis
         seg, w = it
         if not seg:
             continue
-        for tok in next(ids_per_segment):
+        group = next(ids_per_segment)
+        n_tokens += len(group)
+        room = CHUNK_CONTENT - len(chunks[-1][0])
+        if chunking == "comfy" and len(group) < COMFY_MAX_WORD and len(group) > room:
+            chunks.append(([], []))
+        for tok in group:
             if len(chunks[-1][0]) == CHUNK_CONTENT:
                 chunks.append(([], []))
             chunks[-1][0].append(tok)
             chunks[-1][1].append(w)
-            n_tokens += 1
     if n_tokens > TRAINED_TOKENS:
         log.warning(
             "prompt has %d tokens; bigASP was trained on at most %d (the rest still counts, "
@@ -201,9 +217,11 @@ def prompt_chunks(text: str, syntax: str = "comfy") -> list[tuple[list[int], lis
     return chunks
 
 
-def weighted_tokens(prompts: Sequence[str], syntax: str = "comfy", *, min_chunks: int = 1) -> WeightedTokens:
+def weighted_tokens(
+    prompts: Sequence[str], syntax: str = "comfy", *, min_chunks: int = 1, chunking: str = "bigasp"
+) -> WeightedTokens:
     """Chunk a batch, padded with empty chunks to a common count (as `chunk_batch`)."""
-    per_prompt = [prompt_chunks(p, syntax) for p in prompts]
+    per_prompt = [prompt_chunks(p, syntax, chunking) for p in prompts]
     n = max([min_chunks, *(len(c) for c in per_prompt)])
     b = len(prompts)
     te1 = np.empty((b, n, CHUNK_CONTENT + 2), dtype=np.int64)
@@ -246,11 +264,13 @@ def apply_weights_a1111(
 
 
 @torch.no_grad()
-def encode_weighted(text_encoder, text_encoder_2, prompts: Sequence[str], syntax: str = "comfy"):
+def encode_weighted(
+    text_encoder, text_encoder_2, prompts: Sequence[str], syntax: str = "comfy", chunking: str = "bigasp"
+):
     """Prompts with weight syntax -> `TextConditioning` (pooled never weighted, as ComfyUI)."""
     from bigasp.models.conditioning import TextConditioning, encode_tokens
 
-    wt = weighted_tokens(prompts, syntax)
+    wt = weighted_tokens(prompts, syntax, chunking=chunking)
     cond = encode_tokens(text_encoder, text_encoder_2, wt.tokens)
     if not wt.weighted:
         return cond
