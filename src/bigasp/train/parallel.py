@@ -1,0 +1,101 @@
+"""Data parallelism for the UNet: DDP (default) and FSDP2 (memory-bound cases).
+
+DDP keeps a full fp32 copy of weights, grads and AdamW state per GPU (40 GiB for UNet + TE1,
+../shared/reference/performance.md §5); that caps the micro-batch without checkpointing at ~5.
+FSDP2 shards all three across ranks (`fully_shard` per UNet block, so one block's weights are
+gathered at a time), with bf16 compute params and fp32 gradient reduction: static state falls
+to ~5 GiB/GPU on 8 ranks and the freed memory buys a bigger micro-batch or a trainable TE2.
+
+Both wrappers take a plain module and return the module to train; checkpoints always save
+and load a FULL (unsharded) state dict, so a run can resume under the other strategy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def unet_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's down / mid / up blocks: the FSDP2 units (each gathers its weights once)."""
+    blocks = [*unet.down_blocks]
+    if getattr(unet, "mid_block", None) is not None:
+        blocks.append(unet.mid_block)
+    blocks += [*unet.up_blocks]
+    return blocks
+
+
+def apply_fsdp2(
+    unet: nn.Module,
+    *,
+    mesh=None,
+    param_dtype: torch.dtype | None = torch.bfloat16,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    reshard_after_forward: bool = True,
+    extra_modules: Iterable[nn.Module] = (),
+) -> nn.Module:
+    """Shard `unet` in place with FSDP2: one unit per UNet block, the root holds the rest.
+
+    `param_dtype=bfloat16` replaces autocast for the UNet (weights are all-gathered already in
+    bf16, which also halves all-gather traffic); fp32 master weights and AdamW state stay
+    sharded in fp32 and gradients are reduce-scattered in `reduce_dtype`. `extra_modules`
+    (e.g. a trained text encoder) become their own units. `torch.distributed` must be
+    initialised; `mesh` defaults to all ranks on the current device type.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in unet_blocks(unet):
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for mod in extra_modules:
+        fully_shard(mod, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # Root: conv_in/out, time and text-time embeddings; never resharded (used again first in backward).
+    fully_shard(unet, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    return unet
+
+
+def wrap_ddp(
+    module: nn.Module,
+    device: torch.device,
+    *,
+    bucket_cap_mb: int = 100,
+    static_graph: bool = True,
+) -> nn.Module:
+    """DDP with larger gradient buckets (fewer all-reduce launches for 2.6 B params) and grads as
+    bucket views (no second gradient copy). `static_graph` lets DDP overlap comm with compute
+    from the first step, valid because the UNet uses every parameter every step."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        bucket_cap_mb=bucket_cap_mb,
+        gradient_as_bucket_view=True,
+        static_graph=static_graph,
+    )
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded fp32 weights on CPU, identical in layout for plain, DDP and FSDP2 modules.
+
+    Collective under FSDP2: every rank must call it (rank 0 writes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    inner = module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module
+    return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load an unsharded state dict into a plain, DDP or FSDP2 module.
+
+    Distributed: collective; rank 0 passes the full dict (read from the checkpoint) and the
+    other ranks may pass `{}` — rank 0 broadcasts, so only one process reads the file."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    inner = module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module
+    broadcast = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
+    set_model_state_dict(inner, dict(state), options=opts)  # a copy: torch swaps in DTensors
