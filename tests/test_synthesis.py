@@ -276,3 +276,11 @@ def test_config_validation_names_the_key():
         validate(PromptConfig, {"quality_words": ["a"]})
     with pytest.raises(ConfigError, match="underscore_weights"):
         validate(PromptConfig, {"underscore_weights": [1, 1]})
+
+
+def test_fast_rekeyed_generator_gives_the_keyed_stream():
+    from bigasp.text.synthesis import _rekeyed_rng
+
+    for key in [(1, 2, 3), (2**62, -1, 10**12), (0, 0, 0)]:
+        assert np.array_equal(prompt_rng(*key).random(40), _rekeyed_rng(*key).random(40))
+        assert np.array_equal(prompt_rng(*key).permutation(50), _rekeyed_rng(*key).permutation(50))
