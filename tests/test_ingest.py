@@ -212,8 +212,9 @@ def test_incremental_rerun_adds_only_new(src, tmp_path):
     shutil.copytree(src, data)
     out = tmp_path / "ds"
     first = ingest([data], out, cfg())
-    again = ingest([data], out, cfg())
+    again = ingest([data], out, IngestConfig(progress=False))  # no bucket rule given: keep the recorded one
     assert again.new == 0 and again.skipped == again.scanned == first.scanned
+    assert json.loads((out / layout.DATASET_JSON).read_text())["buckets"]["step"] == 16
     (data / "new.jpg").write_bytes(jpeg_bytes(seed=30))
     (data / "new-dup.jpg").write_bytes(jpeg_bytes(seed=30))
     third = ingest([data], out, cfg())

@@ -15,10 +15,11 @@ PILLOW_HARD_LIMIT = 178_956_970  # Pillow refuses above 2 x its default MAX_IMAG
 class IngestConfig(Section):
     """How `bigasp ingest` scans sources and what it rejects."""
 
-    buckets: BucketConfig = Field(
-        default_factory=BucketConfig,
-        description="Bucket rule; used to reject images too small for their bucket, and recorded in "
-        "dataset.json so `bigasp encode` uses the same set.",
+    buckets: BucketConfig | None = Field(
+        None,
+        description="Bucket rule, used to reject images too small for their bucket and recorded in "
+        "dataset.json for `bigasp encode`. Unset = the rule already recorded in the dataset, or the SDXL "
+        "default for a new dataset.",
     )
     allow_upscale: bool = Field(
         False, description="Keep images smaller than their bucket (they will be upscaled at encode time)."

@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from bigasp.buckets import BucketSet
+from bigasp.buckets import BucketConfig, BucketSet
 from bigasp.errors import DataError
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
@@ -140,7 +140,7 @@ class _Examiner:
 
     def __init__(self, cfg: IngestConfig):
         self.cfg = cfg
-        self.buckets = BucketSet(cfg.buckets.buckets())
+        self.buckets = BucketSet((cfg.buckets or BucketConfig()).buckets())
         self._limit = None
 
     def __call__(self, item: Item) -> tuple[str, dict[str, Any]]:
@@ -248,6 +248,23 @@ def _known(root: Path) -> tuple[set[str], set[bytes]]:
     return ids, keys
 
 
+def _resolve_buckets(root: Path, cfg: IngestConfig) -> IngestConfig:
+    """Unset buckets = the dataset's recorded rule, so a plain re-run never changes the rule."""
+    path = root / layout.DATASET_JSON
+    recorded = json.loads(path.read_text()).get("buckets") if path.exists() else None
+    if cfg.buckets is None:
+        rule = BucketConfig(**recorded) if recorded else BucketConfig()
+        return cfg.model_copy(update={"buckets": rule})
+    if recorded and BucketConfig(**recorded) != cfg.buckets:
+        log.warning(
+            "%s was ingested with buckets %s; switching to %s (latents already encoded keep their buckets)",
+            root,
+            recorded,
+            cfg.buckets.model_dump(),
+        )
+    return cfg
+
+
 def ingest(
     sources: Iterable[str | os.PathLike], out: str | os.PathLike, cfg: IngestConfig | None = None
 ) -> IngestSummary:
@@ -258,6 +275,7 @@ def ingest(
     t0 = time.perf_counter()
     summary = IngestSummary()
     with _lock(root):
+        cfg = _resolve_buckets(root, cfg)
         init_dataset(
             root, {"buckets": cfg.buckets.model_dump(), "ingest": cfg.model_dump(exclude={"buckets"})}
         )
