@@ -530,7 +530,7 @@ class TrainLoader:
                 lost,
                 ", ".join(f"{self.buckets.describe(k)}={int(counts[k])}" for k in tiny[:20]),
             )
-        if counts.sum() and (counts // b).sum() < self.world_size:
+        if (counts // b).sum() < self.world_size:
             raise DataError(
                 f"the training split ({int(counts.sum())} images in {len(counts)} buckets) gives "
                 f"{int((counts // b).sum())} full batch(es) of {b}, fewer than one per rank ({self.world_size}); "
