@@ -446,7 +446,7 @@ def load_aliases(cfg: DataConfig) -> AliasTable | None:
 
 @dataclass
 class LoaderStats:
-    """Running counts since construction (or the last `reset`): what `bigasp dataset batches` reports."""
+    """Running counts since the loader was built (logged at each epoch end; `dataset batches` reports the same)."""
 
     batches: int = 0
     samples: int = 0
