@@ -188,3 +188,28 @@ def test_model_kind_validation():
     with pytest.raises(ModelLoadError, match="no 'prediction' field"):
         ModelKind.from_json({"shift": 2.0}, "x.json")
     assert ModelKind.from_json(ModelKind("flow", 2.5).to_json()) == ModelKind("flow", 2.5)
+
+
+def test_hub_layout_text_encoders_load_in_fp32(tiny_model, tmp_path):
+    """A folder as published on the hub: fp16 weights, `torch_dtype: float16` in the config and
+    `text_model.` key prefixes (older transformers). bigasp loads it as fp32, values intact."""
+    from safetensors.torch import save_file
+
+    for comp in ("text_encoder", "text_encoder_2"):
+        sub = tmp_path / comp
+        sub.mkdir()
+        cfg = component_config("tiny", comp)
+        assert cfg["torch_dtype"] == "float16"
+        (sub / "config.json").write_text(json.dumps(cfg))
+        sd = getattr(tiny_model, comp).state_dict()
+        renamed = {
+            k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
+            for k, v in sd.items()
+        }
+        save_file({k: v.half().contiguous() for k, v in renamed.items()}, str(sub / "model.safetensors"))
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    loaded = load_model(tmp_path, ["text_encoder", "text_encoder_2"])
+    for comp in ("text_encoder", "text_encoder_2"):
+        got = getattr(loaded, comp).state_dict()
+        for k, v in getattr(tiny_model, comp).state_dict().items():
+            assert got[k].dtype == torch.float32 and torch.equal(got[k], v.half().float()), (comp, k)

@@ -100,10 +100,15 @@ def load_diffusers_folder(path: Path, components: Iterable[str], *, kind: ModelK
                 cls = getattr(diffusers, DIFFUSERS_CLASSES[comp][1])
                 module = cls.from_pretrained(str(sub), local_files_only=True, use_safetensors=True)
             else:
+                import torch
                 import transformers
 
                 cls = getattr(transformers, DIFFUSERS_CLASSES[comp][1])
-                module = cls.from_pretrained(str(sub), local_files_only=True, use_safetensors=True)
+                # transformers 5 loads in the config's dtype (float16 for the published SDXL
+                # encoders); bigasp works in fp32 like the diffusers components and casts later.
+                module = cls.from_pretrained(
+                    str(sub), local_files_only=True, use_safetensors=True, dtype=torch.float32
+                )
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load {sub}: {err}") from None
         setattr(model, comp, module.eval())
