@@ -18,6 +18,9 @@ def parse_size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ConfigError(f"--size {text!r} must look like WIDTHxHEIGHT, e.g. 832x1216") from None
+    from bigasp.sample.generate import check_size
+
+    check_size(w, h)
     return w, h
 
 
@@ -103,6 +106,8 @@ def generate(
     from bigasp.models.io import load_model
     from bigasp.sample.generate import Generator, save_png
 
+    if size is not None:
+        parse_size(size)  # fail before loading a 7 GB model
     m = load_model(model, preset=arch)
     settings = build_settings(
         m.kind, preset, negative=negative, steps=steps, cfg=cfg, pag=pag, sampler=sampler,

@@ -47,6 +47,17 @@ SchedulerName = Literal["normal", "simple", "sgm_uniform", "beta", "karras", "ex
 SDE_SEED_KEY = 0x5DEECE66D  # keeps i.i.d. SDE noise independent of the initial noise for a seed
 
 
+def check_size(width: int, height: int) -> None:
+    """SDXL latents are 1/8 of the image: both sides must be multiples of 8."""
+    for name, v in (("width", width), ("height", height)):
+        if v % 8 or v < 8:
+            lo, hi = max(8, v - v % 8), v - v % 8 + 8
+            raise ConfigError(
+                f"{name} {v} is not a multiple of 8 (SDXL latents are 1/8 of the image size); "
+                f"use {lo} or {hi}, ideally a multiple of 64 such as {max(64, round(v / 64) * 64)}."
+            )
+
+
 class GenerateSettings(Section):
     """Everything that determines an image besides the prompt and the weights."""
 
@@ -78,13 +89,7 @@ class GenerateSettings(Section):
 
     def check(self) -> None:
         """Raise a ConfigError for settings that cannot produce an image."""
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            if v % 8:
-                raise ConfigError(
-                    f"{name} {v} is not a multiple of 8; SDXL latents are 1/8 of the image size. "
-                    f"Use e.g. {max(64, round(v / 64) * 64)} (multiples of 64 are recommended)."
-                )
+        check_size(self.width, self.height)
         if self.width % 64 or self.height % 64:
             log.warning(
                 "size %dx%d is not a multiple of 64; SDXL works best with 64", self.width, self.height
