@@ -686,13 +686,16 @@ def eval_batches(
     indices = np.asarray(indices, dtype=np.int64)
     if len(indices) == 0:
         return
-    table = dataset.table
-    tokens = row_token_estimates(table, cfg.prompt)
-    chunks = row_chunk_estimates(table, cfg, tokens)[indices] if cfg.chunk_bucketing else None
+    # Estimates from the evaluated rows only: O(len(indices)), not O(dataset), per evaluation.
+    sub = dataset.table.take(pa.array(indices))
+    sub_tokens = row_token_estimates(sub, cfg.prompt)
+    tokens = np.zeros(len(dataset.table), dtype=np.int32)
+    tokens[indices] = sub_tokens
+    chunks = row_chunk_estimates(sub, cfg, sub_tokens) if cfg.chunk_bucketing else None
     buckets = build_row_buckets(
         indices,
-        table.column("bucket_height").to_numpy(zero_copy_only=False)[indices],
-        table.column("bucket_width").to_numpy(zero_copy_only=False)[indices],
+        sub.column("bucket_height").to_numpy(zero_copy_only=False),
+        sub.column("bucket_width").to_numpy(zero_copy_only=False),
         chunks,
     )
     key_of = {int(r): int(buckets.bucket_chunks[k]) for r, k in zip(buckets.rows, buckets.keys, strict=True)}
