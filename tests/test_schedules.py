@@ -33,6 +33,15 @@ def test_eps_table_endpoints_match_comfyui_float32():
     np.testing.assert_allclose(ms.sigmas.double().numpy(), eps_table64(), rtol=2e-6)
 
 
+def test_eps_table_matches_diffusers_euler_discrete():
+    from diffusers import EulerDiscreteScheduler
+
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    theirs = sched.sigmas[:-1].flip(0).double().numpy()  # descending + trailing 0 in diffusers
+    # diffusers builds the table in float32
+    np.testing.assert_allclose(EpsDiscrete().sigmas.double().numpy(), theirs, rtol=2e-5)
+
+
 def test_flow_table_is_shifted_grid():
     ms = FlowConst(3.0)
     k = np.arange(1, 1001) / 1000
