@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-CONFIG_HELP = "TOML file with an [ingest] / [encode] table (or the keys at top level)."
+CONFIG_HELP = "TOML file with the keys in an \\[ingest] / \\[encode] table, or at top level."
 SET_HELP = "Override a config key, e.g. --set buckets.step=16 (repeatable)."
 
 
@@ -128,7 +128,8 @@ def encode_cmd(
         return
     typer.echo(
         f"encode: {s.encoded} encoded, {s.skipped} already done, {sum(s.rejects.values())} rejected, "
-        f"{s.shards} shards, {s.seconds:.1f} s ({s.images_per_second:.1f} img/s) on {s.world_size} process(es)"
+        f"{s.shards} shards, {s.seconds:.1f} s ({s.images_per_second:.1f} img/s while encoding) "
+        f"on {s.world_size} process(es)"
     )
     _print_counts("latents per bucket (WxH):", dict(sorted(s.per_bucket.items(), key=lambda kv: -kv[1])))
     _print_counts("rejects by reason:", dict(sorted(s.rejects.items())))

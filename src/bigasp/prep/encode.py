@@ -234,11 +234,12 @@ class EncodeSummary:
     rejects: Counter = field(default_factory=Counter)
     per_bucket: Counter = field(default_factory=Counter)  # "WxH" -> latents written now
     shards: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # whole call, including planning and loading the VAE
+    encode_seconds: float = 0.0  # from the first batch to the last shard written
 
     @property
     def images_per_second(self) -> float:
-        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+        return self.encoded / self.encode_seconds if self.encode_seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -251,6 +252,7 @@ class EncodeSummary:
             "per_bucket": dict(sorted(self.per_bucket.items(), key=lambda kv: -kv[1])),
             "shards": self.shards,
             "seconds": round(self.seconds, 3),
+            "encode_seconds": round(self.encode_seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
         }
 
@@ -262,6 +264,7 @@ class EncodeSummary:
         self.per_bucket.update(other.per_bucket)
         self.shards += other.shards
         self.seconds = max(self.seconds, other.seconds)
+        self.encode_seconds = max(self.encode_seconds, other.encode_seconds)
 
 
 def _device(cfg: EncodeConfig, local_rank: int):
@@ -360,6 +363,7 @@ def encode(dataset: str | os.PathLike, cfg: EncodeConfig) -> EncodeSummary:
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), unit="img", desc=f"encode r{rank}", disable=not cfg.progress or rank != 0)
+        t_enc = time.perf_counter()
         try:
             for idx, pixels, bad in loader:
                 for i, reason, detail in bad:
@@ -387,6 +391,7 @@ def encode(dataset: str | os.PathLike, cfg: EncodeConfig) -> EncodeSummary:
             sink.join()
         if sink.error is not None:
             raise sink.error
+        summary.encode_seconds = time.perf_counter() - t_enc
         summary.shards = sink.shards
         for r in reject_rows:
             summary.rejects[r["reason"]] += 1
