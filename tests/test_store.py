@@ -278,3 +278,15 @@ def test_import_bigasp_dataset(tmp_path):
         (832, 1216),
     }
     assert dataset_info(str(tmp_path / "ds"))["rejects"] == {"ingest:unreadable": 1}
+
+
+def test_open_file_handles_are_bounded(tmp_path, monkeypatch):
+    from bigasp.store import reader
+
+    monkeypatch.setattr(reader, "MAX_OPEN_SHARDS", 1)
+    truth = _make(tmp_path)  # two shards
+    ds = LatentDataset(str(tmp_path))
+    for _ in range(2):
+        for i, iid in enumerate(ds.table.column("id").to_pylist()):
+            np.testing.assert_array_equal(ds.read_latent(i).numpy(), truth[iid])
+            assert len(ds._fds) == 1

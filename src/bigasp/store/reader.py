@@ -21,6 +21,8 @@ from bigasp.store import layout
 from bigasp.store.manifest import read_dataset_json, read_index, read_manifest
 from bigasp.store.shard import check_crc, decode_record
 
+MAX_OPEN_SHARDS = 128  # per process; oldest-opened handle is closed first
+
 INDEX_COLUMNS = (
     "shard",
     "record",
@@ -126,6 +128,8 @@ class LatentDataset:
                     fd = os.open(path, os.O_RDONLY)
                 except FileNotFoundError:
                     raise DataError(f"{path} is listed in the latent index but missing") from None
+                if len(self._fds) >= MAX_OPEN_SHARDS:  # thousands of shards must not exhaust ulimit -n
+                    os.close(self._fds.pop(next(iter(self._fds))))
                 self._fds[s] = fd
             data = os.pread(fd, length, offset)
         else:
