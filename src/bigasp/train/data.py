@@ -372,10 +372,37 @@ class BatchItem:
     chunk_estimate: int
 
 
+class _PlanItems:
+    """This rank's batches of an epoch as a lazy sequence of `BatchItem`s.
+
+    Holds three arrays instead of one Python object per batch: at 13M rows, world size 1 and
+    device batch 4, a list would be 3M objects and ~1 GB.
+    """
+
+    def __init__(self, plan: EpochPlan, positions: np.ndarray, bucket_chunks: np.ndarray):
+        self.order = plan.order
+        self.batch_size = plan.device_batch_size
+        self.epoch = plan.epoch
+        self.positions = positions
+        self.starts = plan.batch_starts[positions]
+        self.chunks = bucket_chunks[plan.batch_bucket[positions]]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> BatchItem:
+        s = int(self.starts[i])
+        return BatchItem(
+            self.order[s : s + self.batch_size], self.epoch, int(self.positions[i]), int(self.chunks[i])
+        )
+
+
 class _BatchSource(torch.utils.data.Dataset):
     """Map-style dataset whose items are whole batches; deterministic per item."""
 
-    def __init__(self, dataset, cfg: DataConfig, seed: int, aliases, token_estimates, items: list[BatchItem]):
+    def __init__(
+        self, dataset, cfg: DataConfig, seed: int, aliases, token_estimates, items: Sequence[BatchItem]
+    ):
         self.dataset = dataset
         self.cfg = cfg
         self.seed = seed
@@ -597,12 +624,9 @@ class TrainLoader:
         """Steps (one batch per rank) in a full epoch."""
         return self.plan(self.epoch).steps_from(0, self.world_size)
 
-    def _items(self, plan: EpochPlan, start: int) -> list[BatchItem]:
-        chunks = self.buckets.bucket_chunks
-        return [
-            BatchItem(plan.batch_rows(p), plan.epoch, int(p), int(chunks[plan.batch_bucket[p]]))
-            for p in plan.rank_positions(start, self.rank, self.world_size)
-        ]
+    def _items(self, plan: EpochPlan, start: int) -> _PlanItems:
+        positions = plan.rank_positions(start, self.rank, self.world_size)
+        return _PlanItems(plan, positions, self.buckets.bucket_chunks)
 
     def __iter__(self) -> Iterator[Batch]:
         w = self.world_size
