@@ -17,6 +17,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -227,9 +228,8 @@ class Generator:
 
         cond = self.conditioning(prompts, settings)
         uncond = None
-        if not math.isclose(settings.cfg, 1.0):
-            neg = self.conditioning([settings.negative], settings.model_copy(update={"batch": n}))
-            uncond = neg
+        if not math.isclose(settings.cfg, 1.0):  # cfg 1: the negative is never evaluated
+            uncond = self.conditioning([settings.negative], settings.model_copy(update={"batch": n}))
         denoiser = GuidedDenoiser(
             self.model.unet, ms, cond, uncond, cfg=settings.cfg, pag=settings.pag, dtype=self.dtype
         )
@@ -246,16 +246,11 @@ class Generator:
                 g = torch.Generator(self.device).manual_seed(settings.seed ^ SDE_SEED_KEY)
                 noise_sampler = iid_noise_sampler(x, g)
 
-        def run() -> torch.Tensor:
-            return run_sampler(
+        pag = perturbed_attention(self.model.unet, denoiser.state) if settings.pag > 0 else nullcontext()
+        with pag:
+            out = run_sampler(
                 settings.sampler, denoiser, x, sig, ms=ms, noise_sampler=noise_sampler, callback=callback
             )
-
-        if settings.pag > 0:
-            with perturbed_attention(self.model.unet, denoiser.state):
-                out = run()
-        else:
-            out = run()
         self.last_unet_calls = denoiser.unet_calls
         # inverse_noise_scaling at sigma 0 is the identity for both kinds.
         return out / self.model.vae.config.scaling_factor
