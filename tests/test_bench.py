@@ -121,7 +121,7 @@ def test_bench_train_cpu_json_fields(tmp_path):
             "--res",
             "32x32",
             "--device-batch",
-            "2",
+            "1",
             "--tokens",
             "154",
             "--iters",
@@ -138,7 +138,7 @@ def test_bench_train_cpu_json_fields(tmp_path):
     m = d["metrics"]
     assert d["config"]["tokens"] == 154 and d["config"]["train_te1"] is True
     assert m["img_per_s"] > 0 and m["ms_per_step"] > 0
-    assert m["img_per_s"] == pytest.approx(1 / (m["ms_per_step"] / 1000))
+    assert m["img_per_s"] == pytest.approx(d["config"]["device_batch"] / (m["ms_per_step"] / 1000))
     # Counted, not assumed: the step did fwd+bwd of UNet and TE1, so attention backward is in.
     assert m["flops_by_op"]["convolution_backward"] > 0
     assert m["flops_counted"] == sum(m["flops_by_op"].values())
@@ -211,3 +211,47 @@ def test_bad_options_are_clear_errors():
 
     with pytest.raises(ConfigError, match="--tokens"):
         TrainBenchConfig(tokens=100).validate()
+
+
+def test_bench_sample_cpu_json_fields(tmp_path):
+    d = _run_cli(
+        [
+            "bench",
+            "sample",
+            "--res",
+            "64x64",
+            "--batches",
+            "1",
+            "--steps",
+            "1,2",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        tmp_path,
+    )
+    m = d["metrics"]
+    for key in (
+        "bigasp_cfg_b1_it_s",
+        "bigasp_cfgpag_b1_it_s",
+        "diffusers_cfg_b1_it_s",
+        "diffusers_cfgpag_b1_it_s",
+    ):
+        assert m[key] > 0
+    assert m["vs_diffusers_cfg_b1"] == pytest.approx(m["bigasp_cfg_b1_it_s"] / m["diffusers_cfg_b1_it_s"])
+    assert m["pag_step_ratio_b1"] == pytest.approx(m["bigasp_cfg_b1_it_s"] / m["bigasp_cfgpag_b1_it_s"])
+    assert d["config"]["precision"] == "fp32"
+
+
+def test_bench_load_plan_ingest_cpu_json_fields(tmp_path):
+    d = _run_cli(
+        ["bench", "load", "--latent", "8x8", "--images", "64", "--batch", "4", "--batches", "3"], tmp_path
+    )
+    assert d["metrics"]["samples"] == 12 and d["metrics"]["samples_per_s_per_worker"] > 0
+    assert d["metrics"]["latent_bytes"] == 4 * 8 * 8 * 2
+    d = _run_cli(["bench", "plan", "--rows", "20000", "--world-size", "4"], tmp_path)
+    m = d["metrics"]
+    assert m["seconds"] > 0 and m["buckets"] > 1 and 0 < m["rank0_batches"] * 4 <= m["batches"] + 3
+    d = _run_cli(["bench", "ingest", "--images", "40"], tmp_path)
+    assert d["metrics"]["ingested"] == 40 and d["metrics"]["incremental_skipped"] == 40

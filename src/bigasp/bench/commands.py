@@ -149,5 +149,120 @@ def tokenize(
     _finish(result, json_out)
 
 
+@bench_app.command("sample")
+def sample(
+    preset: str = typer.Option("tiny", help="Model preset (tiny, sdxl-base)."),
+    res: str = typer.Option("64x64", help="Image resolution HEIGHTxWIDTH."),
+    precision: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32."),
+    batches: str = typer.Option("1,4", help="Comma-separated batch sizes."),
+    steps: str = typer.Option("2,6", help="Two step counts n1,n2: it/s = (n2-n1)/(t2-t1)."),
+    repeats: int = typer.Option(3, help="Timed (n1, n2) pairs per setting (median reported)."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Also time diffusers' pipelines."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    json_out: str = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Sampling it/s (euler, CFG and CFG+PAG) for bigasp's Generator vs diffusers' SDXL pipeline."""
+    params = dict(locals())  # first: only the command options
+    from bigasp.bench.common import parse_res, resolve_device
+    from bigasp.bench.sample import run_sample_bench
+    from bigasp.errors import ConfigError
+
+    h, w = parse_res(res)
+    dev = resolve_device(device)
+    if precision == "auto":
+        precision = "fp16" if dev.type == "cuda" else "fp32"
+    try:
+        batch_list = [int(b) for b in batches.split(",")]
+        n1, n2 = (int(n) for n in steps.split(","))
+    except ValueError:
+        raise ConfigError("--batches must be like 1,4 and --steps like 2,6 (two step counts)") from None
+    if not 1 <= n1 < n2:
+        raise ConfigError(f"--steps {steps}: need 1 <= n1 < n2")
+    params.update(device=str(dev), precision=precision)
+    result = run_sample_bench(
+        preset=preset,
+        height=h,
+        width=w,
+        precision=precision,
+        batches=batch_list,
+        steps=(n1, n2),
+        repeats=repeats,
+        baseline=baseline,
+        seed=seed,
+        device=dev,
+        command=_command("sample", params),
+    )
+    _finish(result, json_out)
+
+
+@bench_app.command("load")
+def load(
+    latent: str = typer.Option("128x128", help="Latent HEIGHTxWIDTH (SDXL 1024²: 128x128)."),
+    images: int = typer.Option(512, help="Images written to the temporary latent store."),
+    batch: int = typer.Option(16, help="Device batch size."),
+    workers: int = typer.Option(0, help="DataLoader workers (0 = this process: the per-core figure)."),
+    batches: int = typer.Option(20, help="Timed batches."),
+    warmup: int = typer.Option(2, help="Untimed batches first."),
+    seed: int = typer.Option(0),
+    json_out: str = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Training data loader samples/s per worker, from a real latent store in a temp dir."""
+    params = dict(locals())  # first: only the command options
+    from bigasp.bench.load import run_load_bench
+    from bigasp.errors import ConfigError
+
+    try:
+        lh, lw = (int(v) for v in latent.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--latent must look like 128x128, got {latent!r}") from None
+    result = run_load_bench(
+        latent=(lh, lw),
+        images=images,
+        batch=batch,
+        workers=workers,
+        batches=batches,
+        warmup=warmup,
+        seed=seed,
+        command=_command("load", params),
+    )
+    _finish(result, json_out)
+
+
+@bench_app.command("plan")
+def plan(
+    rows: int = typer.Option(13_000_000, help="Manifest rows (bigASP v2: ~13M)."),
+    device_batch: int = typer.Option(16, help="Device batch size."),
+    world_size: int = typer.Option(32, help="Ranks (rank 0's batch list is built)."),
+    seed: int = typer.Option(0),
+    json_out: str = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Buckets + one epoch's batch order for an N-row synthetic manifest: time and peak RSS."""
+    params = dict(locals())  # first: only the command options
+    from bigasp.bench.plan import run_plan_bench
+
+    result = run_plan_bench(
+        rows=rows,
+        device_batch=device_batch,
+        world_size=world_size,
+        seed=seed,
+        command=_command("plan", params),
+    )
+    _finish(result, json_out)
+
+
+@bench_app.command("ingest")
+def ingest(
+    images: int = typer.Option(2000, help="Small JPEGs generated and scanned."),
+    seed: int = typer.Option(0),
+    json_out: str = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Ingest header scan images/s over generated small JPEGs (target ≥ 500/s on one core)."""
+    params = dict(locals())  # first: only the command options
+    from bigasp.bench.ingest import run_ingest_bench
+
+    _finish(run_ingest_bench(images=images, seed=seed, command=_command("ingest", params)), json_out)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")
