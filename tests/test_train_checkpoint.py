@@ -202,3 +202,40 @@ def test_batch_arithmetic_errors_are_clear():
     assert resolve_accumulation(cfg, 4) == 4
     with pytest.raises(ConfigError, match=r"= 32; make them agree"):
         resolve_accumulation(cfg, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume bookkeeping and launch environment
+
+
+def test_resume_truncates_logs_written_after_the_checkpoint(tmp_path):
+    from bigasp.train.tracking import truncate_jsonl
+
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"samples": s}) + "\n" for s in (4, 8, 12)) + '{"samples": 1')
+    truncate_jsonl(path, 8)  # metrics: sample count after the step; a torn last line is dropped
+    assert [json.loads(x)["samples"] for x in path.read_text().splitlines()] == [4, 8]
+    truncate_jsonl(path, 8, inclusive=False)  # batch records: count before the step
+    assert [json.loads(x)["samples"] for x in path.read_text().splitlines()] == [4]
+
+
+def test_slurm_environment_maps_to_torchrun_names(monkeypatch):
+    from bigasp.train.distributed import read_env
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(k, "")  # records the original state, so read_env's writes are undone
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_NTASKS", "32")
+    monkeypatch.setenv("SLURM_PROCID", "13")
+    monkeypatch.setenv("SLURM_LOCALID", "5")
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set"):
+        read_env()
+    monkeypatch.setenv("MASTER_ADDR", "node001")
+    assert read_env() == (13, 32, 5)
+    import os
+
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_PORT"]) == ("13", "32", "29500")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's variables win over SLURM's
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert read_env() == (1, 2, 1)

@@ -27,8 +27,12 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def truncate_jsonl(path: Path, max_samples: int) -> None:
-    """On resume, drop records written after the checkpoint we resume from (atomic rewrite)."""
+def truncate_jsonl(path: Path, max_samples: int, *, inclusive: bool = True) -> None:
+    """On resume, drop records written after the checkpoint we resume from (atomic rewrite).
+
+    Metrics carry the sample count *after* their step (keep `<=`); batch records carry the count
+    *before* their step (`inclusive=False`: a record at exactly `max_samples` is from a step the
+    checkpoint does not contain)."""
     if not path.is_file():
         return
     kept = []
@@ -37,7 +41,8 @@ def truncate_jsonl(path: Path, max_samples: int) -> None:
             rec = json.loads(line)
         except ValueError:
             continue  # a torn last line from a kill
-        if int(rec.get("samples", 0)) <= max_samples:
+        n = int(rec.get("samples", 0))
+        if n < max_samples or (inclusive and n == max_samples):
             kept.append(line)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))

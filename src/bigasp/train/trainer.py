@@ -272,7 +272,7 @@ def train(
     if cfg.logging.batch_log:
         path = run_dir / f"batches.rank{rank}.jsonl"
         if saved is not None:
-            truncate_jsonl(path, samples_seen)
+            truncate_jsonl(path, samples_seen, inclusive=False)
         elif path.exists():
             path.unlink()
         batch_log = path.open("a", encoding="utf-8")
