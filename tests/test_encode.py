@@ -118,8 +118,7 @@ def _expected_latent(ds: LatentDataset, i: int, vae, seed: int) -> np.ndarray:
     )[None]
     with torch.inference_mode():
         dist = vae.encode(pix.float() / 127.5 - 1).latent_dist
-        g = torch.Generator().manual_seed(enc._key(seed, row["id"], "vae"))
-        eps = torch.randn(dist.mean.shape[1:], generator=g)
+        eps = enc.latent_noise(seed, row["id"], tuple(dist.mean.shape[1:]))
         lat = (dist.mean[0] + dist.std[0] * eps) * vae.config.scaling_factor
     return lat.half().numpy()
 

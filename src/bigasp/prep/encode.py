@@ -111,13 +111,35 @@ def plan(
     return jobs
 
 
-class DecodeDataset:
-    """Map-style dataset for DataLoader workers: index -> (index, pixels | None, reason, detail)."""
+def latent_noise(seed: int, image_id: str, shape: tuple[int, ...]):
+    """The N(0,1) draw that turns an image's latent distribution into its sample; keyed by
+    (seed, id) so it is the same in any process, batch or rank."""
+    import torch
 
-    def __init__(self, jobs: list[Job], draft_margin: float, max_pixels: int):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(_key(seed, image_id, "vae")))
+
+
+class DecodeDataset:
+    """Map-style dataset for DataLoader workers: index -> (index, pixels | None, noise, reason, detail).
+
+    Workers also draw each image's latent noise (when `noise_channels` is set), which keeps
+    the per-image generators off the accelerator's critical path.
+    """
+
+    def __init__(
+        self,
+        jobs: list[Job],
+        draft_margin: float,
+        max_pixels: int,
+        *,
+        seed: int = 0,
+        noise_channels: int | None = None,
+    ):
         self.jobs = jobs
         self.draft_margin = draft_margin
         self.max_pixels = max_pixels
+        self.seed = seed
+        self.noise_channels = noise_channels
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -143,17 +165,23 @@ class DecodeDataset:
                 except Exception as err:
                     raise Reject("decode_failed", f"{type(err).__name__}: {err}") from None
         except Reject as r:
-            return i, None, r.reason, r.detail
-        return i, arr, "", ""
+            return i, None, None, r.reason, r.detail
+        noise = None
+        if self.noise_channels:
+            b = job.placement.bucket
+            noise = latent_noise(self.seed, job.id, (self.noise_channels, b.height // 8, b.width // 8))
+        return i, arr, noise, "", ""
 
 
 def collate(items):
+    """-> (indices, uint8 pixels [B,3,H,W] | None, noise [B,C,h,w] | None, [(index, reason, detail)])."""
     import torch
 
-    ok = [(i, a) for i, a, _, _ in items if a is not None]
-    bad = [(i, r, d) for i, a, r, d in items if a is None]
-    pixels = torch.from_numpy(np.stack([a for _, a in ok])).permute(0, 3, 1, 2) if ok else None
-    return [i for i, _ in ok], pixels, bad
+    ok = [(i, a, n) for i, a, n, _, _ in items if a is not None]
+    bad = [(i, r, d) for i, a, _, r, d in items if a is None]
+    pixels = torch.from_numpy(np.stack([a for _, a, _ in ok])).permute(0, 3, 1, 2) if ok else None
+    noise = torch.stack([n for _, _, n in ok]) if ok and ok[0][2] is not None else None
+    return [i for i, _, _ in ok], pixels, noise, bad
 
 
 def bucket_batches(jobs: list[Job], batch_size: int) -> list[list[int]]:
@@ -275,26 +303,19 @@ def _device(cfg: EncodeConfig, local_rank: int):
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def encode_batch(vae, pixels, ids: list[str], cfg: EncodeConfig, scaling: float, device, dtype) -> np.ndarray:
-    """uint8 [B,3,H,W] -> fp16 latents [B,4,H/8,W/8] (numpy; may contain non-finite values)."""
+def encode_batch(vae, pixels, noise, scaling: float, device, dtype) -> np.ndarray:
+    """uint8 [B,3,H,W] -> fp16 latents [B,C,H/8,W/8] (numpy; may hold non-finite values).
+
+    `noise` None = the distribution mean; else mean + std * noise (diffusers' sample()).
+    """
     import torch
 
     x = pixels.to(device, non_blocking=True).to(dtype) / 127.5 - 1.0
     with torch.inference_mode():
         dist = vae.encode(x).latent_dist
-        mean = dist.mean.float()
-        if cfg.latent == "sample":
-            eps = torch.stack(
-                [
-                    torch.randn(
-                        mean.shape[1:], generator=torch.Generator().manual_seed(_key(cfg.seed, i, "vae"))
-                    )
-                    for i in ids
-                ]
-            ).to(device)
-            lat = mean + dist.std.float() * eps
-        else:
-            lat = mean
+        lat = dist.mean.float()
+        if noise is not None:
+            lat = lat + dist.std.float() * noise.to(device, non_blocking=True)
         lat = lat * scaling
     return lat.to(torch.float16).cpu().numpy()
 
@@ -353,7 +374,13 @@ def encode(dataset: str | os.PathLike, cfg: EncodeConfig) -> EncodeSummary:
         sink.start()
         reject_rows: list[dict] = []
         loader = DataLoader(
-            DecodeDataset(todo, cfg.draft_margin, cfg.max_pixels),
+            DecodeDataset(
+                todo,
+                cfg.draft_margin,
+                cfg.max_pixels,
+                seed=cfg.seed,
+                noise_channels=int(vae.config.latent_channels) if cfg.latent == "sample" else None,
+            ),
             batch_sampler=bucket_batches(todo, cfg.batch_size),
             num_workers=cfg.num_workers,
             collate_fn=collate,
@@ -365,12 +392,12 @@ def encode(dataset: str | os.PathLike, cfg: EncodeConfig) -> EncodeSummary:
         bar = tqdm(total=len(todo), unit="img", desc=f"encode r{rank}", disable=not cfg.progress or rank != 0)
         t_enc = time.perf_counter()
         try:
-            for idx, pixels, bad in loader:
+            for idx, pixels, noise, bad in loader:
                 for i, reason, detail in bad:
                     reject_rows.append(_reject(todo[i], reason, detail))
                 if pixels is not None:
                     ids = [todo[i].id for i in idx]
-                    lat = encode_batch(vae, pixels, ids, cfg, scaling, device, dtype)
+                    lat = encode_batch(vae, pixels, noise, scaling, device, dtype)
                     finite = np.isfinite(lat).reshape(len(ids), -1).all(axis=1)
                     keep = [k for k in range(len(ids)) if finite[k]]
                     for k in range(len(ids)):
