@@ -53,6 +53,19 @@ def test_every_samples_thins_checkpoints(tmp_path):
     assert [c.samples_seen for c in w.pending()] == [100, 400]  # 300 is within 200 after the done 200
 
 
+def test_every_nth_checkpoint(tmp_path):
+    ck = tmp_path / "checkpoints"
+    for s in (100, 200, 300, 400, 500):
+        make_checkpoint(ck, s)
+    w = Watcher(tmp_path, ["x"], [0], every=2)
+    assert [c.samples_seen for c in w.pending()] == [100, 300, 500]
+    done = tmp_path / "samples" / "step-000000000300"
+    done.mkdir(parents=True)
+    (done / "done.json").write_text(json.dumps({"samples_seen": 300}))
+    assert [c.samples_seen for c in w.pending()] == [100, 500]  # counted from the sampled 300
+    assert [c.samples_seen for c in Watcher(tmp_path, ["x"], [0], every=3).pending()] == [100]
+
+
 def test_read_prompts(tmp_path):
     p = tmp_path / "prompts.txt"
     p.write_text("# grid\na cat\n\n  a dog  \n")

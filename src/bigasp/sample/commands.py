@@ -126,6 +126,9 @@ def watch(
     run_dir: Path = typer.Argument(..., help="Run dir (with checkpoints/) or a checkpoints dir."),
     prompts: Path = typer.Option(..., "--prompts", help="Text file, one prompt per line ('#' comments)."),
     seeds: str = typer.Option("0", help="Comma-separated seeds; every prompt is sampled with each."),
+    every: int = typer.Option(
+        1, help="Sample every N-th complete checkpoint (counted from the last sampled)."
+    ),
     every_samples: int = typer.Option(
         0, help="Sample a checkpoint only if none sampled within this many training samples before it."
     ),
@@ -163,6 +166,7 @@ def watch(
         read_prompts(prompts),
         seed_list,
         out_dir=out,
+        every=every,
         every_samples=every_samples,
         base=base,
         device=device,

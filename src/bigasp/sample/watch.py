@@ -93,6 +93,7 @@ class Watcher:
         *,
         settings=None,
         out_dir: str | Path | None = None,
+        every: int = 1,
         every_samples: int = 0,
         base: str | None = None,
         device: str | None = None,
@@ -108,7 +109,9 @@ class Watcher:
         ck = checkpoints_dir(self.run_dir)
         default_out = ck.parent if ck != self.run_dir else self.run_dir
         self.samples_dir = Path(out_dir) if out_dir is not None else default_out / "samples"
-        self.every_samples = every_samples
+        if every < 1:
+            raise ConfigError(f"--every must be >= 1 (1 = every checkpoint), got {every}")
+        self.every, self.every_samples = every, every_samples
         self.base, self.device, self.dtype = base, device, dtype
         self._base_model: SDXL | None = None
 
@@ -130,12 +133,23 @@ class Watcher:
         return out
 
     def pending(self) -> list[Checkpoint]:
-        """Complete checkpoints not yet sampled, thinned to one per `every_samples`."""
+        """Complete checkpoints not yet sampled, thinned by `every` and `every_samples`.
+
+        `every=N` takes every N-th checkpoint counted from the last sampled one (the first
+        checkpoint is always taken); `every_samples=S` skips a checkpoint when one within S
+        training samples before it was sampled. Both are derived from the done markers, so a
+        restart makes the same choices, and pruning old checkpoints does not shift them.
+        """
         done = self.done()
         taken = sorted(done.values())
         todo = []
+        gap: int | None = None  # checkpoints since the last sampled one
         for c in complete_checkpoints(self.run_dir):
             if c.name in done:
+                gap = 0
+                continue
+            if gap is not None and gap + 1 < self.every:
+                gap += 1
                 continue
             if self.every_samples > 0 and any(
                 c.samples_seen - self.every_samples < s <= c.samples_seen for s in taken
@@ -143,6 +157,7 @@ class Watcher:
                 continue
             todo.append(c)
             taken.append(c.samples_seen)
+            gap = 0
         return todo
 
     # -- work --------------------------------------------------------------------------------
