@@ -300,3 +300,10 @@ def test_symlink_cycles_and_dangling_links_do_not_stop_the_scan(tmp_path):
     (data / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
     s = ingest([data], tmp_path / "ds", cfg())
     assert s.new == 1 and s.scanned == 1
+
+
+def test_pillow_bomb_error_is_a_too_large_reject(src, tmp_path):
+    # 160,000 px > 2 x 10,000: Pillow itself raises DecompressionBombError inside open()
+    s = ingest([src / "big.png"], tmp_path / "ds", cfg(max_pixels=10_000))
+    assert s.rejects == {"too_large": 1}
+    assert "pixels" in _rejects(tmp_path / "ds")["big.png"]["detail"]
