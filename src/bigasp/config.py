@@ -37,7 +37,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # a bare word such as bf16 or a path
+        value = raw.strip()  # a bare word such as bf16 or a path
     return key.split("."), value
 
 
