@@ -13,7 +13,11 @@ import typer
 
 from bigasp.store.commands import dataset_app
 
-BIGASP_V2_CHUNKS = {3: 0.25, 2: 0.66, 1: 0.09}  # share of batches per chunk count (v1 card notes)
+BIGASP_CHUNKS = {
+    3: 0.25,
+    2: 0.66,
+    1: 0.09,
+}  # share of batches per chunk count (card, "Training Details (Version 1)")
 
 
 def load_data_config(path: str | None, overrides: list[str] | None = None):
@@ -189,10 +193,10 @@ def batches(
     a = r["actual"]
     total = max(a["batches_checked"], 1)
     typer.echo(
-        f"chunks per batch, first {a['batches_checked']} batches of epoch 0 (bigASP v2: 25% / 66% / 9%):"
+        f"chunks per batch, first {a['batches_checked']} batches of epoch 0 (bigASP v1 run: 25% / 66% / 9%):"
     )
     for c in sorted(a["chunks_per_batch"], reverse=True):
-        ref = BIGASP_V2_CHUNKS.get(c)
+        ref = BIGASP_CHUNKS.get(c)
         ref_s = f"   (bigASP {ref:.0%})" if ref is not None else ""
         typer.echo(f"  {c * 75:>4} tokens ({c} chunk): {a['chunks_per_batch'][c] / total:6.1%}{ref_s}")
     typer.echo(
