@@ -242,7 +242,10 @@ def train(
     samples_seen, step, skipped, consecutive = 0, 0, 0, 0
     val_history: list[dict[str, Any]] = []
     if saved is not None:
+        peak_lrs = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
         optimizer.load_state_dict(saved["optimizer"])
+        for g in optimizer.param_groups:  # the config's lr wins over the saved one (lr changes on resume)
+            g["initial_lr"] = peak_lrs[g["name"]]
         st = saved["trainer"]
         if st.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(st["scaler"])
