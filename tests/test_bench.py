@@ -255,3 +255,17 @@ def test_bench_load_plan_ingest_cpu_json_fields(tmp_path):
     assert m["seconds"] > 0 and m["buckets"] > 1 and 0 < m["rank0_batches"] * 4 <= m["batches"] + 3
     d = _run_cli(["bench", "ingest", "--images", "40"], tmp_path)
     assert d["metrics"]["ingested"] == 40 and d["metrics"]["incremental_skipped"] == 40
+
+
+@pytest.mark.gpu
+def test_bench_train_cuda_bf16_reports_mfu_and_bounded_compile():
+    """GPU twin of the CPU train smoke test: MFU is a number, CUDA memory is reported, and a
+    regional compile at one shape compiles each block kind once and never recompiles."""
+    from bigasp.bench.train import TrainBenchConfig, run_train_bench
+
+    cfg = TrainBenchConfig(height=64, width=64, device_batch=2, tokens=154, compile=True, iters=3, warmup=1)
+    r = run_train_bench(cfg, torch.device("cuda"), "test")
+    m = r.metrics
+    assert 0 < m["mfu"] < 1 and m["mfu_pct"] == pytest.approx(100 * m["mfu"])
+    assert m["peak_allocated_gib"] > 0 and m["loss"] == m["loss"]
+    assert 0 < m["compiled_graphs"] <= 16 and m["recompiles"] == 0
