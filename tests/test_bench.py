@@ -157,7 +157,7 @@ def test_bench_train_flops_scale_with_batch():
     cfg = TrainBenchConfig(height=32, width=32, device_batch=2, tokens=77, precision="fp32")
     h = TrainStepHarness(cfg, torch.device("cpu"))
     two, _ = count_flops(h.forward_backward)
-    h.latents, h.noise, h.timesteps, h.time_ids = h.latents[:1], h.noise[:1], h.timesteps[:1], h.time_ids[:1]
+    h.latents, h.noise, h.t, h.time_ids = h.latents[:1], h.noise[:1], h.t[:1], h.time_ids[:1]
     h.tokens = replace(h.tokens, te1=h.tokens.te1[:1], te2=h.tokens.te2[:1])
     one, _ = count_flops(h.forward_backward)
     assert two.model == 2 * one.model > 0

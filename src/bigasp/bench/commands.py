@@ -58,6 +58,7 @@ def train(
     warmup: int = typer.Option(2, help="Untimed steps before timing."),
     iters: int = typer.Option(5, help="Timed steps (median reported)."),
     seed: int = typer.Option(0, help="Seed for weights and synthetic data."),
+    prediction: str = typer.Option("eps", help="Objective: eps (bigASP v2) or flow (v2.5)."),
     peak_tflops: float = typer.Option(H100_BF16_PEAK_TFLOPS, help=PEAK_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     json_out: str = typer.Option(None, "--json", help=JSON_HELP),
@@ -85,6 +86,7 @@ def train(
         warmup=warmup,
         iters=iters,
         seed=seed,
+        prediction=prediction,
         peak_tflops=peak_tflops,
         device=str(dev),
     )

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bigasp.bench.common import (
     H100_BF16_PEAK_TFLOPS,
@@ -49,6 +48,7 @@ class TrainBenchConfig:
     warmup: int = 2
     iters: int = 5
     seed: int = 0
+    prediction: str = "eps"  # "eps" (bigASP v2) or "flow" (v2.5): same FLOPs, different target
     lr: float = 1e-5
     peak_tflops: float = H100_BF16_PEAK_TFLOPS
     device: str = "cpu"
@@ -142,10 +142,19 @@ class TrainStepHarness:
             from bigasp.train.parallel import apply_fsdp2
 
             apply_fsdp2(self.unet, param_dtype=self.dtype if cfg.precision != "fp32" else None)
-        params = list(self.unet.parameters()) + (list(self.te1.parameters()) if cfg.train_te1 else [])
-        self.n_trainable = sum(p.numel() for p in params)
-        fused = device.type == "cuda"
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, fused=fused, foreach=not fused)
+        from bigasp.train.denoiser import Denoiser
+        from bigasp.train.objectives import Objective, ObjectiveConfig
+        from bigasp.train.optim import build_optimizer
+
+        # The trainer's own pieces: objective (noising, target, min-SNR weight), the denoiser
+        # (both text encoders + UNet) and the optimizer (fused AdamW on CUDA).
+        self.objective = Objective(ObjectiveConfig(prediction=cfg.prediction))
+        self.denoiser = Denoiser(self.unet, self.te1, self.te2)
+        groups = [("unet", list(self.unet.parameters()), cfg.lr)]
+        if cfg.train_te1:
+            groups.append(("text_encoder", list(self.te1.parameters()), cfg.lr))
+        self.n_trainable = sum(p.numel() for _, ps, _ in groups for p in ps)
+        self.opt = build_optimizer(groups)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
         g = torch.Generator().manual_seed(cfg.seed)
@@ -153,7 +162,7 @@ class TrainStepHarness:
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.latents = torch.randn(b, 4, h, w, generator=g).to(device, memory_format=fmt)
         self.noise = torch.randn(b, 4, h, w, generator=g).to(device, memory_format=fmt)
-        self.timesteps = torch.randint(0, 1000, (b,), generator=g).to(device)
+        self.t = torch.rand(b, generator=g, dtype=torch.float64).to(device)
         tokens = synthetic_tokens(b, cfg.tokens // 77, g)
         self.tokens = replace(tokens, te1=tokens.te1.to(device), te2=tokens.te2.to(device))
         self.time_ids = (
@@ -165,28 +174,17 @@ class TrainStepHarness:
             .repeat(b, 1)
             .to(device)
         )
-        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0).float().to(device)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp)
 
     def forward_backward(self) -> torch.Tensor:
-        from bigasp.models.conditioning import encode_tokens
+        from bigasp.train.objectives import Objective
 
         with self._autocast():
-            grad_ctx = contextlib.nullcontext() if self.cfg.train_te1 else torch.no_grad()
-            with grad_ctx:
-                cond = encode_tokens(self.te1, self.te2, self.tokens)
-            ab = self.alphas_cumprod[self.timesteps].view(-1, 1, 1, 1)
-            noisy = ab.sqrt() * self.latents + (1 - ab).sqrt() * self.noise
-            pred = self.unet(
-                noisy,
-                self.timesteps,
-                cond.embeds,
-                added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": self.time_ids},
-            ).sample
-        loss = F.mse_loss(pred.float(), self.noise.float())
+            prep = self.objective.prepare(self.latents, self.noise, self.t)
+            pred = self.denoiser(prep.x_t, prep.timesteps, self.tokens.te1, self.tokens.te2, self.time_ids)
+        loss, _, _ = Objective.loss(pred, prep)
         self.scaler.scale(loss).backward()
         return loss
 
@@ -221,7 +219,7 @@ def _run(cfg: TrainBenchConfig, device: torch.device, command: str) -> BenchResu
     compile_s = None
     before = compile_counters() if cfg.compile else None
     if cfg.compile:
-        h.unet = apply_compile(h.unet, cfg.compile_scope)
+        h.unet = h.denoiser.unet = apply_compile(h.unet, cfg.compile_scope)
         t0 = time.perf_counter()
         h.step()
         if device.type == "cuda":
