@@ -46,6 +46,14 @@ def apply_fsdp2(
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # FSDP2 (torch 2.11-2.13) refuses non-contiguous params, i.e. channels-last conv weights.
+    # Make them contiguous: convs still run channels-last when their input is (PyTorch picks
+    # the memory format from input or weight), so the activations keep the fast layout.
+    extra_modules = list(extra_modules)
+    for mod in [unet, *extra_modules]:
+        for p in mod.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in unet_blocks(unet):
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
