@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from bigasp.bench.common import (
-    H100_BF16_PEAK_TFLOPS,
     BenchResult,
     PeakMemory,
     machine_info,
@@ -95,6 +94,3 @@ def run_encode_bench(
         machine=machine_info(device),
         notes=[] if device.type == "cuda" else ["MFU is n/a on CPU"],
     )
-
-
-__all__ = ["H100_BF16_PEAK_TFLOPS", "run_encode_bench"]
