@@ -23,7 +23,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     grep -qs "^/$WHEELS/" .git/info/exclude 2>/dev/null || echo "/$WHEELS/" >>.git/info/exclude 2>/dev/null || true
     # Pure-python ones, then the two compiled ones for the device's CPython 3.12 / manylinux x86-64.
     $PY -m pip download -q --no-deps -d "$WHEELS" diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer \
-        pydantic==2.14.3 annotated-types==0.8.0 typing-inspection==0.4.5 || exit 1
+        pydantic==2.14.3 annotated-types==0.8.0 typing-inspection==0.4.5 typer==0.29.2 || exit 1
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d "$WHEELS" pydantic_core==2.50.4 zstandard==0.25.0 || exit 1
@@ -52,8 +52,8 @@ bench() {  # bench LIMIT_S NAME ARGS... : one bench in its own process, JSON to 
     timeout "$limit" $PY -m bigasp bench "$@" --json "$OUT/json/$name.json" | tee -a "$OUT/rows.md" | grep -v '^|---' || echo "!!! $name failed or timed out (rc=$?)"
 }
 
-# GPU tests first (tiny models; seconds).
-timeout 120 $PY -m pytest -q -m gpu tests/test_bench.py -p no:cacheprovider >"$OUT/pytest.txt" 2>&1
+# Every engineer's GPU-marked tests first (tiny models; seconds each).
+timeout 180 $PY -m pytest -q -m gpu tests -p no:cacheprovider >"$OUT/pytest.txt" 2>&1
 echo "gpu tests rc=$? (details in pytest.txt)"; tail -3 "$OUT/pytest.txt"
 
 SDXL="--preset sdxl-base --device cuda"
