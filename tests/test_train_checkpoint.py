@@ -239,3 +239,23 @@ def test_slurm_environment_maps_to_torchrun_names(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert read_env() == (1, 2, 1)
+
+
+def test_tracker_jsonl_and_optional_sinks(tmp_path):
+    import importlib.util
+
+    from bigasp.train.tracking import Tracker, read_metrics
+
+    t = Tracker(tmp_path, enabled=True, config={})
+    t.log({"train/loss": 0.5, "train/grad_norm": float("nan")}, samples=8, step=2)
+    t.close()
+    rec = read_metrics(tmp_path)[0]
+    assert (rec["samples"], rec["step"], rec["train/loss"], rec["train/grad_norm"]) == (8, 2, 0.5, "nan")
+    Tracker(tmp_path / "other", enabled=False, config={}).log({"x": 1}, samples=1, step=1)
+    assert not (tmp_path / "other").exists()  # non-zero ranks write nothing
+    for key, pkg in (("tensorboard", "tensorboard"), ("wandb_project", "wandb")):
+        if importlib.util.find_spec(pkg) is None:  # optional dependency absent: a clear error, not a crash
+            with pytest.raises(ConfigError, match=f"pip install {pkg}"):
+                Tracker(
+                    tmp_path / key, enabled=True, config={}, **{key: True if key == "tensorboard" else "p"}
+                )

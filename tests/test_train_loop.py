@@ -101,6 +101,7 @@ def batch_records(run_dir: Path, rank: int = 0) -> list[dict]:
     return [json.loads(x) for x in lines]
 
 
+@pytest.mark.slow
 def test_validation_loss_falls(tmp_path):
     data = write_synthetic_latent_dataset(tmp_path / "ds", n=48, seed=1)
     cfg = make_cfg(
@@ -127,6 +128,7 @@ def test_validation_loss_falls(tmp_path):
     assert any(k.startswith("val/loss_t") for k in metrics[0])  # per-t-bin losses
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigterm_is_bitwise(tmp_path, small_data):
     ref = make_cfg(tmp_path / "a", small_data, train={"min_snr_gamma": 5.0})
     full = train(ref)

@@ -116,7 +116,7 @@ def configure_model(model: SDXL, cfg: RunConfig, device: torch.device) -> None:
 
 def new_window() -> dict[str, Any]:
     """Accumulators between two log lines: summed step stats, samples, pure step time."""
-    return {"samples": 0, "step_time": 0.0, "stats": torch.zeros(7, dtype=torch.float64)}
+    return {"samples": 0, "step_time": 0.0, "stats": torch.zeros(8, dtype=torch.float64)}
 
 
 def format_duration(seconds: float) -> str:
@@ -372,8 +372,9 @@ def train(
                 min_ratio=t.min_lr_ratio,
             )
             set_lr(optimizer, lr_mult)
-            # stats: weighted loss, mse, micro-batches, non-finite, tokens padded, tokens used, flops
-            stats = torch.zeros(7, dtype=torch.float64, device=device)
+            # stats: weighted loss, mse, micro-batches, non-finite, tokens padded, tokens used, flops,
+            # stop requested. Kept on the device: one host sync per optimizer step, not per micro-step.
+            stats = torch.zeros(8, dtype=torch.float64, device=device)
             for micro in range(accumulation):
                 batch = next(batches).to(device, non_blocking=True)
                 if batch_log is not None:
@@ -394,18 +395,21 @@ def train(
                 stats[0] += loss.detach().double()
                 stats[1] += mse.detach().double()
                 stats[2] += 1
-                stats[3] += float(not torch.isfinite(loss).item())
+                stats[3] += (~torch.isfinite(loss)).double()
                 stats[4] += batch.te2_ids.numel()
-                stats[5] += float((batch.te2_ids != TE2_PAD).sum())
+                stats[5] += (batch.te2_ids != TE2_PAD).sum()
                 if flops is not None:
                     stats[6] += flops.per_batch(batch)
             # Gradients are synced now; unscale (fp16), clip, and skip the step if anything is non-finite.
             if scaler.is_enabled():
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or float("inf"))
-            stats[3] += float(not torch.isfinite(grad_norm).item())
+            stats[3] += (~torch.isfinite(grad_norm)).double()
+            stats[7] = float(stop.set)
             all_reduce_sum(stats)
+            stats = stats.cpu()
             finite = stats[3].item() == 0
+            stop_now = stats[7].item() > 0  # any rank got SIGTERM: all stop at this step
             if finite:
                 if scaler.is_enabled():
                     scaler.step(optimizer)
@@ -436,7 +440,7 @@ def train(
 
             # ---- logging -----------------------------------------------------------------------
             step_time = time.perf_counter() - step_start
-            window["stats"] += stats.cpu()
+            window["stats"] += stats
             window["samples"] += batch_size
             window["step_time"] += step_time
             log_now = samples_seen // cfg.logging.every != (samples_seen - batch_size) // cfg.logging.every
@@ -482,7 +486,6 @@ def train(
             v_every = cfg.validation.every
             if v_every and samples_seen // v_every != (samples_seen - batch_size) // v_every:
                 run_validation()
-            stop_now = all_reduce_sum(torch.tensor([float(stop.set)], device=device)).item() > 0
             sliced = stop_at is not None and samples_seen >= stop_at and samples_seen < t.max_samples
             c_every = cfg.checkpoint.every
             due = c_every and samples_seen // c_every != (samples_seen - batch_size) // c_every
