@@ -11,7 +11,7 @@
 # Then, device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # Results come back under $OUT: log.txt, results.jsonl (one JSON record per bench), rows.md
 # (pasteable rows for docs/PERFORMANCE.md), pytest.txt.
-set -u
+set -u -o pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${BIGASP_WHEELS:-.whl}
 OUT=${OUT:-/tmp/bigasp-gpu-check}
@@ -45,29 +45,35 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" || exit 2
 
+START=$SECONDS
+BUDGET=${BIGASP_GPU_BUDGET_S:-570}  # the device tool's call limit is 600 s: stop starting benches before it
 bench() {  # bench LIMIT_S NAME ARGS... : one bench in its own process, JSON to $OUT/json/NAME.json
-    local limit=$1 name=$2
+    local limit=$1 name=$2 left
     shift 2
+    left=$((BUDGET - (SECONDS - START)))
+    if [ "$left" -lt 30 ]; then echo "!!! $name skipped: out of the time budget"; return; fi
+    [ "$limit" -gt "$left" ] && limit=$left
     echo "=== $name: bigasp bench $*"
     timeout "$limit" $PY -m bigasp bench "$@" --json "$OUT/json/$name.json" | tee -a "$OUT/rows.md" | grep -v '^|---' || echo "!!! $name failed or timed out (rc=$?)"
 }
 
 # Every engineer's GPU-marked tests first (tiny models; seconds each).
-timeout 180 $PY -m pytest -q -m gpu tests -p no:cacheprovider >"$OUT/pytest.txt" 2>&1
+timeout 120 $PY -m pytest -q -m gpu tests -p no:cacheprovider >"$OUT/pytest.txt" 2>&1
 echo "gpu tests rc=$? (details in pytest.txt)"; tail -3 "$OUT/pytest.txt"
 
 SDXL="--preset sdxl-base --device cuda"
+# In priority order (later ones are skipped if the budget runs out).
 # Train step, UNet + TE1, 1024², 231 tokens (bigASP recipe). No-GC max batch on 80 GB is ~5 (reference §5).
-bench 120 train_b4_bf16        train $SDXL --res 1024x1024 --device-batch 4 --precision bf16 --tokens 231 --iters 8
-bench 200 train_b4_bf16_compile train $SDXL --res 1024x1024 --device-batch 4 --precision bf16 --tokens 231 --iters 8 --compile
-bench 120 train_b16_bf16_ckpt  train $SDXL --res 1024x1024 --device-batch 16 --precision bf16 --tokens 231 --iters 4 --checkpointing
-bench 120 train_b8_fsdp        train $SDXL --res 1024x1024 --device-batch 8 --precision bf16 --tokens 231 --iters 4 --fsdp
+bench 120 train_b4_bf16 train $SDXL --res 1024x1024 --device-batch 4 --precision bf16 --tokens 231 --iters 8
 # VAE encode 1024² (targets: bf16 >= 60 img/s, fp32 >= 30 img/s).
 bench 60 encode_bf16 encode $SDXL --res 1024x1024 --batch 8 --precision bf16 --iters 5
 bench 60 encode_fp32 encode $SDXL --res 1024x1024 --batch 8 --precision fp32 --iters 5
 # Sampling 1024², euler, CFG and CFG+PAG, batch 1 and 4, bigasp vs diffusers in one process.
 bench 150 sample sample $SDXL --res 1024x1024 --batches 1,4 --steps 5,15 --repeats 2
-# Host-side benches on the device's CPU (16 cores): loader per worker at SDXL latent size.
+bench 200 train_b4_bf16_compile train $SDXL --res 1024x1024 --device-batch 4 --precision bf16 --tokens 231 --iters 8 --compile
+bench 120 train_b16_bf16_ckpt train $SDXL --res 1024x1024 --device-batch 16 --precision bf16 --tokens 231 --iters 4 --checkpointing
+bench 120 train_b8_fsdp train $SDXL --res 1024x1024 --device-batch 8 --precision bf16 --tokens 231 --iters 4 --fsdp
+# Host side on the device's CPU: loader samples/s per worker at SDXL latent size.
 bench 60 load load --latent 128x128 --images 512 --batch 16 --batches 20
 
 for f in "$OUT"/json/*.json; do $PY -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$f"; done >"$OUT/results.jsonl"

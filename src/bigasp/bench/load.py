@@ -77,6 +77,8 @@ def run_load_bench(
     from bigasp.train.data import DataConfig, TrainLoader
 
     h, w = latent[0] * 8, latent[1] * 8
+    if workers == 0:
+        torch.set_num_threads(1)  # the per-core figure: a DataLoader worker runs single-threaded too
     with tempfile.TemporaryDirectory(prefix="bigasp-bench-load-") as tmp:
         t0 = time.perf_counter()
         path = write_bench_dataset(root or tmp, n=images, height=h, width=w, seed=seed)
