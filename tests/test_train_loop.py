@@ -270,3 +270,31 @@ def weights_at_init() -> dict[str, torch.Tensor]:
     out = {f"unet.{k}": v for k, v in m.unet.state_dict().items()}
     out.update({f"text_encoder.{k}": v for k, v in m.text_encoder.state_dict().items()})
     return out
+
+
+def test_gradient_checkpointing_toggle_gives_the_same_step(tmp_path, small_data):
+    out = {}
+    for gc in (False, True):
+        cfg = make_cfg(
+            tmp_path / f"gc-{gc}",
+            small_data,
+            model={"gradient_checkpointing": gc},
+            train={"max_samples": 4},
+            logging={"every": 4, "batch_log": False, "flops": False},
+        )
+        out[gc] = weights(train(cfg).last_checkpoint)
+    # recompute replays the same forward; only backward summation order may differ
+    worst = max(float((out[True][k] - out[False][k]).abs().max()) for k in out[True])
+    assert worst < 1e-5, worst
+    from bigasp.models import build_preset
+    from bigasp.train.trainer import configure_model
+
+    model = build_preset("tiny", ("unet", "text_encoder", "text_encoder_2"))
+    configure_model(
+        model, make_cfg(tmp_path, small_data, model={"gradient_checkpointing": True}), torch.device("cpu")
+    )
+    assert model.unet.is_gradient_checkpointing and model.text_encoder.is_gradient_checkpointing
+    assert not model.text_encoder_2.is_gradient_checkpointing  # frozen: nothing to recompute
+    assert not any(p.requires_grad for p in model.text_encoder_2.parameters())
+    frozen_te1 = [n for n, p in model.text_encoder.named_parameters() if not p.requires_grad]
+    assert frozen_te1 and all("layers.2." in n or "final_layer_norm" in n for n in frozen_te1)
