@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from bigasp.bench.common import H100_BF16_PEAK_TFLOPS
+from bigasp.bench import H100_BF16_PEAK_TFLOPS
 
 bench_app = typer.Typer(
     help="Throughput benchmarks (train step, VAE encode, sampling, data loading, tokenizer, ingest, planning).",

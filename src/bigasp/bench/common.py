@@ -20,8 +20,6 @@ from typing import Any
 
 import torch
 
-# Dense bf16/fp16 tensor-core peak of one H100 SXM (spec sheet; ../shared/reference/performance.md).
-H100_BF16_PEAK_TFLOPS = 989.4
 RESULT_VERSION = 1
 DATE_FORMAT = "%Y-%m-%d"
 
