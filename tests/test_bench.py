@@ -213,6 +213,7 @@ def test_bad_options_are_clear_errors():
         TrainBenchConfig(tokens=100).validate()
 
 
+@pytest.mark.slow  # ~14 s alone, 80 s on the shared 2-core box under load
 def test_bench_sample_cpu_json_fields(tmp_path):
     d = _run_cli(
         [
