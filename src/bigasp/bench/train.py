@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from bigasp.bench import H100_BF16_PEAK_TFLOPS
 from bigasp.bench.common import (
-    H100_BF16_PEAK_TFLOPS,
     BenchResult,
     PeakMemory,
     machine_info,
