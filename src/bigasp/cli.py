@@ -68,6 +68,9 @@ def _register() -> None:
     from bigasp.bench import commands as bench_commands
 
     bench_commands.register(app)
+    from bigasp.demo import commands as demo_commands
+
+    demo_commands.register(app)
 
 
 _register()

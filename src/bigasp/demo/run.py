@@ -1,0 +1,325 @@
+"""`bigasp demo`: the whole pipeline on synthetic photos, through the real CLI stages.
+
+photos -> `bigasp ingest` -> `bigasp model save` (+ the shipped demo VAE) -> `bigasp encode`
+-> `bigasp train configs/demo.toml --stop-at HALF` -> `bigasp train ... --resume auto`
+-> `bigasp generate` (colour x shape grid, high and low score tags) -> `bigasp watch --once`
+(HTML gallery of every checkpoint) -> figures (colour/shape adherence, sharpness gap) and a
+validation-loss plot.
+
+Every stage is invoked as `bigasp.cli.main([...])`, exactly what a user would type, so the
+demo exercises the product rather than a private shortcut; the demo's own code only writes
+the photos, assembles the starting model folder and measures the results. Each finished
+stage leaves a marker in OUT/.demo/ keyed by its parameters, so a re-run skips it
+(idempotent) and a changed parameter redoes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bigasp.demo import synthetic
+from bigasp.errors import BigaspError
+
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+
+def find_config(name: str) -> Path:
+    """configs/<name> of the source tree (the demo runs from a checkout, as `make demo` does)."""
+    for root in (Path.cwd() / "configs", CONFIG_DIR):
+        if (root / name).is_file():
+            return root / name
+    raise BigaspError(f"cannot find configs/{name}; run `bigasp demo` from the bigasp checkout")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run. `default` fits 5 min on 2 CPU cores, `quick` about one."""
+
+    photos: int
+    max_samples: int  # training length; the run stops at half, then resumes
+    validate_every: int
+    images_per_prompt: int  # seeds per grid prompt (more = steadier adherence figures)
+    steps: int  # sampling steps
+
+    @classmethod
+    def default(cls) -> DemoPlan:
+        return cls(photos=384, max_samples=9600, validate_every=960, images_per_prompt=4, steps=20)
+
+    @classmethod
+    def quick(cls) -> DemoPlan:
+        return cls(photos=192, max_samples=3200, validate_every=640, images_per_prompt=2, steps=12)
+
+
+@dataclass
+class DemoResult:
+    """What the demo produced and measured (also written to OUT/summary.json)."""
+
+    out: str
+    seed: int
+    quick: bool
+    paths: dict[str, str] = field(default_factory=dict)
+    colour_adherence: float = 0.0
+    colour_chance: float = 0.0
+    shape_adherence: float = 0.0
+    shape_chance: float = 0.0
+    sharpness_high: float = 0.0
+    sharpness_low: float = 0.0
+    val_loss_start: float = 0.0
+    val_loss_end: float = 0.0
+    stable_loss_start: float | None = None
+    stable_loss_end: float | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+
+    @property
+    def sharpness_ratio(self) -> float:
+        return self.sharpness_high / self.sharpness_low if self.sharpness_low > 0 else float("inf")
+
+
+class Stages:
+    """Runs CLI stages with skip markers; one instance per demo output folder."""
+
+    def __init__(self, out: Path, echo: Callable[[str], None]):
+        self.out = out
+        self.marks = out / ".demo"
+        self.marks.mkdir(parents=True, exist_ok=True)
+        self.echo = echo
+        self.seconds: dict[str, float] = {}
+        self.reused: list[str] = []
+
+    @staticmethod
+    def key(params: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def done(self, name: str, params: dict[str, Any]) -> bool:
+        mark = self.marks / f"{name}.json"
+        return mark.is_file() and json.loads(mark.read_text()).get("key") == self.key(params)
+
+    def mark(self, name: str, params: dict[str, Any]) -> None:
+        tmp = self.marks / f".{name}.tmp"
+        tmp.write_text(json.dumps({"key": self.key(params), "params": params}, default=str) + "\n")
+        os.replace(tmp, self.marks / f"{name}.json")
+
+    def run(self, name: str, params: dict[str, Any], body: Callable[[], None]) -> None:
+        if self.done(name, params):
+            self.echo(f"[demo] {name}: already done, reusing")
+            self.reused.append(name)
+            return
+        t0 = time.perf_counter()
+        body()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        self.mark(name, params)
+
+    def cli(self, *args: str) -> None:
+        from bigasp.cli import main
+
+        self.echo("[demo] $ bigasp " + " ".join(_quote(a) for a in args))
+        try:
+            main(list(args))
+        except SystemExit as err:
+            if err.code not in (0, None):
+                raise BigaspError(
+                    f"demo stage `bigasp {args[0]}` failed (exit {err.code}); its message is above"
+                ) from None
+
+
+def _quote(a: str) -> str:
+    return json.dumps(a) if (" " in a or not a) else a
+
+
+def grid_prompts() -> tuple[list[str], list[tuple[str, str, str]]]:
+    """The generation grid: every colour x shape, once with a high and once with a low score tag.
+
+    Backgrounds rotate so the grid is varied yet every prompt is in the training distribution.
+    Returns (prompts, [(colour, shape, 'high'|'low')]) in the same order.
+    """
+    backgrounds = list(synthetic.BACKGROUNDS)
+    prompts: list[str] = []
+    labels: list[tuple[str, str, str]] = []
+    for quality, tag in (("high", "score_9"), ("low", "score_1")):
+        for k, (colour, shape) in enumerate(synthetic.combinations()):
+            bg = backgrounds[k % len(backgrounds)]
+            prompts.append(f"{tag}, a photo of a {colour} {shape} on a {bg} background")
+            labels.append((colour, shape, quality))
+    return prompts, labels
+
+
+def _toml_str(value: str | Path) -> str:
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def run_demo(
+    out: str | Path = "demo-out",
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    echo: Callable[[str], None] = print,
+    plan: DemoPlan | None = None,
+) -> DemoResult:
+    """Run (or finish) the demo in `out`; returns the figures and where everything is."""
+    from bigasp.demo.vae import DEMO_VAE_DIR
+
+    plan = plan or (DemoPlan.quick() if quick else DemoPlan.default())
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    st = Stages(out, echo)
+    data_cfg = find_config("demo-data.toml")
+    train_cfg = find_config("demo.toml")
+    photos, dataset, base = out / "photos", out / "dataset", out / "base-model"
+    run_dir, grid_dir = out / "run", out / "grid"
+    t_start = time.perf_counter()
+
+    # 1. Photos (pure function of seed; rewriting identical files is a no-op).
+    st.run("photos", {"n": plan.photos, "seed": seed},
+           lambda: echo(f"[demo] photos: {synthetic.write_photos(photos, plan.photos, seed=seed).summary()}"))  # fmt: skip
+
+    # 2. Ingest, with the demo's scaled-down bucket rule.
+    st.run("ingest", {"n": plan.photos, "seed": seed, "cfg": data_cfg.read_text()},
+           lambda: st.cli("ingest", str(photos), "--out", str(dataset), "--config", str(data_cfg)))  # fmt: skip
+
+    # 3. Starting model: the `demo` preset (random init), flow kind, with the trained demo VAE.
+    def make_base() -> None:
+        tmp = out / ".base-model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        st.cli("model", "save", "demo", str(tmp), "--prediction", "flow", "--shift", "1.0")
+        shutil.rmtree(tmp / "vae")
+        shutil.copytree(DEMO_VAE_DIR, tmp / "vae")
+        shutil.rmtree(base, ignore_errors=True)
+        os.replace(tmp, base)
+
+    st.run("base-model", {"vae": _dir_digest(DEMO_VAE_DIR)}, make_base)
+
+    # 4. Encode with the shipped VAE.
+    st.run("encode", {"vae": _dir_digest(DEMO_VAE_DIR), "seed": seed, "n": plan.photos},
+           lambda: st.cli("encode", str(dataset), "--vae", str(DEMO_VAE_DIR), "--config", str(data_cfg),
+                          "--seed", str(seed)))  # fmt: skip
+
+    # 5. Train half, then resume to the end (shows checkpoint + exact resume on the way).
+    overrides = [
+        f"run_dir={_toml_str(run_dir)}",
+        f"data.dataset={_toml_str(dataset)}",
+        f"model.source={_toml_str(base)}",
+        f"data.seed={seed}",
+        f"train.max_samples={plan.max_samples}",
+        f"validation.every={plan.validate_every}",
+        f"checkpoint.every={plan.max_samples // 2}",
+        f"checkpoint.keep_every={plan.max_samples // 2}",
+        f"logging.every={plan.validate_every}",
+    ]
+    train_params = {"cfg": train_cfg.read_text(), "overrides": overrides, "data": st.key({"n": plan.photos})}
+
+    def train() -> None:
+        from bigasp.train.checkpoint import list_complete_checkpoints, read_meta
+
+        ckpts = list_complete_checkpoints(run_dir)
+        if not ckpts:
+            st.cli("train", str(train_cfg), *overrides, "--stop-at", str(plan.max_samples // 2))
+            echo("[demo] stopped at half-way on purpose; resuming from the checkpoint")
+        last = list_complete_checkpoints(run_dir)
+        if not last or read_meta(last[-1])["samples_seen"] < plan.max_samples:
+            st.cli("train", str(train_cfg), *overrides, "--resume", "auto")
+
+    started = st.marks / "train.started.json"
+    if not st.done("train", train_params):
+        # Resume an interrupted run only if it was started with the same config; else start over.
+        same = started.is_file() and json.loads(started.read_text()).get("key") == st.key(train_params)
+        if run_dir.exists() and not same:
+            shutil.rmtree(run_dir)
+        started.write_text(json.dumps({"key": st.key(train_params)}) + "\n")
+    st.run("train", train_params, train)
+    final = _final_checkpoint(run_dir, plan.max_samples)
+
+    # 6. Generate the grid with the v2.5-style sampler (euler + beta, CFG + PAG preset).
+    prompts, labels = grid_prompts()
+    gen_params = {"ckpt": final.name, "train": train_params, "steps": plan.steps,
+                  "n": plan.images_per_prompt, "seed": seed, "prompts": prompts}  # fmt: skip
+
+    def generate() -> None:
+        tmp = out / ".grid.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        st.cli("generate", *prompts, "--model", str(final / "model"), "--preset", "bigasp-v2.5",
+               "--size", "64x64", "--steps", str(plan.steps), "--seed", str(seed),
+               "--batch", str(plan.images_per_prompt), "--device", "cpu", "--out", str(tmp))  # fmt: skip
+        shutil.rmtree(grid_dir, ignore_errors=True)
+        os.replace(tmp, grid_dir)
+
+    st.run("generate", gen_params, generate)
+
+    # 7. Watch-style gallery: every checkpoint (half-way and final) side by side.
+    prompt_file = out / "watch-prompts.txt"
+    prompt_file.write_text("\n".join(prompts[: len(prompts) // 2]) + "\n")
+    st.run("watch", gen_params,
+           lambda: st.cli("watch", str(run_dir), "--prompts", str(prompt_file), "--seeds", str(seed), "--once",
+                          "--size", "64x64", "--steps", str(plan.steps), "--device", "cpu"))  # fmt: skip
+
+    # 8. Figures.
+    from bigasp.demo.report import measure, write_grid_image, write_loss_plot
+
+    result = DemoResult(out=str(out), seed=seed, quick=quick)
+    images = _grid_images(grid_dir, seed, len(prompts), plan.images_per_prompt)
+    measure(result, images, labels)
+    grid_png = write_grid_image(out / "grid.png", images, labels)
+    curve = write_loss_plot(out / "validation-loss.png", run_dir / "metrics.jsonl", result)
+    result.stage_seconds = {**st.seconds, "total": time.perf_counter() - t_start}
+    result.reused = st.reused
+    result.paths = {
+        "photos": str(photos),
+        "dataset": str(dataset),
+        "rejects": str(dataset / "rejects.parquet"),
+        "run": str(run_dir),
+        "final_checkpoint": str(final),
+        "generated": str(grid_dir),
+        "grid_image": str(grid_png),
+        "gallery": str(run_dir / "samples" / "index.html"),
+        "loss_plot": str(curve),
+        "metrics": str(run_dir / "metrics.jsonl"),
+    }
+    summary = out / "summary.json"
+    summary.write_text(
+        json.dumps({**asdict(result), "sharpness_ratio": result.sharpness_ratio}, indent=2) + "\n"
+    )
+    result.paths["summary"] = str(summary)
+    return result
+
+
+def _final_checkpoint(run_dir: Path, max_samples: int) -> Path:
+    from bigasp.train.checkpoint import list_complete_checkpoints, read_meta
+
+    ckpts = list_complete_checkpoints(run_dir)
+    if not ckpts or read_meta(ckpts[-1])["samples_seen"] < max_samples:
+        raise BigaspError(f"training in {run_dir} did not reach {max_samples} samples; re-run `bigasp demo`")
+    return ckpts[-1]
+
+
+def _grid_images(grid_dir: Path, seed: int, n_prompts: int, per_prompt: int) -> list[list[Any]]:
+    """images[p][j] as written by `bigasp generate` ({seed}-{p:02d}-{j:02d}.png)."""
+    from PIL import Image
+
+    out = []
+    for p in range(n_prompts):
+        row = []
+        for j in range(per_prompt):
+            path = grid_dir / f"{seed}-{p:02d}-{j:02d}.png"
+            if not path.is_file():
+                raise BigaspError(f"expected generated image {path} is missing; delete {grid_dir} and re-run")
+            with Image.open(path) as im:
+                row.append(im.convert("RGB"))
+        out.append(row)
+    return out
+
+
+def _dir_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
