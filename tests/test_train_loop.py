@@ -30,6 +30,16 @@ from bigasp.train.tracking import read_metrics
 from bigasp.train.trainer import TrainingDiverged, train
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's ops are far too small to gain from intra-op threads; on a shared 2-core box
+    a second OpenMP thread only waits for a core (runs got 3-5x slower with 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
     # 12 rows: 1 held out for validation (10% cap), 11 train rows = 5 device batches of 2 per epoch
@@ -101,7 +111,6 @@ def batch_records(run_dir: Path, rank: int = 0) -> list[dict]:
     return [json.loads(x) for x in lines]
 
 
-@pytest.mark.slow
 def test_validation_loss_falls(tmp_path):
     data = write_synthetic_latent_dataset(tmp_path / "ds", n=48, seed=1)
     cfg = make_cfg(
@@ -128,7 +137,6 @@ def test_validation_loss_falls(tmp_path):
     assert any(k.startswith("val/loss_t") for k in metrics[0])  # per-t-bin losses
 
 
-@pytest.mark.slow
 def test_exact_resume_after_sigterm_is_bitwise(tmp_path, small_data):
     ref = make_cfg(tmp_path / "a", small_data, train={"min_snr_gamma": 5.0})
     full = train(ref)
