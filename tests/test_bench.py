@@ -100,6 +100,28 @@ def test_tiny_unet_forward_flops_match_module_hand_count(tiny_model):
     assert counted.by_op["convolution"] == hand.by_kind["conv"]
 
 
+def test_sdxl_unet_forward_flops_match_reference():
+    """The real SDXL UNet on `meta` (no memory): 1024², 77 tokens = 6.761 TFLOP, as
+    ../shared/reference/performance.md §3.1 computed independently; both counters agree."""
+    from bigasp.models import build_preset
+
+    unet = build_preset("sdxl-base", components=("unet",), device="meta").unet
+    with torch.device("meta"):
+        x, ctx = torch.randn(1, 4, 128, 128), torch.randn(1, 77, 2048)
+        added = {"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)}
+        t = torch.tensor([500])
+
+    def fwd():
+        with torch.no_grad():
+            return unet(x, t, ctx, added_cond_kwargs=added).sample
+
+    counted, _ = count_flops(fwd)
+    assert counted.total / 1e12 == pytest.approx(6.761, abs=0.0005)
+    with ModuleFlopCounter(unet) as hand:
+        fwd()
+    assert hand.total == counted.total
+
+
 def _run_cli(args: list[str], tmp_path) -> dict:
     out = tmp_path / "r.json"
     result = CliRunner().invoke(app, [*args, "--json", str(out)])
