@@ -254,9 +254,11 @@ def train(
         val_history = st.get("validation", [])
         loaders = st["loader"]
         loader.load_state_dict(loaders[rank] if len(loaders) == world else loaders[0])
-        rng_key = f"rank{rank}.torch_cpu"
-        if rng_key in saved["rng"]:
-            torch.set_rng_state(saved["rng"][rng_key])
+        # All training randomness is keyed, so these only matter to third-party code using torch's RNG.
+        if f"rank{rank}.torch_cpu" in saved["rng"]:
+            torch.set_rng_state(saved["rng"][f"rank{rank}.torch_cpu"])
+        if device.type == "cuda" and f"rank{rank}.torch_cuda" in saved["rng"]:
+            torch.cuda.set_rng_state(saved["rng"][f"rank{rank}.torch_cuda"], device)
         if st.get("batch_size") != batch_size:
             log.warning("batch_size changed %s -> %s on resume", st.get("batch_size"), batch_size)
         log.info("resumed from %s at %d samples (step %d)", ckpt_path, samples_seen, step)
