@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from bigasp.cli import main
 from bigasp.config import dump_toml, validate
+from bigasp.errors import BigaspError
 from bigasp.store import LatentDataset
 from bigasp.train import checkpoint as ck
 from bigasp.train.config import RunConfig
@@ -166,6 +167,12 @@ def test_exact_resume_after_sigterm_is_bitwise(tmp_path, small_data):
     assert {r["epoch"] for r in rec_a} == {0, 1}  # the run crosses an epoch boundary
     losses = lambda run: [m["train/loss"] for m in read_metrics(run) if "train/loss" in m]  # noqa: E731
     assert losses(ref.run_dir) == losses(cut.run_dir)
+    # resuming with a different set of trained parts is a clear error, not a torch traceback
+    changed = make_cfg(tmp_path / "b", small_data, model={"train_text_encoder": False})
+    with pytest.raises(
+        BigaspError, match=r"trained \['unet', 'text_encoder'\] but this config trains \['unet'\]"
+    ):
+        train(changed, resume="auto")
 
 
 def test_fp16_scaler_skips_nonfinite_step_and_backs_off(tmp_path, medium_data):

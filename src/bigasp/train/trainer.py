@@ -243,6 +243,13 @@ def train(
     val_history: list[dict[str, Any]] = []
     if saved is not None:
         peak_lrs = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
+        saved_groups = [g.get("name") for g in saved["optimizer"]["param_groups"]]
+        if saved_groups != list(peak_lrs):
+            raise BigaspError(
+                f"{ckpt_path} trained {saved_groups} but this config trains {list(peak_lrs)}; keep "
+                "model.train_text_encoder / train_text_encoder_2 as they were to resume, or start a new run "
+                "from the checkpoint's model/ folder (model.source) to change what trains"
+            )
         optimizer.load_state_dict(saved["optimizer"])
         for g in optimizer.param_groups:  # the config's lr wins over the saved one (lr changes on resume)
             g["initial_lr"] = peak_lrs[g["name"]]
