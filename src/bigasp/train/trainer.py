@@ -385,13 +385,15 @@ def train(
             # stop requested. Kept on the device: one host sync per optimizer step, not per micro-step.
             stats = torch.zeros(8, dtype=torch.float64, device=device)
             for micro in range(accumulation):
-                batch = next(batches).to(device, non_blocking=True)
+                host_batch = next(batches)
+                rows = host_batch.indices.tolist()  # from the host copy: no device sync
+                batch = host_batch.to(device, non_blocking=True)
                 if batch_log is not None:
                     batch_log.write(json.dumps({
                         "samples": samples_seen, "step": step, "micro": micro, "epoch": batch.epoch,
-                        "position": batch.position, "rows": batch.indices.tolist(), "prompts": batch.prompts,
+                        "position": batch.position, "rows": rows, "prompts": batch.prompts,
                     }) + "\n")  # fmt: skip
-                keys = [(seed, "noise", batch.epoch, int(r)) for r in batch.indices]
+                keys = [(seed, "noise", batch.epoch, r) for r in rows]
                 prep = objective.sample_batch(batch.latents, keys)
                 time_ids = time_ids_from(batch.original_size, batch.crop, batch.target_size)
                 last = micro == accumulation - 1

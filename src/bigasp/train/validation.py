@@ -53,8 +53,8 @@ def evaluate(
     count = len(indices)
     sums = torch.zeros(2 + 2 * t_bins, dtype=torch.float64, device=device)
     for batch in batches:
+        rows = batch.indices.tolist()
         batch = batch.to(device)
-        rows = [int(i) for i in batch.indices]
         shape = tuple(batch.latents.shape[1:])
         noise = torch.stack(
             [
