@@ -313,3 +313,33 @@ def test_gradient_checkpointing_toggle_gives_the_same_step(tmp_path, small_data)
     assert not any(p.requires_grad for p in model.text_encoder_2.parameters())
     frozen_te1 = [n for n, p in model.text_encoder.named_parameters() if not p.requires_grad]
     assert frozen_te1 and all("layers.2." in n or "final_layer_norm" in n for n in frozen_te1)
+
+
+def test_torchrun_launch_of_the_cli(tmp_path, medium_data):
+    """The real launcher path: `torchrun -m bigasp.cli train` with 2 gloo ranks, one step, a checkpoint."""
+    import subprocess
+    import sys
+
+    cfg = make_cfg(tmp_path / "run", medium_data, train={"max_samples": 4})
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(dump_toml(cfg.model_dump(mode="json")))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    proc = subprocess.run(
+        [*cmd, "-m", "bigasp.cli", "train", str(cfg_path), "validation.every=0"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (ckpt,) = ck.list_complete_checkpoints(cfg.run_dir)
+    assert ck.read_meta(ckpt)["world_size"] == 2 and ck.read_meta(ckpt)["samples_seen"] == 4
+    assert len(json.loads((ckpt / "state" / "trainer.json").read_text())["loader"]) == 2  # both ranks' state
+    assert proc.stdout.count("done: 4 samples, 1 steps") == 1  # summary from rank 0 only

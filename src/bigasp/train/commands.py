@@ -44,6 +44,10 @@ def register(app: typer.Typer) -> None:
             result = train(cfg, resume=resume, stop_at=stop_at)
         finally:
             shutdown()
+        import os
+
+        if os.environ.get("RANK", "0") != "0":
+            return  # one summary line per job, from rank 0
         typer.echo(
             f"done: {result.samples_seen:,} samples, {result.step} steps, {result.skipped_steps} skipped"
             + (f", last checkpoint {result.last_checkpoint}" if result.last_checkpoint else "")
