@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from bigasp.errors import ModelLoadError
+from bigasp.fsutil import atomic_path
 from bigasp.models.components import SDXL, ModelKind
 from bigasp.models.presets import PRESETS, build_component, component_config
 
@@ -284,14 +285,8 @@ def save_single_file(model: SDXL, path: str | os.PathLike) -> Path:
         raise ModelLoadError("nothing to export: the model holds no components")
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in ldm_state_dict(model).items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=file_metadata(model))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=file_metadata(model))
     return out
 
 

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from bigasp.config import Section
 from bigasp.errors import ConfigError
+from bigasp.fsutil import atomic_path
 from bigasp.models.components import SDXL, ModelKind
 from bigasp.sample.guidance import Conditioning, GuidedDenoiser, perturbed_attention
 from bigasp.sample.model_sampling import max_denoise, model_sampling
@@ -360,9 +361,8 @@ def save_png(image, path: str | Path) -> Path:
     for key in ("parameters", JSON_KEY):
         if key in image.info:
             info.add_text(key, image.info[key])
-    tmp = path.with_name(f".tmp-{path.name}")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+    with atomic_path(path, durable=False) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigasp.errors import BigaspError, ConfigError, ModelLoadError
+from bigasp.fsutil import atomic_write_text
 from bigasp.models.components import SDXL
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class Watcher:
             "settings": settings.model_dump(mode="json"),
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        _atomic_write(tmp / DONE_FILE, json.dumps(marker, indent=2) + "\n")
+        atomic_write_text(tmp / DONE_FILE, json.dumps(marker, indent=2) + "\n")
         os.replace(tmp, final)
         log.info("sampled %s (%d images)", ckpt.name, len(self.prompts) * len(self.seeds))
         return final
@@ -269,11 +270,6 @@ class Watcher:
             f"<h1>Samples of {html.escape(str(self.run_dir))}</h1>"
             f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table></body></html>\n"
         )
-        return _atomic_write(self.samples_dir / GALLERY_FILE, page)
+        return atomic_write_text(self.samples_dir / GALLERY_FILE, page, durable=False)
 
 
-def _atomic_write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path

@@ -9,13 +9,15 @@ dataset synced to object storage reads with the same code; writers are local-pat
 from __future__ import annotations
 
 import os
-import uuid
-from pathlib import Path
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from bigasp.fsutil import atomic_path, atomic_write_bytes, fsync_dir, tmp_sibling
+
+__all__ = ["atomic_write_bytes", "atomic_write_parquet", "fsync_dir", "tmp_name"]
 
 FORMAT_VERSION = 1  # dataset directory + shard format; bump on any incompatible change
 
@@ -40,50 +42,13 @@ def is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def tmp_name(final: Path) -> Path:
-    """A hidden sibling temp path; readers ignore names starting with '.'."""
-    return final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+tmp_name = tmp_sibling  # readers ignore names starting with '.'
 
 
 def atomic_write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
     """Write a Parquet file so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
 
 
 def read_parquet(fs, path: str) -> pa.Table:

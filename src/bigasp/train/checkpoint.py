@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bigasp.errors import BigaspError
+from bigasp.fsutil import fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -84,38 +85,6 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             "newest complete one."
         )
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# fsync helpers
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return  # platforms without directory fds (Windows): rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            _fsync_file(Path(dirpath, f))
-        _fsync_dir(Path(dirpath))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -218,7 +187,7 @@ def save_checkpoint(
         if before_commit is not None:
             before_commit(tmp)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bigasp.errors import ConfigError
+from bigasp.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,7 @@ def truncate_jsonl(path: Path, max_samples: int, *, inclusive: bool = True) -> N
         n = int(rec.get("samples", 0))
         if n < max_samples or (inclusive and n == max_samples):
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class Tracker:
