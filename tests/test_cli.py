@@ -105,3 +105,13 @@ def test_user_errors_exit_2_with_a_message(argv, message, capsys, tmp_path, monk
     assert err.startswith("error:") and message in err
     assert "Traceback" not in err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_help_does_not_import_torch():
+    """`bigasp --help` builds every stage's help; a torch import there costs seconds per call."""
+    import subprocess
+    import sys
+
+    code = "import sys, bigasp.cli; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

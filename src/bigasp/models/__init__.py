@@ -6,7 +6,9 @@ does not pay for importing torch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from bigasp._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from bigasp.models.components import SDXL, ModelKind
@@ -14,18 +16,13 @@ if TYPE_CHECKING:
 
 __all__ = ["PRESETS", "SDXL", "ModelKind", "build_preset", "component_config"]
 
-_WHERE = {
-    "SDXL": "components",
-    "ModelKind": "components",
-    "PRESETS": "presets",
-    "build_preset": "presets",
-    "component_config": "presets",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(f"bigasp.models.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'bigasp.models' has no attribute {name!r}")
+__getattr__ = lazy_getattr(
+    __name__,
+    {
+        "SDXL": "components",
+        "ModelKind": "components",
+        "PRESETS": "presets",
+        "build_preset": "presets",
+        "component_config": "presets",
+    },
+)
