@@ -31,3 +31,27 @@ def tiny_model():
     from bigasp.models import build_preset
 
     return build_preset("tiny", seed=0)
+
+
+class HostSyncTrap(torch.Tensor):
+    """A tensor that fails on anything that would make the host wait for the device.
+
+    CPU twin of CUDA sync-debug mode: a hot loop run on these tensors proves it never reads
+    device values back (no `.item()`, no `if tensor:`), which on a GPU would stall the stream.
+    """
+
+    BANNED = frozenset(
+        {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+         torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
+    )  # fmt: skip
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.BANNED:
+            raise AssertionError(f"host sync in the sampling loop: {func.__name__}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.fixture
+def host_sync_trap() -> type[torch.Tensor]:
+    return HostSyncTrap
