@@ -96,7 +96,7 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """torch optimizer state_dict -> (tensors by 'state.<param>.<key>', JSON-able structure)."""
+    """torch optimizer state_dict -> (tensors by 'state.<param id or FQN>.<key>', JSON-able structure)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in state["state"].items():
@@ -111,11 +111,17 @@ def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], d
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for name, t in tensors.items():
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = t
+        pid, key = name.removeprefix("state.").rsplit(".", 1)  # pid: an int id or a dotted FQN
+        state.setdefault(_param_key(pid), {})[key] = t
     for pid, extra in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(extra)
+        state.setdefault(_param_key(pid), {}).update(extra)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _param_key(pid: str) -> int | str:
+    """Optimizer state keys are parameter ids (plain torch layout) or FQNs (the trainer's layout,
+    shared by DDP and FSDP2 so a run resumes under either); optimizer keys like `exp_avg` have no dot."""
+    return int(pid) if pid.isdigit() else pid
 
 
 def scaler_to_json(scaler: torch.amp.GradScaler) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`bigasp train CONFIG.toml [--resume auto|PATH] [key=value ...]`."""
+"""`bigasp train CONFIG.toml [--resume auto|PATH] [--set key=value ...] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -11,13 +11,20 @@ def register(app: typer.Typer) -> None:
         context_settings={"allow_extra_args": False},
         help=(
             "Train (or resume) an SDXL finetune from a TOML run config. Overrides use dotted keys, "
-            "e.g. `train.lr=2e-4 data.device_batch_size=8`. Multi-GPU: launch with torchrun "
+            "as `--set train.lr=2e-4` (like the other commands) or positionally, e.g. "
+            "`train.lr=2e-4 data.device_batch_size=8`. Multi-GPU: launch with torchrun "
             "(see docs/training.md)."
         ),
     )
     def train_cmd(
         config: str = typer.Argument(..., help="Run config TOML (see configs/ and docs/training.md)."),
         overrides: list[str] = typer.Argument(None, help="key.path=value overrides, parsed as TOML values."),
+        set_: list[str] = typer.Option(
+            None,
+            "--set",
+            help="key.path=value override (repeatable), parsed as a TOML value; applied before the "
+            "positional ones.",
+        ),
         resume: str = typer.Option(
             None,
             "--resume",
@@ -33,7 +40,7 @@ def register(app: typer.Typer) -> None:
         from bigasp.config import dump_toml, load_config
         from bigasp.train.config import RunConfig
 
-        cfg = load_config(RunConfig, config, overrides or [])
+        cfg = load_config(RunConfig, config, [*(set_ or []), *(overrides or [])])
         if print_config:
             typer.echo(dump_toml(cfg.model_dump(mode="json")))
             return

@@ -116,6 +116,14 @@ class TrainConfig(Section):
         ge=1,
         description="Abort after this many optimizer steps in a row skipped for non-finite loss/grads.",
     )
+    parallelism: Literal["ddp", "fsdp2"] = Field(
+        "ddp",
+        description="Multi-process strategy. ddp: full fp32 weights, grads and AdamW state on every "
+        "GPU (fastest while it fits). fsdp2: `fully_shard` per UNet block (and per trained text "
+        "encoder), weights/grads/AdamW state sharded across ranks, params all-gathered in the "
+        "autocast dtype, gradients reduced in fp32: for memory-bound cases (bigger device batches, "
+        "both encoders trained). One process: ignored. fp16 + fsdp2 is not supported (use bf16).",
+    )
     tf32: bool = Field(True, description="Allow TF32 matmuls/convolutions on Ampere+ GPUs.")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = CUDA when available.")
 
@@ -123,6 +131,11 @@ class TrainConfig(Section):
     def _check(self) -> TrainConfig:
         if not 0 <= self.betas[0] < 1 or not 0 <= self.betas[1] < 1:
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        if self.parallelism == "fsdp2" and self.precision == "fp16":
+            raise ValueError(
+                "train.parallelism = 'fsdp2' needs train.precision 'bf16' or 'fp32' (fp16's GradScaler "
+                "is not wired for sharded gradients); use bf16, or parallelism = 'ddp' for fp16"
+            )
         return self
 
 

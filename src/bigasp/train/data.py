@@ -11,6 +11,7 @@ is identical for `num_workers` 0 or 16 and after any resume. Sampler semantics l
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -446,6 +447,13 @@ def _worker_init(_: int) -> None:
     # Tokenisation and decompression are per-batch work; one thread per worker avoids
     # oversubscribing the cores that the other workers and the trainer use.
     torch.set_num_threads(1)
+    # Ctrl-C and SLURM/Kubernetes preemption signal the whole process group. A worker killed by
+    # it makes the trainer's next batch fetch fail before it can write the preemption
+    # checkpoint; ignoring the signal here lets the main process (which handles it) finish the
+    # step, save, and shut the workers down itself. Workers still exit if the main process
+    # dies (DataLoader's parent watchdog), and SIGKILL still kills them.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def load_aliases(cfg: DataConfig) -> AliasTable | None:

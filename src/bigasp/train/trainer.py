@@ -18,7 +18,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,14 @@ from bigasp.models.components import SDXL, ModelKind
 from bigasp.models.io import load_model, save_diffusers_folder
 from bigasp.text import TE2_PAD
 from bigasp.train import checkpoint as ckpt_io
+from bigasp.train import parallel
 from bigasp.train.config import RunConfig, resolve_accumulation
 from bigasp.train.data import TrainLoader, eval_batches, split_dataset
 from bigasp.train.denoiser import Denoiser, time_ids_from
 from bigasp.train.distributed import (
     DistInfo,
     all_gather_objects,
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -82,6 +84,14 @@ def objective_config(cfg: RunConfig) -> ObjectiveConfig:
         flow_logit_std=t.flow_logit_std,
         flow_shift=t.flow_shift,
     )
+
+
+def trained(cfg: RunConfig, component: str) -> bool:
+    return {
+        "unet": True,
+        "text_encoder": cfg.model.train_text_encoder,
+        "text_encoder_2": cfg.model.train_text_encoder_2,
+    }[component]
 
 
 def configure_model(model: SDXL, cfg: RunConfig, device: torch.device) -> None:
@@ -198,13 +208,28 @@ def train(
     configure_model(model, cfg, device)
     denoiser = Denoiser(model.unet, model.text_encoder, model.text_encoder_2)
     net: torch.nn.Module = denoiser
-    if dist.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            denoiser,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=False,
-            gradient_as_bucket_view=True,
+    # FSDP2 roots: the UNet (one unit per block) and each trained text encoder. Frozen encoders
+    # stay replicated (no grads, no optimizer state: nothing worth sharding).
+    sharded = ["unet", *(n for n in ("text_encoder", "text_encoder_2") if trained(cfg, n))]
+    fsdp = cfg.train.parallelism == "fsdp2" and dist.distributed
+    encoder_units = [getattr(model, n) for n in sharded[1:]]
+    if fsdp:
+        parallel.apply_fsdp2(
+            model.unet, param_dtype=amp_dtype, reduce_dtype=torch.float32, extra_modules=encoder_units
         )
+    elif dist.distributed:
+        # Not static_graph: the frozen TE1 last layer and no_sync accumulation keep the graph honest.
+        net = parallel.wrap_ddp(denoiser, device, static_graph=False)
+    fsdp_roots = [model.unet, *encoder_units] if fsdp else []
+
+    def grad_sync(enabled: bool):
+        """Reduce gradients on this backward (the last micro-step) or accumulate locally."""
+        if fsdp:
+            parallel.set_gradient_sync(fsdp_roots, enabled)
+        elif dist.distributed and not enabled:
+            return net.no_sync()
+        return contextlib.nullcontext()
+
     trainable = [p for p in denoiser.parameters() if p.requires_grad]
     objective = Objective(objective_config(cfg))
 
@@ -250,7 +275,12 @@ def train(
                 "model.train_text_encoder / train_text_encoder_2 as they were to resume, or start a new run "
                 "from the checkpoint's model/ folder (model.source) to change what trains"
             )
-        optimizer.load_state_dict(saved["optimizer"])
+        if fsdp:
+            parallel.load_full_optimizer_state(
+                denoiser, optimizer, parallel.fqn_keyed(denoiser, optimizer, saved["optimizer"])
+            )
+        else:
+            optimizer.load_state_dict(parallel.id_optimizer_state(denoiser, optimizer, saved["optimizer"]))
         for g in optimizer.param_groups:  # the config's lr wins over the saved one (lr changes on resume)
             g["initial_lr"] = peak_lrs[g["name"]]
         st = saved["trainer"]
@@ -305,10 +335,19 @@ def train(
             batches = eval_batches(
                 dataset, rows, cfg.data, rank=rank, world_size=world, device_batch_size=vb, seed=seed
             )
+            filler: list = []
+            if fsdp:  # every rank must run the same number of forwards (each one all-gathers weights)
+                batches = list(batches)
+                most = int(all_reduce_max(torch.tensor([len(batches)], device=device)).item())
+                if len(batches) < most:
+                    first = next(iter(eval_batches(
+                        dataset, rows, cfg.data, rank=0, world_size=world, device_batch_size=vb, seed=seed
+                    )))  # fmt: skip
+                    filler = [first] * (most - len(batches))
             out.update(
                 evaluate(
                     denoiser, objective, batches, indices=rows, name=name, seed=seed, device=device,
-                    autocast=autocast, t_bins=cfg.validation.t_bins,
+                    autocast=autocast, t_bins=cfg.validation.t_bins, filler=filler,
                 )
             )  # fmt: skip
         denoiser.unet.train()
@@ -332,14 +371,24 @@ def train(
     def save(reason: str) -> Path | None:
         loader_states = all_gather_objects(loader.state_dict())
         rngs = all_gather_objects(ckpt_io.rng_tensors())
+        to_save, opt_state = model, None
+        if fsdp:  # collectives: every rank gathers, rank 0 receives the full (unsharded) state
+            full = {n: parallel.full_state_dict(getattr(model, n)) for n in sharded}
+            opt_state = parallel.full_optimizer_state(denoiser, optimizer)
+            if dist.is_main:
+                to_save = replace(
+                    model, **{n: parallel.unsharded_copy(getattr(model, n), full[n]) for n in full}
+                )
+        elif dist.is_main:
+            opt_state = parallel.fqn_optimizer_state(denoiser, optimizer)
         path = None
         if dist.is_main:
             path = ckpt_io.save_checkpoint(
                 run_dir,
                 samples_seen=samples_seen,
                 step=step,
-                write_model=lambda folder: save_diffusers_folder(model, folder),
-                optimizer_state=optimizer.state_dict(),
+                write_model=lambda folder: save_diffusers_folder(to_save, folder),
+                optimizer_state=opt_state,
                 scaler_state=ckpt_io.scaler_to_json(scaler) if scaler.is_enabled() else None,
                 trainer_state={
                     "samples_seen": samples_seen,
@@ -348,6 +397,7 @@ def train(
                     "consecutive_skips": consecutive,
                     "loader": loader_states,
                     "world_size": world,
+                    "parallelism": "fsdp2" if fsdp else "ddp",
                     "batch_size": batch_size,
                     "accumulation": accumulation,
                     "validation": val_history,
@@ -397,8 +447,7 @@ def train(
                 prep = objective.sample_batch(batch.latents, keys)
                 time_ids = time_ids_from(batch.original_size, batch.crop, batch.target_size)
                 last = micro == accumulation - 1
-                sync = contextlib.nullcontext() if last or not dist.distributed else net.no_sync()
-                with sync:
+                with grad_sync(last):
                     with autocast():
                         pred = net(prep.x_t, prep.timesteps, batch.te1_ids, batch.te2_ids, time_ids)
                     loss, mse, _ = objective.loss(pred, prep)
@@ -415,6 +464,8 @@ def train(
             if scaler.is_enabled():
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards -> global norm
+                grad_norm = grad_norm.full_tensor()
             stats[3] += (~torch.isfinite(grad_norm)).double()
             stats[7] = float(stop.set)
             all_reduce_sum(stats)

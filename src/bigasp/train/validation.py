@@ -44,11 +44,24 @@ def evaluate(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
     t_bins: int = 10,
+    filler: Iterable[Batch] = (),
 ) -> dict[str, float]:
     """Plain (unweighted) loss of the set `name` plus per-t-bin losses, summed over all ranks.
 
     `forward(x_t, timesteps, te1_ids, te2_ids, time_ids)` is the (unwrapped) denoiser.
+    `filler`: batches run through `forward` and discarded, so that under FSDP2 (where every
+    forward is a collective) a rank with fewer evaluation batches keeps pace with the others.
     """
+    for batch in filler:
+        batch = batch.to(device)
+        with autocast():
+            forward(
+                batch.latents.float(),
+                torch.zeros(batch.latents.shape[0], device=device),
+                batch.te1_ids,
+                batch.te2_ids,
+                time_ids_from(batch.original_size, batch.crop, batch.target_size),
+            )
     stratum = strata(indices, seed=seed, name=name)
     count = len(indices)
     sums = torch.zeros(2 + 2 * t_bins, dtype=torch.float64, device=device)
