@@ -36,7 +36,9 @@ class ModelConfig(Section):
     frozen_dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         description="Storage dtype of FROZEN text encoders (they run under no_grad; lower precision "
-        "saves memory and time). Trained parts always keep fp32 master weights.",
+        "saves memory and time). Trained parts always keep fp32 master weights. Checkpoints always "
+        "write frozen parts exactly as loaded: when this dtype would round them (bf16 for SDXL's "
+        "fp16 encoders) a CPU copy of the originals is kept for saving; fp16 holds SDXL exactly.",
     )
     gradient_checkpointing: bool = Field(
         False,

@@ -94,16 +94,42 @@ def trained(cfg: RunConfig, component: str) -> bool:
     }[component]
 
 
-def configure_model(model: SDXL, cfg: RunConfig, device: torch.device) -> None:
-    """Trainable parts: train mode, grads on. Frozen parts: eval, no grads, `frozen_dtype` storage."""
+def lossless_dtype(module: torch.nn.Module, candidates: tuple[torch.dtype, ...]) -> torch.dtype | None:
+    """The first dtype in `candidates` that holds every parameter and buffer of `module` exactly."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    for dt in candidates:
+        if all(t.dtype == dt or torch.equal(t.to(dt).to(t.dtype), t) for t in tensors):
+            return dt
+    return None
+
+
+def configure_model(model: SDXL, cfg: RunConfig, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """Trainable parts: train mode, grads on. Frozen parts: eval, no grads, `frozen_dtype` storage.
+
+    Returns the weights checkpoints must write for frozen parts that `frozen_dtype` would round
+    (e.g. SDXL's fp16 text encoders in bf16): a CPU copy in the smallest dtype that holds them
+    exactly. A frozen part never changes, so every checkpoint must reproduce it bit for bit;
+    parts that `frozen_dtype` stores exactly (SDXL's fp16 release in fp16) need no copy."""
     m = cfg.model
+    originals: dict[str, dict[str, torch.Tensor]] = {}
     model.unet.requires_grad_(True).train()
     for name, trains in (("text_encoder", m.train_text_encoder), ("text_encoder_2", m.train_text_encoder_2)):
         enc = getattr(model, name)
         if trains:
             enc.requires_grad_(True).train()
-        else:
-            enc.requires_grad_(False).eval().to(DTYPES[m.frozen_dtype])
+            continue
+        storage = DTYPES[m.frozen_dtype]
+        if lossless_dtype(enc, (storage,)) is None:
+            keep = lossless_dtype(enc, (torch.float16, torch.bfloat16)) or torch.float32
+            originals[name] = {k: v.detach().to("cpu", keep, copy=True) for k, v in enc.state_dict().items()}
+            size = sum(v.numel() * v.element_size() for v in originals[name].values())
+            log.warning(
+                "model.frozen_dtype = %s rounds %s's weights; checkpoints write a %s CPU copy of the "
+                "original (%.2f GB host memory). A frozen_dtype that holds them exactly (fp16 for SDXL's "
+                "release) needs no copy.",
+                m.frozen_dtype, name, str(keep).removeprefix("torch."), size / 1e9,
+            )  # fmt: skip
+        enc.requires_grad_(False).eval().to(storage)
     if m.train_text_encoder:
         # Conditioning uses TE1's penultimate hidden state: its last layer and final norm never
         # receive a gradient, so they are frozen (keeps DDP free of find_unused_parameters).
@@ -122,6 +148,7 @@ def configure_model(model: SDXL, cfg: RunConfig, device: torch.device) -> None:
         getattr(model, name).to(device)
     if model.vae is not None:
         model.vae.requires_grad_(False).eval()  # stays on CPU: only saved with checkpoints
+    return originals
 
 
 def new_window() -> dict[str, Any]:
@@ -205,7 +232,7 @@ def train(
     components = ("unet", "text_encoder", "text_encoder_2", *(("vae",) if cfg.model.save_vae else ()))
     source = str(ckpt_path / "model") if ckpt_path is not None else cfg.model.source
     model = load_model(source, components, kind=kind, preset=cfg.model.preset, seed=cfg.model.init_seed)
-    configure_model(model, cfg, device)
+    frozen_originals = configure_model(model, cfg, device)
     denoiser = Denoiser(model.unet, model.text_encoder, model.text_encoder_2)
     net: torch.nn.Module = denoiser
     # FSDP2 roots: the UNet (one unit per block) and each trained text encoder. Frozen encoders
@@ -381,6 +408,11 @@ def train(
                 )
         elif dist.is_main:
             opt_state = parallel.fqn_optimizer_state(denoiser, optimizer)
+        if dist.is_main and frozen_originals:  # frozen parts exactly as loaded, never rounded
+            to_save = replace(
+                to_save,
+                **{n: parallel.unsharded_copy(getattr(model, n), sd) for n, sd in frozen_originals.items()},
+            )
         path = None
         if dist.is_main:
             path = ckpt_io.save_checkpoint(
