@@ -12,15 +12,15 @@ from torch import nn
 from typer.testing import CliRunner
 
 from bigasp.bench.common import BenchResult, command_line, parse_res
-from bigasp.bench.flops import (
+from bigasp.cli import app
+from bigasp.errors import ConfigError
+from bigasp.flops import (
     ModuleFlopCounter,
     attention_flops,
     conv2d_flops,
     count_flops,
     linear_flops,
 )
-from bigasp.cli import app
-from bigasp.errors import ConfigError
 
 
 class ConvLinearAttn(nn.Module):
@@ -183,6 +183,42 @@ def test_bench_train_flops_scale_with_batch():
     h.tokens = replace(h.tokens, te1=h.tokens.te1[:1], te2=h.tokens.te2[:1])
     one, _ = count_flops(h.forward_backward)
     assert two.model == 2 * one.model > 0
+
+
+@pytest.mark.parametrize("train_te1", [True, False])
+def test_trainer_flops_equal_the_bench_count_of_a_real_step(train_te1):
+    """The trainer's per-shape count (meta copies, forward + backward) is the bench's count of a
+    real CPU step: one FLOP convention for MFU in `bigasp train` and `bigasp bench train`."""
+    from bigasp.bench.train import TrainBenchConfig, TrainStepHarness
+    from bigasp.flops import TrainFlops
+
+    cfg = TrainBenchConfig(
+        height=32, width=48, device_batch=2, tokens=154, precision="fp32", train_te1=train_te1
+    )
+    h = TrainStepHarness(cfg, torch.device("cpu"))
+    real, _ = count_flops(h.forward_backward)
+    counter = TrainFlops(h.unet, h.te1, h.te2)
+    assert 2 * counter.per_sample(4, 6, 2) == real.model > 0
+    fwd = TrainFlops(*(m.requires_grad_(False) for m in (h.unet, h.te1, h.te2)))  # nothing trains
+    # a frozen network costs its forward only; a trained one less than 3x (no input grad at
+    # conv_in, none for TE1's unused last layer)
+    assert fwd.per_sample(4, 6, 2) < counter.per_sample(4, 6, 2) < 3 * fwd.per_sample(4, 6, 2)
+
+
+@pytest.mark.slow
+def test_sdxl_training_flops_match_reference():
+    """SDXL UNet + TE1 trained, TE2 frozen, 1024², 3 chunks: 21.2 TFLOP per sample
+    (../shared/reference/performance.md), counted as the trainer counts it, on `meta`."""
+    from bigasp.flops import TrainFlops
+    from bigasp.models import build_preset
+
+    m = build_preset("sdxl-base", ("unet", "text_encoder", "text_encoder_2"), device="meta")
+    m.text_encoder_2.requires_grad_(False)
+    te1 = getattr(m.text_encoder, "text_model", m.text_encoder)
+    te1.encoder.layers[-1].requires_grad_(False)  # as the trainer: penultimate-layer conditioning
+    te1.final_layer_norm.requires_grad_(False)
+    per_sample = TrainFlops(m.unet, m.text_encoder, m.text_encoder_2).per_sample(128, 128, 3)
+    assert per_sample / 1e12 == pytest.approx(21.2, rel=1e-3)
 
 
 def test_bench_encode_cpu_json_fields(tmp_path):

@@ -18,7 +18,7 @@ from bigasp.bench.common import (
     summarize,
     time_iterations,
 )
-from bigasp.bench.flops import count_flops
+from bigasp.flops import count_flops
 
 
 def run_encode_bench(

@@ -27,8 +27,8 @@ from bigasp.bench.common import (
     summarize,
     time_iterations,
 )
-from bigasp.bench.flops import count_flops
 from bigasp.errors import ConfigError
+from bigasp.flops import count_flops
 
 
 @dataclass

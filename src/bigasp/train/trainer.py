@@ -26,6 +26,7 @@ import torch
 
 from bigasp.config import dump_toml
 from bigasp.errors import BigaspError
+from bigasp.flops import TrainFlops
 from bigasp.models.components import SDXL, ModelKind
 from bigasp.models.io import load_model, save_diffusers_folder
 from bigasp.text import TE2_PAD
@@ -43,7 +44,6 @@ from bigasp.train.distributed import (
     broadcast_object,
     init_distributed,
 )
-from bigasp.train.flops import FlopCounter
 from bigasp.train.objectives import Objective, ObjectiveConfig
 from bigasp.train.optim import build_optimizer, set_lr
 from bigasp.train.schedule import lr_multiplier
@@ -345,7 +345,7 @@ def train(
         elif path.exists():
             path.unlink()
         batch_log = path.open("a", encoding="utf-8")
-    flops = FlopCounter(model, cfg) if cfg.logging.flops else None
+    flops = TrainFlops(model.unet, model.text_encoder, model.text_encoder_2) if cfg.logging.flops else None
 
     result = TrainResult(samples_seen, step, skipped)
 
