@@ -13,7 +13,7 @@ from bigasp.models import build_preset
 from bigasp.models.io import save_diffusers_folder
 from bigasp.train.synthetic import write_synthetic_latent_dataset
 from bigasp.train.trainer import configure_model, train
-from test_train_loop import make_cfg
+from train_helpers import make_cfg
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from bigasp.train.config import RunConfig
 from bigasp.train.distributed import shutdown
 from bigasp.train.synthetic import write_synthetic_latent_dataset
 from bigasp.train.trainer import train
-from test_train_loop import _free_port, make_cfg, weights, weights_at_init
+from train_helpers import free_port, make_cfg, weights, weights_at_init
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def _worker(rank: int, world: int, port: int, cfg_json: str, resume: str | None,
 def _run(cfg: RunConfig, *, resume: str | None = None, stop_at: int | None = None) -> Path:
     mp.start_processes(
         _worker,
-        args=(2, _free_port(), cfg.model_dump_json(), resume, stop_at),
+        args=(2, free_port(), cfg.model_dump_json(), resume, stop_at),
         nprocs=2,
         start_method="fork",
         join=True,

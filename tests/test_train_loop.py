@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from bigasp.cli import main
-from bigasp.config import dump_toml, validate
+from bigasp.config import dump_toml
 from bigasp.errors import BigaspError
 from bigasp.store import LatentDataset
 from bigasp.train import checkpoint as ck
@@ -29,6 +28,7 @@ from bigasp.train.distributed import shutdown
 from bigasp.train.synthetic import write_synthetic_latent_dataset
 from bigasp.train.tracking import read_metrics
 from bigasp.train.trainer import TrainingDiverged, train
+from train_helpers import free_port, make_cfg, weights, weights_at_init
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,36 +53,6 @@ def medium_data(tmp_path_factory) -> Path:
     return write_synthetic_latent_dataset(tmp_path_factory.mktemp("data") / "ds", n=24, seed=2)
 
 
-def make_cfg(run_dir: Path, dataset: Path, **sections) -> RunConfig:
-    raw = {
-        "run_dir": str(run_dir),
-        "model": {"source": "tiny", "save_vae": False, "train_text_encoder": True},
-        "data": {
-            "dataset": str(dataset),
-            "seed": 3,
-            "device_batch_size": 2,
-            "num_workers": 0,
-            "validation_size": 4,
-            "stable_size": 4,
-        },
-        "train": {
-            "objective": "eps",
-            "batch_size": 4,
-            "max_samples": 16,
-            "lr": 1e-3,
-            "warmup_samples": 8,
-            "precision": "fp32",
-            "device": "cpu",
-        },
-        "validation": {"every": 0},
-        "checkpoint": {"every": 0, "keep_last": 5},
-        "logging": {"every": 4, "batch_log": True, "flops": False},
-    }
-    for name, values in sections.items():
-        raw[name] = {**raw.get(name, {}), **values}
-    return validate(RunConfig, raw)
-
-
 class WrappedDataset:
     """A LatentDataset with a hook on every latent read (to inject NaNs or a signal)."""
 
@@ -95,16 +65,6 @@ class WrappedDataset:
     def read_latent(self, i: int) -> torch.Tensor:
         self.reads += 1
         return self.hook(self, i, self.ds.read_latent(i))
-
-
-def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for comp, fname in (
-        ("unet", "diffusion_pytorch_model.safetensors"),
-        ("text_encoder", "model.safetensors"),
-    ):
-        out.update({f"{comp}.{k}": v for k, v in load_file(str(ckpt / "model" / comp / fname)).items()})
-    return out
 
 
 def batch_records(run_dir: Path, rank: int = 0) -> list[dict]:
@@ -232,12 +192,6 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_json: str) -> None:
         shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_gloo_processes_match_one_process(tmp_path, medium_data):
     common = dict(
         train={"max_samples": 12},
@@ -253,7 +207,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, medium_data):
     # 2 gloo processes (forked, so no second import of torch): device batch 2 x 1 x 2 ranks
     multi = make_cfg(tmp_path / "two", medium_data, **common)
     mp.start_processes(
-        _ddp_worker, args=(2, _free_port(), multi.model_dump_json()), nprocs=2, start_method="fork", join=True
+        _ddp_worker, args=(2, free_port(), multi.model_dump_json()), nprocs=2, start_method="fork", join=True
     )
     two = ck.list_complete_checkpoints(multi.run_dir)[-1]
     assert one.name == two.name == "step-000000000012"
@@ -276,15 +230,6 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, medium_data):
     assert moved > 10 * worst
     val = lambda run: [m["val/loss"] for m in read_metrics(run) if "val/loss" in m]  # noqa: E731
     assert val(single.run_dir) == pytest.approx(val(multi.run_dir), rel=1e-6)  # all-reduced validation
-
-
-def weights_at_init() -> dict[str, torch.Tensor]:
-    from bigasp.models import build_preset
-
-    m = build_preset("tiny", ("unet", "text_encoder"), seed=0)
-    out = {f"unet.{k}": v for k, v in m.unet.state_dict().items()}
-    out.update({f"text_encoder.{k}": v for k, v in m.text_encoder.state_dict().items()})
-    return out
 
 
 def test_gradient_checkpointing_toggle_gives_the_same_step(tmp_path, small_data):
@@ -332,7 +277,7 @@ def test_torchrun_launch_of_the_cli(tmp_path, medium_data):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
     ]
     proc = subprocess.run(
         [*cmd, "-m", "bigasp.cli", "train", str(cfg_path), "validation.every=0"],

@@ -16,7 +16,7 @@ from pathlib import Path
 from bigasp.config import dump_toml
 from bigasp.train import checkpoint as ck
 from bigasp.train.synthetic import write_synthetic_latent_dataset
-from test_train_loop import make_cfg
+from train_helpers import make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
