@@ -47,12 +47,18 @@ def training_tensor(n: int, seed: int) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEMO_VAE_DIR)
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--patch", type=int, default=64, help="train on random square patches of this side")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--colour-weight", type=float, default=4.0, help="weight of the 8x8-pooled colour loss")
+    ap.add_argument(
+        "--norm-groups", type=int, default=0, help="override the preset's norm_num_groups (0 = keep)"
+    )
+    ap.add_argument(
+        "--latent-colour-weight", type=float, default=2.0, help="weight of the latent colour term"
+    )
     ap.add_argument("--kl", type=float, default=1e-6, help="KL weight (small: we want sharp reconstructions)")
     ap.add_argument("--seed", type=int, default=1234, help="data seed; the demo's own photos use other seeds")
     ap.add_argument("--threads", type=int, default=1, help="fixed so the result is reproducible")
@@ -64,7 +70,10 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
     data = training_tensor(args.images, args.seed)
-    vae = AutoencoderKL.from_config(VAE_CONFIG)
+    cfg = dict(VAE_CONFIG)
+    if args.norm_groups:
+        cfg["norm_num_groups"] = args.norm_groups
+    vae = AutoencoderKL.from_config(cfg)
     with torch.no_grad():
         # Start the posterior log-variance near exp(-6): sampled latents are then almost the mean from
         # step 0, so the decoder learns sharp colours instead of averaging over unit-variance noise
@@ -91,6 +100,11 @@ def main() -> None:
         # metrics read, and plain per-pixel losses learn them slowly (images decode with colour casts).
         pooled = torch.nn.functional.avg_pool2d(y - x, 8)
         rec = (y - x).abs().mean() + (y - x).pow(2).mean() + args.colour_weight * pooled.abs().mean()
+        # Latent channels 0-2 track the 8x8 mean colour (as SDXL's latents do, roughly): without this the
+        # encoder's GroupNorms, on flat-colour images, keep little more than the sign of each colour edge
+        # and red/yellow (or green/blue) decode alike.
+        aux = (post.mean[:, :3] - torch.nn.functional.avg_pool2d(x, 8)).abs().mean()
+        rec = rec + args.latent_colour_weight * aux
         kl = post.kl().mean() / x[0].numel()
         loss = rec + args.kl * kl * x[0].numel()
         opt.zero_grad(set_to_none=True)
