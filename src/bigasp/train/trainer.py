@@ -103,13 +103,16 @@ def lossless_dtype(module: torch.nn.Module, candidates: tuple[torch.dtype, ...])
     return None
 
 
-def configure_model(model: SDXL, cfg: RunConfig, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+def configure_model(
+    model: SDXL, cfg: RunConfig, device: torch.device, *, keep_originals: bool = True
+) -> dict[str, dict[str, torch.Tensor]]:
     """Trainable parts: train mode, grads on. Frozen parts: eval, no grads, `frozen_dtype` storage.
 
     Returns the weights checkpoints must write for frozen parts that `frozen_dtype` would round
     (e.g. SDXL's fp16 text encoders in bf16): a CPU copy in the smallest dtype that holds them
     exactly. A frozen part never changes, so every checkpoint must reproduce it bit for bit;
-    parts that `frozen_dtype` stores exactly (SDXL's fp16 release in fp16) need no copy."""
+    parts that `frozen_dtype` stores exactly (SDXL's fp16 release in fp16) need no copy.
+    `keep_originals=False` (ranks that never save) skips the copy."""
     m = cfg.model
     originals: dict[str, dict[str, torch.Tensor]] = {}
     model.unet.requires_grad_(True).train()
@@ -119,7 +122,7 @@ def configure_model(model: SDXL, cfg: RunConfig, device: torch.device) -> dict[s
             enc.requires_grad_(True).train()
             continue
         storage = DTYPES[m.frozen_dtype]
-        if lossless_dtype(enc, (storage,)) is None:
+        if keep_originals and lossless_dtype(enc, (storage,)) is None:
             keep = lossless_dtype(enc, (torch.float16, torch.bfloat16)) or torch.float32
             originals[name] = {k: v.detach().to("cpu", keep, copy=True) for k, v in enc.state_dict().items()}
             size = sum(v.numel() * v.element_size() for v in originals[name].values())
@@ -232,7 +235,7 @@ def train(
     components = ("unet", "text_encoder", "text_encoder_2", *(("vae",) if cfg.model.save_vae else ()))
     source = str(ckpt_path / "model") if ckpt_path is not None else cfg.model.source
     model = load_model(source, components, kind=kind, preset=cfg.model.preset, seed=cfg.model.init_seed)
-    frozen_originals = configure_model(model, cfg, device)
+    frozen_originals = configure_model(model, cfg, device, keep_originals=dist.is_main)
     denoiser = Denoiser(model.unet, model.text_encoder, model.text_encoder_2)
     net: torch.nn.Module = denoiser
     # FSDP2 roots: the UNet (one unit per block) and each trained text encoder. Frozen encoders
