@@ -248,7 +248,8 @@ def train(
             model.unet, param_dtype=amp_dtype, reduce_dtype=torch.float32, extra_modules=encoder_units
         )
     elif dist.distributed:
-        # Not static_graph: the frozen TE1 last layer and no_sync accumulation keep the graph honest.
+        # No static_graph: with no_sync accumulation micro-steps it trips an internal reducer
+        # assert (torch 2.13, "expect_autograd_hooks_"), seen in tests/test_train_fsdp.py.
         net = parallel.wrap_ddp(denoiser, device, static_graph=False)
     fsdp_roots = [model.unet, *encoder_units] if fsdp else []
 
