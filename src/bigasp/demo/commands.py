@@ -15,10 +15,19 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seeds the photos, crops, training data order and sampling."),
 ) -> None:
     """Synthetic photos -> ingest -> encode -> train -> generate -> gallery, on CPU, in minutes."""
+    import torch
+
     from bigasp.demo.report import format_report
     from bigasp.demo.run import run_demo
 
-    result = run_demo(out, quick=quick, seed=seed, echo=typer.echo)
+    # The demo's tensors are tiny: intra-op threads cost more in synchronisation than they save, and on
+    # a shared 2-core box they stall behind other processes (measured: 14 vs 35-90 samples/s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_demo(out, quick=quick, seed=seed, echo=typer.echo)
+    finally:
+        torch.set_num_threads(threads)  # callers in the same process (tests) keep their setting
     typer.echo(format_report(result))
 
 

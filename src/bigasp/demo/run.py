@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,11 +51,11 @@ class DemoPlan:
 
     @classmethod
     def default(cls) -> DemoPlan:
-        return cls(photos=384, max_samples=9600, validate_every=960, images_per_prompt=4, steps=20)
+        return cls(photos=384, max_samples=14400, validate_every=1440, images_per_prompt=4, steps=20)
 
     @classmethod
     def quick(cls) -> DemoPlan:
-        return cls(photos=192, max_samples=3200, validate_every=640, images_per_prompt=2, steps=12)
+        return cls(photos=192, max_samples=6400, validate_every=1280, images_per_prompt=2, steps=12)
 
 
 @dataclass
@@ -145,8 +145,11 @@ def grid_prompts() -> tuple[list[str], list[tuple[str, str, str]]]:
     prompts: list[str] = []
     labels: list[tuple[str, str, str]] = []
     for quality, tag in (("high", "score_9"), ("low", "score_1")):
-        for k, (colour, shape) in enumerate(synthetic.combinations()):
-            bg = backgrounds[k % len(backgrounds)]
+        for colour, shape in synthetic.combinations():
+            # Each colour meets several backgrounds across the shapes (never one fixed pairing).
+            bg = backgrounds[
+                (list(synthetic.COLOURS).index(colour) + synthetic.SHAPES.index(shape)) % len(backgrounds)
+            ]
             prompts.append(f"{tag}, a photo of a {colour} {shape} on a {bg} background")
             labels.append((colour, shape, quality))
     return prompts, labels
@@ -163,8 +166,14 @@ def run_demo(
     seed: int = 0,
     echo: Callable[[str], None] = print,
     plan: DemoPlan | None = None,
+    train_overrides: Sequence[str] = (),
+    preset: str = "demo",
 ) -> DemoResult:
-    """Run (or finish) the demo in `out`; returns the figures and where everything is."""
+    """Run (or finish) the demo in `out`; returns the figures and where everything is.
+
+    `train_overrides` are extra `key=value` settings for `bigasp train` (e.g. to try a longer run);
+    `preset` is the model preset the starting model is built from.
+    """
     from bigasp.demo.vae import DEMO_VAE_DIR
 
     plan = plan or (DemoPlan.quick() if quick else DemoPlan.default())
@@ -189,13 +198,13 @@ def run_demo(
     def make_base() -> None:
         tmp = out / ".base-model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        st.cli("model", "save", "demo", str(tmp), "--prediction", "flow", "--shift", "1.0")
+        st.cli("model", "save", preset, str(tmp), "--prediction", "flow", "--shift", "1.0")
         shutil.rmtree(tmp / "vae")
         shutil.copytree(DEMO_VAE_DIR, tmp / "vae")
         shutil.rmtree(base, ignore_errors=True)
         os.replace(tmp, base)
 
-    st.run("base-model", {"vae": _dir_digest(DEMO_VAE_DIR)}, make_base)
+    st.run("base-model", {"vae": _dir_digest(DEMO_VAE_DIR), "preset": preset}, make_base)
 
     # 4. Encode with the shipped VAE.
     st.run("encode", {"vae": _dir_digest(DEMO_VAE_DIR), "seed": seed, "n": plan.photos},
@@ -213,8 +222,14 @@ def run_demo(
         f"checkpoint.every={plan.max_samples // 2}",
         f"checkpoint.keep_every={plan.max_samples // 2}",
         f"logging.every={plan.validate_every}",
+        *train_overrides,
     ]
-    train_params = {"cfg": train_cfg.read_text(), "overrides": overrides, "data": st.key({"n": plan.photos})}
+    train_params = {
+        "cfg": train_cfg.read_text(),
+        "overrides": overrides,
+        "data": st.key({"n": plan.photos}),
+        "base": [preset, _dir_digest(DEMO_VAE_DIR)],
+    }
 
     def train() -> None:
         from bigasp.train.checkpoint import list_complete_checkpoints, read_meta
