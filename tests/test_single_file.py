@@ -324,21 +324,27 @@ def test_sdxl_base_mapping_is_the_inverse_of_diffusers_converters(sdxl_meta):
 
 
 def test_presets_with_equal_shapes_but_different_configs_are_ambiguous(tiny_file, monkeypatch):
+    """Two presets can share every tensor shape yet differ (head counts): never guess between them."""
     from bigasp.models import single_file
 
-    shapes = single_file.expected_shapes("tiny", ["unet"])
-    if sum(single_file.expected_shapes(p, ["unet"]) == shapes for p in single_file.PRESETS) < 2:
-        pytest.skip("needs two shipped presets with the same UNet shapes (tiny and demo)")
-    real = single_file._config_sans_meta
-
-    def differing(preset, component):
-        return {**real(preset, component), "attention_head_dim": preset}
-
-    assert load_single_file(tiny_file, ["unet"]).unet is not None  # tiny and demo share UNet configs
-    monkeypatch.setattr(single_file, "_config_sans_meta", differing)
-    with pytest.raises(ModelLoadError, match=r"fits several presets.*--preset"):
+    real_shapes, real_config = single_file.expected_shapes, single_file._config_sans_meta
+    twin = "tiny-twin"  # a hypothetical second preset with tiny's shapes
+    twin_config = {"attention_head_dim": 99}
+    monkeypatch.setattr(single_file, "PRESETS", (*single_file.PRESETS, twin))
+    monkeypatch.setattr(
+        single_file, "expected_shapes", lambda p, c: real_shapes("tiny" if p == twin else p, c)
+    )
+    monkeypatch.setattr(
+        single_file,
+        "_config_sans_meta",
+        lambda p, c: {**real_config("tiny", c), **twin_config} if p == twin else real_config(p, c),
+    )
+    with pytest.raises(ModelLoadError, match=r"fits several presets.*tiny-twin.*--preset"):
         load_single_file(tiny_file, ["unet"])
     assert load_single_file(tiny_file, ["unet"], preset="tiny").unet is not None
+
+    twin_config.clear()  # same shapes AND same config: nothing to choose, so it loads
+    assert load_single_file(tiny_file, ["unet"]).unet is not None
 
 
 def test_vae_attention_stored_as_matrices_also_loads(distinct_model, tmp_path):
