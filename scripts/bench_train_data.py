@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Measure the training data path (numbers go to docs/PERFORMANCE.md, "Training data path").
 
-    python scripts/bench_train_data.py plan --rows 13000000        # buckets + one epoch order
     python scripts/bench_train_data.py estimate --rows 1000000     # caption token estimates
     python scripts/bench_train_data.py init --rows 13000000        # whole TrainLoader construction + epoch
     python scripts/bench_train_data.py throughput --latent 8       # read+decompress+synth+tokenize+collate
 
-`plan` builds synthetic per-row integer columns (bucket sizes drawn from the bigASP v2 card's
-31-bucket histogram, caption token counts from a 1..3-chunk mix) and times exactly what every
-rank does before training: chunk estimates, bucket ids, the epoch plan and this rank's batch
-positions. Peak RSS is the whole process (Python + numpy + arrays).
+These are the profiling measurements `bigasp bench` does not make: `init` adds everything
+`TrainLoader` does before the first batch to `bigasp bench plan`'s bucketing + epoch order, and
+`throughput` splits `bigasp bench load`'s per-sample cost into read, synthesis and tokenization.
+Synthetic rows come from `bigasp.bench.plan.synthetic_columns` (the card's bucket histogram).
+Peak RSS is the whole process (Python + numpy + arrays).
 """
 
 from __future__ import annotations
@@ -24,63 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-# bigASP v2 card: "Supported resolutions (with image count for reference)", WxH: count
-CARD_BUCKETS = {
-    (832, 1216): 2229287, (1216, 832): 2179902, (832, 1152): 762149, (1152, 896): 430643, (896, 1152): 198820,
-    (1344, 768): 185089, (768, 1344): 145989, (1024, 1024): 102374, (1152, 832): 70110, (1280, 768): 58728,
-    (768, 1280): 42345, (896, 1088): 40613, (1344, 704): 31708, (704, 1344): 31163, (704, 1472): 27365,
-    (960, 1088): 26303, (1088, 896): 24592, (1472, 704): 17991, (960, 1024): 17886, (1088, 960): 17229,
-    (1536, 640): 16485, (1024, 960): 15745, (704, 1408): 14188, (1408, 704): 12204, (1600, 640): 4835,
-    (1728, 576): 4718, (1664, 576): 2999, (640, 1536): 1827, (640, 1600): 635, (576, 1664): 456, (576, 1728): 335,
-}  # fmt: skip
+from bigasp.bench.plan import synthetic_columns
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def synthetic_columns(n: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    sizes = np.array(list(CARD_BUCKETS), dtype=np.int32)
-    p = np.array(list(CARD_BUCKETS.values()), dtype=np.float64)
-    pick = rng.choice(len(sizes), n, p=p / p.sum())
-    widths, heights = sizes[pick, 0], sizes[pick, 1]
-    tokens = rng.integers(5, 260, n, dtype=np.int32)
-    return heights, widths, tokens
-
-
-def bench_plan(rows: int, world: int, batch: int) -> dict:
-    from bigasp.train.sampler import build_row_buckets, chunk_estimates, plan_epoch
-
-    heights, widths, tokens = synthetic_columns(rows)
-    train = np.arange(rows, dtype=np.int64)
-    base = peak_rss_mb()
-    t0 = time.perf_counter()
-    chunks = chunk_estimates(tokens, 9.2)
-    buckets = build_row_buckets(train, heights, widths, chunks)
-    t1 = time.perf_counter()
-    plan = plan_epoch(buckets, seed=42, epoch=0, device_batch_size=batch)
-    mine = plan.rank_positions(0, 0, world)
-    t2 = time.perf_counter()
-    plan1 = plan_epoch(buckets, seed=42, epoch=1, device_batch_size=batch)
-    t3 = time.perf_counter()
-    return {
-        "rows": rows,
-        "buckets": buckets.n_buckets,
-        "world_size": world,
-        "device_batch_size": batch,
-        "bucket_build_s": round(t1 - t0, 2),
-        "epoch_plan_s": round(t2 - t1, 2),
-        "total_s": round(t2 - t0, 2),
-        "next_epoch_plan_s": round(t3 - t2, 2),
-        "batches": plan.n_batches,
-        "rank0_batches": len(mine),
-        "dropped_samples": plan.leftover_samples + plan.tail_dropped(0, world) * batch,
-        "input_columns_mb": round((heights.nbytes + widths.nbytes + tokens.nbytes + train.nbytes) / 2**20),
-        "peak_rss_mb": round(peak_rss_mb()),
-        "peak_rss_above_inputs_mb": round(peak_rss_mb() - base),
-        "_keep": plan1.n_batches > 0,
-    }
 
 
 def bench_estimate(rows: int, max_words: int) -> dict:
@@ -288,10 +236,6 @@ def bench_throughput(latent: int, n_images: int, batch: int, batches: int, worke
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("plan")
-    p.add_argument("--rows", type=int, default=13_000_000)
-    p.add_argument("--world-size", type=int, default=32)
-    p.add_argument("--device-batch-size", type=int, default=16)
     e = sub.add_parser("estimate")
     e.add_argument("--rows", type=int, default=1_000_000)
     e.add_argument(
@@ -309,10 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--batches", type=int, default=30)
     t.add_argument("--workers", type=int, default=0)
     a = ap.parse_args(argv)
-    if a.cmd == "plan":
-        r = bench_plan(a.rows, a.world_size, a.device_batch_size)
-        r.pop("_keep")
-    elif a.cmd == "estimate":
+    if a.cmd == "estimate":
         r = bench_estimate(a.rows, a.max_words)
     elif a.cmd == "init":
         r = bench_loader_init(a.rows, a.max_words, a.world_size, a.device_batch_size)

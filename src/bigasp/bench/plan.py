@@ -15,16 +15,26 @@ import torch
 
 from bigasp.bench.common import BenchResult, PeakMemory, machine_info
 
+# bigASP v2 card: "Supported resolutions (with image count for reference)", WxH: count
+CARD_BUCKETS = {
+    (832, 1216): 2229287, (1216, 832): 2179902, (832, 1152): 762149, (1152, 896): 430643, (896, 1152): 198820,
+    (1344, 768): 185089, (768, 1344): 145989, (1024, 1024): 102374, (1152, 832): 70110, (1280, 768): 58728,
+    (768, 1280): 42345, (896, 1088): 40613, (1344, 704): 31708, (704, 1344): 31163, (704, 1472): 27365,
+    (960, 1088): 26303, (1088, 896): 24592, (1472, 704): 17991, (960, 1024): 17886, (1088, 960): 17229,
+    (1536, 640): 16485, (1024, 960): 15745, (704, 1408): 14188, (1408, 704): 12204, (1600, 640): 4835,
+    (1728, 576): 4718, (1664, 576): 2999, (640, 1536): 1827, (640, 1600): 635, (576, 1664): 456, (576, 1728): 335,
+}  # fmt: skip
+
 
 def synthetic_columns(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from bigasp.buckets import BucketConfig
-
+    """(heights, widths, caption tokens) per row: sizes drawn from the card's bucket histogram
+    (bigASP's real skew: two buckets hold two thirds of the images), tokens 5..259 (1-3 chunks)."""
     rng = np.random.default_rng(seed)
-    buckets = BucketConfig().buckets()
-    hw = np.array([(b.height, b.width) for b in buckets], dtype=np.int32)
-    pick = rng.integers(0, len(hw), rows)
-    tokens = np.clip(rng.lognormal(np.log(90), 0.5, rows), 1, 400).astype(np.int32)
-    return hw[pick, 0], hw[pick, 1], tokens
+    sizes = np.array(list(CARD_BUCKETS), dtype=np.int32)
+    p = np.array(list(CARD_BUCKETS.values()), dtype=np.float64)
+    pick = rng.choice(len(sizes), rows, p=p / p.sum())
+    tokens = rng.integers(5, 260, rows, dtype=np.int32)
+    return sizes[pick, 1], sizes[pick, 0], tokens
 
 
 def run_plan_bench(*, rows: int, device_batch: int, world_size: int, seed: int, command: str) -> BenchResult:
