@@ -55,3 +55,47 @@ class HostSyncTrap(torch.Tensor):
 @pytest.fixture
 def host_sync_trap() -> type[torch.Tensor]:
     return HostSyncTrap
+
+
+CHROMIUM = os.environ.get("BIGASP_TEST_CHROMIUM", "/usr/bin/chromium")
+# Flags for headless Chromium on a machine with no network: no sandbox (CI runs as root), no
+# background connections (they would be refused many at a time), a fresh profile per launch.
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A real headless Chromium (Debian's, installed by .ci/run) driven through Playwright.
+
+    Browser tests are the only check that a page works for a person, so a missing browser
+    fails the run rather than skipping it; set BIGASP_TEST_CHROMIUM to use another binary.
+    """
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"browser tests need Chromium at {CHROMIUM}: `apt-get install chromium` (.ci/run does)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser page (own context: no cookies or storage shared between tests)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
