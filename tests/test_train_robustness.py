@@ -126,3 +126,32 @@ def test_data_error_saves_the_finished_steps_before_stopping(tmp_path, data):
     assert ck.read_meta(saved)["samples_seen"] == 12 and ck.read_meta(saved)["reason"] == "data_error"
     done = train(cfg, resume="auto")
     assert done.samples_seen == 16 and done.step == 4
+
+
+def _fake_checkpoint(run: Path, samples: int) -> Path:
+    return ck.save_checkpoint(
+        run, samples_seen=samples, step=1, write_model=lambda f: f.mkdir(),
+        optimizer_state={"state": {}, "param_groups": []}, scaler_state=None,
+        trainer_state={"samples_seen": samples}, rng_states=[ck.rng_tensors()], config_toml="",
+    )  # fmt: skip
+
+
+def test_fresh_run_refuses_a_run_folder_with_checkpoints_and_a_locked_one(tmp_path, data):
+    from bigasp.locks import folder_lock
+
+    cfg = make_cfg(tmp_path / "run", data, train={"max_samples": 4})
+    old = _fake_checkpoint(Path(cfg.run_dir), 8)
+    with pytest.raises(BigaspError, match=r"holds 1 checkpoint.*--resume auto.*--overwrite"):
+        train(cfg)
+    assert ck.is_complete(old)  # nothing touched
+    # A second training while one holds the folder: refused at once, naming the holder.
+    with folder_lock(Path(cfg.run_dir) / ck.RUN_LOCK, "held by test"):
+        with pytest.raises(
+            BigaspError, match=rf"another `bigasp train` is using the run folder.*pid {os.getpid()}"
+        ):
+            train(cfg, overwrite=True)
+    assert ck.is_complete(old)
+    # --overwrite: the earlier run's checkpoints go, the new run's are the only ones.
+    done = train(cfg, overwrite=True)
+    assert [p.name for p in ck.list_complete_checkpoints(cfg.run_dir)] == ["step-000000000004"]
+    assert done.last_checkpoint == Path(cfg.run_dir) / "checkpoints" / "step-000000000004"

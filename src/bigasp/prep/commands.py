@@ -125,7 +125,12 @@ def encode_cmd(
             progress=progress,
         ),
     )
-    s = encode(dataset, cfg)
+    try:
+        s = encode(dataset, cfg)
+    except KeyboardInterrupt as err:  # encode committed its finished shards; say what it kept
+        from bigasp.errors import Interrupted
+
+        raise Interrupted(str(err) or "encode stopped by Ctrl-C") from None
     if s.rank != 0:
         return
     if as_json:

@@ -81,6 +81,12 @@ class DataConfig(Section):
         2048, ge=0, description="Training images in the fixed 'stable train loss' set (bigASP: first 2048)."
     )
     exclude_score_zero: bool = Field(True, description="Drop images with score 0 before splitting (bigASP).")
+    check_vae: bool = Field(
+        True,
+        description="Refuse to train when the dataset's latents were made by a VAE with other weights than the "
+        "model's (recorded per shard by `bigasp encode`). Set false for a compatible variant, e.g. the SDXL "
+        "fp16-fix VAE. A different scaling factor is always an error.",
+    )
     prompt: PromptConfig = Field(
         default_factory=PromptConfig, description="Prompt synthesis ([data.prompt])."
     )

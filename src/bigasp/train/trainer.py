@@ -31,7 +31,7 @@ from bigasp.models.components import SDXL, ModelKind
 from bigasp.models.io import load_model, save_diffusers_folder
 from bigasp.text import TE2_PAD
 from bigasp.train import checkpoint as ckpt_io
-from bigasp.train import parallel
+from bigasp.train import parallel, preflight
 from bigasp.train.config import RunConfig, resolve_accumulation
 from bigasp.train.data import TrainLoader, eval_batches, split_dataset
 from bigasp.train.denoiser import Denoiser, time_ids_from
@@ -196,14 +196,23 @@ class StopFlag:
 
 
 def train(
-    cfg: RunConfig, *, resume: str | None = None, stop_at: int | None = None, dataset=None
+    cfg: RunConfig, *, resume: str | None = None, stop_at: int | None = None, dataset=None, overwrite: bool = False
 ) -> TrainResult:
     """Run (or resume) training as configured; returns where it stopped.
 
     `stop_at`: checkpoint and stop once this many samples are seen (a slice of the schedule, e.g.
     to fit a cluster time limit; the lr schedule still spans `train.max_samples`). `dataset`: an
-    already-open `LatentDataset` (default: open `data.dataset`).
+    already-open `LatentDataset` (default: open `data.dataset`). A fresh run refuses a run folder
+    that holds checkpoints unless `overwrite` (which deletes them); the folder is locked meanwhile.
     """
+    from bigasp.train.distributed import read_env
+
+    main = read_env()[0] == 0
+    with ckpt_io.run_folder_guard(Path(cfg.run_dir), resume=resume, overwrite=overwrite, main=main):
+        return _train(cfg, resume=resume, stop_at=stop_at, dataset=dataset)
+
+
+def _train(cfg: RunConfig, *, resume: str | None, stop_at: int | None, dataset) -> TrainResult:
     # ---- processes, devices, numerics ------------------------------------------------------
     dist: DistInfo = init_distributed(cfg.train.device)
     device, rank, world = dist.device, dist.rank, dist.world_size
@@ -288,6 +297,7 @@ def train(
         from bigasp.store import LatentDataset
 
         dataset = LatentDataset(cfg.data.dataset)
+        preflight.check_dataset(dataset, model, cfg)
     split = split_dataset(dataset, cfg.data, seed=seed)
     loader = TrainLoader(
         dataset, cfg.data, rank=rank, world_size=world, seed=seed,
@@ -306,12 +316,16 @@ def train(
                 "model.train_text_encoder / train_text_encoder_2 as they were to resume, or start a new run "
                 "from the checkpoint's model/ folder (model.source) to change what trains"
             )
-        if fsdp:
-            parallel.load_full_optimizer_state(
-                denoiser, optimizer, parallel.fqn_keyed(denoiser, optimizer, saved["optimizer"])
-            )
-        else:
-            optimizer.load_state_dict(parallel.id_optimizer_state(denoiser, optimizer, saved["optimizer"]))
+        try:
+            if fsdp:
+                parallel.load_full_optimizer_state(
+                    denoiser, optimizer, parallel.fqn_keyed(denoiser, optimizer, saved["optimizer"])
+                )
+            else:
+                optimizer.load_state_dict(parallel.id_optimizer_state(denoiser, optimizer, saved["optimizer"]))
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise ckpt_io.CheckpointError(f"{ckpt_path}/state/optimizer.*: cannot be loaded ({err})") from None
+        ckpt_io.check_optimizer_state(optimizer, ckpt_path / "state" / "optimizer.safetensors")
         for g in optimizer.param_groups:  # the config's lr wins over the saved one (lr changes on resume)
             g["initial_lr"] = peak_lrs[g["name"]]
         st = saved["trainer"]
