@@ -5,6 +5,7 @@ checkpoints name the file and `--resume auto` falls back; a dataset's VAE must m
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from bigasp.config import dump_toml
 from bigasp.errors import BigaspError, DataError
@@ -124,6 +126,18 @@ def test_data_error_saves_the_finished_steps_before_stopping(tmp_path, data):
         train(cfg, dataset=wrapped)
     (saved,) = ck.list_complete_checkpoints(cfg.run_dir)
     assert ck.read_meta(saved)["samples_seen"] == 12 and ck.read_meta(saved)["reason"] == "data_error"
+    # An optimizer state holding nonsense is rejected when loaded, before any step runs.
+    opt_file = saved / "state" / "optimizer.safetensors"
+    good = opt_file.read_bytes()
+    tensors = load_file(str(opt_file))
+    key = next(k for k in tensors if k.endswith(".exp_avg"))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(opt_file))
+    with pytest.raises(
+        ck.CheckpointError, match=r"optimizer.safetensors: optimizer state 'exp_avg' .* holds NaN"
+    ):
+        train(cfg, resume="auto")
+    opt_file.write_bytes(good)
     done = train(cfg, resume="auto")
     assert done.samples_seen == 16 and done.step == 4
 
@@ -145,13 +159,105 @@ def test_fresh_run_refuses_a_run_folder_with_checkpoints_and_a_locked_one(tmp_pa
         train(cfg)
     assert ck.is_complete(old)  # nothing touched
     # A second training while one holds the folder: refused at once, naming the holder.
-    with folder_lock(Path(cfg.run_dir) / ck.RUN_LOCK, "held by test"):
-        with pytest.raises(
+    with (
+        folder_lock(Path(cfg.run_dir) / ck.RUN_LOCK, "held by test"),
+        pytest.raises(
             BigaspError, match=rf"another `bigasp train` is using the run folder.*pid {os.getpid()}"
-        ):
-            train(cfg, overwrite=True)
+        ),
+    ):
+        train(cfg, overwrite=True)
     assert ck.is_complete(old)
     # --overwrite: the earlier run's checkpoints go, the new run's are the only ones.
     done = train(cfg, overwrite=True)
     assert [p.name for p in ck.list_complete_checkpoints(cfg.run_dir)] == ["step-000000000004"]
     assert done.last_checkpoint == Path(cfg.run_dir) / "checkpoints" / "step-000000000004"
+
+
+def _ckpt_with_files(run: Path, samples: int) -> Path:
+    """A checkpoint with every file a resume reads (a real optimizer state, model weights)."""
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(lin.parameters())
+    lin(torch.ones(1, 3)).sum().backward()
+    opt.step()
+
+    def write_model(folder: Path) -> None:
+        (folder / "unet").mkdir(parents=True)
+        save_file({"w": torch.ones(64)}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+    return ck.save_checkpoint(
+        run, samples_seen=samples, step=samples // 4, write_model=write_model,
+        optimizer_state=opt.state_dict(), scaler_state=None,
+        trainer_state={"samples_seen": samples, "step": samples // 4, "skipped_steps": 0, "consecutive_skips": 0,
+                       "loader": []},
+        rng_states=[ck.rng_tensors()], config_toml="",
+    )  # fmt: skip
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[:-10])
+
+
+def _garbage(p: Path) -> None:
+    p.write_bytes(b"\xff" * 64)
+
+
+def _json(text: str):
+    return lambda p: p.write_text(text)
+
+
+DAMAGE = [
+    ("model/unet/diffusion_pytorch_model.safetensors", _truncate, "truncated or padded"),
+    ("state/optimizer.safetensors", _garbage, "truncated or not safetensors"),
+    ("state/optimizer.json", _json('{"param_groups": '), "is not valid JSON"),
+    ("state/trainer.json", _json('{"samples_seen": -3}'), "'samples_seen' is -3"),
+    ("state/rng.safetensors", lambda p: p.unlink(), "is missing"),
+    ("model", lambda p: shutil.rmtree(p), "is missing: the checkpoint .* is incomplete"),
+]
+
+
+@pytest.mark.parametrize(("file", "damage", "message"), DAMAGE, ids=[d[0] for d in DAMAGE])
+def test_damaged_checkpoint_names_the_file_and_auto_resume_falls_back(
+    tmp_path, caplog, file, damage, message
+):
+    run = tmp_path / "run"
+    older = _ckpt_with_files(run, 8)
+    newest = _ckpt_with_files(run, 12)
+    damage(newest / file)
+    with pytest.raises(ck.CheckpointError, match=f"{newest / file}.*{message}"):
+        ck.resolve_resume(str(newest), run)
+    with pytest.raises(ck.CheckpointError, match=message):
+        ck.load_state(newest)
+    with caplog.at_level("WARNING"):
+        assert ck.resolve_resume("auto", run) == older
+    assert f"skipping damaged checkpoint: {newest / file}" in caplog.text
+    assert "resuming from" in caplog.text and newest.name in caplog.text
+    damage(older / file)
+    with pytest.raises(ck.CheckpointError, match=r"every checkpoint in .* is damaged"):
+        ck.resolve_resume("auto", run)
+
+
+def test_rng_state_of_the_wrong_kind_is_named(tmp_path):
+    ckpt = _ckpt_with_files(tmp_path / "run", 8)
+    save_file({"rank0.torch_cpu": torch.zeros(7)}, str(ckpt / "state" / "rng.safetensors"))
+    with pytest.raises(
+        ck.CheckpointError, match=r"rng.safetensors: RNG state 'rank0.torch_cpu' is torch.float32"
+    ):
+        ck.load_state(ckpt)
+
+
+def test_optimizer_state_of_the_wrong_shape_or_sign_is_rejected(tmp_path):
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(lin.parameters())
+    lin(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    ck.check_optimizer_state(opt, tmp_path / "x")  # a real state passes
+    state = opt.state[lin.weight]
+    state["exp_avg"] = torch.zeros(5)
+    with pytest.raises(
+        ck.CheckpointError, match=r"'exp_avg' of parameter 0 .* has shape \(5,\), the parameter \(2, 3\)"
+    ):
+        ck.check_optimizer_state(opt, tmp_path / "x")
+    state["exp_avg"] = torch.zeros(2, 3)
+    state["exp_avg_sq"] = -torch.ones(2, 3)
+    with pytest.raises(ck.CheckpointError, match=r"'exp_avg_sq' .* is negative"):
+        ck.check_optimizer_state(opt, tmp_path / "x")
