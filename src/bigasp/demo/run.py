@@ -210,10 +210,16 @@ def run_demo(
 
     st.run("base-model", {"vae": _dir_digest(DEMO_VAE_DIR), "preset": preset}, make_base)
 
-    # 4. Encode with the shipped VAE.
-    st.run("encode", {"vae": _dir_digest(DEMO_VAE_DIR), "seed": seed, "n": plan.photos},
-           lambda: st.cli("encode", str(dataset), "--vae", str(DEMO_VAE_DIR), "--config", str(data_cfg),
-                          "--seed", str(seed)))  # fmt: skip
+    # 4. Encode with the shipped VAE. Redone with other parameters (seed, VAE), the old latents are
+    # of another encoding, which encode refuses to mix: this folder is the demo's, so start over.
+    def encode() -> None:
+        if (st.marks / "encode.json").is_file():
+            shutil.rmtree(dataset / "latents", ignore_errors=True)
+        st.cli(
+            "encode", str(dataset), "--vae", str(DEMO_VAE_DIR), "--config", str(data_cfg), "--seed", str(seed)
+        )
+
+    st.run("encode", {"vae": _dir_digest(DEMO_VAE_DIR), "seed": seed, "n": plan.photos}, encode)
 
     # 5. Train half, then resume to the end (shows checkpoint + exact resume on the way).
     overrides = [

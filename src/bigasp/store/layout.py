@@ -44,7 +44,9 @@ def url_to_fs(root: str | os.PathLike, storage_options: dict[str, Any] | None = 
             f"environment (e.g. `pip install {_FS_PACKAGES.get(protocol, 'the fsspec backend for ' + protocol)}`)"
         ) from None
     except ValueError as err:
-        raise DataError(f"{root}: {err}; use a local path or an fsspec URL such as s3://bucket/dataset") from None
+        raise DataError(
+            f"{root}: {err}; use a local path or an fsspec URL such as s3://bucket/dataset"
+        ) from None
     return fs, path.rstrip("/")
 
 

@@ -196,7 +196,12 @@ class StopFlag:
 
 
 def train(
-    cfg: RunConfig, *, resume: str | None = None, stop_at: int | None = None, dataset=None, overwrite: bool = False
+    cfg: RunConfig,
+    *,
+    resume: str | None = None,
+    stop_at: int | None = None,
+    dataset=None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Run (or resume) training as configured; returns where it stopped.
 
@@ -322,9 +327,13 @@ def _train(cfg: RunConfig, *, resume: str | None, stop_at: int | None, dataset) 
                     denoiser, optimizer, parallel.fqn_keyed(denoiser, optimizer, saved["optimizer"])
                 )
             else:
-                optimizer.load_state_dict(parallel.id_optimizer_state(denoiser, optimizer, saved["optimizer"]))
+                optimizer.load_state_dict(
+                    parallel.id_optimizer_state(denoiser, optimizer, saved["optimizer"])
+                )
         except (KeyError, ValueError, RuntimeError) as err:
-            raise ckpt_io.CheckpointError(f"{ckpt_path}/state/optimizer.*: cannot be loaded ({err})") from None
+            raise ckpt_io.CheckpointError(
+                f"{ckpt_path}/state/optimizer.*: cannot be loaded ({err})"
+            ) from None
         ckpt_io.check_optimizer_state(optimizer, ckpt_path / "state" / "optimizer.safetensors")
         for g in optimizer.param_groups:  # the config's lr wins over the saved one (lr changes on resume)
             g["initial_lr"] = peak_lrs[g["name"]]
