@@ -11,6 +11,7 @@ is identical for `num_workers` 0 or 16 and after any resume. Sampler semantics l
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -23,7 +24,7 @@ import torch
 from pydantic import Field
 
 from bigasp.config import Section
-from bigasp.errors import ConfigError, DataError
+from bigasp.errors import BigaspError, ConfigError, DataError
 from bigasp.text import CHUNK_CONTENT, chunk_batch, tokenize
 from bigasp.text.aliases import AliasTable
 from bigasp.text.synthesis import (
@@ -80,6 +81,12 @@ class DataConfig(Section):
         2048, ge=0, description="Training images in the fixed 'stable train loss' set (bigASP: first 2048)."
     )
     exclude_score_zero: bool = Field(True, description="Drop images with score 0 before splitting (bigASP).")
+    check_vae: bool = Field(
+        True,
+        description="Refuse to train when the dataset's latents were made by a VAE with other weights than the "
+        "model's (recorded per shard by `bigasp encode`). Set false for a compatible variant, e.g. the SDXL "
+        "fp16-fix VAE. A different scaling factor is always an error.",
+    )
     prompt: PromptConfig = Field(
         default_factory=PromptConfig, description="Prompt synthesis ([data.prompt])."
     )
@@ -414,22 +421,56 @@ class _BatchSource(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> Batch:
+    def __getitem__(self, i: int) -> Batch | WorkerFailure:
         it = self.items[i]
-        return build_batch(
-            self.dataset,
-            it.rows,
-            seed=self.seed,
-            epoch=it.epoch,
-            cfg=self.cfg,
-            aliases=self.aliases,
-            token_estimates=self.token_estimates,
-            chunk_estimate=it.chunk_estimate,
-            position=it.position,
-        )
+        try:
+            return build_batch(
+                self.dataset,
+                it.rows,
+                seed=self.seed,
+                epoch=it.epoch,
+                cfg=self.cfg,
+                aliases=self.aliases,
+                token_estimates=self.token_estimates,
+                chunk_estimate=it.chunk_estimate,
+                position=it.position,
+            )
+        except BigaspError as err:  # a data problem, not a bug: hand it back whole, not as a traceback
+            return WorkerFailure(err)
+
+
+@dataclass
+class WorkerFailure:
+    """A user-fixable error raised while building a batch, returned instead of raised.
+
+    DataLoader re-raises a worker's exception as a new one whose message is the worker's whole
+    traceback; returned as a value, the main process raises the original one-line error."""
+
+    error: BigaspError
+
+
+def _iterate(source: _BatchSource, cfg: DataConfig) -> Iterator[Batch]:
+    """Batches of `source` in order; the worker processes are shut down and reaped whenever
+    iteration ends: exhausted, failed, closed, or the consumer raised.
+
+    Left to garbage collection, a failed run's workers stay referenced by the traceback until
+    interpreter exit, where multiprocessing SIGTERMs them (which they ignore, see
+    `_worker_init`) and waits forever."""
+    it = iter(_loader(source, cfg))
+    try:
+        for item in it:
+            if isinstance(item, WorkerFailure):
+                raise item.error
+            yield item
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's own orderly worker shutdown
+        if shutdown is not None:
+            shutdown()
 
 
 def _loader(source: _BatchSource, cfg: DataConfig) -> torch.utils.data.DataLoader:
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     workers = cfg.num_workers
     return torch.utils.data.DataLoader(
         source,
@@ -454,6 +495,32 @@ def _worker_init(_: int) -> None:
     # dies (DataLoader's parent watchdog), and SIGKILL still kills them.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A SIGKILLed main process cannot reap its workers: have the kernel kill them with it.
+    _die_with_parent()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent exits (no orphaned workers). Elsewhere a
+    no-op; DataLoader's parent watchdog still ends a worker within seconds."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if _MAIN_PID is not None and os.getppid() != _MAIN_PID:  # it died before the prctl took effect
+        os._exit(1)
+
+
+_MAIN_PID: int | None = None  # the process that starts the workers (inherited by forked workers)
 
 
 def load_aliases(cfg: DataConfig) -> AliasTable | None:
@@ -663,7 +730,7 @@ class TrainLoader:
             source = _BatchSource(
                 self.dataset, self.cfg, self.seed, self.aliases, self.token_estimates, items
             )
-            for batch in _loader(source, self.cfg):
+            for batch in _iterate(source, self.cfg):
                 self.position = batch.position - self.rank + w
                 self.stats.add(batch, self.cfg.max_chunks)
                 yield batch
@@ -740,4 +807,4 @@ def eval_batches(
     if not mine:
         return
     source = _BatchSource(dataset, cfg, seed, load_aliases(cfg), tokens, mine)
-    yield from _loader(source, cfg)
+    yield from _iterate(source, cfg)
