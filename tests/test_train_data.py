@@ -224,6 +224,53 @@ def test_split_excludes_score_zero_and_is_fixed_by_seed(ds):
     assert len(capped.validation) == len(score[score != 0]) // 10
 
 
+class _Table:
+    """The part of a LatentDataset the split reads: ids (in id order, as a dataset's rows are, unless
+    `order` is False) and a fixed score per id (some 0s, which are excluded)."""
+
+    def __init__(self, ids: list[str], order: bool = True):
+        ids = sorted(ids) if order else list(ids)
+        self.table = pa.table({"id": ids, "score": [int(i[-2:], 16) % 10 for i in ids]})
+
+
+def test_split_is_by_image_id_and_adding_images_moves_no_old_one():
+    rng = np.random.default_rng(7)
+    old_ids = [f"{rng.integers(1 << 62):016x}" for _ in range(600)]
+    new_ids = [f"{rng.integers(1 << 62):016x}" for _ in range(400)]
+    c = cfg(validation_size=40, stable_size=30)
+    old = _Table(old_ids)
+    first = split_dataset(old, c, seed=SEED)
+    assert len(first.validation) == 40 and first.threshold >= 0
+
+    def side(ds, sp) -> dict[str, str]:
+        ids = ds.table.column("id").to_pylist()
+        out = {ids[r]: "val" for r in sp.validation}
+        out.update({ids[r]: "train" for r in sp.train})
+        return out
+
+    before = side(old, first)
+    grown = _Table(old_ids + new_ids)
+    moved_rows = sum(
+        a != b
+        for a, b in zip(
+            old.table.column("id").to_pylist(), grown.table.column("id").to_pylist(), strict=False
+        )
+    )
+    assert moved_rows > 500  # the new ids interleave: old images sit at other row positions now
+    # resumed run (the checkpoint's cutoff): every old image keeps its side; new ones are split alike
+    resumed = side(grown, split_dataset(grown, c, seed=SEED, threshold=first.threshold))
+    assert {i: resumed[i] for i in before} == before
+    new_val = sum(resumed[i] == "val" for i in new_ids if i in resumed)
+    assert 0 < new_val < 60  # ~ 40/540 of the new usable images
+    # a fresh split of the grown dataset never puts a formerly trained image into validation
+    fresh = side(grown, split_dataset(grown, c, seed=SEED))
+    assert not [i for i, s in before.items() if s == "train" and fresh[i] == "val"]
+    # the same ids in another row order give the same split; another seed another one
+    shuffled = _Table(old_ids[::-1], order=False)
+    assert side(shuffled, split_dataset(shuffled, c, seed=SEED)) == before
+    assert side(old, split_dataset(old, c, seed=SEED + 1)) != before
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_eval_batches_deterministic_complete_homogeneous(ds, world):
     c = cfg()

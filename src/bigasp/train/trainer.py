@@ -288,7 +288,10 @@ def train(
         from bigasp.store import LatentDataset
 
         dataset = LatentDataset(cfg.data.dataset)
-    split = split_dataset(dataset, cfg.data, seed=seed)
+    # A resumed run keeps its split cutoff: images added since are assigned by it, old ones keep their side.
+    split = split_dataset(
+        dataset, cfg.data, seed=seed, threshold=saved["trainer"].get("split_threshold") if saved else None
+    )
     loader = TrainLoader(
         dataset, cfg.data, rank=rank, world_size=world, seed=seed,
         device_batch_size=cfg.data.device_batch_size, split=split,
@@ -437,6 +440,7 @@ def train(
                     "batch_size": batch_size,
                     "accumulation": accumulation,
                     "validation": val_history,
+                    "split_threshold": split.threshold,
                 },
                 rng_states=rngs,  # type: ignore[arg-type]
                 config_toml=dump_toml(cfg.model_dump(mode="json")),
