@@ -60,10 +60,11 @@ class PromptConfig(Section):
     """`[data.prompt]`: how a training prompt is synthesised. Defaults = bigASP v2 (data.py)."""
 
     ucg_rate: float = Field(
-        0.1,
+        0.05,
         ge=0.0,
         le=1.0,
-        description="P(prompt is the empty string). bigASP v2 card: 10% (its code used 5%).",
+        description="P(prompt is the empty string). bigASP v2's data.py: 5% (what trained v2; the 10% on the "
+        "model page, 'Training Details (Version 1)', was v1's rate).",
     )
     tag_prob: float = Field(
         0.1, ge=0.0, le=1.0, description="P(build the prompt from tags instead of a caption). bigASP v2: 0.1."
@@ -91,7 +92,9 @@ class PromptConfig(Section):
         0.2, ge=0.0, le=1.0, description="P(a tag is replaced by a random alias). bigASP: 0.2."
     )
     aliases_path: str | None = Field(
-        None, description="Danbooru tag-alias dump (JSON lines, optionally .gz). None = no alias mutation."
+        None,
+        description="Danbooru tag-alias dump (JSON lines, optionally .gz), or 'builtin:danbooru' for the table "
+        "shipped with bigasp (the bigASP recipes set it; bigASP swapped aliases). None = no alias mutation.",
     )
     underscore_weights: list[float] = Field(
         default_factory=lambda: [1.0, 1.0, 1.0],
