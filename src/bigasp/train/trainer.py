@@ -348,7 +348,8 @@ def train(
             g["initial_lr"] = peak_lrs[g["name"]]
         st = saved["trainer"]
         if st.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(st["scaler"])
+            scaler.load_state_dict(st["scaler"])  # scale and growth tracker carry over
+            scaler.set_growth_interval(t.growth_interval())  # the config's interval wins, as its lr does
         samples_seen, step = int(st["samples_seen"]), int(st["step"])
         skipped, consecutive = int(st["skipped_steps"]), int(st["consecutive_skips"])
         val_history = st.get("validation", [])
