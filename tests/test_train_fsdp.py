@@ -86,7 +86,7 @@ def test_fsdp2_matches_ddp_and_resumes_exactly(tmp_path):
     assert max(float((a[k] - init[k]).abs().max()) for k in init) > 10 * worst  # the steps really moved
     # AdamW steps hide the gradient's scale; the logged loss and pre-clip gradient norm of every step
     # show a missing `/ accumulation` or a sum instead of a mean across ranks.
-    for key in ("train/loss", "train/grad_norm"):
+    for key in ("train/grad_norm", "train/loss"):
         da, fa = _metric(ddp, key), _metric(fsdp, key)
         assert len(da) == 2 and da == pytest.approx(fa, rel=1e-6, abs=0), (key, da, fa)
     oa, ob = _optimizer(ddp), _optimizer(fsdp)

@@ -234,7 +234,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, medium_data):
     # missing `/ accumulation` or a sum instead of a mean across ranks: the logged loss and gradient
     # norm (before clipping) of every step can, and they agree exactly (a factor 2 fails).
     metric = lambda run, key: [m[key] for m in read_metrics(run) if key in m]  # noqa: E731
-    for key in ("train/loss", "train/grad_norm"):
+    for key in ("train/grad_norm", "train/loss"):
         one_run, two_run = metric(single.run_dir, key), metric(multi.run_dir, key)
         assert len(one_run) == 3 and one_run == two_run, (key, one_run, two_run)
 
