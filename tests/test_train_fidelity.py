@@ -13,6 +13,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from torch.nn.modules.module import register_module_forward_pre_hook
 
+from bigasp.errors import ConfigError
 from bigasp.store import LatentDataset
 from bigasp.train.data import split_dataset
 from bigasp.train.synthetic import write_synthetic_latent_dataset
@@ -149,9 +150,14 @@ def test_only_the_first_text_encoder_layers_train(tmp_path, data):
         assert all(params[k].grad is not None and params[k].grad.abs().sum() > 0 for k in trained_names)
         assert all(p.grad is None for k, p in params.items() if k not in trained_names)
 
-    init = build_preset(
-        "tiny", ("unet", "text_encoder", "text_encoder_2"), seed=0
-    )  # as the trainer builds it
+    too_many = make_cfg(tmp_path / "x", data, model={"train_text_encoder": True, "text_encoder_layers": 9})
+    with pytest.raises(ConfigError, match=r"model\.text_encoder_layers = 9 but the encoder has 3 layers"):
+        configure_model(
+            build_preset("tiny", ("unet", "text_encoder", "text_encoder_2")), too_many, torch.device("cpu")
+        )
+
+    # the same components as the trainer builds, so the random init is the same
+    init = build_preset("tiny", ("unet", "text_encoder", "text_encoder_2"), seed=0)
     ckpt = train(cfg).last_checkpoint
     for name, n in (("text_encoder", 1), ("text_encoder_2", 2)):
         before = getattr(init, name).state_dict()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from bigasp.config import dump_toml
-from bigasp.errors import BigaspError
+from bigasp.errors import BigaspError, ConfigError
 from bigasp.flops import TrainFlops
 from bigasp.models.components import SDXL, ModelKind
 from bigasp.models.io import load_model, save_diffusers_folder
@@ -112,7 +112,7 @@ def train_first_layers(encoder: torch.nn.Module, n: int, key: str) -> None:
     """
     layers = getattr(encoder, "text_model", encoder).encoder.layers  # transformers 4 vs 5
     if n > len(layers):
-        raise BigaspError(f"{key} = {n} but the encoder has {len(layers)} layers; use 1..{len(layers)}")
+        raise ConfigError(f"{key} = {n} but the encoder has {len(layers)} layers; use 1..{len(layers)}")
     encoder.requires_grad_(False)
     for layer in layers[:n]:
         layer.requires_grad_(True)
