@@ -101,6 +101,9 @@ def encode_cmd(
     seed: int = typer.Option(None, help="Seed for crops and latent sampling."),
     compression: str = typer.Option(None, help="none or zstd."),
     shard_size: int = typer.Option(None, help="Latents per shard."),
+    variants: int = typer.Option(
+        None, help="Latents per image (crop + VAE sample each); more adds new ones."
+    ),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -122,6 +125,7 @@ def encode_cmd(
             seed=seed,
             compression=compression,
             shard_size=shard_size,
+            variants=variants,
             progress=progress,
         ),
     )

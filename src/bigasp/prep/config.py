@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -75,6 +75,17 @@ class EncodeConfig(Section):
         "none", description="Per-record compression of stored latents (see docs/PERFORMANCE.md)."
     )
     zstd_level: int = Field(3, ge=1, le=22, description="zstd level when compression = zstd.")
+    variants: int = Field(
+        1,
+        ge=1,
+        description="Latents stored per image: each another keyed random crop and VAE sample; training "
+        "cycles through them, one per epoch. Re-running encode with a larger number adds the missing ones.",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options when the dataset is an object-storage URL (s3://...), e.g. "
+        "{endpoint_url = ..., key = ..., secret = ...}; empty = credentials from the usual AWS_* variables.",
+    )
     draft_margin: float = Field(
         1.0,
         ge=0,

@@ -5,7 +5,9 @@ the seed) -> DataLoader workers decode/resize/crop whole bucket batches -> the V
 on the accelerator -> a writer thread compresses, checksums and appends to shards. Each
 rank takes every world_size-th image of the (bucket, id)-sorted plan, so ranks never
 overlap and need no coordination; finished work is whatever the committed shard indexes
-list, so a restart (with any world size) skips it. Latent noise is drawn per image from a
+list, so a restart (with any world size) skips it. The dataset may live on object storage
+(`s3://bucket/ds`): shards and index files are then written straight to it, each as one
+object (see `ShardWriter`). Latent noise is drawn per image from a
 generator keyed by (seed, id), so the result does not depend on batching or rank count.
 """
 
@@ -36,7 +38,7 @@ from bigasp.prep.ingest import content_id
 from bigasp.prep.sources import Ref
 from bigasp.store import layout
 from bigasp.store.manifest import REJECTS_SCHEMA, read_dataset_json, read_index, read_manifest, read_rejects
-from bigasp.store.shard import RecordMeta, ShardWriter, rebuild_missing_indexes
+from bigasp.store.shard import RecordMeta, ShardWriter, list_shards, rebuild_missing_indexes
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +86,30 @@ class Job:
     ref: Ref
     orientation: int
     placement: Placement
+    variant: int = 0
+
+
+def variant_key(image_id: str, variant: int) -> str:
+    """What keys variant `variant`'s crop and latent noise (with the seed): the image id for
+    variant 0 (so a dataset encoded before variants existed is variant 0), else `id:variant`."""
+    return image_id if variant == 0 else f"{image_id}:{variant}"
 
 
 PLAN_COLUMNS = ("id", "path", "tar_offset", "file_size", "width", "height", "orientation")
 
 
 def plan(
-    manifest: pa.Table, buckets: BucketSet, seed: int, *, rank: int = 0, world_size: int = 1
+    manifest: pa.Table,
+    buckets: BucketSet,
+    seed: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    variants: int = 1,
 ) -> list[Job]:
-    """This rank's images with bucket and crop: every world_size-th entry of the whole manifest
-    sorted by (bucket, id). The order depends only on the manifest, so ranks never overlap."""
+    """This rank's (image, variant) jobs with bucket and crop: every world_size-th entry of the
+    whole manifest sorted by (bucket, id, variant). The order depends only on the manifest and
+    `variants`, so ranks never overlap."""
     h = manifest.column("height").to_numpy(zero_copy_only=False)
     w = manifest.column("width").to_numpy(zero_copy_only=False)
     bidx = buckets.nearest_indices(h, w)
@@ -101,23 +117,27 @@ def plan(
     bw = np.array([b.width for b in buckets.buckets], dtype=np.int32)[bidx]
     keys = pa.table({"bh": bh, "bw": bw, "id": manifest.column("id")})
     order = pc.sort_indices(keys, sort_keys=[("bh", "ascending"), ("bw", "ascending"), ("id", "ascending")])
-    mine = manifest.select(list(PLAN_COLUMNS)).take(order.to_numpy()[rank::world_size])
+    expanded = np.repeat(order.to_numpy(), variants)  # (bucket, id, variant) order
+    variant_of = np.tile(np.arange(variants), len(order))[rank::world_size]
+    mine = manifest.select(list(PLAN_COLUMNS)).take(expanded[rank::world_size])
     cols = mine.to_pydict()
     jobs = []
     for i in range(len(mine)):
         path, off, iid = cols["path"][i], cols["tar_offset"][i], cols["id"][i]
+        v = int(variant_of[i])
         file = path.split("::", 1)[0] if off is not None else path
-        p = place(cols["height"][i], cols["width"][i], buckets, seed=seed, image_id=iid)
-        jobs.append(Job(iid, Ref(file, off, cols["file_size"][i]), cols["orientation"][i] or 1, p))
+        p = place(cols["height"][i], cols["width"][i], buckets, seed=seed, image_id=variant_key(iid, v))
+        jobs.append(Job(iid, Ref(file, off, cols["file_size"][i]), cols["orientation"][i] or 1, p, v))
     return jobs
 
 
-def latent_noise(seed: int, image_id: str, shape: tuple[int, ...]):
+def latent_noise(seed: int, image_id: str, shape: tuple[int, ...], variant: int = 0):
     """The N(0,1) draw that turns an image's latent distribution into its sample; keyed by
-    (seed, id) so it is the same in any process, batch or rank."""
+    (seed, id, variant) so it is the same in any process, batch or rank."""
     import torch
 
-    return torch.randn(shape, generator=torch.Generator().manual_seed(_key(seed, image_id, "vae")))
+    key = _key(seed, variant_key(image_id, variant), "vae")
+    return torch.randn(shape, generator=torch.Generator().manual_seed(key))
 
 
 class DecodeDataset:
@@ -170,7 +190,9 @@ class DecodeDataset:
         noise = None
         if self.noise_channels:
             b = job.placement.bucket
-            noise = latent_noise(self.seed, job.id, (self.noise_channels, b.height // 8, b.width // 8))
+            noise = latent_noise(
+                self.seed, job.id, (self.noise_channels, b.height // 8, b.width // 8), job.variant
+            )
         return i, arr, noise, "", ""
 
 
@@ -202,7 +224,7 @@ def bucket_batches(jobs: list[Job], batch_size: int) -> list[list[int]]:
 class _ShardSink(threading.Thread):
     """Writes latents off the critical path: one open shard per bucket, rotated at shard_size."""
 
-    def __init__(self, root: Path, stem_prefix: str, cfg: EncodeConfig, header: dict[str, Any]):
+    def __init__(self, root: str | Path, stem_prefix: str, cfg: EncodeConfig, header: dict[str, Any]):
         super().__init__(daemon=True, name="bigasp-shard-writer")
         self.root, self.prefix, self.cfg, self.header = root, stem_prefix, cfg, header
         self.q: queue.Queue = queue.Queue(maxsize=8)
@@ -228,6 +250,7 @@ class _ShardSink(threading.Thread):
                             compression=self.cfg.compression,
                             level=self.cfg.zstd_level,
                             header=self.header,
+                            storage_options=self.cfg.storage_options,
                         )
                     w.add(lat, meta)
                     if len(w) >= self.cfg.shard_size:
@@ -342,34 +365,34 @@ def encode(dataset: str | os.PathLike, cfg: EncodeConfig) -> EncodeSummary:
     `bigasp encode` on it stops at once instead of encoding every image again."""
     from bigasp.locks import folder_lock
 
-    root = Path(dataset)
-    fs, rootp = layout.url_to_fs(str(root))
+    fs, rootp = layout.url_to_fs(str(dataset), cfg.storage_options)
     read_dataset_json(fs, rootp)  # a clear error before anything is created
+    if not layout.is_local(fs):  # object storage has no lock files; see docs/datasets.md
+        return _encode(str(dataset), cfg)
+    root = Path(dataset)
     rank = dist_env()[0]
     busy = f"another `bigasp encode` is writing {root}; wait for it to finish"
     with folder_lock(root / ENCODE_LOCK, busy, slot=rank):
         return _encode(root, cfg)
 
 
-def existing_encodings(root: Path) -> dict[tuple, list[str]]:
+def existing_encodings(root: str | Path, storage_options: dict | None = None) -> dict[tuple, list[str]]:
     """Encodings (`shard.encoding_of`) of the shards already in `root` -> their shard names."""
     from bigasp.store.shard import ENCODING_KEYS, encoding_of, read_shard_header
 
+    fs, rootp = layout.url_to_fs(str(root), storage_options)
     out: dict[tuple, list[str]] = {}
-    for shard in sorted((root / layout.SHARDS_DIR).glob(f"*/*{layout.SHARD_SUFFIX}")):
-        if layout.visible(shard.name):
-            enc = encoding_of(read_shard_header(shard))
-            out.setdefault(tuple(enc[k] for k in ENCODING_KEYS), []).append(
-                shard.relative_to(root).as_posix()
-            )
+    for rel in list_shards(fs, rootp):
+        enc = encoding_of(read_shard_header(f"{rootp}/{rel}", fs))
+        out.setdefault(tuple(enc[k] for k in ENCODING_KEYS), []).append(rel)
     return out
 
 
-def check_same_encoding(root: Path, new: dict[str, Any]) -> None:
+def check_same_encoding(root: str | Path, new: dict[str, Any], storage_options: dict | None = None) -> None:
     """Refuse to add latents of another encoding (VAE, scaling, seed, latent mode) to a dataset."""
     from bigasp.store.shard import ENCODING_KEYS, describe_encoding
 
-    for enc, shards in existing_encodings(root).items():
+    for enc, shards in existing_encodings(root, storage_options).items():
         old = dict(zip(ENCODING_KEYS, enc, strict=True))
         differs = [k for k in ENCODING_KEYS if old[k] is not None and old[k] != new[k]]
         if differs:
@@ -377,40 +400,42 @@ def check_same_encoding(root: Path, new: dict[str, Any]) -> None:
                 f"{root} already holds latents made with {describe_encoding(old)} ({len(shards)} shard(s), e.g. "
                 f"{shards[0]}); this encode uses {describe_encoding(new)} ({', '.join(differs)} differ). Mixed "
                 "latents cannot train one model: re-run with the same --vae/--seed, or encode into a new dataset "
-                f"(ingest again with another --out), or delete {root / layout.LATENTS_DIR} to re-encode everything"
+                f"(ingest again with another --out), or delete {root}/{layout.LATENTS_DIR} to re-encode everything"
             )
 
 
-def _encode(root: Path, cfg: EncodeConfig) -> EncodeSummary:
+def _encode(root: str | Path, cfg: EncodeConfig) -> EncodeSummary:
     import torch
     from torch.utils.data import DataLoader
 
     from bigasp.models.identity import vae_identity
 
     t0 = time.perf_counter()
-    fs, rootp = layout.url_to_fs(str(root))
+    fs, rootp = layout.url_to_fs(str(root), cfg.storage_options)
     meta = read_dataset_json(fs, rootp)
     rank, world, local_rank = dist_env()
     pg = _init_group(world)
     bcfg = cfg.buckets or BucketConfig(**meta.get("buckets", {}))
     buckets = BucketSet(bcfg.buckets())
     session = uuid.uuid4().hex[:8]
-    rebuild_missing_indexes(root)  # shards whose index write was interrupted
+    rebuild_missing_indexes(root, storage_options=cfg.storage_options)  # index write interrupted
     manifest = read_manifest(fs, rootp, columns=list(PLAN_COLUMNS))
     if len(manifest) == 0:
         raise DataError(f"{root}/{layout.MANIFEST} has no images; run `bigasp ingest` first")
-    jobs = plan(manifest, buckets, cfg.seed, rank=rank, world_size=world)
+    jobs = plan(manifest, buckets, cfg.seed, rank=rank, world_size=world, variants=cfg.variants)
     rej = read_rejects(fs, rootp)
     rej = rej.filter(pc.equal(rej.column("stage"), "encode")) if not cfg.retry_rejects else rej.slice(0, 0)
-    done_ids = pa.concat_arrays(
-        [
-            read_index(fs, rootp).column("id").combine_chunks(),
-            rej.column("id").combine_chunks().cast(pa.string()),
-        ]
-    )
-    is_done = pc.is_in(pa.array([j.id for j in jobs], pa.string()), value_set=done_ids).to_numpy(
-        zero_copy_only=False
-    )
+    index = read_index(fs, rootp)
+    done_keys = pc.binary_join_element_wise(
+        index.column("id"), index.column("variant").cast(pa.string()), "#"
+    ).combine_chunks()
+    is_done = pc.or_(
+        pc.is_in(pa.array([f"{j.id}#{j.variant}" for j in jobs], pa.string()), value_set=done_keys),
+        pc.is_in(  # a rejected image is rejected in every variant
+            pa.array([j.id for j in jobs], pa.string()),
+            value_set=rej.column("id").combine_chunks().cast(pa.string()),
+        ),
+    ).to_numpy(zero_copy_only=False)
     summary = EncodeSummary(rank=rank, world_size=world, planned=len(jobs))
     todo = [j for j, d in zip(jobs, is_done, strict=True) if not d]
     summary.skipped = len(jobs) - len(todo)
@@ -425,7 +450,7 @@ def _encode(root: Path, cfg: EncodeConfig) -> EncodeSummary:
         "seed": cfg.seed,
         "latent": cfg.latent,
     }
-    check_same_encoding(root, encoding)
+    check_same_encoding(root, encoding, cfg.storage_options)
 
     if todo:
         device = _device(cfg, local_rank)
@@ -499,9 +524,10 @@ def _encode(root: Path, cfg: EncodeConfig) -> EncodeSummary:
         for r in reject_rows:
             summary.rejects[r["reason"]] += 1
         if reject_rows:
-            layout.atomic_write_parquet(
+            layout.write_parquet(
+                fs,
+                f"{rootp}/{layout.ENCODE_REJECTS_DIR}/{session}-r{rank:05d}.parquet",
                 pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA),
-                root / layout.ENCODE_REJECTS_DIR / f"{session}-r{rank:05d}.parquet",
             )
         if interrupted:
             raise KeyboardInterrupt(
@@ -517,7 +543,9 @@ def _encode(root: Path, cfg: EncodeConfig) -> EncodeSummary:
 
 def _meta(job: Job) -> RecordMeta:
     p = job.placement
-    return RecordMeta(job.id, p.original_height, p.original_width, p.crop_top, p.crop_left)
+    return RecordMeta(
+        job.id, p.original_height, p.original_width, p.crop_top, p.crop_left, variant=job.variant
+    )
 
 
 def _reject(job: Job, reason: str, detail: str) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 The dataset directory is the only interface between ingest, encode and training, so its
 layout is spelled out once here (and in docs/formats.md). Readers go through fsspec, so a
 dataset synced to object storage reads with the same code; writers are local-path only
-(write locally, then copy the directory) because rename-based atomicity needs a POSIX disk.
+use rename-based atomicity on a POSIX disk; on object storage a PUT is atomic (an object is
+either absent or whole), so latents are written straight to the bucket (`write_parquet`,
+`put_file`) and a shard becomes visible only once its index object is written.
 """
 
 from __future__ import annotations
@@ -64,6 +66,28 @@ def atomic_write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
     """Write a Parquet file so that readers see either the old file or the whole new one."""
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def write_parquet(fs, path: str, table: pa.Table) -> None:
+    """Atomic Parquet write on either kind of filesystem: temp + rename on a local disk, one
+    PUT (all or nothing) on object storage."""
+    if is_local(fs):
+        atomic_write_parquet(table, path)
+    else:
+        fs.pipe_file(path, parquet_bytes(table))
+
+
+def write_bytes(fs, path: str, data: bytes) -> None:
+    if is_local(fs):
+        atomic_write_bytes(path, data)
+    else:
+        fs.pipe_file(path, data)
 
 
 def read_parquet(fs, path: str) -> pa.Table:

@@ -65,6 +65,9 @@ INDEX_SCHEMA = pa.schema(
         pa.field("original_width", pa.int32()),
         pa.field("crop_top", pa.int32()),
         pa.field("crop_left", pa.int32()),
+        # Latent variant (another random crop and VAE sample of the same image); null in index files
+        # written before variants existed = variant 0.
+        pa.field("variant", pa.int32()),
     ]
 )
 
@@ -129,17 +132,27 @@ def read_rejects(fs, root: str) -> pa.Table:
 
 
 def read_index(fs, root: str) -> pa.Table:
-    """All committed latent index files, deduplicated by id (first shard name wins)."""
+    """All committed latent index files, one row per (id, variant) (first shard name wins),
+    sorted by id then variant; `variant` is never null (older files: 0)."""
     paths = sorted(p for p in fs.glob(f"{root}/{layout.INDEX_DIR}/*.parquet") if layout.visible(p))
     if not paths:
         return empty(INDEX_SCHEMA)
     table = pa.concat_tables(conform(layout.read_parquet(fs, p), INDEX_SCHEMA) for p in paths)
+    table = table.set_column(
+        table.schema.get_field_index("variant"),
+        INDEX_SCHEMA.field("variant"),
+        pc.fill_null(table.column("variant"), 0),
+    )
     table = table.sort_by(
-        [("id", "ascending"), ("shard", "ascending"), ("record", "ascending")]
+        [("id", "ascending"), ("variant", "ascending"), ("shard", "ascending"), ("record", "ascending")]
     ).combine_chunks()
     ids = table.column("id")
     if len(ids) > 1:
-        first = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+        var = table.column("variant")
+        first = pc.or_(
+            pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)),
+            pc.not_equal(var.slice(1), var.slice(0, len(var) - 1)),
+        )
         keep = pa.concat_arrays([pa.array([True]), first.combine_chunks()])
         if not pc.all(keep).as_py():
             table = table.filter(keep)

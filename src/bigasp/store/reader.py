@@ -4,12 +4,19 @@ Opening reads only Parquet (manifest + latent index); `read_latent(i)` reads exa
 record's bytes at its recorded offset, verifies its checksum and decompresses it. File
 handles are opened lazily per process and dropped on pickling, so the object can be handed
 to DataLoader workers (fork or spawn) and to object-storage filesystems alike.
+
+On object storage (s3://, gs://, ...) records go through a local disk cache (`RecordCache`),
+`prefetch(rows)` fetches the records a plan needs next with concurrent ranged reads, and a
+record that is missing or fails its checksum is fetched again (`retries` times) before the
+error names the shard and record.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -20,6 +27,8 @@ from bigasp.errors import DataError
 from bigasp.store import layout
 from bigasp.store.manifest import read_dataset_json, read_index, read_manifest
 from bigasp.store.shard import check_crc, decode_record
+
+log = logging.getLogger(__name__)
 
 MAX_OPEN_SHARDS = 128  # per process; oldest-opened handle is closed first
 
@@ -54,37 +63,64 @@ def join_latents(manifest: pa.Table, index: pa.Table) -> pa.Table:
     return rows.combine_chunks()
 
 
+def read_index_ids(index: pa.Table) -> pa.Array:
+    return pc.unique(index.column("id")) if len(index) else pa.array([], pa.string())
+
+
 class LatentDataset:
     """Images that have a latent, sorted by id, with O(1) checksummed access to each latent."""
 
-    def __init__(self, root: str | os.PathLike, *, storage_options: dict | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        storage_options: dict | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_bytes: int = 50 * 2**30,
+        retries: int = 3,
+        retry_wait: float = 0.5,
+    ):
         self.root_url = str(root)
         self.storage_options = dict(storage_options or {})
         fs, self.root = layout.url_to_fs(self.root_url, self.storage_options)
         self._fs = fs
         self.meta = read_dataset_json(fs, self.root)
         manifest = read_manifest(fs, self.root)
-        index = read_index(fs, self.root).select(["id", *INDEX_COLUMNS])
+        index = read_index(fs, self.root).select(["id", *INDEX_COLUMNS, "variant"])
         self.n_images = len(manifest)  # ingested, with or without a latent
-        self.table: pa.Table = join_latents(manifest, index)
-        self.n_orphan_latents = len(index) - len(self.table)  # latents not in the manifest (ignored)
-        shards = self.table.column("shard")
-        self.shards: list[str] = pc.unique(shards).to_pylist() if len(self.table) else []
+        # Every stored latent of an image in the manifest (all variants), sorted by (id, variant):
+        # the records of row i are first[i] .. first[i] + n_variants[i] - 1.
+        recs = index.filter(pc.is_in(index.column("id"), value_set=manifest.column("id")))
+        ids = recs.column("id")
+        new_id = np.ones(len(recs), dtype=bool)
+        if len(recs) > 1:
+            new_id[1:] = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
+        self._first = np.flatnonzero(new_id).astype(np.int64)
+        self.n_variants = np.diff(np.append(self._first, len(recs))).astype(np.int32)
+        self.table: pa.Table = join_latents(manifest, recs.take(pa.array(self._first)))
+        self.n_orphan_latents = len(read_index_ids(index)) - len(self.table)  # not in the manifest
+        self.records = recs
+        shards = recs.column("shard")
+        self.shards: list[str] = pc.unique(shards).to_pylist() if len(recs) else []
         self._shard_idx = (
             pc.index_in(shards, value_set=pa.array(self.shards, pa.string())).to_numpy(zero_copy_only=False)
-            if len(self.table)
+            if len(recs)
             else np.zeros(0, np.int32)
         ).astype(np.int32)
-        self._offset = self.table.column("offset").to_numpy()
-        self._length = self.table.column("length").to_numpy()
-        self._crc = self.table.column("crc32").to_numpy()
-        self._zstd = (
-            pc.equal(self.table.column("compression"), "zstd").to_numpy(zero_copy_only=False).astype(bool)
-        )
-        self._bh = self.table.column("bucket_height").to_numpy()
-        self._bw = self.table.column("bucket_width").to_numpy()
-        self._record = self.table.column("record").to_numpy()
+        col = lambda name: recs.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+        self._offset, self._length, self._crc = col("offset"), col("length"), col("crc32")
+        self._zstd = pc.equal(recs.column("compression"), "zstd").to_numpy(zero_copy_only=False).astype(bool)
+        self._bh, self._bw = col("bucket_height"), col("bucket_width")
+        self._record = col("record")
+        self._crop_top, self._crop_left = col("crop_top"), col("crop_left")
+        self._variant = col("variant")
         self._local = layout.is_local(fs)
+        self.retries, self.retry_wait = int(retries), float(retry_wait)
+        self.cache = None
+        if not self._local:
+            from bigasp.store.cache import RecordCache, default_cache_dir
+
+            self.cache = RecordCache(cache_dir or default_cache_dir(), self.root_url, cache_bytes)
         self._fds: dict[int, int] = {}
         self._dctx = None
 
@@ -110,15 +146,30 @@ class LatentDataset:
                 os.close(fd)
 
     def latent_shape(self, i: int) -> tuple[int, int, int]:
-        return (4, int(self._bh[i]) // 8, int(self._bw[i]) // 8)
+        r = self._first[i]
+        return (4, int(self._bh[r]) // 8, int(self._bw[r]) // 8)
 
-    def _where(self, i: int) -> str:
-        return f"shard {self.root}/{self.shards[self._shard_idx[i]]} record {int(self._record[i])}"
-
-    def read_bytes(self, i: int) -> bytes:
-        """The stored bytes of row `i` (compressed if the shard is), not yet verified."""
+    def rec(self, i: int, variant: int = 0) -> int:
+        """Record index of row `i`'s `variant`-th stored latent (0 = the first; see `n_variants`)."""
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} out of range for a dataset of {len(self)} latents")
+        if not 0 <= variant < self.n_variants[i]:
+            raise IndexError(f"row {i} has {int(self.n_variants[i])} latent variant(s), not {variant + 1}")
+        return int(self._first[i]) + variant
+
+    def crop_of(self, i: int, variant: int = 0) -> tuple[int, int]:
+        """(top, left) crop of that variant: its SDXL crop conditioning."""
+        r = self.rec(i, variant)
+        return int(self._crop_top[r]), int(self._crop_left[r])
+
+    def _where(self, r: int) -> str:
+        return f"shard {self.root}/{self.shards[self._shard_idx[r]]} record {int(self._record[r])}"
+
+    def read_bytes(self, i: int, variant: int = 0) -> bytes:
+        """The stored bytes of row `i` (compressed if the shard is), not yet verified."""
+        return self._read_rec(self.rec(i, variant))
+
+    def _read_rec(self, i: int) -> bytes:
         s = int(self._shard_idx[i])
         offset, length = int(self._offset[i]), int(self._length[i])
         path = f"{self.root}/{self.shards[s]}"
@@ -140,23 +191,97 @@ class LatentDataset:
             try:
                 data = self._fs.cat_file(path, start=offset, end=offset + length)
             except FileNotFoundError:
-                raise DataError(f"{path} is listed in the latent index but missing") from None
+                raise DataError(
+                    f"{self._where(i)}: the shard is listed in the latent index but missing"
+                ) from None
             except OSError as err:
                 raise DataError(f"{self._where(i)}: read failed ({err})") from None
         if len(data) != length:
             raise DataError(f"{self._where(i)}: short read ({len(data)} of {length} bytes); file truncated")
         return data
 
-    def read_latent(self, i: int):
-        """float16 tensor [4, bucket_height//8, bucket_width//8], checksum-verified."""
+    def read_latent(self, i: int, variant: int = 0):
+        """float16 tensor [4, bucket_height//8, bucket_width//8] of row `i`'s `variant`, checksum-verified."""
         import torch
 
-        return torch.from_numpy(self.read_latent_numpy(i))
+        return torch.from_numpy(self.read_latent_numpy(i, variant))
 
-    def read_latent_numpy(self, i: int) -> np.ndarray:
-        data = self.read_bytes(i)
+    def _cache_key(self, r: int) -> str:
+        return self.cache.key(
+            self.shards[self._shard_idx[r]], int(self._offset[r]), int(self._length[r]), int(self._crc[r])
+        )
+
+    def _crc_ok(self, i: int, data: bytes) -> bool:
+        import zlib
+
+        return len(data) == int(self._length[i]) and (zlib.crc32(data) & 0xFFFFFFFF) == int(self._crc[i])
+
+    def verified_bytes(self, i: int) -> bytes:
+        """Record `i`'s stored bytes with the checksum verified. From object storage: through the
+        cache, and a missing object or a bad checksum is fetched again `retries` times before the
+        `DataError` naming the shard and record."""
+        if self.cache is None:
+            data = self._read_rec(i)
+            check_crc(data, int(self._crc[i]), self._where(i))
+            return data
+        key = self._cache_key(i)
+        data = self.cache.get(key)
+        if data is not None:
+            if self._crc_ok(i, data):
+                return data
+            self.cache.drop(key)  # a damaged cache entry: fetch it again
+        problem = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.retry_wait * 2 ** (attempt - 1))
+            try:
+                data = self._read_rec(i)
+            except DataError as err:
+                problem = str(err)
+                continue
+            if self._crc_ok(i, data):
+                self.cache.put(key, data)
+                return data
+            problem = f"{self._where(i)}: checksum mismatch (stored crc32 {int(self._crc[i]):08x})"
+        raise DataError(
+            f"{problem} (after {self.retries + 1} attempts); the object is missing or corrupt in the bucket: "
+            "re-upload it, or delete this shard and its index file and re-run `bigasp encode`"
+        )
+
+    def prefetch(self, recs, *, concurrency: int = 32) -> int:
+        """Bring records `recs` (see `rec`) into the local cache with concurrent ranged reads (one
+        `cat_ranges` call); returns how many were fetched. Problems are left for `verified_bytes`
+        to retry and report."""
+        if self.cache is None:
+            return 0
+        want = []
+        for i in dict.fromkeys(int(r) for r in recs):
+            key = self._cache_key(i)
+            if not (self.cache.dir / key).exists():
+                want.append((i, key))
+        if not want:
+            return 0
+        paths = [f"{self.root}/{self.shards[self._shard_idx[i]]}" for i, _ in want]
+        starts = [int(self._offset[i]) for i, _ in want]
+        ends = [int(self._offset[i] + self._length[i]) for i, _ in want]
+        try:
+            got = self._fs.cat_ranges(paths, starts, ends, on_error="return", batch_size=concurrency)
+        except Exception as err:  # whole call failed (network): the reads will retry one by one
+            log.debug("prefetch of %d records failed: %s", len(want), err)
+            return 0
+        fetched = 0
+        for (i, key), data in zip(want, got, strict=True):
+            if isinstance(data, bytes) and self._crc_ok(i, data):
+                self.cache.put(key, data)
+                fetched += 1
+        return fetched
+
+    def read_latent_numpy(self, i: int, variant: int = 0) -> np.ndarray:
+        return self._decode_rec(self.rec(i, variant))
+
+    def _decode_rec(self, i: int) -> np.ndarray:
+        data = self.verified_bytes(i)
         where = self._where(i)
-        check_crc(data, int(self._crc[i]), where)
         dctx = None
         if self._zstd[i]:
             if self._dctx is None:
@@ -164,9 +289,8 @@ class LatentDataset:
 
                 self._dctx = zstandard.ZstdDecompressor()
             dctx = self._dctx
-        arr = decode_record(
-            data, "zstd" if self._zstd[i] else "none", self.latent_shape(i), dctx=dctx, where=where
-        )
+        shape = (4, int(self._bh[i]) // 8, int(self._bw[i]) // 8)
+        arr = decode_record(data, "zstd" if self._zstd[i] else "none", shape, dctx=dctx, where=where)
         return arr if arr.flags.writeable else arr.copy()  # writable, detached from the read buffer
 
     def shard_headers(self, limit: int | None = None) -> dict[str, dict[str, Any]]:
@@ -203,7 +327,7 @@ class LatentDataset:
             "bucket_width",
         ]
         rows_of: dict[str, list[dict]] = {}
-        for r in self.table.select(keep).to_pylist():
+        for r in self.records.select(keep).to_pylist():
             rows_of.setdefault(r["shard"], []).append(r)
         encodings: dict[tuple, list[str]] = {}
         for name in self.shards:
@@ -225,9 +349,9 @@ class LatentDataset:
                 f"{self.root}: shards hold latents of different encodings ({kinds}); a model trains on one. "
                 "Delete the unwanted encoding's shards and their latents/index files, then re-run `bigasp encode`"
             )
-        for i in range(len(self)):
+        for r in range(len(self.records)):
             try:
-                self.read_latent_numpy(i)
+                self._decode_rec(r)
             except DataError as err:
                 errors.append(str(err))
         return errors

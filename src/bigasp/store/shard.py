@@ -21,7 +21,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class RecordMeta:
     original_width: int
     crop_top: int
     crop_left: int
+    variant: int = field(default=0, kw_only=True)  # another keyed crop + VAE sample of the image
 
 
 @dataclass
@@ -108,9 +109,12 @@ def check_crc(data: bytes, crc: int, where: str) -> None:
 class ShardWriter:
     """Streams records into a hidden temp file; `close()` makes the shard and its index visible.
 
-    Order of commit: shard bytes + footer -> fsync -> rename to the final name -> index Parquet
-    (itself temp + rename). A crash before the index rename leaves a complete shard without an
-    index, which `rebuild_missing_indexes` repairs from the footer; nothing partial is ever visible.
+    Order of commit on a local disk: shard bytes + footer -> fsync -> rename to the final name ->
+    index Parquet (itself temp + rename). On object storage (`root` an fsspec URL such as
+    s3://bucket/ds) the shard is staged in a local temp file, uploaded as one object (a PUT, or a
+    multipart upload, is visible only when complete), then its index object is written. Either
+    way readers only see shards listed by an index file; a crash before the index is written
+    leaves a complete shard without one, which `rebuild_missing_indexes` repairs from the footer.
     """
 
     def __init__(
@@ -124,14 +128,26 @@ class ShardWriter:
         compression: str = "none",
         level: int = 3,
         header: dict[str, Any] | None = None,
+        storage_options: dict[str, Any] | None = None,
     ):
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}; choose one of {COMPRESSIONS}")
-        self.root = Path(root)
         self.rel = f"{layout.SHARDS_DIR}/{bucket_width}x{bucket_height}/{stem}{layout.SHARD_SUFFIX}"
-        self.final = self.root / self.rel
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = layout.tmp_name(self.final)
+        self.fs, self._rootp = (None, None) if not _is_url(root) else layout.url_to_fs(root, storage_options)
+        self.remote = self.fs is not None and not layout.is_local(self.fs)
+        if self.remote:
+            import tempfile
+
+            self.root = str(root)
+            self.final = f"{self._rootp}/{self.rel}"  # type: ignore[assignment]
+            self._staging = Path(tempfile.mkdtemp(prefix="bigasp-shard-"))
+            self.tmp = self._staging / Path(self.rel).name
+        else:
+            self.root = Path(self._rootp if self.fs is not None else root)
+            self.final = self.root / self.rel
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = layout.tmp_name(self.final)
+            self._staging = None
         self.shape = (channels, bucket_height // 8, bucket_width // 8)
         self.bucket = (bucket_height, bucket_width)
         self.compression = compression
@@ -185,14 +201,22 @@ class ShardWriter:
         try:
             self._f.write(footer + TRAILER.pack(self._pos, len(footer), END_MAGIC))
             self._f.flush()
-            os.fsync(self._f.fileno())
+            if not self.remote:
+                os.fsync(self._f.fileno())
             self._f.close()
         except BaseException:
             self.abort()
             raise
+        table = index_rows(self.rel, self.bucket, self.compression, self.entries)
+        if self.remote:
+            try:
+                self.fs.put_file(str(self.tmp), self.final)
+            finally:
+                self.abort()  # removes the local staging copy
+            self.fs.pipe_file(f"{self._rootp}/{index_rel(self.rel)}", layout.parquet_bytes(table))
+            return table
         os.replace(self.tmp, self.final)
         layout.fsync_dir(self.final.parent)
-        table = index_rows(self.rel, self.bucket, self.compression, self.entries)
         layout.atomic_write_parquet(table, index_path(self.root, self.rel))
         return table
 
@@ -202,6 +226,18 @@ class ShardWriter:
                 self._f.close()
         if self.tmp.exists():
             self.tmp.unlink()
+        if self._staging is not None:
+            with contextlib.suppress(OSError):
+                self._staging.rmdir()
+
+
+def _is_url(root: str | os.PathLike) -> bool:
+    return isinstance(root, str) and "://" in root
+
+
+def index_rel(shard_rel: str) -> str:
+    """Index file of a shard, relative to the dataset root."""
+    return f"{layout.INDEX_DIR}/{Path(shard_rel).stem}.parquet"
 
 
 def index_path(root: Path, shard_rel: str) -> Path:
@@ -227,6 +263,7 @@ def index_rows(
         "original_width": [e.original_width for e in entries],
         "crop_top": [e.crop_top for e in entries],
         "crop_left": [e.crop_left for e in entries],
+        "variant": [e.variant for e in entries],
     }
     return pa.Table.from_pydict(cols, schema=INDEX_SCHEMA)
 
@@ -339,26 +376,39 @@ def verify_shard_layout(
     return errors
 
 
-def rebuild_index(root: str | os.PathLike, shard_rel: str) -> pa.Table:
-    """Recreate a shard's index file from its footer (after a crash between the two renames)."""
-    root = Path(root)
-    header, entries = read_shard_layout(root / shard_rel)
+def rebuild_index(root: str | os.PathLike, shard_rel: str, *, fs=None) -> pa.Table:
+    """Recreate a shard's index file from its footer (after a crash between the shard and index writes).
+
+    `fs` given: `root` is that filesystem's path (object storage); else a local directory."""
+    if fs is None:
+        fs, root = layout.url_to_fs(str(root))
+    header, entries = read_shard_layout(f"{root}/{shard_rel}", fs)
     table = index_rows(
         shard_rel, (header["bucket_height"], header["bucket_width"]), header["compression"], entries
     )
-    layout.atomic_write_parquet(table, index_path(root, shard_rel))
+    layout.write_parquet(fs, f"{root}/{index_rel(shard_rel)}", table)
     return table
 
 
-def rebuild_missing_indexes(root: str | os.PathLike, skip_prefix: str | None = None) -> list[str]:
+def list_shards(fs, root: str) -> list[str]:
+    """Visible shard files under `root`, relative to it, sorted."""
+    found = fs.glob(f"{root}/{layout.SHARDS_DIR}/*/*{layout.SHARD_SUFFIX}")
+    prefix = root.rstrip("/") + "/"
+    return sorted(p[len(prefix) :] for p in found if layout.visible(p))
+
+
+def rebuild_missing_indexes(
+    root: str | os.PathLike, skip_prefix: str | None = None, *, storage_options: dict | None = None
+) -> list[str]:
     """Index every complete shard that has none; returns the repaired shard paths."""
-    root = Path(root)
+    fs, rootp = layout.url_to_fs(str(root), storage_options)
+    indexed = {p.rsplit("/", 1)[-1] for p in fs.glob(f"{rootp}/{layout.INDEX_DIR}/*.parquet")}
     repaired = []
-    for shard in sorted((root / layout.SHARDS_DIR).glob(f"*/*{layout.SHARD_SUFFIX}")):
-        if shard.name.startswith(".") or (skip_prefix and shard.name.startswith(skip_prefix)):
+    for rel in list_shards(fs, rootp):
+        name = rel.rsplit("/", 1)[-1]
+        if skip_prefix and name.startswith(skip_prefix):
             continue
-        rel = shard.relative_to(root).as_posix()
-        if not index_path(root, rel).exists():
-            rebuild_index(root, rel)
+        if index_rel(rel).rsplit("/", 1)[-1] not in indexed:
+            rebuild_index(rootp, rel, fs=fs)
             repaired.append(rel)
     return repaired

@@ -88,6 +88,29 @@ class DataConfig(Section):
         "model's (recorded per shard by `bigasp encode`). Set false for a compatible variant, e.g. the SDXL "
         "fp16-fix VAE. A different scaling factor is always an error.",
     )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for a dataset on object storage (s3://...), e.g. {endpoint_url = ..., "
+        "key = ..., secret = ...}; empty = credentials from the usual AWS_* variables (or ~/.aws).",
+    )
+    cache_dir: str = Field(
+        "",
+        description="Local disk cache of latents read from object storage; empty = $BIGASP_CACHE_DIR or "
+        "~/.cache/bigasp/latents. Unused for a local dataset.",
+    )
+    cache_gb: float = Field(
+        50.0, ge=0, description="Size limit of that cache in GiB; least recently used latents are evicted."
+    )
+    prefetch_batches: int = Field(
+        64,
+        ge=0,
+        description="Object storage: batches of this rank's planned order fetched ahead into the cache "
+        "(concurrent ranged reads); 0 = fetch on demand only.",
+    )
+    read_concurrency: int = Field(32, ge=1, description="Object storage: ranged reads in flight at once.")
+    read_retries: int = Field(
+        3, ge=0, description="Object storage: re-fetches of a missing or corrupt record before the error."
+    )
     prompt: PromptConfig = Field(
         default_factory=PromptConfig, description="Prompt synthesis ([data.prompt])."
     )
@@ -375,6 +398,34 @@ def synthesize_rows(
     return prompts, sub
 
 
+def pick_variants(n_variants: np.ndarray, rows: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
+    """Which stored latent variant each row trains on in `epoch`: `(k + epoch) mod n`, with `k` a
+    hash of `(seed, row)`. A row with n variants cycles through all of them in n epochs, so
+    consecutive epochs never repeat a crop/sample, and the choice is a pure function of
+    `(seed, epoch, row, n)`: resume and any worker count give the same one. Evaluation
+    (`EVAL_EPOCH`) always uses variant 0, so validation losses stay comparable."""
+    n = np.asarray(n_variants, dtype=np.int64)
+    if epoch == EVAL_EPOCH or (n <= 1).all():
+        return np.zeros(len(n), dtype=np.int64)
+    k = np.array(
+        [
+            int.from_bytes(
+                hashlib.blake2b(f"{seed}:{int(r)}:variant".encode(), digest_size=8).digest(), "little"
+            )
+            for r in np.asarray(rows).tolist()
+        ],
+        dtype=np.uint64,
+    )
+    return ((k % np.uint64(1 << 32)).astype(np.int64) + epoch) % np.maximum(n, 1)
+
+
+def batch_records(dataset, rows: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
+    """Record indices (`LatentDataset.rec`) that `build_batch` reads for `rows` in `epoch`."""
+    n_var = dataset.n_variants[rows]
+    var = pick_variants(n_var, rows, seed=seed, epoch=epoch)
+    return np.array([dataset.rec(int(r), int(v)) for r, v in zip(rows, var, strict=True)], dtype=np.int64)
+
+
 def build_batch(
     dataset,
     rows: np.ndarray,
@@ -391,16 +442,22 @@ def build_batch(
     prompts, sub = synthesize_rows(
         dataset.table, rows, seed=seed, epoch=epoch, cfg=cfg, aliases=aliases, token_estimates=token_estimates
     )
+    n_var = getattr(dataset, "n_variants", None)  # None: a dataset view without variants (one each)
+    variants = (
+        pick_variants(n_var[rows], rows, seed=seed, epoch=epoch)
+        if n_var is not None
+        else np.zeros(len(rows), np.int64)
+    )
     samples = [
         Sample(
             index=row_idx,
-            latent=dataset.read_latent(row_idx),
+            latent=dataset.read_latent(row_idx, int(v)) if v else dataset.read_latent(row_idx),
             prompt=prompt,
             original_size=(int(row["original_height"]), int(row["original_width"])),
-            crop=(int(row["crop_top"]), int(row["crop_left"])),
+            crop=dataset.crop_of(row_idx, int(v)) if v else (int(row["crop_top"]), int(row["crop_left"])),
             target_size=(int(row["bucket_height"]), int(row["bucket_width"])),
         )
-        for row_idx, prompt, row in zip(np.asarray(rows).tolist(), prompts, sub, strict=True)
+        for row_idx, prompt, row, v in zip(np.asarray(rows).tolist(), prompts, sub, variants, strict=True)
     ]
     return collate(
         samples, max_chunks=cfg.max_chunks, chunk_estimate=chunk_estimate, epoch=epoch, position=position
@@ -484,7 +541,7 @@ class WorkerFailure:
     error: BigaspError
 
 
-def _iterate(source: _BatchSource, cfg: DataConfig) -> Iterator[Batch]:
+def _iterate(source: _BatchSource, cfg: DataConfig, on_start=None) -> Iterator[Batch]:
     """Batches of `source` in order; the worker processes are shut down and reaped whenever
     iteration ends: exhausted, failed, closed, or the consumer raised.
 
@@ -492,6 +549,8 @@ def _iterate(source: _BatchSource, cfg: DataConfig) -> Iterator[Batch]:
     interpreter exit, where multiprocessing SIGTERMs them (which they ignore, see
     `_worker_init`) and waits forever."""
     it = iter(_loader(source, cfg))
+    if on_start is not None:  # after the workers are forked: no thread of ours is copied into them
+        on_start()
     try:
         for item in it:
             if isinstance(item, WorkerFailure):
@@ -765,10 +824,17 @@ class TrainLoader:
             source = _BatchSource(
                 self.dataset, self.cfg, self.seed, self.aliases, self.token_estimates, items
             )
-            for batch in _iterate(source, self.cfg):
-                self.position = batch.position - self.rank + w
-                self.stats.add(batch, self.cfg.max_chunks)
-                yield batch
+            ahead = Prefetcher.for_loader(self.dataset, items, self.cfg, self.seed)
+            try:
+                for k, batch in enumerate(_iterate(source, self.cfg, ahead.start if ahead else None)):
+                    if ahead is not None:
+                        ahead.consumed(k + 1)
+                    self.position = batch.position - self.rank + w
+                    self.stats.add(batch, self.cfg.max_chunks)
+                    yield batch
+            finally:
+                if ahead is not None:
+                    ahead.stop()
             self._log_stats()
             self.epoch += 1
             self.position = 0
@@ -791,6 +857,82 @@ class TrainLoader:
             100 * s.sample_estimate_mismatch / max(s.samples, 1),
             s.truncated,
         )
+
+
+class Prefetcher:
+    """Fetches the records of the next `depth` planned batches into the dataset's local cache.
+
+    The order is known ahead (the epoch plan), so a background thread in the main process keeps
+    the cache `depth` batches ahead of what the trainer has consumed, fetching many records at
+    once with concurrent ranged reads; the DataLoader workers then read from the local disk. It
+    changes where bytes come from, never which bytes: the batches are the same with or without it.
+    """
+
+    def __init__(self, dataset, items: Sequence[BatchItem], depth: int, concurrency: int, seed: int):
+        import threading
+
+        self.dataset, self.items, self.depth, self.concurrency = dataset, items, depth, concurrency
+        self.seed = seed
+        self._done = 0
+        self._stopped = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bigasp-prefetch")
+        self.fetched = 0
+
+    @classmethod
+    def for_loader(cls, dataset, items, cfg: DataConfig, seed: int) -> Prefetcher | None:
+        if cfg.prefetch_batches <= 0 or getattr(dataset, "cache", None) is None:
+            return None
+        return cls(dataset, items, cfg.prefetch_batches, cfg.read_concurrency, seed)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def consumed(self, n: int) -> None:
+        with self._cond:
+            self._done = n
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        nxt = 0
+        while nxt < len(self.items):
+            with self._cond:
+                while not self._stopped and nxt >= self._done + self.depth:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                end = min(len(self.items), self._done + self.depth)
+            try:
+                recs = np.concatenate(
+                    [
+                        batch_records(self.dataset, it.rows, seed=self.seed, epoch=it.epoch)
+                        for it in (self.items[j] for j in range(nxt, end))
+                    ]
+                )
+                self.fetched += self.dataset.prefetch(recs, concurrency=self.concurrency)
+            except Exception as err:  # the reads themselves retry and report
+                log.debug("prefetch failed: %s", err)
+            nxt = end
+
+
+def open_dataset(cfg: DataConfig):
+    """The `LatentDataset` of `[data]`, with the object-storage options (cache, retries) applied."""
+    from bigasp.store import LatentDataset
+
+    return LatentDataset(
+        cfg.dataset,
+        storage_options=cfg.storage_options,
+        cache_dir=cfg.cache_dir or None,
+        cache_bytes=int(cfg.cache_gb * 2**30),
+        retries=cfg.read_retries,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

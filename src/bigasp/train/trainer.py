@@ -328,9 +328,9 @@ def _train(cfg: RunConfig, *, resume: str | None, stop_at: int | None, dataset) 
 
     # ---- data -------------------------------------------------------------------------------
     if dataset is None:
-        from bigasp.store import LatentDataset
+        from bigasp.train.data import open_dataset
 
-        dataset = LatentDataset(cfg.data.dataset)
+        dataset = open_dataset(cfg.data)
         preflight.check_dataset(dataset, model, cfg)
     # A resumed run keeps its split cutoff: images added since are assigned by it, old ones keep their side.
     split = split_dataset(
