@@ -36,6 +36,15 @@ def info(
     typer.echo(f"dataset {d['root']} (format {d['format_version']})")
     typer.echo(f"  images     {d['images']}")
     typer.echo(f"  latents    {d['latents']}   not yet encoded {d['not_encoded']}")
+    records = max(d["latent_records"], 1)
+    per = sum(d["variant_bytes"].values()) / records
+    typer.echo(
+        "  variants   "
+        + ", ".join(f"{k} per image: {n} images" for k, n in d["variants"].items())
+        + f"   ({d['latent_records']} latents, {_human(int(per))} each)"
+    )
+    for v, n in d["variant_bytes"].items():
+        typer.echo(f"    variant {v:<10} {_human(n)}")
     typer.echo(f"  rejects    {sum(d['rejects'].values())}")
     for reason, n in d["rejects"].items():
         typer.echo(f"    {reason:<32} {n}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import pyarrow as pa
+
 from bigasp.store import layout
 from bigasp.store.manifest import read_dataset_json, read_index, read_manifest, read_rejects
 
@@ -16,7 +18,15 @@ def dataset_info(root: str, storage_options: dict | None = None) -> dict[str, An
     rejects = read_rejects(fs, path)
     index = read_index(fs, path)
     ids = set(manifest.column("id").to_pylist())
-    latent_ids = set(index.column("id").to_pylist())
+    per_id = Counter(index.column("id").to_pylist())  # latent variants stored per image
+    latent_ids = set(per_id)
+    variant_bytes: Counter[int] = Counter()
+    for v, n in zip(index.column("variant").to_pylist(), index.column("length").to_pylist(), strict=True):
+        variant_bytes[v] += n
+    ids_list = index.column("id").to_pylist()  # sorted by (id, variant): an image's first row is its own
+    first = index.take(
+        pa.array([k for k, x in enumerate(ids_list) if k == 0 or ids_list[k - 1] != x], pa.int64())
+    )
     by_reason = Counter(
         f"{s}:{r}"
         for s, r in zip(
@@ -26,7 +36,7 @@ def dataset_info(root: str, storage_options: dict | None = None) -> dict[str, An
     hist = Counter(
         f"{w}x{h}"
         for h, w in zip(
-            index.column("bucket_height").to_pylist(), index.column("bucket_width").to_pylist(), strict=True
+            first.column("bucket_height").to_pylist(), first.column("bucket_width").to_pylist(), strict=True
         )
     )
     sizes: Counter[str] = Counter()
@@ -45,6 +55,10 @@ def dataset_info(root: str, storage_options: dict | None = None) -> dict[str, An
         "images": len(manifest),
         "latents": len(latent_ids & ids),
         "not_encoded": len(ids - latent_ids),
+        # variants per image -> images with that many; bytes of latent records per variant
+        "variants": {str(k): n for k, n in sorted(Counter(per_id[i] for i in latent_ids & ids).items())},
+        "latent_records": len(index),
+        "variant_bytes": {str(v): n for v, n in sorted(variant_bytes.items())},
         "rejects": dict(sorted(by_reason.items())),
         "buckets": dict(sorted(hist.items(), key=lambda kv: -kv[1])),
         "bytes": {**dict(sorted(sizes.items())), "total": sum(sizes.values()), "stale_temp": stale},
