@@ -276,3 +276,28 @@ def test_corrupt_object_is_retried_and_missing_one_named(tmp_path, s3, s3_data):
         DataError, match=rf"{ds.shards[0]} record 0: the shard is listed in the latent index but missing"
     ):
         fresh.read_latent(0)
+
+
+def test_bench_load_from_a_bucket_reports_cold_and_warm(tmp_path, s3):
+    from bigasp.bench.load import run_load_bench
+
+    r = run_load_bench(
+        latent=(8, 8), images=32, batch=4, workers=0, batches=4, warmup=0, seed=0, command="test",
+        url=f"s3://{BUCKET}/bench", storage_options=s3, prefetch=2,
+    )  # fmt: skip
+    m = r.metrics
+    assert m["samples"] == 16 and m["cold_samples_per_s"] > 0 and m["warm_samples_per_s"] > 0
+    assert m["cache_bytes"] >= 16 * m["latent_bytes"]  # every latent read went through the cache
+    assert not fs_of(s3).glob(f"{BUCKET}/bench/*")  # the uploaded store is removed afterwards
+
+
+def test_local_s3_server_of_the_bench_delays_every_request(s3):
+    from bigasp.bench.s3server import local_s3
+
+    with local_s3(latency_ms=80) as endpoint:
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, use_listings_cache=False, skip_instance_cache=True)
+        fs.mkdir("lat")
+        fs.pipe_file("lat/a", b"x")
+        t = time.perf_counter()
+        assert fs.cat_file("lat/a") == b"x"
+        assert time.perf_counter() - t >= 0.08

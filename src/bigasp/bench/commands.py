@@ -207,10 +207,21 @@ def load(
     batches: int = typer.Option(20, help="Timed batches."),
     warmup: int = typer.Option(2, help="Untimed batches first."),
     seed: int = typer.Option(0),
+    url: str = typer.Option(
+        None, help="Object-storage URL (s3://bucket/prefix) to upload the store to and read it from (cold, warm)."
+    ),
+    local_s3: bool = typer.Option(
+        False, "--local-s3", help="Serve --url from a local S3 server (moto, a dev dependency) in this process."
+    ),
+    latency_ms: float = typer.Option(0.0, help="With --local-s3: delay added to every request."),
+    prefetch: int = typer.Option(64, help="With --url: batches fetched ahead (data.prefetch_batches)."),
+    concurrency: int = typer.Option(32, help="With --url: ranged reads in flight (data.read_concurrency)."),
     json_out: str = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
-    """Training data loader samples/s per worker, from a real latent store in a temp dir."""
+    """Training data loader samples/s per worker, from a real latent store in a temp dir (or a bucket)."""
     params = dict(locals())  # first: only the command options
+    import contextlib
+
     from bigasp.bench.load import run_load_bench
     from bigasp.errors import ConfigError
 
@@ -218,16 +229,36 @@ def load(
         lh, lw = (int(v) for v in latent.lower().split("x"))
     except ValueError:
         raise ConfigError(f"--latent must look like 128x128, got {latent!r}") from None
-    result = run_load_bench(
-        latent=(lh, lw),
-        images=images,
-        batch=batch,
-        workers=workers,
-        batches=batches,
-        warmup=warmup,
-        seed=seed,
-        command=_command("load", params),
-    )
+    if local_s3 and not url:
+        raise ConfigError("--local-s3 serves --url: pass e.g. --url s3://bench")
+    with contextlib.ExitStack() as stack:
+        opts: dict = {}
+        if local_s3:
+            import os
+
+            from bigasp.bench.s3server import local_s3 as serve
+
+            endpoint = stack.enter_context(serve(latency_ms))
+            for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                os.environ.setdefault(k, "bench")
+            opts = {"endpoint_url": endpoint, "use_listings_cache": False}
+            import fsspec
+
+            fsspec.filesystem("s3", **opts).mkdir(url.removeprefix("s3://").split("/", 1)[0])
+        result = run_load_bench(
+            latent=(lh, lw),
+            images=images,
+            batch=batch,
+            workers=workers,
+            batches=batches,
+            warmup=warmup,
+            seed=seed,
+            command=_command("load", params),
+            url=url,
+            storage_options=opts,
+            prefetch=prefetch,
+            concurrency=concurrency,
+        )
     _finish(result, json_out)
 
 

@@ -5,6 +5,10 @@ size (SDXL: 128x128) with realistic captions and tags, then iterates the real `T
 (prompt synthesis, tokenisation, chunking, latent reads with checksums, collate). With
 `--workers 0` everything runs in this one process, so samples/s is what one CPU core
 delivers — the "per worker" figure; with N workers it is divided by N.
+
+With `url` (e.g. s3://bucket/prefix) the dataset is uploaded there and read back through the
+object-storage path (local disk cache, plan-driven prefetch): one pass with an empty cache
+(cold: every latent crosses the network) and the same batches again (warm: all from the cache).
 """
 
 from __future__ import annotations
@@ -72,9 +76,20 @@ def run_load_bench(
     seed: int,
     command: str,
     root: str | None = None,
+    url: str | None = None,
+    storage_options: dict | None = None,
+    prefetch: int = 64,
+    concurrency: int = 32,
 ) -> BenchResult:
     from bigasp.store import LatentDataset
     from bigasp.train.data import DataConfig, TrainLoader
+
+    if url:
+        return _run_url_bench(
+            latent=latent, images=images, batch=batch, workers=workers, batches=batches, seed=seed,
+            command=command, url=url, storage_options=storage_options or {}, prefetch=prefetch,
+            concurrency=concurrency,
+        )  # fmt: skip
 
     h, w = latent[0] * 8, latent[1] * 8
     if workers == 0:
@@ -130,6 +145,102 @@ def run_load_bench(
             ("samples_per_s_per_worker", "samples/s/worker"),
             ("ratio_to_target", "x target (1,000)"),
             ("ms_per_batch", "ms/batch"),
+        ],
+        command=command,
+        machine=machine_info(torch.device("cpu")),
+    )
+
+
+def _run_url_bench(
+    *,
+    latent: tuple[int, int],
+    images: int,
+    batch: int,
+    workers: int,
+    batches: int,
+    seed: int,
+    command: str,
+    url: str,
+    storage_options: dict,
+    prefetch: int,
+    concurrency: int,
+) -> BenchResult:
+    import uuid
+
+    from bigasp.store import layout
+    from bigasp.train.data import DataConfig, TrainLoader, open_dataset
+
+    h, w = latent[0] * 8, latent[1] * 8
+    if workers == 0:
+        torch.set_num_threads(1)
+    target = f"{url.rstrip('/')}/bench-load-{uuid.uuid4().hex[:8]}"
+    fs, tpath = layout.url_to_fs(target, storage_options)
+    with tempfile.TemporaryDirectory(prefix="bigasp-bench-load-") as tmp:
+        path = write_bench_dataset(Path(tmp) / "ds", n=images, height=h, width=w, seed=seed)
+        t0 = time.perf_counter()
+        fs.put(str(path), tpath, recursive=True)
+        upload_s = time.perf_counter() - t0
+        cfg = DataConfig(
+            dataset=target,
+            storage_options=storage_options,
+            cache_dir=str(Path(tmp) / "cache"),
+            prefetch_batches=prefetch,
+            read_concurrency=concurrency,
+            seed=seed,
+            device_batch_size=batch,
+            num_workers=workers,
+            pin_memory=False,
+            validation_size=0,
+            stable_size=0,
+        )
+
+        def one_pass() -> tuple[float, int]:
+            loader = TrainLoader(open_dataset(cfg), cfg, device_batch_size=batch)
+            it = iter(loader)
+            n = 0
+            t = time.perf_counter()
+            for _ in range(batches):
+                n += len(next(it))
+            elapsed = time.perf_counter() - t
+            it.close()
+            return elapsed, n
+
+        cold_s, n_samples = one_pass()
+        warm_s, _ = one_pass()
+        from bigasp.store.cache import RecordCache
+
+        cached = RecordCache(cfg.cache_dir, target, 1).size()
+        fs.rm(tpath, recursive=True)
+    latent_bytes = 4 * latent[0] * latent[1] * 2
+    metrics: dict[str, Any] = {
+        "cold_samples_per_s": n_samples / cold_s,
+        "warm_samples_per_s": n_samples / warm_s,
+        "cold_samples_per_s_per_worker": n_samples / cold_s / max(workers, 1),
+        "warm_samples_per_s_per_worker": n_samples / warm_s / max(workers, 1),
+        "cold_MB_per_s": n_samples * latent_bytes / cold_s / 1e6,
+        "samples": n_samples,
+        "latent_bytes": latent_bytes,
+        "cache_bytes": cached,
+        "upload_s": upload_s,
+    }
+    return BenchResult(
+        bench="load",
+        config={
+            "latent_height": latent[0],
+            "latent_width": latent[1],
+            "images": images,
+            "batch": batch,
+            "workers": workers,
+            "batches": batches,
+            "url": url,
+            "prefetch_batches": prefetch,
+            "read_concurrency": concurrency,
+        },
+        metrics=metrics,
+        headline=[
+            ("cold_samples_per_s_per_worker", "samples/s/worker cold cache"),
+            ("warm_samples_per_s_per_worker", "samples/s/worker warm cache"),
+            ("cold_MB_per_s", "MB/s from storage (cold)"),
         ],
         command=command,
         machine=machine_info(torch.device("cpu")),

@@ -1,0 +1,48 @@
+"""A local S3 API server (moto's, in this process) with an injected per-request latency.
+
+`bigasp bench load --local-s3` measures loading from object storage without a cloud account:
+the server speaks the real S3 HTTP API on 127.0.0.1, and `latency_ms` delays every request the
+way a far-away bucket would, so one can see how deep the prefetch must be to hide it. moto is a
+development dependency (`pip install 'moto[server]'`), not needed for training.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from bigasp.errors import ConfigError
+
+
+@contextmanager
+def local_s3(latency_ms: float = 0.0) -> Iterator[str]:
+    """Run the server while the block runs; yields its endpoint URL (http://127.0.0.1:PORT)."""
+    try:
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
+    except ImportError:
+        raise ConfigError(
+            "--local-s3 needs moto's server: pip install 'moto[server]' (a development dependency)"
+        ) from None
+    app = DomainDispatcherApplication(create_backend_app)
+    delay = latency_ms / 1000.0
+
+    def delayed(environ, start_response):
+        if delay > 0:
+            time.sleep(delay)
+        return app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, delayed, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="bigasp-local-s3")
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
