@@ -85,18 +85,23 @@ def test_variant_choice_cycles_per_epoch_and_evaluation_uses_variant_zero():
     assert (pick_variants(n, rows, seed=7, epoch=EVAL_EPOCH) == 0).all()
 
 
-def _with_variants(root: Path, n: int = 12, k: int = 3) -> Path:
-    """The synthetic dataset plus variants 1..k-1 (other latents, other crops) in a second shard."""
-    write_synthetic_latent_dataset(root, n=n, seed=0)
+def _add_generation(root: Path, v: int, rows=None) -> None:
+    """Publish variant `v` (latent + v, crop (v, 2v)) of `rows` (default all) in a new shard, as an
+    encoder adding a generation would."""
     ds = LatentDataset(str(root))
-    w = ShardWriter(root, "gen-1", 64, 64)
-    for i in range(n):
-        base = ds.read_latent_numpy(i)
+    w = ShardWriter(root, f"gen-{v}-{len(list((root / layout.INDEX_DIR).glob('*')))}", 64, 64)
+    for i in range(len(ds)) if rows is None else rows:
         row = ds.table.slice(i, 1).to_pylist()[0]
-        for v in range(1, k):
-            meta = RecordMeta(row["id"], row["original_height"], row["original_width"], v, 2 * v, variant=v)
-            w.add((base + v).astype(np.float16), meta)
+        meta = RecordMeta(row["id"], row["original_height"], row["original_width"], v, 2 * v, variant=v)
+        w.add((ds.read_latent_numpy(i) + v).astype(np.float16), meta)
     w.close()
+
+
+def _with_variants(root: Path, n: int = 12, k: int = 3) -> Path:
+    """The synthetic dataset plus variants 1..k-1 (other latents, other crops)."""
+    write_synthetic_latent_dataset(root, n=n, seed=0)
+    for v in range(1, k):
+        _add_generation(root, v)
     return root
 
 
@@ -144,3 +149,44 @@ def test_index_files_without_a_variant_column_read_as_variant_zero(tmp_path):
     assert ds.n_variants.tolist() == [1] * 6 and ds.records.column("variant").to_pylist() == [0] * 6
     assert ds.verify() == []
     assert json.loads(json.dumps(dataset_info(str(root))))["variants"] == {"1": 6}
+
+
+def test_variants_published_while_training_join_at_the_next_epoch_and_resume_exactly(tmp_path):
+    root = write_synthetic_latent_dataset(tmp_path / "ds", n=12, seed=0)
+    cfg = DataConfig(
+        dataset=str(root), seed=5, device_batch_size=2, num_workers=0, validation_size=0, stable_size=0
+    )
+    loader = TrainLoader(LatentDataset(str(root)), cfg)
+    per = loader.batches_per_epoch()
+    it = iter(loader)
+    epoch0 = [next(it)]
+    _add_generation(root, 1)  # an encoder publishes generation 1 during epoch 0 ...
+    _add_generation(root, 2, rows=range(6))  # ... and half of generation 2
+    epoch0 += [next(it) for _ in range(per - 1)]
+    ref = LatentDataset(str(root))
+    assert ref.n_variants.tolist() == [3] * 6 + [2] * 6
+    for b in epoch0:  # epoch 0 keeps the variants it started with
+        assert b.epoch == 0 and all(
+            torch.equal(b.latents[j], ref.read_latent(r, 0)) for j, r in enumerate(b.indices)
+        )
+    first1 = next(it)
+    assert first1.epoch == 1 and loader.generations(1) == 2  # generation 2 is incomplete: not yet used
+    state = loader.state_dict()
+    assert state["variant_generations"] == 2
+    later = [next(it) for _ in range(per)]  # the rest of epoch 1 and the start of epoch 2
+    for b in [first1, *later[: per - 1]]:
+        for j, r in enumerate(b.indices.tolist()):
+            v = int(pick_variants(np.array([2]), np.array([r]), seed=5, epoch=1)[0])
+            assert torch.equal(b.latents[j], ref.read_latent(r, v)) and tuple(
+                b.crop[j].tolist()
+            ) == ref.crop_of(r, v)
+    assert {int(v) for b in [first1, *later[: per - 1]] for v in (b.crop[:, 0] > 0).tolist()} == {0, 1}
+    # generation 2 completes before the resume: the resumed epoch 1 still uses the 2 it recorded
+    _add_generation(root, 2, rows=range(6, 12))
+    fresh = TrainLoader(LatentDataset(str(root)), cfg)
+    fresh.load_state_dict(state)
+    resumed = iter(fresh)
+    for b in later[: per - 1]:
+        r = next(resumed)
+        assert r.epoch == 1 and torch.equal(r.latents, b.latents) and torch.equal(r.crop, b.crop)
+    assert next(resumed).epoch == 2 and fresh.generations(2) == 3  # the next epoch takes in generation 2

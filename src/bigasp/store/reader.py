@@ -88,17 +88,48 @@ class LatentDataset:
         manifest = read_manifest(fs, self.root)
         index = read_index(fs, self.root).select(["id", *INDEX_COLUMNS, "variant"])
         self.n_images = len(manifest)  # ingested, with or without a latent
-        # Every stored latent of an image in the manifest (all variants), sorted by (id, variant):
-        # the records of row i are first[i] .. first[i] + n_variants[i] - 1.
         recs = index.filter(pc.is_in(index.column("id"), value_set=manifest.column("id")))
+        self._set_records(recs)
+        self.table: pa.Table = join_latents(manifest, recs.take(pa.array(self._first)))
+        self.n_orphan_latents = len(read_index_ids(index)) - len(self.table)  # not in the manifest
+        self._local = layout.is_local(fs)
+        self.retries, self.retry_wait = int(retries), float(retry_wait)
+        self.cache = None
+        if not self._local:
+            from bigasp.store.cache import RecordCache, default_cache_dir
+
+            self.cache = RecordCache(cache_dir or default_cache_dir(), self.root_url, cache_bytes)
+        self._fds: dict[int, int] = {}
+        self._dctx = None
+
+    def complete_generations(self) -> int:
+        """Variants every row has (0 .. n-1): the generations a finished `encode --variants n` made."""
+        return int(self.n_variants.min()) if len(self) else 0
+
+    def refresh_variants(self) -> int:
+        """Re-read the latent index and take in variants published since (by an encoder still running)
+        for the images this dataset already holds; the rows and their order do not change, images
+        encoded since are left for the next open. Returns `complete_generations()`."""
+        with contextlib.suppress(Exception):  # object stores cache listings: see new index files
+            self._fs.invalidate_cache(f"{self.root}/{layout.INDEX_DIR}")
+        index = read_index(self._fs, self.root).select(["id", *INDEX_COLUMNS, "variant"])
+        recs = index.filter(pc.is_in(index.column("id"), value_set=self.table.column("id")))
+        if len(read_index_ids(recs)) != len(self.table):
+            raise DataError(
+                f"{self.root}: latents listed when the dataset was opened are gone from the index"
+            )
+        self._set_records(recs)
+        return self.complete_generations()
+
+    def _set_records(self, recs: pa.Table) -> None:
+        # Every stored latent of a row's image (all variants), sorted by (id, variant):
+        # the records of row i are first[i] .. first[i] + n_variants[i] - 1.
         ids = recs.column("id")
         new_id = np.ones(len(recs), dtype=bool)
         if len(recs) > 1:
             new_id[1:] = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
         self._first = np.flatnonzero(new_id).astype(np.int64)
         self.n_variants = np.diff(np.append(self._first, len(recs))).astype(np.int32)
-        self.table: pa.Table = join_latents(manifest, recs.take(pa.array(self._first)))
-        self.n_orphan_latents = len(read_index_ids(index)) - len(self.table)  # not in the manifest
         self.records = recs
         shards = recs.column("shard")
         self.shards: list[str] = pc.unique(shards).to_pylist() if len(recs) else []
@@ -114,15 +145,10 @@ class LatentDataset:
         self._record = col("record")
         self._crop_top, self._crop_left = col("crop_top"), col("crop_left")
         self._variant = col("variant")
-        self._local = layout.is_local(fs)
-        self.retries, self.retry_wait = int(retries), float(retry_wait)
-        self.cache = None
-        if not self._local:
-            from bigasp.store.cache import RecordCache, default_cache_dir
-
-            self.cache = RecordCache(cache_dir or default_cache_dir(), self.root_url, cache_bytes)
-        self._fds: dict[int, int] = {}
-        self._dctx = None
+        for fd in getattr(self, "_fds", {}).values():  # shard numbering changed: reopen lazily
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = {}
 
     def __len__(self) -> int:
         return len(self.table)

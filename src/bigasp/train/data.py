@@ -108,6 +108,11 @@ class DataConfig(Section):
         "(concurrent ranged reads); 0 = fetch on demand only.",
     )
     read_concurrency: int = Field(32, ge=1, description="Object storage: ranged reads in flight at once.")
+    refresh_variants: bool = Field(
+        True,
+        description="At each epoch start, re-read the latent index and train on the variant generations "
+        "complete by then (an encoder may keep adding them); recorded in the checkpoint for exact resume.",
+    )
     read_retries: int = Field(
         3, ge=0, description="Object storage: re-fetches of a missing or corrupt record before the error."
     )
@@ -419,10 +424,19 @@ def pick_variants(n_variants: np.ndarray, rows: np.ndarray, *, seed: int, epoch:
     return ((k % np.uint64(1 << 32)).astype(np.int64) + epoch) % np.maximum(n, 1)
 
 
-def batch_records(dataset, rows: np.ndarray, *, seed: int, epoch: int) -> np.ndarray:
+def row_variants(dataset, rows: np.ndarray, *, seed: int, epoch: int, generations: int | None) -> np.ndarray:
+    """The variant each of `rows` trains on in `epoch`, using at most `generations` variants per
+    image (None = all it has); 0 for a dataset view without variants."""
+    n_var = getattr(dataset, "n_variants", None)
+    if n_var is None:
+        return np.zeros(len(rows), np.int64)
+    n = n_var[rows] if generations is None else np.minimum(n_var[rows], generations)
+    return pick_variants(n, rows, seed=seed, epoch=epoch)
+
+
+def batch_records(dataset, rows: np.ndarray, *, seed: int, epoch: int, generations: int | None) -> np.ndarray:
     """Record indices (`LatentDataset.rec`) that `build_batch` reads for `rows` in `epoch`."""
-    n_var = dataset.n_variants[rows]
-    var = pick_variants(n_var, rows, seed=seed, epoch=epoch)
+    var = row_variants(dataset, rows, seed=seed, epoch=epoch, generations=generations)
     return np.array([dataset.rec(int(r), int(v)) for r, v in zip(rows, var, strict=True)], dtype=np.int64)
 
 
@@ -437,17 +451,14 @@ def build_batch(
     token_estimates: np.ndarray | None = None,
     chunk_estimate: int = 0,
     position: int = -1,
+    generations: int | None = None,
 ) -> Batch:
-    """Read, synthesise (key `(seed, epoch, row)`), tokenise and collate the given rows."""
+    """Read, synthesise (key `(seed, epoch, row)`), tokenise and collate the given rows; each row's
+    latent variant is `row_variants(...)` (at most `generations` per image; None = all)."""
     prompts, sub = synthesize_rows(
         dataset.table, rows, seed=seed, epoch=epoch, cfg=cfg, aliases=aliases, token_estimates=token_estimates
     )
-    n_var = getattr(dataset, "n_variants", None)  # None: a dataset view without variants (one each)
-    variants = (
-        pick_variants(n_var[rows], rows, seed=seed, epoch=epoch)
-        if n_var is not None
-        else np.zeros(len(rows), np.int64)
-    )
+    variants = row_variants(dataset, np.asarray(rows), seed=seed, epoch=epoch, generations=generations)
     samples = [
         Sample(
             index=row_idx,
@@ -501,8 +512,16 @@ class _BatchSource(torch.utils.data.Dataset):
     """Map-style dataset whose items are whole batches; deterministic per item."""
 
     def __init__(
-        self, dataset, cfg: DataConfig, seed: int, aliases, token_estimates, items: Sequence[BatchItem]
+        self,
+        dataset,
+        cfg: DataConfig,
+        seed: int,
+        aliases,
+        token_estimates,
+        items: Sequence[BatchItem],
+        generations: int | None = None,
     ):
+        self.generations = generations
         self.dataset = dataset
         self.cfg = cfg
         self.seed = seed
@@ -526,6 +545,7 @@ class _BatchSource(torch.utils.data.Dataset):
                 token_estimates=self.token_estimates,
                 chunk_estimate=it.chunk_estimate,
                 position=it.position,
+                generations=self.generations,
             )
         except BigaspError as err:  # a data problem, not a bug: hand it back whole, not as a traceback
             return WorkerFailure(err)
@@ -708,6 +728,7 @@ class TrainLoader:
         self.aliases = load_aliases(cfg)
         self.epoch = 0
         self.position = 0
+        self._generations: tuple[int, int | None] | None = None  # (epoch, variant generations it uses)
         self.stats = LoaderStats()
         self._plan: EpochPlan | None = None
         self._report_buckets()
@@ -745,7 +766,12 @@ class TrainLoader:
             world_size=self.world_size,
             seed=self.seed,
             n_rows=len(self.buckets.rows),
-        ).to_dict()
+        ).to_dict() | {
+            # the variant generations the epoch in progress trains on (None: decided at its start)
+            "variant_generations": self._generations[1]
+            if self._generations and self._generations[0] == epoch
+            else None
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         st = SamplerState.from_dict(state)
@@ -763,6 +789,16 @@ class TrainLoader:
             )
         self.epoch = st.epoch
         self.position = resume_position(st, self.device_batch_size)
+        g = state.get("variant_generations")
+        self._generations = None
+        if g is not None and self.position > 0:
+            have = self._current_generations()
+            if have is not None and have < g:
+                raise DataError(
+                    f"epoch {st.epoch} of this run trained on {g} latent variant(s) per image, but the dataset "
+                    f"now has {have} for every image: restore the missing variant shards to resume exactly"
+                )
+            self._generations = (st.epoch, int(g))
         if st.device_batch_size != self.device_batch_size:
             log.warning(
                 "device batch size changed %d -> %d: epoch %d is re-planned and resumes at sample %d "
@@ -788,6 +824,25 @@ class TrainLoader:
                 self.buckets, seed=self.seed, epoch=epoch, device_batch_size=self.device_batch_size
             )
         return self._plan
+
+    def _current_generations(self) -> int | None:
+        get = getattr(self.dataset, "complete_generations", None)
+        return get() if get is not None else None
+
+    def generations(self, epoch: int) -> int | None:
+        """Variant generations `epoch` trains on: decided once, at its start, from the index then
+        (re-read when `refresh_variants`), and kept in the loader state for exact resume."""
+        if self._generations is None or self._generations[0] != epoch:
+            refresh = getattr(self.dataset, "refresh_variants", None)
+            g = (
+                refresh()
+                if refresh is not None and self.cfg.refresh_variants
+                else self._current_generations()
+            )
+            self._generations = (epoch, g)
+            if g is not None:
+                log.info("epoch %d trains on %d latent variant(s) per image", epoch, g)
+        return self._generations[1]
 
     def batches_per_epoch(self) -> int:
         """Steps (one batch per rank) in a full epoch."""
@@ -821,10 +876,11 @@ class TrainLoader:
                     self.epoch, self.position = self.epoch + 1, 0
                     continue
                 raise DataError("an epoch planned no batch for this rank; the training split is too small")
+            gens = self.generations(plan.epoch)
             source = _BatchSource(
-                self.dataset, self.cfg, self.seed, self.aliases, self.token_estimates, items
+                self.dataset, self.cfg, self.seed, self.aliases, self.token_estimates, items, gens
             )
-            ahead = Prefetcher.for_loader(self.dataset, items, self.cfg, self.seed)
+            ahead = Prefetcher.for_loader(self.dataset, items, self.cfg, self.seed, gens)
             try:
                 for k, batch in enumerate(_iterate(source, self.cfg, ahead.start if ahead else None)):
                     if ahead is not None:
@@ -868,11 +924,13 @@ class Prefetcher:
     changes where bytes come from, never which bytes: the batches are the same with or without it.
     """
 
-    def __init__(self, dataset, items: Sequence[BatchItem], depth: int, concurrency: int, seed: int):
+    def __init__(
+        self, dataset, items: Sequence[BatchItem], depth: int, concurrency: int, seed: int, generations
+    ):
         import threading
 
         self.dataset, self.items, self.depth, self.concurrency = dataset, items, depth, concurrency
-        self.seed = seed
+        self.seed, self.generations = seed, generations
         self._done = 0
         self._stopped = False
         self._cond = threading.Condition()
@@ -880,10 +938,10 @@ class Prefetcher:
         self.fetched = 0
 
     @classmethod
-    def for_loader(cls, dataset, items, cfg: DataConfig, seed: int) -> Prefetcher | None:
+    def for_loader(cls, dataset, items, cfg: DataConfig, seed: int, generations) -> Prefetcher | None:
         if cfg.prefetch_batches <= 0 or getattr(dataset, "cache", None) is None:
             return None
-        return cls(dataset, items, cfg.prefetch_batches, cfg.read_concurrency, seed)
+        return cls(dataset, items, cfg.prefetch_batches, cfg.read_concurrency, seed, generations)
 
     def start(self) -> None:
         self._thread.start()
@@ -912,7 +970,13 @@ class Prefetcher:
             try:
                 recs = np.concatenate(
                     [
-                        batch_records(self.dataset, it.rows, seed=self.seed, epoch=it.epoch)
+                        batch_records(
+                            self.dataset,
+                            it.rows,
+                            seed=self.seed,
+                            epoch=it.epoch,
+                            generations=self.generations,
+                        )
                         for it in (self.items[j] for j in range(nxt, end))
                     ]
                 )
