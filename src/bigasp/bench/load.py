@@ -26,7 +26,9 @@ import torch
 from bigasp.bench.common import BenchResult, machine_info
 
 
-def write_bench_dataset(root: str | Path, *, n: int, height: int, width: int, seed: int = 0) -> Path:
+def write_bench_dataset(
+    root: str | Path, *, n: int, height: int, width: int, seed: int = 0, shard_size: int | None = None
+) -> Path:
     """`n` images of one `height`x`width` bucket, random fp16 latents, realistic text."""
     import pyarrow as pa
 
@@ -45,6 +47,9 @@ def write_bench_dataset(root: str | Path, *, n: int, height: int, width: int, se
     for i in range(n):
         iid = f"{i:032x}"
         lat = rng.standard_normal((4, height // 8, width // 8), dtype=np.float32).astype(np.float16)
+        if shard_size and len(writer) >= shard_size:
+            writer.close()
+            writer = ShardWriter(root, f"bench-{i:06d}", height, width)
         writer.add(lat, RecordMeta(iid, height, width, 0, 0))
         rows.append(
             {
@@ -176,7 +181,8 @@ def _run_url_bench(
     target = f"{url.rstrip('/')}/bench-load-{uuid.uuid4().hex[:8]}"
     fs, tpath = layout.url_to_fs(target, storage_options)
     with tempfile.TemporaryDirectory(prefix="bigasp-bench-load-") as tmp:
-        path = write_bench_dataset(Path(tmp) / "ds", n=images, height=h, width=w, seed=seed)
+        # shards of 64 latents (8 MiB at 1024²), not one: a local test server copies a whole object per request
+        path = write_bench_dataset(Path(tmp) / "ds", n=images, height=h, width=w, seed=seed, shard_size=64)
         t0 = time.perf_counter()
         fs.put(str(path), tpath, recursive=True)
         upload_s = time.perf_counter() - t0

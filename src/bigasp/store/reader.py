@@ -83,7 +83,7 @@ class LatentDataset:
         self.root_url = str(root)
         self.storage_options = dict(storage_options or {})
         fs, self.root = layout.url_to_fs(self.root_url, self.storage_options)
-        self._fs = fs
+        self._fs_obj, self._fs_pid = fs, os.getpid()
         self.meta = read_dataset_json(fs, self.root)
         manifest = read_manifest(fs, self.root)
         index = read_index(fs, self.root).select(["id", *INDEX_COLUMNS, "variant"])
@@ -102,6 +102,15 @@ class LatentDataset:
         self._fds: dict[int, int] = {}
         self._dctx = None
 
+    @property
+    def fs(self):
+        """The dataset's filesystem, made again in a forked or spawned process: object-storage
+        clients (s3fs, gcsfs) hold an event loop and connections that must not cross a fork."""
+        if self._fs_obj is None or self._fs_pid != os.getpid():
+            self._fs_obj, _ = layout.url_to_fs(self.root_url, self.storage_options)
+            self._fs_pid = os.getpid()
+        return self._fs_obj
+
     def complete_generations(self) -> int:
         """Variants every row has (0 .. n-1): the generations a finished `encode --variants n` made."""
         return int(self.n_variants.min()) if len(self) else 0
@@ -111,8 +120,8 @@ class LatentDataset:
         for the images this dataset already holds; the rows and their order do not change, images
         encoded since are left for the next open. Returns `complete_generations()`."""
         with contextlib.suppress(Exception):  # object stores cache listings: see new index files
-            self._fs.invalidate_cache(f"{self.root}/{layout.INDEX_DIR}")
-        index = read_index(self._fs, self.root).select(["id", *INDEX_COLUMNS, "variant"])
+            self.fs.invalidate_cache(f"{self.root}/{layout.INDEX_DIR}")
+        index = read_index(self.fs, self.root).select(["id", *INDEX_COLUMNS, "variant"])
         recs = index.filter(pc.is_in(index.column("id"), value_set=self.table.column("id")))
         if len(read_index_ids(recs)) != len(self.table):
             raise DataError(
@@ -161,6 +170,7 @@ class LatentDataset:
         state = self.__dict__.copy()
         state["_fds"] = {}
         state["_dctx"] = None
+        state["_fs_obj"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -215,7 +225,7 @@ class LatentDataset:
                 raise DataError(f"{self._where(i)}: read failed ({err})") from None
         else:
             try:
-                data = self._fs.cat_file(path, start=offset, end=offset + length)
+                data = self.fs.cat_file(path, start=offset, end=offset + length)
             except FileNotFoundError:
                 raise DataError(
                     f"{self._where(i)}: the shard is listed in the latent index but missing"
@@ -291,7 +301,7 @@ class LatentDataset:
         starts = [int(self._offset[i]) for i, _ in want]
         ends = [int(self._offset[i] + self._length[i]) for i, _ in want]
         try:
-            got = self._fs.cat_ranges(paths, starts, ends, on_error="return", batch_size=concurrency)
+            got = self.fs.cat_ranges(paths, starts, ends, on_error="return", batch_size=concurrency)
         except Exception as err:  # whole call failed (network): the reads will retry one by one
             log.debug("prefetch of %d records failed: %s", len(want), err)
             return 0
@@ -328,7 +338,7 @@ class LatentDataset:
         if limit is not None and len(names) > limit:
             step = len(names) / limit
             names = [names[int(k * step)] for k in range(limit)]
-        return {n: read_shard_header(f"{self.root}/{n}", None if self._local else self._fs) for n in names}
+        return {n: read_shard_header(f"{self.root}/{n}", None if self._local else self.fs) for n in names}
 
     def verify(self) -> list[str]:
         """Check every shard's header and footer against the index, that all shards hold latents
@@ -359,7 +369,7 @@ class LatentDataset:
         for name in self.shards:
             path = f"{self.root}/{name}"
             try:
-                header, records = read_shard_layout(path, None if self._local else self._fs)
+                header, records = read_shard_layout(path, None if self._local else self.fs)
             except DataError as err:
                 errors.append(str(err))
                 continue
