@@ -127,7 +127,8 @@ def test_encode_to_s3_survives_a_kill_and_matches_local(tmp_path, s3):
     fs = fs_of(s3)
     for name in (layout.DATASET_JSON, layout.MANIFEST):
         fs.put_file(str(ds / name), f"{BUCKET}/enc/{name}")
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    (tmp_path / "staging").mkdir()  # where the killed encoder's local staging copy stays behind
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "staging")}
     r = subprocess.run(
         [sys.executable, "-c", KILL_AFTER_SECOND_SHARD, url, s3["endpoint_url"]],
         env=env,

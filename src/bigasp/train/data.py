@@ -833,7 +833,9 @@ class TrainLoader:
         """Variant generations `epoch` trains on: decided once, at its start, from the index then
         (re-read when `refresh_variants`), and kept in the loader state for exact resume."""
         if self._generations is None or self._generations[0] != epoch:
-            refresh = getattr(self.dataset, "refresh_variants", None)
+            # the first epoch this loader runs uses the index as just opened; later ones re-read it
+            first = self._generations is None
+            refresh = None if first else getattr(self.dataset, "refresh_variants", None)
             g = (
                 refresh()
                 if refresh is not None and self.cfg.refresh_variants
