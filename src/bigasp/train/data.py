@@ -982,7 +982,13 @@ class Prefetcher:
                         for it in (self.items[j] for j in range(nxt, end))
                     ]
                 )
-                self.fetched += self.dataset.prefetch(recs, concurrency=self.concurrency)
+                # in waves of `concurrency` records, in plan order: the batches needed first land first
+                for k in range(0, len(recs), self.concurrency):
+                    if self._stopped:
+                        return
+                    self.fetched += self.dataset.prefetch(
+                        recs[k : k + self.concurrency], concurrency=self.concurrency
+                    )
             except Exception as err:  # the reads themselves retry and report
                 log.debug("prefetch failed: %s", err)
             nxt = end
@@ -992,9 +998,13 @@ def open_dataset(cfg: DataConfig):
     """The `LatentDataset` of `[data]`, with the object-storage options (cache, retries) applied."""
     from bigasp.store import LatentDataset
 
+    opts = dict(cfg.storage_options)
+    if cfg.dataset.startswith(("s3://", "s3a://")) and "config_kwargs" not in opts:
+        # botocore keeps 10 connections by default, which would cap the reads in flight at 10
+        opts["config_kwargs"] = {"max_pool_connections": max(cfg.read_concurrency, 10)}
     return LatentDataset(
         cfg.dataset,
-        storage_options=cfg.storage_options,
+        storage_options=opts,
         cache_dir=cfg.cache_dir or None,
         cache_bytes=int(cfg.cache_gb * 2**30),
         retries=cfg.read_retries,
