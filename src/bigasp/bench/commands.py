@@ -208,10 +208,13 @@ def load(
     warmup: int = typer.Option(2, help="Untimed batches first."),
     seed: int = typer.Option(0),
     url: str = typer.Option(
-        None, help="Object-storage URL (s3://bucket/prefix) to upload the store to and read it from (cold, warm)."
+        None,
+        help="Object-storage URL (s3://bucket/prefix) to upload the store to and read it from (cold, warm).",
     ),
     local_s3: bool = typer.Option(
-        False, "--local-s3", help="Serve --url from a local S3 server (moto, a dev dependency) in this process."
+        False,
+        "--local-s3",
+        help="Serve --url from a local S3 server (moto, a dev dependency) in this process.",
     ),
     latency_ms: float = typer.Option(0.0, help="With --local-s3: delay added to every request."),
     prefetch: int = typer.Option(64, help="With --url: batches fetched ahead (data.prefetch_batches)."),
