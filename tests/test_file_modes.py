@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,6 @@ from safetensors.torch import save_file
 
 from bigasp.fsutil import atomic_path, current_umask
 from bigasp.train import checkpoint as ck
-
-REPO = Path(__file__).resolve().parents[1]
-BIGASP = REPO / ".venv" / "bin" / "bigasp"
 
 
 def _mode(path: Path) -> int:
@@ -86,17 +82,3 @@ def test_checkpoint_files_get_the_umask_mode(tmp_path, umask_022):
         "checkpoint.json",
     }
     assert {f.name: _mode(f) for f in files} == {f.name: 0o644 for f in files}
-
-
-def test_cli_export_is_world_readable(tmp_path):
-    out = tmp_path / "tiny.safetensors"
-    res = subprocess.run(
-        [str(BIGASP), "model", "export", "tiny", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=lambda: os.umask(0o022),
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert res.returncode == 0, res.stderr
-    assert _mode(out) == 0o644
