@@ -82,3 +82,15 @@ def test_checkpoint_files_get_the_umask_mode(tmp_path, umask_022):
         "checkpoint.json",
     }
     assert {f.name: _mode(f) for f in files} == {f.name: 0o644 for f in files}
+
+
+def test_model_save_folder_files_get_the_umask_mode(tmp_path, umask_022):
+    from typer.testing import CliRunner
+
+    from bigasp.cli import app
+
+    res = CliRunner().invoke(app, ["model", "save", "tiny", str(tmp_path / "folder")])
+    assert res.exit_code == 0, res.output
+    files = [f for f in (tmp_path / "folder").rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {str(f): _mode(f) for f in files} == {str(f): 0o644 for f in files}
