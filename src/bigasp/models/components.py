@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from bigasp.errors import ModelLoadError
+
+if TYPE_CHECKING:  # torch only in annotations: `bigasp model info FILE` runs without importing it
+    import torch
 
 Prediction = Literal["eps", "flow"]
 MODEL_KIND_FILE = "bigasp_model.json"

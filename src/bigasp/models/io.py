@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bigasp.errors import ModelLoadError
+from bigasp.fsutil import usual_mode
 from bigasp.models.components import SDXL, ModelKind
 from bigasp.models.presets import PRESETS, build_preset, component_config
 
@@ -148,4 +149,7 @@ def save_diffusers_folder(
         index.setdefault(comp, [None, None])
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     model.kind.save(out)
+    for f in out.rglob("*"):  # safetensors writes its files 0600; a model folder is for sharing
+        if f.is_file():
+            usual_mode(f)
     return out
