@@ -142,7 +142,7 @@ def onnx_tagger(
     return path
 
 
-def owlv2(path: Path, *, side: int = 64, seed: int = 0) -> Path:
+def owlv2(path: Path, *, side: int = 64, patch: int = 16, seed: int = 0) -> Path:
     import torch
     from transformers import Owlv2Config, Owlv2ForObjectDetection
 
@@ -153,7 +153,7 @@ def owlv2(path: Path, *, side: int = 64, seed: int = 0) -> Path:
         text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                      "max_position_embeddings": 16},
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "image_size": side, "patch_size": 16},
+                       "image_size": side, "patch_size": patch},
         projection_dim=32,
     )  # fmt: skip
     Owlv2ForObjectDetection(cfg).save_pretrained(path)
@@ -166,7 +166,7 @@ def owlv2(path: Path, *, side: int = 64, seed: int = 0) -> Path:
     return path
 
 
-def llava(path: Path, *, side: int = 32, seed: int = 0, chat_template: bool = True) -> Path:
+def llava(path: Path, *, side: int = 32, patch: int = 8, seed: int = 0, chat_template: bool = True) -> Path:
     """A LLaVA with a tiny Llama and a tiny CLIP vision tower, a word-level tokenizer with a
     Llama-3-style chat template that places the image token in the user turn."""
     import torch
@@ -191,7 +191,6 @@ def llava(path: Path, *, side: int = 32, seed: int = 0, chat_template: bool = Tr
         fast.chat_template = LLAVA_TEMPLATE
     fast.save_pretrained(path)
     torch.manual_seed(seed)
-    patch = 8
     n_img = (side // patch) ** 2
     cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
