@@ -317,6 +317,9 @@ def test_cli_all_stages_end_to_end(ingested, models, tmp_path, capsys):
     info = dataset_info(str(ds))["annotations"]
     assert info["embed/clip-vit-tiny"] == {"done": 9, "failed": 0}
     assert info["caption/joycaption-tiny"] == {"done": 8, "failed": 0}
+    main(["dataset", "info", str(ds)])
+    text = capsys.readouterr().out
+    assert "annotations" in text and "tags/joytag-tiny" in text and "88.9%" in text  # captions: 8 of 9
     # a second run finds everything done
     main(["annotate", str(ds), "--config", str(cfg), "--embed-model", str(models["clip"]), "--device", "cpu",
           "--no-progress", "--json"])  # fmt: skip
@@ -503,6 +506,34 @@ def test_stop_after_parts_then_resume_same_results_no_duplicates(ingested, model
             assert set(b.column("caption_type").to_pylist()) <= set(load_prompt_set("alpha-two").mix)
 
 
+def test_killed_process_resumes_without_duplicates(ingested, models, tmp_path):
+    """SIGKILL a real `bigasp annotate` once its first caption parts are on disk, then resume."""
+    import signal
+    import time
+
+    ds = copy_ds(ingested, tmp_path / "kill")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "bigasp", "annotate", str(ds), "--caption-model", str(models["llava"]),
+           "--set", "caption.max_new_tokens=200", "--set", "caption.batch_size=1", "--set", 'caption.dtype="fp32"',
+           "--part-size", "1", "--device", "cpu", "--num-workers", "0", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    parts_dir = ds / "annotations" / "caption" / "joycaption-tiny"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if parts_dir.is_dir() and len(list(parts_dir.glob("*.parquet"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = len(_all_rows(ds, "caption"))
+    assert 2 <= before < 8
+    s = annotate(ds, cfg_for(models, ["caption"], part_size=1, caption={"max_new_tokens": 4}))
+    assert s.stages["caption"].skipped == before and s.stages["caption"].done == 8 - before
+    ids = [r["id"] for r in _all_rows(ds, "caption")]
+    assert len(ids) == len(set(ids)) == 8
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one(ingested, models, tmp_path):
     one = copy_ds(ingested, tmp_path / "one")
@@ -601,6 +632,10 @@ def test_bad_inputs_give_clear_errors(ingested, models, tmp_path):
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(ModelLoadError, match="no chat template"):
         annotate(ingested, cfg_for(models, ["caption"], caption={"model": str(no_template)}))
+    no_image = shutil.copytree(models["llava"], tmp_path / "no-image-token")
+    (no_image / "chat_template.jinja").write_text(tiny.LLAVA_TEMPLATE.replace("<image> ", ""))
+    with pytest.raises(ModelLoadError, match="places the image token"):
+        annotate(ingested, cfg_for(models, ["caption"], caption={"model": str(no_image)}))
     with pytest.raises(BigaspError, match="nothing to do"):
         annotate(ingested, AnnotateConfig(device="cpu"))
     with pytest.raises(BigaspError, match="neither a built-in set"):
@@ -622,3 +657,19 @@ def test_help_lists_annotate():
     assert sub.exit_code == 0 and "merge" in sub.output and "run" in sub.output
     bench = runner.invoke(app, ["bench", "annotate", "--help"])
     assert bench.exit_code == 0 and "images/s per stage" in bench.output
+
+
+@pytest.mark.gpu
+def test_cuda_image_stages_match_cpu(ingested, models, tmp_path):
+    """GPU twin of the end-to-end tests: the same results on CUDA as on CPU (within fp32 kernel noise)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cpu, gpu = copy_ds(ingested, tmp_path / "cpu"), copy_ds(ingested, tmp_path / "gpu")
+    annotate(cpu, cfg_for(models, ["embed", "tags", "watermark"]))
+    annotate(gpu, cfg_for(models, ["embed", "tags", "watermark"], device="cuda"))
+    np.testing.assert_allclose(
+        store.read_embeddings(cpu).vectors, store.read_embeddings(gpu).vectors, atol=2e-2
+    )
+    assert store.read_stage(cpu, "tags").column("tags").equals(store.read_stage(gpu, "tags").column("tags"))
+    a, b = store.read_stage(cpu, "watermark"), store.read_stage(gpu, "watermark")
+    np.testing.assert_allclose(a.column("max_score").to_numpy(), b.column("max_score").to_numpy(), atol=1e-3)

@@ -65,7 +65,6 @@ def run_annotate_bench(
                 raise RuntimeError(f"bench annotate: {stages} annotated {done} of {images} images")
             return images / seconds
 
-        timed(["embed"], "warmup")  # imports, first-call allocations
         rates = {s: timed([s], "alone") for s in ("embed", "tags", "watermark")}
         fused = timed(["embed", "tags", "watermark"], "fused")
         caption = timed(

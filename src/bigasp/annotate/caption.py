@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from bigasp.annotate.models import local_folder, model_key, torch_dtype
+from bigasp.annotate.models import dtype_kwargs, local_folder, model_key, torch_dtype
 from bigasp.annotate.prompts import PromptSet, load_prompt_set
 from bigasp.annotate.provenance import model_provenance
 from bigasp.errors import ConfigError, ModelLoadError
@@ -37,18 +37,20 @@ class CaptionPrepare:
         return np.asarray(im, dtype=np.uint8)
 
 
-def _chat_template(path: Path, tokenizer) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.chat_template
+def _chat_templates(path: Path, tokenizer) -> list[str]:
+    """The tokenizer's chat template, then the processor's (chat_template.jinja / .json)."""
+    out = [tokenizer.chat_template] if getattr(tokenizer, "chat_template", None) else []
     for name in ("chat_template.jinja", "chat_template.json"):
         p = path / name
         if p.is_file():
             text = p.read_text(encoding="utf-8")
-            return json.loads(text)["chat_template"] if name.endswith(".json") else text
-    raise ModelLoadError(
-        f"{path}: the caption model has no chat template (tokenizer_config.json 'chat_template', "
-        "chat_template.jinja or chat_template.json); JoyCaption folders ship one"
-    )
+            out.append(json.loads(text)["chat_template"] if name.endswith(".json") else text)
+    if not out:
+        raise ModelLoadError(
+            f"{path}: the caption model has no chat template (tokenizer_config.json 'chat_template', "
+            "chat_template.jinja or chat_template.json); JoyCaption folders ship one"
+        )
+    return out
 
 
 class JoyCaption:
@@ -63,7 +65,8 @@ class JoyCaption:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load the tokenizer of {path}: {err}") from None
-        self.template = _chat_template(path, self.tokenizer)
+        self.templates = _chat_templates(path, self.tokenizer)
+        self.template = self.templates[0]
         self.dtype = torch_dtype(cfg.dtype)
         self.cfg = cfg
         self.device = device
@@ -73,7 +76,9 @@ class JoyCaption:
             self._init_vllm(path)
         else:
             try:
-                self.model = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True)
+                self.model = LlavaForConditionalGeneration.from_pretrained(
+                    str(path), local_files_only=True, **dtype_kwargs(self.dtype)
+                )
             except (OSError, ValueError) as err:
                 raise ModelLoadError(f"could not load the LLaVA folder {path}: {err}") from None
             self.model = self.model.to(device, self.dtype).eval()
@@ -81,6 +86,7 @@ class JoyCaption:
             self.image_token_id = int(getattr(conf, "image_token_id", None) or conf.image_token_index)
             self.image_seq_length = int(conf.image_seq_length)
             self.input_side = int(conf.vision_config.image_size)
+            self.template = self._template_with_image(path)
         self.prepare = CaptionPrepare(self.input_side)
         self.schema = pa.schema(
             [
@@ -110,6 +116,18 @@ class JoyCaption:
     @property
     def provenance(self) -> dict[str, Any]:
         return self._provenance
+
+    def _template_with_image(self, path: Path) -> str:
+        """The first chat template that places the image token in the user turn (checked once, at load)."""
+        token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        for template in self.templates:
+            self.template = template
+            if token in self.conversation_text("Describe this image."):
+                return template
+        raise ModelLoadError(
+            f"{path}: no chat template of the caption model places the image token {token!r} "
+            f"(id {self.image_token_id}) in the user turn"
+        )
 
     def conversation_text(self, prompt: str) -> str:
         convo = [{"role": "system", "content": self.prompts.system}, {"role": "user", "content": prompt}]

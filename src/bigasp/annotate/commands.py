@@ -140,8 +140,8 @@ def merge_cmd(
 
 
 def bench_annotate_cmd(
-    images: int = typer.Option(48, help="Generated JPEGs to annotate."),
-    size: str = typer.Option("640x480", help="Generated image size WIDTHxHEIGHT."),
+    images: int = typer.Option(32, help="Generated JPEGs to annotate."),
+    size: str = typer.Option("2048x1536", help="Generated image size WIDTHxHEIGHT (photos: 12-50 MP)."),
     num_workers: int = typer.Option(0, help="Decode worker processes."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (cuda when present)."),

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from bigasp.annotate.models import local_folder, model_key, torch_dtype
+from bigasp.annotate.models import dtype_kwargs, local_folder, model_key, torch_dtype
 from bigasp.annotate.provenance import model_provenance
 from bigasp.errors import ModelLoadError
 
@@ -48,7 +48,9 @@ class ClipEmbedder:
             )
         try:
             self.processor = CLIPImageProcessor.from_pretrained(str(path), local_files_only=True)
-            self.model = CLIPVisionModel.from_pretrained(str(path), local_files_only=True)
+            self.model = CLIPVisionModel.from_pretrained(
+                str(path), local_files_only=True, **dtype_kwargs(torch_dtype(cfg.dtype))
+            )
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load the CLIP model folder {path}: {err}") from None
         self.dtype = torch_dtype(cfg.dtype)

@@ -54,3 +54,12 @@ def resolve_device(device: str, local_rank: int = 0):
     if device != "auto":
         return torch.device(device)
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def dtype_kwargs(dtype) -> dict:
+    """`from_pretrained` precision argument: `dtype` in transformers 5, `torch_dtype` before; loading
+    straight into the run precision keeps an 8B captioner at 16 GB of host memory, not 32."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}

@@ -23,7 +23,7 @@ import pyarrow as pa
 from PIL import Image
 
 from bigasp.annotate.decode import pad_square
-from bigasp.annotate.models import CLIP_MEAN, CLIP_STD, local_folder, model_key, torch_dtype
+from bigasp.annotate.models import CLIP_MEAN, CLIP_STD, dtype_kwargs, local_folder, model_key, torch_dtype
 from bigasp.annotate.provenance import model_provenance
 from bigasp.errors import ModelLoadError
 
@@ -66,7 +66,9 @@ class Owlv2Watermark:
 
         path = local_folder(cfg.model, "watermark", ("config.json",))
         try:
-            self.model = Owlv2ForObjectDetection.from_pretrained(str(path), local_files_only=True)
+            self.model = Owlv2ForObjectDetection.from_pretrained(
+                str(path), local_files_only=True, **dtype_kwargs(torch_dtype(cfg.dtype))
+            )
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load the OWLv2 folder {path}: {err}") from None
