@@ -673,3 +673,21 @@ def test_cuda_image_stages_match_cpu(ingested, models, tmp_path):
     assert store.read_stage(cpu, "tags").column("tags").equals(store.read_stage(gpu, "tags").column("tags"))
     a, b = store.read_stage(cpu, "watermark"), store.read_stage(gpu, "watermark")
     np.testing.assert_allclose(a.column("max_score").to_numpy(), b.column("max_score").to_numpy(), atol=1e-3)
+
+
+def test_bench_annotate_runs_every_stage():
+    from bigasp.annotate.bench import run_annotate_bench
+
+    r = run_annotate_bench(images=2, width=64, height=48, num_workers=0, seed=0, device=torch.device("cpu"),
+                           command="bigasp bench annotate --images 2")  # fmt: skip
+    for key in (
+        "decode_img_s",
+        "embed_img_s",
+        "tags_img_s",
+        "watermark_img_s",
+        "fused_img_s",
+        "caption_img_s",
+    ):
+        assert r.metrics[key] > 0
+    assert r.metrics["watermark_prepare_ms"] > 0
+    assert r.table_row().startswith("| annotate | ")
