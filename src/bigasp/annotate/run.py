@@ -146,6 +146,13 @@ class PartSink:
             self.failures = []
 
 
+def _final_flush(sink: PartSink, summary: AnnotateSummary) -> None:
+    try:
+        sink.flush(force=True)
+    except StopAfterParts:
+        summary.stopped_early = True
+
+
 def build_annotator(stage: str, cfg: AnnotateConfig, device):
     if stage == "embed":
         from bigasp.annotate.embed import ClipEmbedder
@@ -241,7 +248,7 @@ def _image_pass(root, jobs, stages, cfg, device, summary, session, rank) -> None
         bar.close()
         if not stopped:
             for sink in sinks.values():
-                sink.flush(force=True)
+                _final_flush(sink, summary)
     summary.pass_seconds["image"] = time.perf_counter() - t0
 
 
@@ -312,7 +319,7 @@ def _caption_pass(root, manifest, jobs_by_id, cfg, device, summary, session, ran
     finally:
         bar.close()
         if not stopped:
-            sink.flush(force=True)
+            _final_flush(sink, summary)
     summary.pass_seconds["caption"] = time.perf_counter() - t0
 
 
