@@ -385,7 +385,7 @@ def test_watermark_matches_direct_model_call(ingested, models, tmp_path):
     inputs = worker_inputs(ingested, {"watermark": WatermarkPrepare(64)})
     flagged = 0
     for image_id, row in got.items():
-        x = torch.from_numpy(inputs[image_id]["watermark"]).permute(2, 0, 1)[None].float() / 255
+        x = torch.from_numpy(np.array(inputs[image_id]["watermark"])).permute(2, 0, 1)[None].float() / 255
         x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
         with torch.inference_mode():
             out = model(**text, pixel_values=x)
