@@ -44,8 +44,9 @@ class TagsConfig(Section):
     character_threshold: float = Field(0.85, ge=0, le=1, description="WD: character tags (category 4).")
     activation: Literal["auto", "sigmoid", "none"] = Field(
         "auto",
-        description="What turns the ONNX output into probabilities. auto: sigmoid for JoyTag (its model.onnx "
-        "returns logits), none for WD (its graph ends in a sigmoid).",
+        description="What turns the ONNX output into probabilities. auto: sigmoid for JoyTag (the model "
+        "outputs logits; bigASP applied the sigmoid), none for WD (its graph ends in a sigmoid). Set none if "
+        "a JoyTag export already ends in a sigmoid.",
     )
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnxruntime provider; auto = CUDA when onnxruntime-gpu sees the device."

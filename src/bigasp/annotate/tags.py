@@ -4,7 +4,8 @@ Both pad the image to a centred square on white and resize it bicubic to the mod
 side (JoyTag's `prepare_image`, WD's `prepare_image` in SmilingWolf's wd-tagger app), so the
 workers build one uint8 square for either. They differ after that:
 
-- JoyTag (`model.onnx` + `top_tags.txt`): NCHW, /255, CLIP mean/std; logits -> sigmoid;
+- JoyTag (`model.onnx` + `top_tags.txt`): NCHW, /255, CLIP mean/std; the model's logits ->
+  sigmoid (`tags.activation` when an export already ends in one);
   keep p > 0.4 (bigASP's tag-images.py), in `top_tags.txt` order.
 - WD v3 (`model.onnx` + `selected_tags.csv`): NHWC float 0..255 in BGR order; the graph
   ends in a sigmoid; keep general tags (category 0) above 0.35 and character tags (4) above
