@@ -42,6 +42,11 @@ def info(
     typer.echo("  buckets (WxH: latents)")
     for name, n in d["buckets"].items():
         typer.echo(f"    {name:<12} {n}")
+    if d.get("annotations"):
+        typer.echo("  annotations (stage/model: images done, failed, coverage)")
+        for key, c in d["annotations"].items():
+            cover = c["done"] / d["images"] if d["images"] else 0.0
+            typer.echo(f"    {key:<32} {c['done']:>8} {c['failed']:>6}  {cover:.1%}")
     typer.echo("  bytes on disk")
     for key, n in d["bytes"].items():
         typer.echo(f"    {key:<20} {_human(n)}")
