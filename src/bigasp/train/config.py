@@ -2,8 +2,8 @@
 
 Defaults are bigASP v2's recipe (eps + min-SNR 5, fp16 AMP with GradScaler 65,536 growing every
 500,000 samples, AdamW 1e-4 / wd 0.1, warmup 100k samples then cosine, global batch 2048, 40M
-samples, validate every 50k, save every 500k). Every size and interval is in SAMPLES so a recipe keeps its meaning
-when the number of GPUs changes.
+samples, validate every 50k, save every 500k). Every size and interval is in SAMPLES so a recipe
+keeps its meaning when the number of GPUs changes.
 """
 
 from __future__ import annotations
