@@ -104,6 +104,9 @@ def bench_loader_init(rows: int, max_words: int, world: int, batch: int) -> dict
     flat = pa.array(pool).take(pa.array(rng.integers(0, len(pool), rows)))
     table = pa.table(
         {
+            "id": pa.array(
+                [f"{i:032x}" for i in rng.integers(0, 1 << 62, rows).tolist()]
+            ),  # the split keys on it
             "captions": pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32)), flat),
             "score": pa.array(rng.integers(0, 10, rows).astype(np.int8)),
             "bucket_height": pa.array(heights),

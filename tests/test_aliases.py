@@ -76,3 +76,44 @@ def test_load_plain_and_gzip_and_missing(tmp_path):
     assert AliasTable.load(plain).groups == AliasTable.load(gz).groups == {"final_fantasy_vii": ("ff7",)}
     with pytest.raises(DataError, match="aliases_path"):
         AliasTable.load(tmp_path / "missing.json")
+
+
+def test_shipped_danbooru_table_loads_with_its_licence_and_source():
+    """The table the bigASP recipes use: known aliases of the source CSV (tagcomplete's danbooru.csv,
+    e.g. `1girl,0,6008644,"1girls,sole_female"`), minus autocomplete abbreviations and aliases that
+    are tags themselves; shipped as package data with its MIT licence and provenance note."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    from bigasp.text.aliases import BUILTIN_DANBOORU, shipped_table_path
+
+    t = AliasTable.load(BUILTIN_DANBOORU)
+    assert len(t) == 29_600 and len(t.groups) == 23_812 and t.stats.chained == 0
+    assert t.source == BUILTIN_DANBOORU
+    assert t.groups["1girl"] == ("1girls", "sole_female")
+    assert t.groups["highres"] == ("high_res", "high_resolution", "hires")
+    assert t.groups["breasts"] == ("boobs", "breast", "breats", "oppai", "tits")
+    assert t.alternatives("longhair") == ("long_hair",)
+    assert t.canonical_of["pokémon"] == "pokemon"  # non-ASCII spellings kept
+    assert "/lh" not in t.canonical_of and "/b" not in t.canonical_of  # abbreviations dropped
+    assert "pink_pillow" not in t.canonical_of  # a tag in its own right, not a spelling of "pillow"
+    assert t.alternatives("watermark") == ("watermarked",)  # copyright_notice is a tag in its own right
+
+    folder = shipped_table_path().parent
+    assert (
+        "MIT License" in (folder / "LICENSE.txt").read_text()
+        and "Dominik Reh" in (folder / "LICENSE.txt").read_text()
+    )
+    readme = (folder / "README.txt").read_text()
+    assert (
+        "DominikDoom/a1111-sd-webui-tagcomplete" in readme
+        and "4170882f90b47be130a0ff9314f663c230b9153d" in readme
+    )
+    repo = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "bigasp"
+    ]
+    for f in ("tag_aliases.jsonl.gz", "LICENSE.txt", "README.txt"):
+        rel = (folder / f).relative_to(repo / "src" / "bigasp").as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), (rel, globs)

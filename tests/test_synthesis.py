@@ -1,8 +1,8 @@
 """Prompt synthesis: every configured probability on >= 10k keyed draws, determinism, rules.
 
 Keys are fixed, so these tests are deterministic; tolerances are 4.5 binomial standard
-errors, tight enough that bigASP's hard-coded 5% UCG (configured 10%) or a swapped
-probability fails them.
+errors, tight enough that a 10% UCG instead of bigASP v2's 5%, or a swapped probability,
+fails them.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def default_draws():
 
 
 def test_ucg_rate_is_the_configured_one(default_draws):
-    assert_rate(sum(p == "" for p in default_draws), len(default_draws), 0.1)
+    assert_rate(sum(p == "" for p in default_draws), len(default_draws), 0.05)  # bigASP v2's data.py
     meta = SampleMeta(index=0, captions=CAPTIONS, score=5)
     cfg = PromptConfig(ucg_rate=0.3)
     assert_rate(sum(synthesize(meta, cfg, (7, 3, i)) == "" for i in range(N)), N, 0.3)

@@ -4,6 +4,7 @@ pickle-free optimizer round trip; run-config errors."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ import torch
 
 from bigasp.config import load_config
 from bigasp.errors import BigaspError, ConfigError
+from bigasp.text.aliases import AliasTable
 from bigasp.train import checkpoint as ck
 from bigasp.train.config import RunConfig, resolve_accumulation
 
@@ -164,13 +166,25 @@ def test_shipped_recipes_load_and_say_what_the_cards_say():
     assert (v2.train.warmup_samples, v2.train.max_samples) == (100_000, 40_000_000)
     assert (v2.validation.every, v2.checkpoint.every, v2.train.grad_scaler_init) == (50_000, 500_000, 65536.0)
     assert v2.model.train_text_encoder and not v2.model.train_text_encoder_2
-    assert v2.data.prompt.ucg_rate == pytest.approx(0.1)  # the card's stated 10% UCG
+    assert v2.data.prompt.ucg_rate == pytest.approx(0.05)  # v2's data.py (the card's 10% was v1's)
+    assert v2.train.growth_interval() == 244  # train.py: set_growth_interval(500000 // batch_size)
+    assert v2.validation.stable_loss == "weighted"  # train.py: stable loss with the loss weighting
     v25 = load_config(RunConfig, REPO / "configs" / "bigasp-v2.5.toml")
     assert (v25.train.objective, v25.train.precision, v25.train.max_samples) == ("flow", "bf16", 150_000_000)
     assert v25.train.batch_size == 4096
     assert not v25.model.train_text_encoder and not v25.model.train_text_encoder_2
     assert resolve_accumulation(v25, 32) * v25.data.device_batch_size * 32 == 4096
     assert resolve_accumulation(v2, 8) * v2.data.device_batch_size * 8 == 2048
+    for recipe in (v2, v25):
+        assert recipe.data.prompt.aliases_path == "builtin:danbooru" and recipe.data.prompt.alias_prob == 0.2
+        assert len(AliasTable.load(recipe.data.prompt.aliases_path)) > 20_000
+    # every "(card...)" mark names a section that exists in its legend
+    for path in ("bigasp-v2.toml", "bigasp-v2.5.toml"):
+        text = (REPO / "configs" / path).read_text()
+        marks = set(re.findall(r"\((card[^)]*)\)", text))
+        legend = {m for m in marks if re.search(r"^#\s+\(" + re.escape(m) + r"\)\s+\S", text, re.M)}
+        assert marks and all(m.startswith("card: ") for m in marks), marks
+        assert legend == marks, marks - legend
     tiny = load_config(RunConfig, REPO / "configs" / "tiny.toml")
     assert tiny.model.source == "tiny" and tiny.train.device == "cpu"
 

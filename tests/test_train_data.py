@@ -224,6 +224,53 @@ def test_split_excludes_score_zero_and_is_fixed_by_seed(ds):
     assert len(capped.validation) == len(score[score != 0]) // 10
 
 
+class _Table:
+    """The part of a LatentDataset the split reads: ids (in id order, as a dataset's rows are, unless
+    `order` is False) and a fixed score per id (some 0s, which are excluded)."""
+
+    def __init__(self, ids: list[str], order: bool = True):
+        ids = sorted(ids) if order else list(ids)
+        self.table = pa.table({"id": ids, "score": [int(i[-2:], 16) % 10 for i in ids]})
+
+
+def test_split_is_by_image_id_and_adding_images_moves_no_old_one():
+    rng = np.random.default_rng(7)
+    old_ids = [f"{rng.integers(1 << 62):016x}" for _ in range(600)]
+    new_ids = [f"{rng.integers(1 << 62):016x}" for _ in range(400)]
+    c = cfg(validation_size=40, stable_size=30)
+    old = _Table(old_ids)
+    first = split_dataset(old, c, seed=SEED)
+    assert len(first.validation) == 40 and first.threshold >= 0
+
+    def side(ds, sp) -> dict[str, str]:
+        ids = ds.table.column("id").to_pylist()
+        out = {ids[r]: "val" for r in sp.validation}
+        out.update({ids[r]: "train" for r in sp.train})
+        return out
+
+    before = side(old, first)
+    grown = _Table(old_ids + new_ids)
+    moved_rows = sum(
+        a != b
+        for a, b in zip(
+            old.table.column("id").to_pylist(), grown.table.column("id").to_pylist(), strict=False
+        )
+    )
+    assert moved_rows > 500  # the new ids interleave: old images sit at other row positions now
+    # resumed run (the checkpoint's cutoff): every old image keeps its side; new ones are split alike
+    resumed = side(grown, split_dataset(grown, c, seed=SEED, threshold=first.threshold))
+    assert {i: resumed[i] for i in before} == before
+    new_val = sum(resumed[i] == "val" for i in new_ids if i in resumed)
+    assert 0 < new_val < 60  # ~ 40/540 of the new usable images
+    # a fresh split of the grown dataset never puts a formerly trained image into validation
+    fresh = side(grown, split_dataset(grown, c, seed=SEED))
+    assert not [i for i, s in before.items() if s == "train" and fresh[i] == "val"]
+    # the same ids in another row order give the same split; another seed another one
+    shuffled = _Table(old_ids[::-1], order=False)
+    assert side(shuffled, split_dataset(shuffled, c, seed=SEED)) == before
+    assert side(old, split_dataset(old, c, seed=SEED + 1)) != before
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_eval_batches_deterministic_complete_homogeneous(ds, world):
     c = cfg()
@@ -337,3 +384,50 @@ def test_pinned_batch_reaches_the_gpu_unchanged():
         and torch.equal(g.te2_ids.cpu(), b.te2_ids)
     )
     assert g.prompts == b.prompts
+
+
+def test_tag_only_rows_draw_the_tag_count_from_the_v1_normal():
+    """A row without a caption has no caption length to match: through the loader's path (which passes
+    every row's token estimate) its tag count is max(min_tags, int(x)), x ~ Normal(32, 19.8), capped by
+    the tags it has. Chi-square goodness of fit against scipy's normal CDF on 8,000 keyed draws."""
+    from scipy import stats
+
+    from bigasp.train.data import synthesize_rows
+
+    n_rows, n_tags = 8_000, 120
+    tags = [f"tag_{k:03d}" for k in range(n_tags)]
+    strs = pa.list_(pa.string())
+    table = pa.table({"captions": pa.array([[]] * n_rows, strs), "tags": pa.array([tags] * n_rows, strs)})
+    c = cfg(prompt={"ucg_rate": 0.0, "quality": "none", "underscore_weights": [1, 0, 0]})
+    est = row_token_estimates(table, c.prompt)
+    assert (est > 0).all()  # the loader does hand these rows an estimate; it must not be matched
+    prompts, _ = synthesize_rows(table, np.arange(n_rows), seed=SEED, epoch=0, cfg=c, token_estimates=est)
+    counts = np.array([len(p.replace(", ", ",").split(",")) for p in prompts])
+    assert counts.min() == 5 and counts.max() > 90  # the old path gave min(120, 32) = 32 every time
+
+    # P(count = k): int() truncates toward zero, so count 5 <=> x < 6; the top bin takes x >= n_tags
+    normal = stats.norm(c.prompt.tag_count_mean, c.prompt.tag_count_std)
+    ks = np.arange(5, n_tags + 1)
+    pmf = normal.cdf(ks + 1.0) - normal.cdf(ks.astype(float))
+    pmf[0], pmf[-1] = normal.cdf(6.0), normal.sf(float(n_tags))
+    observed = np.bincount(counts - 5, minlength=len(ks)).astype(float)
+    # merge neighbouring counts until each cell expects >= 20 draws (chi-square's validity condition)
+    obs_cells, exp_cells, o, e = [], [], 0.0, 0.0
+    for ob, p in zip(observed, pmf * n_rows, strict=True):
+        o, e = o + ob, e + p
+        if e >= 20:
+            obs_cells.append(o)
+            exp_cells.append(e)
+            o = e = 0.0
+    exp_cells[-1] += e
+    obs_cells[-1] += o
+    result = stats.chisquare(obs_cells, np.array(exp_cells) * sum(obs_cells) / sum(exp_cells))
+    assert result.pvalue > 1e-3, (result, len(obs_cells))
+    # the match path is still used when there is a caption: same rows with one caption -> int(n/2.5)
+    with_caption = pa.table({"captions": [["a caption"]] * 50, "tags": [tags] * 50})
+    fixed = np.full(50, 50, dtype=np.int32)
+    matched, _ = synthesize_rows(
+        with_caption, np.arange(50), seed=SEED, epoch=0, cfg=cfg(prompt={**c.prompt.model_dump(), "tag_prob": 1.0}),
+        token_estimates=fixed,
+    )  # fmt: skip
+    assert {len(p.replace(", ", ",").split(",")) for p in matched} == {20}

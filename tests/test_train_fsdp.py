@@ -20,6 +20,7 @@ from bigasp.train import checkpoint as ck
 from bigasp.train.config import RunConfig
 from bigasp.train.distributed import shutdown
 from bigasp.train.synthetic import write_synthetic_latent_dataset
+from bigasp.train.tracking import read_metrics
 from bigasp.train.trainer import train
 from train_helpers import free_port, make_cfg, weights, weights_at_init
 
@@ -46,6 +47,10 @@ def _run(cfg: RunConfig, *, resume: str | None = None, stop_at: int | None = Non
         join=True,
     )
     return ck.list_complete_checkpoints(cfg.run_dir)[-1]
+
+
+def _metric(ckpt: Path, key: str) -> list[float]:
+    return [m[key] for m in read_metrics(ckpt.parents[1]) if key in m]
 
 
 def _optimizer(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -79,6 +84,11 @@ def test_fsdp2_matches_ddp_and_resumes_exactly(tmp_path):
     close = sum(int(((a[k] - b[k]).abs() <= 1e-6).sum()) for k in a) / sum(a[k].numel() for k in a)
     assert worst < 1e-4 and close >= 0.9999, (worst, close)
     assert max(float((a[k] - init[k]).abs().max()) for k in init) > 10 * worst  # the steps really moved
+    # AdamW steps hide the gradient's scale; the logged loss and pre-clip gradient norm of every step
+    # show a missing `/ accumulation` or a sum instead of a mean across ranks.
+    for key in ("train/grad_norm", "train/loss"):
+        da, fa = _metric(ddp, key), _metric(fsdp, key)
+        assert len(da) == 2 and da == pytest.approx(fa, rel=1e-6, abs=0), (key, da, fa)
     oa, ob = _optimizer(ddp), _optimizer(fsdp)
     assert oa.keys() == ob.keys() and any(k.startswith("state.unet.conv_in.weight.") for k in oa)
     assert all(v.dtype == torch.float32 for v in b.values())  # unsharded fp32 masters in model/

@@ -230,6 +230,13 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, medium_data):
     assert moved > 10 * worst
     val = lambda run: [m["val/loss"] for m in read_metrics(run) if "val/loss" in m]  # noqa: E731
     assert val(single.run_dir) == pytest.approx(val(multi.run_dir), rel=1e-6)  # all-reduced validation
+    # Weights after AdamW move ~lr*sign(grad) whatever the gradient's scale, so they cannot tell a
+    # missing `/ accumulation` or a sum instead of a mean across ranks: the logged loss and gradient
+    # norm (before clipping) of every step can, and they agree exactly (a factor 2 fails).
+    metric = lambda run, key: [m[key] for m in read_metrics(run) if key in m]  # noqa: E731
+    for key in ("train/grad_norm", "train/loss"):
+        one_run, two_run = metric(single.run_dir, key), metric(multi.run_dir, key)
+        assert len(one_run) == 3 and one_run == two_run, (key, one_run, two_run)
 
 
 def test_gradient_checkpointing_toggle_gives_the_same_step(tmp_path, small_data):

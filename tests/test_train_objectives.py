@@ -163,3 +163,57 @@ def test_optimizer_groups_and_lr():
     assert g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 and g["weight_decay"] == 0.1
     set_lr(opt, 0.5)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-5, 5e-6])
+
+
+class _Oracle(torch.nn.Module):
+    """A 'UNet' that predicts the training target exactly: it answers `target` when called with
+    exactly the input and timestep training showed the UNet for this sample, and fails otherwise."""
+
+    def __init__(self, x_t: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor):
+        super().__init__()
+        self.dtype_anchor = torch.nn.Parameter(torch.zeros(()))
+        self.x_t, self.timesteps, self.target = x_t, timesteps, target
+
+    def forward(self, x, t, *, encoder_hidden_states, added_cond_kwargs, return_dict):
+        scale = 1e-6 * (1.0 + self.x_t.abs().max())
+        assert torch.allclose(x, self.x_t, rtol=0, atol=scale), (x - self.x_t).abs().max()
+        assert torch.allclose(t, self.timesteps.float(), rtol=1e-6, atol=0), (t, self.timesteps)
+        return (self.target,)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "shift"), [("eps", 1.0), ("flow", 1.0), ("flow", 3.0), ("flow", 6.0), ("flow", 12.0)]
+)
+def test_sampler_denoised_map_recovers_x0_from_a_perfect_training_prediction(prediction, shift):
+    """Training (`bigasp.train.objectives`) and sampling (`bigasp.sample.model_sampling`, called through
+    the samplers' `GuidedDenoiser`) must agree on the UNet's input, timestep and output meaning: a
+    model that predicts the training target exactly gives back x0 from the sampler's denoised map."""
+    from bigasp.sample.guidance import Conditioning, GuidedDenoiser
+    from bigasp.sample.model_sampling import model_sampling
+
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(1, 4, 8, 6, generator=g)
+    noise = torch.randn(1, 4, 8, 6, generator=g)
+    objective = Objective(ObjectiveConfig(prediction=prediction, flow_shift=shift))
+    ms = model_sampling(prediction, shift)
+    cond = Conditioning(torch.zeros(1, 77, 8), torch.zeros(1, 4), torch.zeros(1, 6))
+    # times the objective trains at: eps integer steps; flow = shift(u) for u on a grid, as draw() makes them
+    if prediction == "eps":
+        times = [k / 1000 for k in (0, 1, 9, 250, 500, 777, 999)]
+    else:
+        times = [
+            float(shift_t(torch.tensor(u, dtype=torch.float64), shift)) for u in (0.001, 0.1, 0.5, 0.9, 0.999)
+        ]
+        drawn = objective.draw(keyed_generator(1, 2), (4, 8, 6))[1]
+        assert 0 < drawn < 1
+        times.append(drawn)
+    for t in times:
+        prep = objective.prepare(x0, noise, torch.tensor([t], dtype=torch.float64))
+        # the sampler's sigma for that training time: eps = its own table at the integer step; flow = t
+        # itself (ComfyUI's shifted flow table holds shift(k/1000), the times training draws)
+        sigma = float(ms.sigma(prep.timesteps)) if prediction == "eps" else t
+        x = ms.noise_scaling(sigma, noise, x0, max_denoise=False)  # the sampler's latent at sigma
+        denoise = GuidedDenoiser(_Oracle(prep.x_t, prep.timesteps, prep.target), ms, cond, None, cfg=1.0)
+        d = denoise(x, sigma)
+        tol = 2e-6 * (1.0 + sigma)
+        assert torch.allclose(d, x0, rtol=0, atol=tol), (t, sigma, float((d - x0).abs().max()))

@@ -26,9 +26,18 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 from bigasp.errors import DataError
+
+# The table shipped in the package (data/danbooru/: table, README.txt with source, LICENSE.txt),
+# derived from a Danbooru tag dump by scripts/build_danbooru_aliases.py.
+BUILTIN_DANBOORU = "builtin:danbooru"
+
+
+def shipped_table_path() -> Path:
+    return Path(str(files("bigasp.text") / "data" / "danbooru" / "tag_aliases.jsonl.gz"))
 
 
 def normalize_tag(name: str) -> str:
@@ -127,11 +136,16 @@ class AliasTable:
 
     @classmethod
     def load(cls, path: str | Path) -> AliasTable:
+        """Read a Danbooru `tag_aliases` export (JSON lines, optionally .gz), or `builtin:danbooru`."""
+        if str(path) == BUILTIN_DANBOORU:
+            with gzip.open(shipped_table_path(), "rt", encoding="utf-8") as f:
+                return cls.parse(f, source=BUILTIN_DANBOORU)
         path = Path(path)
         if not path.is_file():
             raise DataError(
                 f"tag alias file {path} does not exist; set data.prompt.aliases_path to a Danbooru "
-                "tag_aliases JSON-lines export, or leave it unset to disable alias mutation"
+                f"tag_aliases JSON-lines export, to {BUILTIN_DANBOORU!r} for the shipped table, or leave it "
+                "unset to disable alias mutation"
             )
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8") as f:

@@ -60,10 +60,11 @@ class PromptConfig(Section):
     """`[data.prompt]`: how a training prompt is synthesised. Defaults = bigASP v2 (data.py)."""
 
     ucg_rate: float = Field(
-        0.1,
+        0.05,
         ge=0.0,
         le=1.0,
-        description="P(prompt is the empty string). bigASP v2 card: 10% (its code used 5%).",
+        description="P(prompt is the empty string). bigASP v2's data.py: 5% (what trained v2; the 10% on the "
+        "model page, 'Training Details (Version 1)', was v1's rate).",
     )
     tag_prob: float = Field(
         0.1, ge=0.0, le=1.0, description="P(build the prompt from tags instead of a caption). bigASP v2: 0.1."
@@ -91,7 +92,9 @@ class PromptConfig(Section):
         0.2, ge=0.0, le=1.0, description="P(a tag is replaced by a random alias). bigASP: 0.2."
     )
     aliases_path: str | None = Field(
-        None, description="Danbooru tag-alias dump (JSON lines, optionally .gz). None = no alias mutation."
+        None,
+        description="Danbooru tag-alias dump (JSON lines, optionally .gz), or 'builtin:danbooru' for the table "
+        "shipped with bigasp (the bigASP recipes set it; bigASP swapped aliases). None = no alias mutation.",
     )
     underscore_weights: list[float] = Field(
         default_factory=lambda: [1.0, 1.0, 1.0],
@@ -190,7 +193,7 @@ class SampleMeta:
     source: str | None = None
     watermark: bool | None = None
     subreddit: str | None = None
-    # Caption token count used for tag-count matching; None = estimated from the captions.
+    # Caption token count used for tag-count matching (ignored without captions); None = estimated.
     n_tokens: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -367,14 +370,17 @@ def _choose_tags(tags: list[str], n_tags: int, cfg: PromptConfig, d: _Draws) -> 
 
 
 def _tag_count(meta: SampleMeta, cfg: PromptConfig, d: _Draws) -> int:
+    """bigASP v2 matched the tag count to the caption's length; bigASP v1 drew it from
+    Normal(32, 19.8). An image without a caption has no length to match (its token estimate
+    describes the tag prompt itself), so it always takes the Normal draw."""
     match = d.u() < cfg.tag_count_match_prob
     normal = d.normal(cfg.tag_count_mean, cfg.tag_count_std)
-    n_tokens = meta.n_tokens
-    if n_tokens is None and meta.captions:
-        n_tokens = round(sum(estimate_tokens(c) for c in meta.captions) / len(meta.captions))
-    if match and n_tokens is not None:
+    if match and meta.captions:
+        n_tokens = meta.n_tokens
+        if n_tokens is None:
+            n_tokens = round(sum(estimate_tokens(c) for c in meta.captions) / len(meta.captions))
         n = int(n_tokens / cfg.tokens_per_tag)
-    else:  # Normal draw (also when there is no caption to match)
+    else:  # Normal draw (always for tag-only images)
         n = int(normal)
     return max(cfg.min_tags, n)
 

@@ -1,9 +1,9 @@
 """The run config of `bigasp train`: one TOML file, every key documented here and in docs/training.md.
 
-Defaults are bigASP v2's published recipe (eps + min-SNR 5, fp16 AMP with GradScaler 65,536,
-AdamW 1e-4 / wd 0.1, warmup 100k samples then cosine, global batch 2048, 40M samples, validate
-every 50k, save every 500k). Every size and interval is in SAMPLES so a recipe keeps its meaning
-when the number of GPUs changes.
+Defaults are bigASP v2's recipe (eps + min-SNR 5, fp16 AMP with GradScaler 65,536 growing every
+500,000 samples, AdamW 1e-4 / wd 0.1, warmup 100k samples then cosine, global batch 2048, 40M
+samples, validate every 50k, save every 500k). Every size and interval is in SAMPLES so a recipe
+keeps its meaning when the number of GPUs changes.
 """
 
 from __future__ import annotations
@@ -32,6 +32,18 @@ class ModelConfig(Section):
     train_text_encoder: bool = Field(True, description="Train CLIP ViT-L (text encoder 1); bigASP v2: true.")
     train_text_encoder_2: bool = Field(
         False, description="Train OpenCLIP bigG (text encoder 2); bigASP v2 and v2.5: false."
+    )
+    text_encoder_layers: int | None = Field(
+        None,
+        ge=1,
+        description="With train_text_encoder: train only the first N transformer layers of TE1; the rest, the "
+        "token/position embeddings and the final norm stay frozen. Unset = the whole encoder (bigASP v2). "
+        "The v2.5 card plans 'unfreezing the first couple of layers on the encoders'.",
+    )
+    text_encoder_2_layers: int | None = Field(
+        None,
+        ge=1,
+        description="With train_text_encoder_2: the same for TE2 (its projection also stays frozen).",
     )
     frozen_dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
@@ -110,8 +122,11 @@ class TrainConfig(Section):
     grad_scaler_init: float = Field(
         65536.0, gt=0, description="fp16 only: initial loss scale (bigASP: 65,536)."
     )
-    grad_scaler_growth_interval: int = Field(
-        2000, ge=1, description="fp16 only: good steps before the scale doubles (torch default 2000)."
+    grad_scaler_growth_interval: int | None = Field(
+        None,
+        ge=1,
+        description="fp16 only: good steps before the scale doubles; unset = 500,000 // batch_size as bigASP "
+        "v2's train.py set it (244 at batch 2048).",
     )
     max_consecutive_skips: int = Field(
         25,
@@ -128,6 +143,12 @@ class TrainConfig(Section):
     )
     tf32: bool = Field(True, description="Allow TF32 matmuls/convolutions on Ampere+ GPUs.")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = CUDA when available.")
+
+    def growth_interval(self) -> int:
+        """The GradScaler growth interval in optimizer steps (bigASP: 500,000 samples' worth)."""
+        if self.grad_scaler_growth_interval is not None:
+            return self.grad_scaler_growth_interval
+        return max(1, 500_000 // self.batch_size)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -148,6 +169,12 @@ class ValidationConfig(Section):
     at_start: bool = Field(True, description="Also validate before the first step (the baseline).")
     stable: bool = Field(
         True, description="Also compute the stable train loss on data.stable_size train images."
+    )
+    stable_loss: Literal["weighted", "plain"] = Field(
+        "weighted",
+        description="Stable train loss: 'weighted' = with the training loss weighting (min-SNR for eps), as "
+        "bigASP v2's train.py computed it; 'plain' = unweighted MSE like the validation loss. Logged as "
+        "stable/loss, with stable/loss_plain beside it when weighted.",
     )
     t_bins: int = Field(10, ge=1, description="Report the loss in this many equal bins of t in [0, 1].")
     device_batch_size: int | None = Field(

@@ -10,8 +10,10 @@ is identical for `num_workers` 0 or 16 and after any resume. Sampler semantics l
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -31,7 +33,6 @@ from bigasp.text.synthesis import (
     PromptConfig,
     SampleMeta,
     expected_quality_tokens,
-    prompt_rng,
     synthesize,
 )
 from bigasp.train.sampler import (
@@ -252,12 +253,44 @@ def row_chunk_estimates(
 class Split:
     train: np.ndarray  # int64 row indices, ascending
     validation: np.ndarray  # int64 row indices, ascending; never trained on
-    stable: np.ndarray  # int64: first `stable_size` train rows under a fixed shuffle
+    stable: np.ndarray  # int64: the `stable_size` train rows with the smallest id hashes
     excluded: int = 0  # rows dropped before splitting (score 0)
+    # An image is held out iff its id hash is <= this cutoff (-1 = none). Checkpoints keep it, so a
+    # resumed run on a grown dataset keeps every old image on its side and assigns new ones alike.
+    threshold: int = -1
 
 
-def split_dataset(dataset, cfg: DataConfig, *, seed: int) -> Split:
-    """Held-out validation rows and the fixed 'stable train loss' rows, keyed by `seed` only."""
+def id_hashes(ids: pa.Array | Sequence[str], *, seed: int, chunk: int = 1 << 16) -> np.ndarray:
+    """uint64 BLAKE2b hash of each image id, salted with the run seed: where the id falls in the split.
+
+    A function of (seed, id) only, never of the row position, so adding or removing other images
+    does not change it. The seed goes in as BLAKE2b's salt (no extra key block: ~2x faster than a
+    keyed hash, ~0.6 us per id). Arrow input is converted a chunk at a time, so 13M ids never
+    exist as Python objects at once.
+    """
+    salt = struct.pack("<q", int(seed))
+    ids = ids if isinstance(ids, pa.Array | pa.ChunkedArray) else pa.array(list(ids), pa.string())
+    ids = ids.cast(pa.binary())
+    out = np.empty(len(ids), dtype=np.uint64)
+    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+    for start in range(0, len(ids), chunk):
+        part = ids.slice(start, chunk).to_pylist()
+        out[start : start + len(part)] = [
+            from_bytes(blake2b(i, digest_size=8, salt=salt, person=b"bigasp-split").digest(), "little")
+            for i in part
+        ]
+    return out
+
+
+def split_dataset(dataset, cfg: DataConfig, *, seed: int, threshold: int | None = None) -> Split:
+    """Held-out validation rows and the fixed 'stable train loss' rows, decided by image id.
+
+    Each usable image gets a hash of (seed, id). The `validation_size` smallest hashes are held
+    out (bigASP held out 2048 images); the cutoff hash is `Split.threshold`. With `threshold`
+    given (from a checkpoint) an image is held out iff its hash is <= it, so images present
+    before keep their side whatever was added since. The stable set is the `stable_size` train
+    images with the next-smallest hashes.
+    """
     table = dataset.table
     n = len(table)
     rows = np.arange(n, dtype=np.int64)
@@ -269,23 +302,26 @@ def split_dataset(dataset, cfg: DataConfig, *, seed: int) -> Split:
         rows = rows[keep]
         if excluded:
             log.info("excluded %d image(s) with score 0 from training and validation", excluded)
-    n_val = min(cfg.validation_size, len(rows) // 10)
-    if n_val < cfg.validation_size:
-        log.warning(
-            "validation set capped at %d image(s) (10%% of %d usable) instead of data.validation_size=%d",
-            n_val,
-            len(rows),
-            cfg.validation_size,
-        )
-    # Sampling without replacement = the first k of a uniform shuffle, in O(k) instead of O(N).
-    pick = prompt_rng(seed, 0, 0, domain=b"split-val").choice(len(rows), n_val, replace=False)
-    keep = np.ones(len(rows), dtype=bool)
-    keep[pick] = False
-    validation = np.sort(rows[pick])
-    train = rows[keep]
-    n_stable = min(cfg.stable_size, len(train))
-    stable = train[prompt_rng(seed, 0, 0, domain=b"split-stable").choice(len(train), n_stable, replace=False)]
-    return Split(train=train, validation=validation, stable=stable, excluded=excluded)
+    if "id" not in table.column_names:
+        raise DataError("the dataset table has no 'id' column, which the validation split is keyed by")
+    hashes = id_hashes(table.column("id").take(pa.array(rows, pa.int64())), seed=seed)
+    order = np.argsort(hashes, kind="stable")
+    if threshold is None:
+        n_val = min(cfg.validation_size, len(rows) // 10)
+        if n_val < cfg.validation_size:
+            log.warning(
+                "validation set capped at %d image(s) (10%% of %d usable) instead of data.validation_size=%d",
+                n_val,
+                len(rows),
+                cfg.validation_size,
+            )
+        threshold = int(hashes[order[n_val - 1]]) if n_val > 0 else -1
+    held = hashes <= np.uint64(threshold) if threshold >= 0 else np.zeros(len(rows), dtype=bool)
+    validation = rows[held]
+    train = rows[~held]
+    ranked_train = rows[order][~held[order]]
+    stable = ranked_train[: min(cfg.stable_size, len(train))]
+    return Split(train=train, validation=validation, stable=stable, excluded=excluded, threshold=threshold)
 
 
 # ---------------------------------------------------------------------------------------------

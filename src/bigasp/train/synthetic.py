@@ -25,9 +25,21 @@ def _pattern(colour: int, h: int, w: int) -> np.ndarray:
 
 
 def write_synthetic_latent_dataset(
-    root: str | os.PathLike, *, n: int = 64, height: int = 64, width: int = 64, seed: int = 0
+    root: str | os.PathLike,
+    *,
+    n: int = 64,
+    height: int = 64,
+    width: int = 64,
+    seed: int = 0,
+    original: tuple[int, int] | None = None,
+    crop: tuple[int, int] = (0, 0),
 ) -> Path:
-    """Write `n` images of one `height` x `width` bucket (latent 4 x h/8 x w/8) to `root`."""
+    """Write `n` images of one `height` x `width` bucket (latent 4 x h/8 x w/8) to `root`.
+
+    `original` = (height, width) of the (pretend) source image, default twice the bucket;
+    `crop` = (top, left) of the bucket crop: SDXL's size conditioning for every image.
+    """
+    orig_h, orig_w = original if original is not None else (height * 2, width * 2)
     from bigasp.store import RecordMeta, ShardWriter, layout
     from bigasp.store.manifest import MANIFEST_SCHEMA, init_dataset
 
@@ -43,14 +55,14 @@ def write_synthetic_latent_dataset(
             (4, height // 8, width // 8)
         )
         iid = f"img{i:05d}"
-        writer.add(lat.astype(np.float16), RecordMeta(iid, height * 2, width * 2, 0, 0))
+        writer.add(lat.astype(np.float16), RecordMeta(iid, orig_h, orig_w, crop[0], crop[1]))
         name = COLOURS[colour]
         rows.append(
             {
                 "id": iid,
                 "path": f"/synthetic/{iid}.png",
-                "width": width * 2,
-                "height": height * 2,
+                "width": orig_w,
+                "height": orig_h,
                 "captions": [f"a {name} pattern", f"photo of a {name} pattern, smooth gradient"],
                 "tags": [name, "pattern", "gradient"],
                 "score": 5 + colour,

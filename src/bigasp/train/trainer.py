@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from bigasp.config import dump_toml
-from bigasp.errors import BigaspError
+from bigasp.errors import BigaspError, ConfigError
 from bigasp.flops import TrainFlops
 from bigasp.models.components import SDXL, ModelKind
 from bigasp.models.io import load_model, save_diffusers_folder
@@ -103,6 +103,21 @@ def lossless_dtype(module: torch.nn.Module, candidates: tuple[torch.dtype, ...])
     return None
 
 
+def train_first_layers(encoder: torch.nn.Module, n: int, key: str) -> None:
+    """Only transformer layers 0..n-1 of a CLIP text encoder train; everything else is frozen.
+
+    The token and position embeddings stay frozen too: light training should not move the
+    interface every token goes through, and AdamW's decoupled weight decay would shrink all
+    49,408 token rows every step, also those of tokens the data never uses.
+    """
+    layers = getattr(encoder, "text_model", encoder).encoder.layers  # transformers 4 vs 5
+    if n > len(layers):
+        raise ConfigError(f"{key} = {n} but the encoder has {len(layers)} layers; use 1..{len(layers)}")
+    encoder.requires_grad_(False)
+    for layer in layers[:n]:
+        layer.requires_grad_(True)
+
+
 def configure_model(
     model: SDXL, cfg: RunConfig, device: torch.device, *, keep_originals: bool = True
 ) -> dict[str, dict[str, torch.Tensor]]:
@@ -133,6 +148,12 @@ def configure_model(
                 m.frozen_dtype, name, str(keep).removeprefix("torch."), size / 1e9,
             )  # fmt: skip
         enc.requires_grad_(False).eval().to(storage)
+    for name, layers in (
+        ("text_encoder", m.text_encoder_layers),
+        ("text_encoder_2", m.text_encoder_2_layers),
+    ):
+        if layers is not None and trained(cfg, name):
+            train_first_layers(getattr(model, name), layers, f"model.{name}_layers")
     if m.train_text_encoder:
         # Conditioning uses TE1's penultimate hidden state: its last layer and final norm never
         # receive a gradient, so they are frozen (keeps DDP free of find_unused_parameters).
@@ -152,6 +173,14 @@ def configure_model(
     if model.vae is not None:
         model.vae.requires_grad_(False).eval()  # stays on CPU: only saved with checkpoints
     return originals
+
+
+def stable_loss_label(cfg: RunConfig) -> str:
+    """What `stable/loss` is, in words, for the log (bigASP's was min-SNR weighted)."""
+    t = cfg.train
+    if cfg.validation.stable_loss == "weighted" and t.objective == "eps" and t.min_snr_gamma is not None:
+        return f"min-SNR-{t.min_snr_gamma:g} weighted"
+    return "plain MSE"
 
 
 def new_window() -> dict[str, Any]:
@@ -279,7 +308,7 @@ def train(
     scaler = torch.amp.GradScaler(
         device.type,
         init_scale=t.grad_scaler_init,
-        growth_interval=t.grad_scaler_growth_interval,
+        growth_interval=t.growth_interval(),
         enabled=t.precision == "fp16",
     )
 
@@ -288,7 +317,10 @@ def train(
         from bigasp.store import LatentDataset
 
         dataset = LatentDataset(cfg.data.dataset)
-    split = split_dataset(dataset, cfg.data, seed=seed)
+    # A resumed run keeps its split cutoff: images added since are assigned by it, old ones keep their side.
+    split = split_dataset(
+        dataset, cfg.data, seed=seed, threshold=saved["trainer"].get("split_threshold") if saved else None
+    )
     loader = TrainLoader(
         dataset, cfg.data, rank=rank, world_size=world, seed=seed,
         device_batch_size=cfg.data.device_batch_size, split=split,
@@ -316,7 +348,8 @@ def train(
             g["initial_lr"] = peak_lrs[g["name"]]
         st = saved["trainer"]
         if st.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(st["scaler"])
+            scaler.load_state_dict(st["scaler"])  # scale and growth tracker carry over
+            scaler.set_growth_interval(t.growth_interval())  # the config's interval wins, as its lr does
         samples_seen, step = int(st["samples_seen"]), int(st["step"])
         skipped, consecutive = int(st["skipped_steps"]), int(st["consecutive_skips"])
         val_history = st.get("validation", [])
@@ -354,6 +387,8 @@ def train(
     result = TrainResult(samples_seen, step, skipped)
 
     # ---- validation and checkpoint closures -----------------------------------------------------
+    loss_labels = {"val/loss": " (plain MSE)", "stable/loss": f" ({stable_loss_label(cfg)})"}
+
     def run_validation() -> dict[str, Any]:
         denoiser.eval()
         vb = cfg.validation.device_batch_size or cfg.data.device_batch_size
@@ -379,6 +414,7 @@ def train(
                 evaluate(
                     denoiser, objective, batches, indices=rows, name=name, seed=seed, device=device,
                     autocast=autocast, t_bins=cfg.validation.t_bins, filler=filler,
+                    weighted=name == "stable" and cfg.validation.stable_loss == "weighted",
                 )
             )  # fmt: skip
         denoiser.unet.train()
@@ -393,7 +429,9 @@ def train(
             log.info(
                 "validation at %d samples: %s",
                 samples_seen,
-                ", ".join(f"{k} {v:.5f}" for k, v in out.items() if k.endswith("/loss")),
+                ", ".join(
+                    f"{k}{loss_labels.get(k, '')} {v:.5f}" for k, v in out.items() if k.endswith("/loss")
+                ),
             )
         val_history.append({"samples": samples_seen, **{k: v for k, v in out.items() if k.endswith("/loss")}})
         result.validation.append({"samples": samples_seen, **out})
@@ -437,6 +475,7 @@ def train(
                     "batch_size": batch_size,
                     "accumulation": accumulation,
                     "validation": val_history,
+                    "split_threshold": split.threshold,
                 },
                 rng_states=rngs,  # type: ignore[arg-type]
                 config_toml=dump_toml(cfg.model_dump(mode="json")),

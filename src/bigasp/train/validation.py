@@ -1,8 +1,9 @@
 """Validation loss and the stable training loss, comparable across runs, seeds of noise and world sizes.
 
 SD training loss is dominated by which timesteps and noise a batch happened to draw. bigASP
-therefore evaluated a held-out set (and a fixed slice of the training set, the "stable" loss)
-with a fixed seed and the plain, unweighted loss. Here each evaluated image gets
+therefore evaluated a held-out set with a fixed seed and the plain, unweighted loss, and a fixed
+slice of the training set (the "stable" loss) the same way but, in its train.py, with the
+training weighting (min-SNR); `validation.stable_loss` picks. Here each evaluated image gets
 
 * noise keyed by (run seed, set name, row index): identical on every evaluation, any rank;
 * a fixed *stratified* time: the set's images are spread over the centres of `count` equal
@@ -45,8 +46,12 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager],
     t_bins: int = 10,
     filler: Iterable[Batch] = (),
+    weighted: bool = False,
 ) -> dict[str, float]:
-    """Plain (unweighted) loss of the set `name` plus per-t-bin losses, summed over all ranks.
+    """Loss of the set `name` plus per-t-bin losses, summed over all ranks.
+
+    Plain (unweighted) MSE unless `weighted`: then the training weighting (min-SNR for eps) as
+    bigASP computed its stable train loss, and `{name}/loss_plain` is reported beside it.
 
     `forward(x_t, timesteps, te1_ids, te2_ids, time_ids)` is the (unwrapped) denoiser.
     `filler`: batches run through `forward` and discarded, so that under FSDP2 (where every
@@ -64,7 +69,7 @@ def evaluate(
             )
     stratum = strata(indices, seed=seed, name=name)
     count = len(indices)
-    sums = torch.zeros(2 + 2 * t_bins, dtype=torch.float64, device=device)
+    sums = torch.zeros(3 + 2 * t_bins, dtype=torch.float64, device=device)  # [.., plain sum]
     for batch in batches:
         rows = batch.indices.tolist()
         batch = batch.to(device)
@@ -76,7 +81,7 @@ def evaluate(
             ]
         )
         t = torch.tensor([stratified_t(stratum[r], count) for r in rows], dtype=torch.float64)
-        prep = objective.prepare(batch.latents, noise, t, weighted=False)
+        prep = objective.prepare(batch.latents, noise, t, weighted=weighted)
         with autocast():
             pred = forward(
                 prep.x_t,
@@ -85,17 +90,21 @@ def evaluate(
                 batch.te2_ids,
                 time_ids_from(batch.original_size, batch.crop, batch.target_size),
             )
-        _, _, per_sample = objective.loss(pred, prep)
-        per_sample = per_sample.double()
+        _, _, plain = objective.loss(pred, prep)
+        plain = plain.double()
+        per_sample = plain * prep.weight.double()
         bins = torch.clamp((prep.t.to(device) * t_bins).long(), 0, t_bins - 1)
+        sums[-1] += plain.sum()
         sums[0] += per_sample.sum()
         sums[1] += len(rows)
         sums[2 : 2 + t_bins].index_add_(0, bins, per_sample)
-        sums[2 + t_bins :].index_add_(0, bins, torch.ones_like(per_sample))
+        sums[2 + t_bins : 2 + 2 * t_bins].index_add_(0, bins, torch.ones_like(per_sample))
     all_reduce_sum(sums)
     out: dict[str, float] = {}
     if sums[1] > 0:
         out[f"{name}/loss"] = float(sums[0] / sums[1])
+        if weighted:
+            out[f"{name}/loss_plain"] = float(sums[-1] / sums[1])
     out[f"{name}/images"] = float(sums[1])
     for b in range(t_bins):
         n = float(sums[2 + t_bins + b])
