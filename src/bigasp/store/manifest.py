@@ -34,6 +34,22 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("source", pa.string()),
         pa.field("watermark", pa.bool_()),
         pa.field("extra", pa.string()),  # JSON object text: sidecar keys we do not interpret
+        # every source path holding these bytes, sorted; `path` is the first. Null in manifests
+        # written before this column existed: read it as [path].
+        pa.field("paths", pa.list_(pa.string())),
+    ]
+)
+
+# One row per accepted source path (a file, or a tar member): what that copy's sidecars said
+# and the change key that lets a re-run reuse it without reading it. The manifest is derived
+# from it (rows grouped by id, copies merged), so it is what incremental ingest updates.
+SOURCES = "sources.parquet"
+SOURCES_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("origin", pa.string()),  # the ingest source it was found through
+        pa.field("change_key", pa.string()),  # image + sidecar sizes and mtimes, hashed
+        *(MANIFEST_SCHEMA.field(c) for c in MANIFEST_SCHEMA.names if c not in ("path", "paths")),
     ]
 )
 
@@ -46,6 +62,9 @@ REJECTS_SCHEMA = pa.schema(
         pa.field("mtime", pa.float64()),
         pa.field("id", pa.string()),  # for duplicates: the id already in the manifest
         pa.field("stage", pa.string()),  # ingest | encode
+        pa.field("origin", pa.string()),  # ingest: the source it was found through
+        pa.field("change_key", pa.string()),  # ingest: re-examined when the file or its sidecars change
+        pa.field("settings", pa.string()),  # ingest: JSON of the settings the reason depends on
     ]
 )
 
