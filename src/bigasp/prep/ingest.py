@@ -364,7 +364,9 @@ def _latest_per_path(tables: list[tuple[pa.Table, int, int]]) -> dict[int, np.nd
     """For (table, kind, seq) triples: per kind, the row indices whose path has no later row."""
     keys = pa.Table.from_arrays(
         [
-            pa.chunked_array([t.column("path").cast(pa.string()).combine_chunks() for t, _, _ in tables], pa.string()),
+            pa.chunked_array(
+                [t.column("path").cast(pa.string()).combine_chunks() for t, _, _ in tables], pa.string()
+            ),
             pa.chunked_array([pa.array(np.full(len(t), s, np.int64)) for t, _, s in tables]),
             pa.chunked_array([pa.array(np.full(len(t), k, np.int8)) for t, k, _ in tables]),
             pa.chunked_array([pa.array(np.arange(len(t), dtype=np.int64)) for t, _, _ in tables]),

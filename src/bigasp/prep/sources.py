@@ -221,7 +221,11 @@ def scan_folder(root: Path, origin: str = "") -> Iterator[Item]:
 
 
 def _tar_members(tf: tarfile.TarFile, size: int) -> tuple[list[tarfile.TarInfo], str]:
-    """Members readable from the headers, and why the listing stopped early ('' if it did not)."""
+    """Members readable from the headers, and why the listing stopped early ('' if it did not).
+
+    tarfile ends a listing silently at a short or invalid header, so a truncated or damaged
+    tar is recognised by what follows the last member: a whole end-of-archive (zero) block.
+    """
     members = []
     while True:
         try:
@@ -229,8 +233,16 @@ def _tar_members(tf: tarfile.TarFile, size: int) -> tuple[list[tarfile.TarInfo],
         except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeError) as err:
             return members, f"{type(err).__name__}: {err}"
         if m is None:
-            return members, ""
+            break
         members.append(m)
+    end = tf.offset
+    tf.fileobj.seek(end)
+    block = tf.fileobj.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE:
+        return members, f"no end-of-archive marker: the file ends at byte {size}"
+    if block.count(0) != tarfile.BLOCKSIZE:
+        return members, f"no valid member header at byte {end}"
+    return members, ""
 
 
 def scan_tar(path: Path, origin: str = "") -> Iterator[Item]:
