@@ -93,7 +93,7 @@ def ingest_cmd(
             f"{s.total_images} images in {out}. Run the same command again to continue.",
             err=True,
         )
-        raise typer.Exit(130) from None
+        raise SystemExit(130) from None  # 128 + SIGINT, the shell convention
     if as_json:
         typer.echo(json.dumps(s.to_json(), indent=2))
         return
