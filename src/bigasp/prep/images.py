@@ -70,6 +70,8 @@ def pixel_limit(max_pixels: int) -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow warns about damaged metadata it skips; the file's fate is decided here instead
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = old

@@ -127,7 +127,7 @@ def _reject_row(item: Item, reason: str, detail: str, cfg: IngestConfig) -> dict
     return {
         "path": item.path,
         "reason": reason,
-        "detail": detail,
+        "detail": printable(detail),  # OS errors quote raw file names, which may not be UTF-8
         "file_size": item.data.size,
         "mtime": item.mtime,
         "id": None,

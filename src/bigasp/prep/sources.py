@@ -112,7 +112,10 @@ class Item:
 
 def printable(path: str) -> str:
     """`path` as valid UTF-8 text: undecodable bytes of a file name become \\xNN escapes."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file-name byte produces (e.g. from JSON)
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def utf8_ok(path: str) -> bool:
