@@ -132,18 +132,17 @@ def write_case(r, d: bytes, i: int, bases, blobs) -> list[tuple[bytes, bytes]]:
 
 
 def write_tar(r: random.Random, path: bytes, files: list[tuple[bytes, bytes]]) -> None:
-    with open(path, "wb") as raw:
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8",
-                          errors="surrogateescape") as tf:  # fmt: skip
-            for name, data in files:
-                info = tarfile.TarInfo(os.fsdecode(name).replace("\n", "_"))
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-            for j in range(r.randint(0, 2)):
-                info = tarfile.TarInfo(f"link{j}.jpg")
-                info.type = r.choice([tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE])
-                info.linkname = os.fsdecode(files[0][0])
-                tf.addfile(info)
+    opts = dict(format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape")
+    with tarfile.open(os.fsdecode(path), "w", **opts) as tf:
+        for name, data in files:
+            info = tarfile.TarInfo(os.fsdecode(name).replace("\n", "_"))
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for j in range(r.randint(0, 2)):
+            info = tarfile.TarInfo(f"link{j}.jpg")
+            info.type = r.choice([tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE])
+            info.linkname = os.fsdecode(files[0][0])
+            tf.addfile(info)
     size = os.path.getsize(path)
     if r.random() < 0.5:  # truncate or damage the shard itself
         with open(path, "r+b") as f:
