@@ -251,3 +251,38 @@ def test_every_suggested_fix_works_as_written(tmp_path):
                 break
         assert name in by_name(out), f"{name}: {fix.group(1)!r} did not keep it ({rejects(out).get(name)})"
     assert set(by_name(out)) == {"ok.jpg", *first}
+
+
+def test_crash_between_sources_and_manifest_writes_is_repaired(data, tmp_path):
+    out = tmp_path / "ds"
+    ingest([data], out, cfg())
+    # as if killed after sources.parquet was rewritten (one path pruned) but before the manifest
+    t = pq.read_table(out / "sources.parquet")
+    keep = [not p.endswith("img3.jpg") for p in t.column("path").to_pylist()]
+    pq.write_table(
+        t.filter(keep).replace_schema_metadata({"bigasp.generation": "other"}), out / "sources.parquet"
+    )
+    (data / "img3.jpg").unlink()
+    s = ingest([data], out, cfg(prune=False))
+    assert s.skipped == 3 and set(by_name(out)) == {"img0.jpg", "img1.jpg", "img2.jpg"}
+
+
+def test_manifest_from_an_older_version_is_read_and_rebuilt(data, tmp_path):
+    from bigasp.store.manifest import read_manifest
+
+    out = tmp_path / "ds"
+    (data / "dup.jpg").write_bytes((data / "img1.jpg").read_bytes())
+    (data / "dup.txt").write_text("the copy's caption")
+    ingest([data], out, cfg())
+    # what an older bigasp left: no sources.parquet, no `paths` column, the copy a `duplicate` reject
+    t = pq.read_table(out / layout.MANIFEST).drop_columns(["paths"])
+    pq.write_table(t.replace_schema_metadata(None), out / layout.MANIFEST)
+    (out / "sources.parquet").unlink()
+    old = read_manifest(*layout.url_to_fs(str(out)))
+    assert old.column("paths").null_count == len(old) == 4
+    dup = {"path": str(data / "dup.jpg"), "reason": "duplicate", "detail": "same bytes", "stage": "ingest"}
+    pq.write_table(pq.read_table(out / layout.REJECTS).from_pylist([dup]), out / layout.REJECTS)
+    s = ingest([data], out, cfg())
+    assert s.updated == 4 and not s.rejects and not rejects(out)
+    row = by_name(out)["dup.jpg"]
+    assert row["captions"] == ["the copy's caption"] and len(row["paths"]) == 2

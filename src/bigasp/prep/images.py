@@ -112,6 +112,8 @@ def _truncated(f: BinaryIO, size: int, im: Image.Image) -> bool:
     if fmt in ("JPEG", "MPO"):
         # 0xFFD9 cannot occur inside entropy-coded data (0xFF is byte-stuffed), so searching
         # from the first scan skips EXIF thumbnails and tolerates trailers (motion photos).
+        if isinstance(f, io.BytesIO):
+            return f.getvalue().find(b"\xff\xd9", start) < 0  # in memory: one C-level search
         return not _find(f, b"\xff\xd9", start)
     if fmt == "PNG":
         lo = max(start, size - 64)

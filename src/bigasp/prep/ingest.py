@@ -138,8 +138,12 @@ def _reject_row(item: Item, reason: str, detail: str, cfg: IngestConfig) -> dict
     }
 
 
+STREAM_ABOVE = 16 << 20  # files larger than this are hashed and probed in pieces
+
+
 def _hash_and_probe(item: Item, cfg: IngestConfig):
-    """Content id and header facts, streaming the file: a multi-GB file never sits in memory."""
+    """Content id and header facts. Small files are read once into memory (fastest); larger
+    ones are streamed, so a multi-GB file never sits in memory."""
     try:
         f = item.data.open()
     except OSError as err:
@@ -148,15 +152,26 @@ def _hash_and_probe(item: Item, cfg: IngestConfig):
         h = hashlib.blake2b(digest_size=16)
         n = 0
         try:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                n += len(chunk)
+            if item.data.size <= STREAM_ABOVE:
+                data = f.read(item.data.size + 1)  # +1: a file that grew is caught below
+                h.update(data)
+                n = len(data)
+            else:
+                data = None
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+                    n += len(chunk)
         except OSError as err:
             raise Reject("unreadable", str(err)) from None
         if n != item.data.size:
             raise Reject("unreadable", f"read {n} of {item.data.size} bytes (file changed while reading?)")
         info = probe(
-            f, name=item.path, size=n, max_pixels=cfg.max_pixels, animated=cfg.animated, verify=cfg.verify
+            data if data is not None else f,
+            name=item.path,
+            size=n,
+            max_pixels=cfg.max_pixels,
+            animated=cfg.animated,
+            verify=cfg.verify,
         )
     return h.hexdigest(), info
 
@@ -395,7 +410,8 @@ def fold_parts(root: Path, prune: Callable[[str, str | None], bool] | None = Non
     sparts, rparts = _parts(root, "sources"), _parts(root, "rejects")
     legacy = _parts(root, "manifest")  # parts left by a version before sources.parquet
     spath, rpath, mpath = root / SOURCES, root / layout.REJECTS, root / layout.MANIFEST
-    if not (sparts or rparts or legacy or prune) and (spath.exists() or not mpath.exists()):
+    in_step = _generation(spath) == _generation(mpath)  # both missing, or written together
+    if not (sparts or rparts or legacy or prune) and in_step:
         return 0
     order = {
         p: i + 1
@@ -426,12 +442,25 @@ def fold_parts(root: Path, prune: Callable[[str, str | None], bool] | None = Non
                 sources = t
             else:
                 rejects = t
-    layout.atomic_write_parquet(sources, spath)
+    if not (sparts or rparts or legacy or pruned) and in_step and spath.exists():
+        return 0  # nothing changed: keep the files (a no-op re-run writes nothing)
+    # sources and manifest carry one generation token: a crash between their writes is seen
+    # (tokens differ) and the next run rebuilds the manifest even if nothing else changed.
+    gen = {b"bigasp.generation": uuid.uuid4().hex.encode()}
+    layout.atomic_write_parquet(sources.replace_schema_metadata(gen), spath)
     layout.atomic_write_parquet(rejects, rpath)
-    layout.atomic_write_parquet(build_manifest(sources), mpath)  # written last: the commit point
+    layout.atomic_write_parquet(build_manifest(sources).replace_schema_metadata(gen), mpath)  # commit point
     for p in sparts + rparts + legacy:
         p.unlink()
     return pruned
+
+
+def _generation(path: Path) -> bytes | None:
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return None
+    return (pq.read_schema(path).metadata or {}).get(b"bigasp.generation")
 
 
 @contextlib.contextmanager

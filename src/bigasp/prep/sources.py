@@ -11,6 +11,7 @@ a reject with that reason, and the scan goes on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -101,7 +102,7 @@ class Item:
     def key(self) -> tuple[str, int, float]:
         return (self.path, self.data.size, self.mtime)
 
-    @property
+    @functools.cached_property
     def change_key(self) -> str:
         """What must stay equal for an earlier result to be reused: the image's and sidecars' size + mtime."""
         parts = [self.data.size, self.mtime, self.missing, self.problem]
