@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from bigasp.store import layout
 from test_ingest import jpeg_bytes
 
 
-def test_ctrl_c_commits_what_was_examined_and_exits_130(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_commits_what_was_examined_and_exits_130(tmp_path, workers):
     src = tmp_path / "in"
     src.mkdir()
     for i in range(40):
@@ -25,7 +27,7 @@ def test_ctrl_c_commits_what_was_examined_and_exits_130(tmp_path):
         shutil.copyfile(src / f"u{i % 40:03d}.jpg", src / f"c{i:04d}.jpg")
     out = tmp_path / "ds"
     exe = Path(sys.executable).with_name("bigasp")
-    args = [str(exe), "ingest", str(src), "--out", str(out), "--no-progress", "--verify", "decode",
+    args = [str(exe), "ingest", str(src), "--out", str(out), "--no-progress", "--verify", "decode", "--workers", str(workers),
             "--set", "commit_every=20", "--set", "buckets.step=16", "--set", "buckets.min_area=3072",
             "--set", "buckets.max_area=4096"]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -564,6 +564,11 @@ def ingest(
     sources = list(sources)
     root = Path(out)
     resolved = [resolve_source(s) for s in sources]
+    for src, p in zip(sources, resolved, strict=True):  # before anything is written or read
+        if not p.exists():
+            raise DataError(
+                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar or a list of paths)"
+            )
     _check_out(resolved, root)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
