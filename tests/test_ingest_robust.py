@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from bigasp.cli import app
 from bigasp.errors import DataError
+from bigasp.prep.config import IngestConfig
 from bigasp.prep.ingest import content_id, ingest
 from bigasp.store import layout
 from test_ingest import cfg, jpeg_bytes, noise
@@ -223,3 +224,17 @@ def test_out_inside_the_source_folder_is_refused(tmp_path):
         with pytest.raises(DataError, match="inside the source folder"):
             ingest([src], out, cfg())
     assert not (src / "ds").exists()
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"format_version": 1, "buckets": {"step": 7}}', "[1, 2]"])
+def test_damaged_dataset_json_is_one_clear_error(tmp_path, text):
+    from bigasp.errors import BigaspError
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(jpeg_bytes(seed=91))
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / layout.DATASET_JSON).write_text(text)
+    with pytest.raises(BigaspError, match="dataset.json"):
+        ingest([src], out, IngestConfig(progress=False))

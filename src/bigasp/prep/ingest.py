@@ -52,6 +52,7 @@ from bigasp.store.manifest import (
     SOURCES_SCHEMA,
     conform,
     init_dataset,
+    load_dataset_json,
 )
 
 log = logging.getLogger(__name__)
@@ -509,11 +510,15 @@ def _known(root: Path) -> _Known:
 def _resolve_buckets(root: Path, cfg: IngestConfig) -> IngestConfig:
     """Unset buckets = the dataset's recorded rule, so a plain re-run never changes the rule."""
     path = root / layout.DATASET_JSON
-    recorded = json.loads(path.read_text()).get("buckets") if path.exists() else None
+    recorded = load_dataset_json(path.read_bytes(), path).get("buckets") if path.exists() else None
+    if recorded:
+        from bigasp.config import validate
+
+        recorded_rule = validate(BucketConfig, recorded, f"{path} (buckets)")
     if cfg.buckets is None:
-        rule = BucketConfig(**recorded) if recorded else BucketConfig()
+        rule = recorded_rule if recorded else BucketConfig()
         return cfg.model_copy(update={"buckets": rule})
-    if recorded and BucketConfig(**recorded) != cfg.buckets:
+    if recorded and recorded_rule != cfg.buckets:
         log.warning(
             "%s was ingested with buckets %s; switching to %s (latents already encoded keep their buckets)",
             root,

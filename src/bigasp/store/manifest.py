@@ -103,6 +103,20 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def load_dataset_json(raw: bytes, path) -> dict[str, Any]:
+    """Parse dataset.json; a damaged one is a one-line DataError, never a traceback."""
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise DataError(
+            f"{path} is not valid JSON ({type(err).__name__}: {str(err)[:100]}); restore it from a backup "
+            "or ingest into a new dataset folder"
+        ) from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} must hold a JSON object; restore it or ingest into a new dataset folder")
+    return meta
+
+
 def read_dataset_json(fs, root: str) -> dict[str, Any]:
     path = f"{root}/{layout.DATASET_JSON}"
     if not fs.exists(path):
@@ -110,7 +124,7 @@ def read_dataset_json(fs, root: str) -> dict[str, Any]:
             f"{root} is not a bigasp dataset ({layout.DATASET_JSON} missing); create it with `bigasp ingest`"
         )
     with fs.open(path, "rb") as f:
-        meta = json.loads(f.read())
+        meta = load_dataset_json(f.read(), path)
     version = meta.get("format_version")
     if version != layout.FORMAT_VERSION:
         raise DataError(
@@ -176,7 +190,7 @@ def init_dataset(root, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     path = Path(root) / layout.DATASET_JSON
     meta: dict[str, Any] = {}
     if path.exists():
-        meta = json.loads(path.read_text())
+        meta = load_dataset_json(path.read_bytes(), path)
         if meta.get("format_version") != layout.FORMAT_VERSION:
             raise DataError(
                 f"{path} has format_version {meta.get('format_version')}; this bigasp writes version "
