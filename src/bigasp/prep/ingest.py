@@ -293,6 +293,9 @@ def _results(items: Iterator[Item], cfg: IngestConfig) -> Iterator[tuple[Item, t
 # --- the manifest: one row per id, copies merged ---------------------------------------------
 
 
+_MANIFEST_COLUMNS = frozenset(MANIFEST_SCHEMA.names)
+
+
 def merge_copies(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One manifest row from the sources rows of one id (identical bytes under several paths).
 
@@ -302,7 +305,7 @@ def merge_copies(rows: list[dict[str, Any]]) -> dict[str, Any]:
     copy says true; `extra` keys from an earlier copy win.
     """
     rows = sorted(rows, key=lambda r: r["path"])
-    out = {k: v for k, v in rows[0].items() if k in MANIFEST_SCHEMA.names}
+    out = {k: v for k, v in rows[0].items() if k in _MANIFEST_COLUMNS}
     captions: dict[str, None] = {}
     tags: dict[str, None] = {}
     extra: dict[str, Any] = {}
@@ -342,11 +345,16 @@ def build_manifest(sources: pa.Table) -> pa.Table:
     multi = np.flatnonzero(ends - starts > 1)
     if len(multi) == 0:
         return manifest
-    merged = [merge_copies(t.slice(starts[g], ends[g] - starts[g]).to_pylist()) for g in multi]
-    rows = manifest.to_pylist()
-    for g, row in zip(multi, merged, strict=True):
-        rows[g] = row
-    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    sizes = (ends - starts)[multi]
+    rows = t.take(pa.array(np.concatenate([np.arange(starts[g], ends[g]) for g in multi]))).to_pylist()
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    merged = [merge_copies(rows[bounds[i] : bounds[i + 1]]) for i in range(len(multi))]
+    single = np.ones(len(manifest), bool)
+    single[multi] = False
+    out = pa.concat_tables(
+        [manifest.filter(pa.array(single)), pa.Table.from_pylist(merged, schema=MANIFEST_SCHEMA)]
+    )
+    return out.sort_by("id")
 
 
 # --- parts: the crash-safe commit log -------------------------------------------------------
