@@ -104,8 +104,9 @@ class Item:
 
     @functools.cached_property
     def change_key(self) -> str:
-        """What must stay equal for an earlier result to be reused: the image's and sidecars' size + mtime."""
-        parts = [self.data.size, self.mtime, self.missing, self.problem]
+        """What must stay equal for an earlier result to be reused: the image's and sidecars' size and
+        mtime (and a tar member's offset, which a rewritten tar may move)."""
+        parts = [self.data.size, self.mtime, self.data.offset, self.missing, self.problem]
         for s in (self.txt, self.json):
             parts += [None, None] if s is None else [s.size, s.mtime]
         return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
