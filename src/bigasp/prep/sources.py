@@ -98,10 +98,6 @@ class Item:
     origin: str = ""  # the ingest source (folder, tar or list) this item was found through
     problem: str = ""  # a reject reason found while scanning (not_a_file, bad_filename, truncated ...)
 
-    @property
-    def key(self) -> tuple[str, int, float]:
-        return (self.path, self.data.size, self.mtime)
-
     @functools.cached_property
     def change_key(self) -> str:
         """What must stay equal for an earlier result to be reused: the image's and sidecars' size and
