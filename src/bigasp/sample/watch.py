@@ -271,3 +271,5 @@ class Watcher:
             f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table></body></html>\n"
         )
         return atomic_write_text(self.samples_dir / GALLERY_FILE, page, durable=False)
+
+
