@@ -34,6 +34,22 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("source", pa.string()),
         pa.field("watermark", pa.bool_()),
         pa.field("extra", pa.string()),  # JSON object text: sidecar keys we do not interpret
+        # every source path holding these bytes, sorted; `path` is the first. Null in manifests
+        # written before this column existed: read it as [path].
+        pa.field("paths", pa.list_(pa.string())),
+    ]
+)
+
+# One row per accepted source path (a file, or a tar member): what that copy's sidecars said
+# and the change key that lets a re-run reuse it without reading it. The manifest is derived
+# from it (rows grouped by id, copies merged), so it is what incremental ingest updates.
+SOURCES = "sources.parquet"
+SOURCES_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("origin", pa.string()),  # the ingest source it was found through
+        pa.field("change_key", pa.string()),  # image + sidecar sizes and mtimes, hashed
+        *(MANIFEST_SCHEMA.field(c) for c in MANIFEST_SCHEMA.names if c not in ("path", "paths")),
     ]
 )
 
@@ -46,6 +62,9 @@ REJECTS_SCHEMA = pa.schema(
         pa.field("mtime", pa.float64()),
         pa.field("id", pa.string()),  # for duplicates: the id already in the manifest
         pa.field("stage", pa.string()),  # ingest | encode
+        pa.field("origin", pa.string()),  # ingest: the source it was found through
+        pa.field("change_key", pa.string()),  # ingest: re-examined when the file or its sidecars change
+        pa.field("settings", pa.string()),  # ingest: JSON of the settings the reason depends on
     ]
 )
 
@@ -84,6 +103,20 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def load_dataset_json(raw: bytes, path) -> dict[str, Any]:
+    """Parse dataset.json; a damaged one is a one-line DataError, never a traceback."""
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise DataError(
+            f"{path} is not valid JSON ({type(err).__name__}: {str(err)[:100]}); restore it from a backup "
+            "or ingest into a new dataset folder"
+        ) from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} must hold a JSON object; restore it or ingest into a new dataset folder")
+    return meta
+
+
 def read_dataset_json(fs, root: str) -> dict[str, Any]:
     path = f"{root}/{layout.DATASET_JSON}"
     if not fs.exists(path):
@@ -91,7 +124,7 @@ def read_dataset_json(fs, root: str) -> dict[str, Any]:
             f"{root} is not a bigasp dataset ({layout.DATASET_JSON} missing); create it with `bigasp ingest`"
         )
     with fs.open(path, "rb") as f:
-        meta = json.loads(f.read())
+        meta = load_dataset_json(f.read(), path)
     version = meta.get("format_version")
     if version != layout.FORMAT_VERSION:
         raise DataError(
@@ -157,7 +190,7 @@ def init_dataset(root, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     path = Path(root) / layout.DATASET_JSON
     meta: dict[str, Any] = {}
     if path.exists():
-        meta = json.loads(path.read_text())
+        meta = load_dataset_json(path.read_bytes(), path)
         if meta.get("format_version") != layout.FORMAT_VERSION:
             raise DataError(
                 f"{path} has format_version {meta.get('format_version')}; this bigasp writes version "
