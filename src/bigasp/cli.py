@@ -71,6 +71,9 @@ def _register() -> None:
     from bigasp.demo import commands as demo_commands
 
     demo_commands.register(app)
+    from bigasp.quality import commands as quality_commands
+
+    quality_commands.register(app)
 
 
 _register()
