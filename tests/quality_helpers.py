@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from bigasp.cli import main as cli
 from bigasp.demo.synthetic import write_photos
 from bigasp.quality.images import manifest_ref, open_image
@@ -29,7 +27,9 @@ def tiny_clip(path: Path) -> Path:
         image_size=32, patch_size=8, projection_dim=16,
     )  # fmt: skip
     CLIPVisionModel(cfg).eval().save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        path
+    )
     return path
 
 
@@ -55,5 +55,3 @@ def demo_dataset(tmp: Path, n: int = 24, *, clip: Path | None = None) -> tuple[P
     )  # fmt: skip
     scores = dict(zip(m["id"], m["score"], strict=True))
     return root, clip, scores
-
-

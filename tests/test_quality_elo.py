@@ -18,12 +18,16 @@ def bigasp_do_round(paths, derangement, ratings, scores, k_factor=10):
     def expected_score(rating_a, rating_b):
         return 1 / (1 + 10 ** ((rating_b - rating_a) / 400))
 
-    pairs = list(zip(paths, derangement))
+    pairs = list(zip(paths, derangement, strict=True))
     scores = [1.0 if score > 0.5 else 0.0 for score in scores]
     ratings_a = [ratings[a] for a, b in pairs]
     ratings_b = [ratings[b] for a, b in pairs]
-    expected_a = [expected_score(rating_a, rating_b) for rating_a, rating_b in zip(ratings_a, ratings_b)]
-    expected_b = [expected_score(rating_b, rating_a) for rating_a, rating_b in zip(ratings_a, ratings_b)]
+    expected_a = [
+        expected_score(rating_a, rating_b) for rating_a, rating_b in zip(ratings_a, ratings_b, strict=True)
+    ]
+    expected_b = [
+        expected_score(rating_b, rating_a) for rating_a, rating_b in zip(ratings_a, ratings_b, strict=True)
+    ]
     for i, (a, b) in enumerate(pairs):
         score = scores[i]
         rating_a = ratings_a[i]
@@ -54,7 +58,7 @@ def test_elo_round_matches_bigasp_loop(n):
         perm = elo.derangement(n, rng(0, "t", n, trial))
         p = g.random(n)
         paths = [f"img{i}" for i in range(n)]
-        ref = dict(zip(paths, ratings.tolist()))
+        ref = dict(zip(paths, ratings.tolist(), strict=True))
         bigasp_do_round(paths, [paths[j] for j in perm], ref, p.tolist())
         ours = elo.elo_round(ratings, perm, (p > 0.5).astype(float), 10.0)
         np.testing.assert_allclose(ours, [ref[q] for q in paths], rtol=0, atol=1e-9)
@@ -100,7 +104,9 @@ def test_bins_match_bigasp_expression_and_edges():
     # On an edge a value goes up into the next bin; the maximum stays in the top bin.
     assert elo.to_bins(np.array([0.0, 1.0, 2.0, 9.999, 10.0])).tolist() == [0, 1, 2, 9, 9]
     # Equal-width, not quantiles: one outlier leaves the middle bins empty.
-    assert np.bincount(elo.to_bins(np.array([0.0, 0.1, 0.2, 100.0])), minlength=10).tolist() == [3] + [0] * 8 + [1]
+    assert np.bincount(elo.to_bins(np.array([0.0, 0.1, 0.2, 100.0])), minlength=10).tolist() == [3] + [
+        0
+    ] * 8 + [1]
     assert elo.to_bins(np.array([5.0, 5.0, 5.0])).tolist() == [0, 0, 0]
 
 

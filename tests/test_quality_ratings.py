@@ -81,7 +81,10 @@ def test_labels_average_all_judgements_of_a_pair():
             _r("e", "f", "left"),
         ]
     )
-    got = {(f, s): (float(p), int(v)) for f, s, p, v in zip(pairs.first, pairs.second, pairs.p, pairs.votes)}
+    got = {
+        (f, s): (float(p), int(v))
+        for f, s, p, v in zip(pairs.first, pairs.second, pairs.p, pairs.votes, strict=True)
+    }
     assert got[("a", "b")] == (0.5, 2)  # one win each way averages to a tie, as bigASP's skips did
     assert got[("c", "d")] == (0.5, 1)
     assert got[("e", "f")] == pytest.approx((1 / 3, 3))  # f > e twice, e > f once

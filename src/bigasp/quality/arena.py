@@ -27,7 +27,7 @@ TOKEN_COOKIE = "bigasp_arena_token"
 MAX_RATER = 64
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: image_bytes caches per arena
 class Arena:
     """Everything the app serves: the pool, the store, the pair picker, an optional model."""
 
@@ -203,7 +203,7 @@ PAGE = """<!doctype html>
   .frame { flex: 1; width: 100%; display: flex; align-items: center; justify-content: center; min-height: 0;
            border: 3px solid transparent; border-radius: 8px; cursor: pointer; background: #0f1114; }
   .frame:hover { border-color: #4f8cff; }
-  .frame img { max-width: 100%; max-height: 100%; object-fit: contain; }
+  .frame img { width: 100%; height: 100%; object-fit: contain; }  /* scaled to fit, up or down */
   footer { display: flex; gap: .8em; justify-content: center; padding: .6em; background: #202329; align-items: center; }
   button { font-size: 1em; padding: .5em 1.1em; border-radius: 6px; border: 1px solid #3a3f48; background: #2b2f36; color: #e6e6e6; cursor: pointer; }
   button:hover { background: #3a404a; }

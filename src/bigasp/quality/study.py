@@ -87,7 +87,9 @@ class StatsEmbedder:
         half = g[:h, :w].reshape(h // 2, 2, w // 2, 2).mean((1, 3))
         hgrad = np.abs(np.diff(half, axis=1))
         block = (dx[:, 7::8].mean() + dy[7::8, :].mean()) / 2 + eps
-        other = (np.delete(dx, np.s_[7::8], axis=1).mean() + np.delete(dy, np.s_[7::8], axis=0).mean()) / 2 + eps
+        other = (
+            np.delete(dx, np.s_[7::8], axis=1).mean() + np.delete(dy, np.s_[7::8], axis=0).mean()
+        ) / 2 + eps
         f = [
             np.log(np.median(lap) + eps),  # noise floor of the flat background
             np.log(np.percentile(lap, 25) + eps),
