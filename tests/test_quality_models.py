@@ -127,3 +127,20 @@ def test_bradley_terry_recovers_order_and_reads_ties_as_half_wins():
         2, np.array([0, 0, 0]), np.array([1, 1, 1]), np.array([1.0, 0.5, 0.5]), alpha=1e-9
     )
     assert gap[0] - gap[1] == pytest.approx(np.log(2), abs=1e-3)
+
+
+@pytest.mark.gpu
+def test_training_and_judging_on_cuda():
+    """GPU twin of the CPU tests above: training picks CUDA when present; results come back on CPU."""
+    ids, x, _quality, ratings = _toy()
+    ex = build_examples(labels(ratings), dict(zip(ids, x, strict=True)))
+    res = train_pairwise(ex, PairwiseConfig(samples=4096, batch_size=64, lr=3e-3, weight_decay=0.1))
+    assert res.test["accuracy_human_decisive"] >= 0.8
+    model = res.model.to("cuda").eval()
+    i, j = np.arange(40), np.roll(np.arange(40), 5)
+    got = judge_fn(model, x, batch_pairs=16)(i, j)
+    want = torch.softmax(model(torch.from_numpy(x[i]).cuda(), torch.from_numpy(x[j]).cuda()), 1)[:, 0]
+    np.testing.assert_allclose(got, want.detach().cpu().numpy(), atol=1e-5)
+    bins = np.clip(((_quality + 2.5) / 5 * 10).astype(int), 0, 9)
+    sc = train_scorer(ids, x, bins, ScorerConfig(samples=2048, batch_size=64), 10)
+    assert predict(sc.model.to("cuda"), x)[0].shape == (40,)

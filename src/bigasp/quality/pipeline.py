@@ -173,7 +173,10 @@ def rank(
         from bigasp.quality.pairwise import judge_fn
 
         classifier = classifier or paths.classifier
+        from bigasp.quality.training import device
+
         model, _ = load_model(classifier, "quality-classifier")
+        model = model.to(device())
         emb = read_embeddings(root, embed_key)
         ids = _sample_ids(emb.ids, cfg.images, cfg.seed)
         if len(ids) < 2:
@@ -290,10 +293,12 @@ def score(
     """Score every embedded image not yet scored by this scorer; optionally fill the manifest."""
     from bigasp.quality import scoring
     from bigasp.quality.scorer import predict
+    from bigasp.quality.training import device
 
     root = Path(root)
     scorer = scorer or Paths(root).scorer
     model, meta = load_model(scorer, "score-classifier")
+    model = model.to(device())
     digest = file_digest(scorer)
     key = f"bigasp-scorer-{digest[:12]}"
     emb = read_embeddings(root, embed_key)
