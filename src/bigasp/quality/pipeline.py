@@ -237,7 +237,8 @@ def plot_ranking(ratings: np.ndarray, edges: np.ndarray, path: Path, *, title: s
     counts = np.bincount(elo.to_bins(ratings, len(edges) - 1), minlength=len(edges) - 1)
     for e in edges:
         ax.axvline(e, color="#c0504d", lw=1)
-    top = ax.get_ylim()[1]
+    top = ax.get_ylim()[1] * 1.3  # headroom for the labels above the bars
+    ax.set_ylim(0, top)
     for b in range(len(edges) - 1):
         ax.text(
             (edges[b] + edges[b + 1]) / 2, top * 0.95, f"{b}\n{counts[b]}", ha="center", va="top", fontsize=8
