@@ -5,7 +5,7 @@
 One world (2,400 synthetic photos with a hidden quality), the same simulated raters, and the
 whole pipeline (pairwise model -> ELO over 2,000 images -> bins -> scorer) for each number of
 ratings, with and without bigASP's synthetic (corrupted-copy) pairs; prints a Markdown table and
-draws the plot. About 10 minutes on a 2-core CPU.
+draws the plot. 10-15 minutes on a shared 2-core CPU.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ from bigasp.quality import study
 
 def test_pipeline_recovers_hidden_quality_on_held_out_images():
     r = study.run(2000, rounds=1024)  # docs/quality.md runs the same world with 2,048 rounds
+    print(
+        f"held-out Spearman {r.spearman_heldout:.3f}, ELO {r.elo_spearman:.3f}, pairs {r.pair_accuracy_truth:.3f}"
+    )
     assert r.spearman_heldout >= 0.8, r
     assert r.elo_spearman >= 0.8, r
     assert r.pair_accuracy_truth >= 0.78, r
