@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
 
-from bigasp.quality.arena import create_app, make_server
+from bigasp.quality.arena import create_app, make_server, serving
 from bigasp.quality.config import ArenaConfig
 from bigasp.quality.pool import PairPicker, choose_pool
 from bigasp.quality.ratings import RatingStore
@@ -28,20 +27,14 @@ def dataset(tmp_path_factory):
 
 
 def _serve(arena):
-    server = make_server(create_app(arena), "127.0.0.1", 0, threads=4, token=arena.token is not None)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    return server, f"http://127.0.0.1:{server.effective_port}"
+    return serving(create_app(arena), threads=4, token=arena.token is not None)
 
 
 @pytest.fixture
 def served(dataset, tmp_path):
     arena = build_arena(dataset, ArenaConfig(pool=12), ratings=tmp_path / "ratings.sqlite")
-    server, url = _serve(arena)
-    try:
+    with _serve(arena) as url:
         yield arena, url
-    finally:
-        server.close()
 
 
 def _rows(arena):
@@ -149,8 +142,7 @@ def test_only_pool_images_are_served_and_ratings_are_checked(served):
 
 def test_token_guards_every_route(dataset, tmp_path, caplog):
     arena = build_arena(dataset, ArenaConfig(pool=12), ratings=tmp_path / "r.sqlite", token="s3cret")
-    server, url = _serve(arena)
-    try:
+    with _serve(arena) as url:
         assert _get(f"{url}/")[0] == 403
         assert _get(f"{url}/image/0")[0] == 403
         assert _get(f"{url}/?token=wrong")[0] == 403
@@ -158,8 +150,6 @@ def test_token_guards_every_route(dataset, tmp_path, caplog):
         assert status == 200 and "bigasp_arena_token=s3cret" in headers["Set-Cookie"]
         assert _get(f"{url}/image/0", {"Cookie": "bigasp_arena_token=s3cret"})[0] == 200
         assert _get(f"{url}/api/progress", {"X-Arena-Token": "s3cret"})[0] == 200
-    finally:
-        server.close()
     with caplog.at_level(logging.WARNING):
         make_server(create_app(arena), "0.0.0.0", 0, token=False).close()
     assert "--token" in caplog.text

@@ -113,10 +113,9 @@ def test_user_errors_are_one_line(dataset, tmp_path, capsys):
 
 
 def test_arena_shows_the_model_only_when_asked(dataset, tmp_path):
-    import threading
     import urllib.request
 
-    from bigasp.quality.arena import create_app, make_server
+    from bigasp.quality.arena import create_app, serving
     from bigasp.quality.config import ArenaConfig
     from bigasp.quality.serve import build_arena
 
@@ -125,10 +124,7 @@ def test_arena_shows_the_model_only_when_asked(dataset, tmp_path):
         cli(["quality", "train", str(root), "--set", "synthetic=false", "--set", "samples=512"])
     arena = build_arena(root, ArenaConfig(pool=24), ratings=tmp_path / "r.sqlite")
     assert arena.judge is not None  # the dataset's classifier was found
-    server = make_server(create_app(arena), "127.0.0.1", 0, threads=2)
-    threading.Thread(target=server.run, daemon=True).start()
-    base = f"http://127.0.0.1:{server.effective_port}"
-    try:
+    with serving(create_app(arena), threads=2) as base:
         with urllib.request.urlopen(f"{base}/api/pair?mode=uncertain") as r:
             hidden = json.loads(r.read())
         assert "prediction" not in hidden and hidden["left"]["id"] != hidden["right"]["id"]
@@ -137,5 +133,3 @@ def test_arena_shows_the_model_only_when_asked(dataset, tmp_path):
         assert 0.0 <= shown["prediction"] <= 1.0
         with urllib.request.urlopen(f"{base}/") as r:
             assert b'"random,uncertain"' in r.read()  # the mode menu offers uncertain with a model
-    finally:
-        server.close()

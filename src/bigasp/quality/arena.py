@@ -8,11 +8,13 @@ ever reaches the filesystem; ratings name pool ids and are checked against the p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import io
 import ipaddress
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -305,3 +307,28 @@ next();
 </script>
 </body></html>
 """
+
+
+@contextlib.contextmanager
+def serving(app, host: str = "127.0.0.1", port: int = 0, threads: int = 4, *, token: bool = False):
+    """Serve `app` from a background thread; yields the base URL; stops cleanly on exit.
+
+    The loop polls a stop flag between short `select` calls, so the sockets are closed only
+    after the loop has returned (closing them under a running `select` raises EBADF).
+    """
+    server = make_server(app, host, port, threads, token=token)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            server.asyncore.loop(timeout=0.05, map=server._map, count=1)
+
+    thread = threading.Thread(target=loop, name="bigasp-arena", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{server.effective_port}"
+    finally:
+        stop.set()
+        thread.join(10)
+        server.close()
+        server.task_dispatcher.shutdown()
