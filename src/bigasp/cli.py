@@ -74,6 +74,9 @@ def _register() -> None:
     from bigasp.annotate import commands as annotate_commands
 
     annotate_commands.register(app)
+    from bigasp.quality import commands as quality_commands
+
+    quality_commands.register(app)
 
 
 _register()
