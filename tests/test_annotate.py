@@ -616,6 +616,43 @@ def test_merge_takes_scores_from_quality_results(ingested, tmp_path):
     assert sorted(scores.values()) == [0, 3, 3, 3, 3, 3, 3, 3, 7]  # sidecar scores (7, 0) win
 
 
+def test_ingest_keeps_merged_annotations_and_sees_sidecar_edits(tmp_path):
+    """Ingest rebuilds the manifest from the sidecars; it re-applies the recorded merge, so merged
+    annotations survive, and an edited sidecar is what the merge then starts from."""
+    import pyarrow as pa
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(3):
+        picture(96, 96, 100 + k).save(src / f"p{k}.jpg", quality=92)
+    (src / "p0.txt").write_text("old caption")
+    ds = tmp_path / "ds"
+    cfg = IngestConfig(allow_upscale=True, progress=False)
+    ingest([src], ds, cfg)
+
+    def caps() -> dict[str, list[str]]:
+        m = read_manifest(*_fs(ds)).to_pydict()
+        return dict(zip(m["id"], m["captions"], strict=True))
+
+    m = read_manifest(*_fs(ds)).to_pydict()
+    by_name = {Path(p).name: i for i, p in zip(m["id"], m["path"], strict=True)}
+    ids = [by_name[f"p{k}.jpg"] for k in range(3)]
+    table = pa.table({"id": ids, "caption": ["model a", "model b", "model c"], "caption_type": ["x"] * 3,
+                      "prompt": ["p"] * 3})  # fmt: skip
+    store.write_part(ds, "caption", "cap", table, session="t", rank=0, seq=0, provenance={"model": "cap"})
+    merge(str(ds), MergeConfig(columns=["captions"]))
+    assert caps() == {ids[0]: ["old caption"], ids[1]: ["model b"], ids[2]: ["model c"]}
+
+    (src / "p0.txt").write_text("edited caption")
+    os.utime(src / "p0.txt", (1, 1))  # a different mtime whatever the clock
+    (src / "p1.txt").write_text("new sidecar caption")
+    ingest([src], ds, cfg)
+    assert caps() == {ids[0]: ["edited caption"], ids[1]: ["new sidecar caption"], ids[2]: ["model c"]}
+    (src / "p1.txt").unlink()
+    ingest([src], ds, cfg)  # the sidecar is gone: the annotation fills the caption again
+    assert caps()[ids[1]] == ["model b"]
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 

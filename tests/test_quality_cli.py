@@ -71,7 +71,7 @@ def test_pipeline_end_to_end(dataset, capsys, tmp_path):
     assert part.column("score").type == "int8"
     by_id = dict(zip(part.column("id").to_pylist(), part.column("score").to_pylist(), strict=True))
     assert by_id == dict(zip(manifest.column("id").to_pylist(), scores.tolist(), strict=True))
-    prov = json.loads((root / layout.DATASET_JSON).read_text())["provenance"]["score"]
+    prov = json.loads((root / layout.DATASET_JSON).read_text())["annotations"]["stages"]["quality"]
     assert prov["model_key"] == s["model_key"] and len(prov["scorer_sha256"]) == 64
     assert annotations.read_provenance(annotations.list_parts(root, "quality", s["model_key"])[0])[
         "scorer_sha256"

@@ -19,8 +19,6 @@ the start of the next run, if this one died). A killed run loses at most the unc
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -53,6 +51,7 @@ from bigasp.store.manifest import (
     conform,
     init_dataset,
     load_dataset_json,
+    manifest_lock,
 )
 
 log = logging.getLogger(__name__)
@@ -458,7 +457,10 @@ def fold_parts(root: Path, prune: Callable[[str, str | None], bool] | None = Non
     gen = {b"bigasp.generation": uuid.uuid4().hex.encode()}
     layout.atomic_write_parquet(sources.replace_schema_metadata(gen), spath)
     layout.atomic_write_parquet(rejects, rpath)
-    layout.atomic_write_parquet(build_manifest(sources).replace_schema_metadata(gen), mpath)  # commit point
+    from bigasp.annotate.merge import reapply  # merged annotations survive the rebuild
+
+    manifest = reapply(root, build_manifest(sources).replace_schema_metadata(gen))
+    layout.atomic_write_parquet(manifest, mpath)  # commit point
     for p in sparts + rparts + legacy:
         p.unlink()
     return pruned
@@ -470,19 +472,6 @@ def _generation(path: Path) -> bytes | None:
     if not path.exists():
         return None
     return (pq.read_schema(path).metadata or {}).get(b"bigasp.generation")
-
-
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    f = open(root / ".ingest.lock", "w")  # noqa: SIM115 - held for the whole run
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"another `bigasp ingest` is writing {root}; wait for it to finish") from None
-        yield
-    finally:
-        f.close()
 
 
 def _digest(path: str) -> bytes:
@@ -586,7 +575,7 @@ def ingest(
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     summary = IngestSummary()
-    with _lock(root):
+    with manifest_lock(root, holder="another `bigasp ingest`, `annotate merge` or `quality score`"):
         cfg = _resolve_buckets(root, cfg)
         init_dataset(
             root, {"buckets": cfg.buckets.model_dump(), "ingest": cfg.model_dump(exclude={"buckets"})}

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import typer
 
+from bigasp.errors import BigaspError
+
 quality_app = typer.Typer(
     help="Quality scores 0-9 the bigASP way: rate pairs, train, rank, fit the scorer, score.",
     no_args_is_help=True,
@@ -158,13 +160,18 @@ def score_cmd(
     manifest: bool = typer.Option(
         True, "--manifest/--no-manifest", help="Also write `score` into the manifest."
     ),
+    precedence: str = typer.Option(
+        "annotations", help="annotations (default: the model's score wins) or sidecar (sidecar scores win)."
+    ),
     embed_key: str = typer.Option(None, "--embed-key", help=EMBED_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ) -> None:
     """Score every image with an embedding (annotations/quality/), and fill the manifest's `score`."""
     from bigasp.quality.pipeline import score
 
-    r = score(dataset, scorer=scorer, embed_key=embed_key, manifest=manifest)
+    if precedence not in ("annotations", "sidecar"):
+        raise BigaspError(f"--precedence {precedence!r}: use 'annotations' or 'sidecar'")
+    r = score(dataset, scorer=scorer, embed_key=embed_key, manifest=manifest, precedence=precedence)
     if as_json:
         _echo_json(r)
         return

@@ -289,9 +289,15 @@ def fit_scorer(
 
 def score(
     root: str | Path, *, scorer: Path | None = None, embed_key: str | None = None, manifest: bool = True,
-    batch: int = 65536,
+    precedence: str = "annotations", batch: int = 65536,
 ) -> dict[str, Any]:  # fmt: skip
-    """Score every embedded image not yet scored by this scorer; optionally fill the manifest."""
+    """Score every embedded image not yet scored by this scorer; optionally fill the manifest.
+
+    The manifest is filled through `bigasp annotate merge` (one code path for every annotation
+    column: sidecar snapshot, lock, provenance, re-applied by later ingests). Scoring is an
+    explicit request to score the dataset, so the model's scores win over sidecar scores by
+    default (`precedence="sidecar"` keeps those).
+    """
     from bigasp.quality import scoring
     from bigasp.quality.scorer import predict
     from bigasp.quality.training import device
@@ -321,10 +327,13 @@ def score(
     report: dict[str, Any] = {"model_key": key, "scored": len(ids), "already_scored": int((~todo).sum()),
                               "parts": [str(p) for p in written]}  # fmt: skip
     if manifest:
-        all_ids, all_scores = scoring.read_scores(root, key)
-        report["manifest_rows"] = scoring.update_manifest_column(
-            root, "score", all_ids, all_scores.tolist(), {**provenance, "stage": "quality", "model_key": key}
-        )
+        from bigasp.annotate.config import MergeConfig
+        from bigasp.annotate.merge import merge
+
+        _, all_scores = scoring.read_scores(root, key)
+        cfg = MergeConfig(precedence=precedence, columns=["score"], models={scoring.STAGE: key})
+        merged = merge(str(root), cfg)["columns"]["score"]
+        report["manifest_rows"] = merged["from_annotations"]
         report["histogram"] = np.bincount(
             all_scores.astype(int), minlength=int(meta.get("bins", 10))
         ).tolist()

@@ -6,7 +6,9 @@ and `bigasp dataset info` agree on column names and types without importing each
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -199,3 +201,36 @@ def init_dataset(root, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     meta.update({"format_version": layout.FORMAT_VERSION, "kind": "bigasp-dataset", **(extra or {})})
     layout.atomic_write_bytes(path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return meta
+
+
+MANIFEST_LOCK = ".ingest.lock"  # every writer of manifest.parquet holds it: ingest, annotate merge, quality
+
+
+@contextlib.contextmanager
+def manifest_lock(root, *, wait_s: float = 0.0, holder: str = "another bigasp command") -> Iterator[None]:
+    """Exclusive lock on a local dataset's manifest for a read-modify-write.
+
+    Ingest rebuilds the manifest from its sources table while merge and quality scoring
+    rewrite columns of it; without one lock a concurrent pair would silently drop one side's
+    changes. `wait_s` > 0 waits that long for the holder to finish, else fails at once.
+    """
+    import fcntl
+    import time
+    from pathlib import Path
+
+    f = open(Path(root) / MANIFEST_LOCK, "w")  # noqa: SIM115 - held for the whole update
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise DataError(
+                        f"{root} is being written by {holder} (lock {MANIFEST_LOCK}); retry when it ends"
+                    ) from None
+                time.sleep(0.2)
+        yield
+    finally:
+        f.close()
