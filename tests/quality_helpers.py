@@ -35,7 +35,10 @@ def tiny_clip(path: Path) -> Path:
 
 def demo_dataset(tmp: Path, n: int = 24, *, clip: Path | None = None) -> tuple[Path, Path, dict[str, int]]:
     """(dataset root, clip folder, demo sidecar score by id) with every image embedded by the tiny CLIP."""
-    from bigasp.quality.embed import ClipEmbedder
+    import torch
+
+    from bigasp.annotate.config import EmbedConfig
+    from bigasp.annotate.embed import ClipEmbedder
 
     photos = tmp / "photos"
     write_photos(photos, n, seed=0, broken=False)
@@ -48,7 +51,7 @@ def demo_dataset(tmp: Path, n: int = 24, *, clip: Path | None = None) -> tuple[P
         open_image(manifest_ref(p, o, s), r)
         for p, o, s, r in zip(m["path"], m["tar_offset"], m["file_size"], m["orientation"], strict=True)
     ]
-    vectors = ClipEmbedder(clip)(images)
+    vectors = ClipEmbedder(EmbedConfig(model=str(clip)), torch.device("cpu"))(images)
     write_part(
         root, "embed", EMBED_KEY, embeddings_table(m["id"], vectors), session="test", rank=0, seq=0,
         provenance={"model": "tiny random CLIP"},

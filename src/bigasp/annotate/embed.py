@@ -81,6 +81,17 @@ class ClipEmbedder:
             out = self.model(pixel_values=x, output_hidden_states=True)
         return out.hidden_states[-1][:, 0, :].float().cpu().numpy().astype(np.float16)
 
+    def __call__(self, images: list[Image.Image]) -> np.ndarray:
+        """Embed PIL images directly, `batch_size` at a time: the quality stage's blurred and
+        JPEG copies of rated images, embedded exactly as the dataset's own images were."""
+        out = [
+            self.forward(
+                np.stack([self.prepare(im.convert("RGB")) for im in images[i : i + self.cfg.batch_size]])
+            )
+            for i in range(0, len(images), self.cfg.batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float16)
+
     def run(self, inputs: np.ndarray, sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:
         vecs = self.forward(inputs)
         return [{"embedding": v} for v in vecs]

@@ -125,9 +125,12 @@ def train(
                     "pairwise.synthetic needs the CLIP model that made the embeddings: pass --clip PATH "
                     "(or --set synthetic=false to train on the ratings alone)"
                 )
-            from bigasp.quality.embed import ClipEmbedder
+            import torch
 
-            embedder = ClipEmbedder(clip)
+            from bigasp.annotate.config import EmbedConfig
+            from bigasp.annotate.embed import ClipEmbedder
+
+            embedder = ClipEmbedder(EmbedConfig(model=str(clip)), torch.device("cpu"))
         degraded = degraded_embeddings(root, rated, embedder, cfg)
         dim = next(iter(degraded.values())).shape[0]
         if dim != emb.vectors.shape[1]:
