@@ -93,7 +93,7 @@ def generate(
     batch: int = typer.Option(None, help="Images per prompt."),
     syntax: str = typer.Option(None, help="Prompt weight syntax: comfy | a1111 | none."),
     chunking: str = typer.Option(None, help="Chunk boundaries: bigasp (plain 75-token split) | comfy."),
-    noise: str = typer.Option(None, help="SDE noise: iid | brownian (needs torchsde)."),
+    noise: str = typer.Option(None, help="SDE noise: brownian (ComfyUI, default) | iid."),
     out: Path = typer.Option(Path("outputs"), help="Output folder for PNGs."),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda if available)."),
     dtype: str = typer.Option(

@@ -36,8 +36,8 @@ from bigasp.sample.prompts import encode_weighted, prompt_chunks
 from bigasp.sample.samplers import (
     STOCHASTIC,
     brownian_noise_sampler,
-    brownian_tree_available,
     iid_noise_sampler,
+    keyed_noise_sampler,
     run_sampler,
 )
 from bigasp.sample.schedules import schedule
@@ -85,8 +85,10 @@ class GenerateSettings(Section):
         description="75-token chunk boundaries: plain split as bigASP trained, or ComfyUI's rule "
         "(short weighted segments move whole to the next chunk).",
     )
-    noise: Literal["iid", "brownian"] = Field(
-        "iid", description="SDE noise: i.i.d. normal, or torchsde's Brownian tree (ComfyUI bit-exact)."
+    noise: Literal["brownian", "iid"] = Field(
+        "brownian",
+        description="SDE noise: torchsde's Brownian tree seeded with `seed` (ComfyUI's default), or "
+        "i.i.d. normal. Either way one prompt's images never depend on the other prompts in a call.",
     )
 
     def check(self) -> None:
@@ -137,6 +139,21 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
     """ComfyUI `prepare_noise`: the CPU generator seeded like `torch.manual_seed(seed)`, one randn."""
     g = torch.Generator("cpu").manual_seed(seed)
     return torch.randn(tuple(shape), dtype=torch.float32, generator=g, device="cpu")
+
+
+def sde_noise(x: torch.Tensor, sig: Sequence[float], settings: GenerateSettings, n_prompts: int):
+    """SDE noise keyed per prompt: each prompt's `batch` images get the noise ComfyUI's
+    KSampler would give that prompt alone (one Brownian tree over its batch, entropy = seed),
+    so an image does not depend on the other prompts sampled with it."""
+    blocks = x.chunk(n_prompts, dim=0)
+    if settings.noise == "brownian":
+        return keyed_noise_sampler([brownian_noise_sampler(b, sig, settings.seed) for b in blocks])
+    return keyed_noise_sampler(
+        [
+            iid_noise_sampler(b, torch.Generator(x.device).manual_seed(settings.seed ^ SDE_SEED_KEY))
+            for b in blocks
+        ]
+    )
 
 
 def auto_device() -> str:
@@ -236,17 +253,7 @@ class Generator:
         )
         noise_sampler = None
         if settings.sampler in STOCHASTIC:
-            if settings.noise == "brownian":
-                if not brownian_tree_available():
-                    raise ConfigError(
-                        "noise = 'brownian' needs the optional torchsde package (pip install torchsde); "
-                        "use noise = 'iid' (default) otherwise"
-                    )
-                noise_sampler = brownian_noise_sampler(x, sig, settings.seed)
-            else:
-                g = torch.Generator(self.device).manual_seed(settings.seed ^ SDE_SEED_KEY)
-                noise_sampler = iid_noise_sampler(x, g)
-
+            noise_sampler = sde_noise(x, sig, settings, len(prompts))
         pag = perturbed_attention(self.model.unet, denoiser.state) if settings.pag > 0 else nullcontext()
         with pag:
             out = run_sampler(
