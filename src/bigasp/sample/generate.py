@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 
 from bigasp.config import Section
-from bigasp.errors import ConfigError
+from bigasp.errors import BigaspError, ConfigError
 from bigasp.fsutil import atomic_path
 from bigasp.models.components import SDXL, ModelKind
 from bigasp.sample.guidance import Conditioning, GuidedDenoiser, perturbed_attention
@@ -49,11 +49,21 @@ SchedulerName = Literal["normal", "simple", "sgm_uniform", "beta", "karras", "ex
 SDE_SEED_KEY = 0x5DEECE66D  # keeps i.i.d. SDE noise independent of the initial noise for a seed
 
 
+MAX_SIDE = 4096  # 4x SDXL's native 1024; beyond it the UNet's attention runs out of memory
+
+
 def check_size(width: int, height: int) -> None:
-    """SDXL latents are 1/8 of the image: both sides must be multiples of 8."""
+    """SDXL latents are 1/8 of the image: both sides must be multiples of 8, at most MAX_SIDE."""
     for name, v in (("width", width), ("height", height)):
+        if v > MAX_SIDE:
+            raise ConfigError(
+                f"{name} {v} is larger than {MAX_SIDE} pixels; SDXL works best near 1 megapixel "
+                "(e.g. 832x1216): generate smaller and upscale"
+            )
         if v % 8 or v < 8:
             lo, hi = max(8, v - v % 8), v - v % 8 + 8
+            if v < 8:
+                raise ConfigError(f"{name} {v} is too small; use at least 64 (SDXL works best near 1024)")
             raise ConfigError(
                 f"{name} {v} is not a multiple of 8 (SDXL latents are 1/8 of the image size); "
                 f"use {lo} or {hi}, ideally a multiple of 64 such as {max(64, round(v / 64) * 64)}."
@@ -65,18 +75,44 @@ class GenerateSettings(Section):
 
     negative: str = Field("low quality", description="Negative prompt (bigASP cards: 'low quality').")
     steps: int = Field(30, ge=1, le=1000, description="Sampling steps (beta may run fewer: de-duplication).")
-    cfg: float = Field(3.0, description="CFG scale in denoised space; 1.0 skips the negative pass.")
-    pag: float = Field(2.0, ge=0.0, description="Perturbed-Attention Guidance scale; 0 disables it.")
+    cfg: float = Field(
+        3.0,
+        ge=-100,
+        le=100,
+        allow_inf_nan=False,
+        description="CFG scale in denoised space; 1.0 skips the negative pass.",
+    )
+    pag: float = Field(
+        2.0,
+        ge=0.0,
+        le=100,
+        allow_inf_nan=False,
+        description="Perturbed-Attention Guidance scale; 0 disables it.",
+    )
     sampler: SamplerName = Field("euler", description="ComfyUI sampler name.")
     scheduler: SchedulerName = Field("beta", description="ComfyUI scheduler name.")
     shift: float | None = Field(
-        None, gt=0, description="Flow shift (ModelSamplingSD3); None = from the model."
+        None,
+        gt=0,
+        le=1000,
+        allow_inf_nan=False,
+        description="Flow shift (ModelSamplingSD3); None = from the model.",
     )
     prediction: Literal["eps", "flow"] | None = Field(
         None, description="Override the model kind (eps = bigASP v2 / SDXL, flow = bigASP v2.5)."
     )
-    width: int = Field(832, ge=8, description="Image width in pixels, multiple of 8 (64 recommended).")
-    height: int = Field(1216, ge=8, description="Image height in pixels, multiple of 8 (64 recommended).")
+    width: int = Field(
+        832,
+        ge=8,
+        le=MAX_SIDE,
+        description="Image width in pixels, multiple of 8 (64 recommended), at most 4096.",
+    )
+    height: int = Field(
+        1216,
+        ge=8,
+        le=MAX_SIDE,
+        description="Image height in pixels, multiple of 8 (64 recommended), at most 4096.",
+    )
     seed: int = Field(0, ge=0, lt=2**63, description="Noise seed (ComfyUI-compatible).")
     batch: int = Field(1, ge=1, description="Images per prompt (one noise tensor over the batch).")
     syntax: Literal["comfy", "a1111", "none"] = Field("comfy", description="Prompt weight syntax.")
@@ -158,6 +194,26 @@ def sde_noise(x: torch.Tensor, sig: Sequence[float], settings: GenerateSettings,
 
 def auto_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(name: str | None) -> None:
+    """Refuse a device this machine does not have, before anything is loaded."""
+    if name is None:
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise ConfigError(f"--device {name!r} is not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: no CUDA GPU is available here; use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {name!r}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0..); pick one of them"
+        )
 
 
 def to_pil(pixels: torch.Tensor) -> list:
@@ -283,7 +339,13 @@ class Generator:
             groups.setdefault(len(prompt_chunks(p, settings.syntax, settings.chunking)), []).append(i)
         images: list = [None] * len(prompts)
         for idx in groups.values():
-            batch_images = to_pil(self.decode(self.sample([prompts[i] for i in idx], settings)))
+            latents = self.sample([prompts[i] for i in idx], settings)
+            if not bool(torch.isfinite(latents).all()):
+                raise BigaspError(
+                    f"sampling produced NaN/inf values (cfg {settings.cfg}, pag {settings.pag}, "
+                    f"dtype {self.dtype}); lower cfg/pag or prompt weights, or try --dtype fp32"
+                )
+            batch_images = to_pil(self.decode(latents))
             for k, i in enumerate(idx):
                 images[i] = batch_images[k * settings.batch : (k + 1) * settings.batch]
         out = []

@@ -20,6 +20,7 @@ training-time split the model knows (the two agree for prompts without weight sy
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,11 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bigasp.errors import ConfigError
 from bigasp.text import CHUNK_CONTENT, TE1_PAD, TE2_PAD, ChunkedTokens, chunk_ids, tokenize
 
 log = logging.getLogger(__name__)
 
 SYNTAXES = ("comfy", "a1111", "none")
+MAX_WEIGHT = 100.0  # |weight| beyond this overflows the conditioning into a NaN (black) image
+MAX_NESTING = 200  # deeper ( ) nesting is refused (1.1**200 is far past MAX_WEIGHT anyway)
 CHUNKINGS = ("bigasp", "comfy")
 COMFY_MAX_WORD = 8  # ComfyUI SDTokenizer.max_word_length
 TRAINED_TOKENS = 225
@@ -89,9 +93,26 @@ def _comfy_weights(text: str, weight: float) -> list[tuple[str, float]]:
     return out
 
 
+def _nesting(text: str) -> int:
+    """Deepest `(` nesting as `_split_parentheses` counts it."""
+    depth = deepest = 0
+    for ch in text:
+        if ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+    return deepest
+
+
 def parse_comfy(text: str) -> list[tuple[str, float]]:
     """ComfyUI `token_weights` on escaped text: [(segment, weight)], escapes resolved."""
     escaped = text.replace("\\)", _ESC_CLOSE).replace("\\(", _ESC_OPEN)
+    if _nesting(escaped) > MAX_NESTING:
+        raise ConfigError(
+            f"prompt {_excerpt(text)} nests parentheses more than {MAX_NESTING} deep; "
+            "use an explicit weight such as (text:1.5) instead"
+        )
     return [
         (seg.replace(_ESC_CLOSE, ")").replace(_ESC_OPEN, "("), w) for seg, w in _comfy_weights(escaped, 1.0)
     ]
@@ -149,14 +170,35 @@ def parse_a1111(text: str) -> list[tuple[str, float] | object]:
     return [BREAK if seg is BREAK else (seg, w) for seg, w in merged]
 
 
+def _excerpt(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[:n] + "…")
+
+
+def check_weights(text: str, items: Sequence[tuple[str, float] | object]) -> None:
+    """Refuse weights that cannot give an image: not finite, or beyond ±MAX_WEIGHT."""
+    for it in items:
+        if it is BREAK:
+            continue
+        seg, w = it
+        if not math.isfinite(w) or abs(w) > MAX_WEIGHT:
+            raise ConfigError(
+                f"prompt {_excerpt(text)}: weight {w:g} of {_excerpt(seg.strip(), 20)} is out of range; "
+                f"weights must be finite numbers between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}"
+            )
+
+
 def parse(text: str, syntax: str = "comfy") -> list[tuple[str, float] | object]:
+    """Weighted segments of `text`; a ConfigError for weights that cannot give an image."""
     if syntax == "comfy":
-        return parse_comfy(text)
-    if syntax == "a1111":
-        return parse_a1111(text)
-    if syntax == "none":
+        items = parse_comfy(text)
+    elif syntax == "a1111":
+        items = parse_a1111(text)
+    elif syntax == "none":
         return [(text, 1.0)]
-    raise ValueError(f"unknown prompt syntax {syntax!r}; choose one of {', '.join(SYNTAXES)}")
+    else:
+        raise ValueError(f"unknown prompt syntax {syntax!r}; choose one of {', '.join(SYNTAXES)}")
+    check_weights(text, items)
+    return items
 
 
 # -- tokens, chunks, weights -------------------------------------------------------------
