@@ -63,6 +63,11 @@ def build_settings(model_kind, preset: str, **flags):
             expected,
             actual,
         )
+    if settings.shift is not None and actual == "eps":
+        logging.getLogger(__name__).warning(
+            "--shift %g is ignored: this is an eps model (the shift applies to flow models only)",
+            settings.shift,
+        )
     settings.check()
     return settings
 
