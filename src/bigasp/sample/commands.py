@@ -84,6 +84,10 @@ def precheck(prompts: list[str], flags: dict, device: str | None) -> None:
         data["width"], data["height"] = parse_size(flags["size"])
     settings = validate(GenerateSettings, data, "command-line flags")
     check_device(device)
+    if settings.embeddings is not None:
+        from bigasp.sample.embeddings import EmbeddingLibrary
+
+        EmbeddingLibrary(settings.embeddings)  # the folder exists
     for text in [*prompts, settings.negative]:
         parse(text, settings.syntax)
 
@@ -125,7 +129,10 @@ def generate(
     seed: int = typer.Option(None, help="Noise seed (default 0)."),
     batch: int = typer.Option(None, help="Images per prompt."),
     syntax: str = typer.Option(None, help="Prompt weight syntax: comfy | a1111 | none."),
-    chunking: str = typer.Option(None, help="Chunk boundaries: bigasp (plain 75-token split) | comfy."),
+    chunking: str = typer.Option(
+        None, help="Chunk boundaries: comfy (default, as ComfyUI) | bigasp (training)."
+    ),
+    embeddings: str = typer.Option(None, help="Folder of textual-inversion .safetensors for embedding:NAME."),
     noise: str = typer.Option(None, help="SDE noise: brownian (ComfyUI, default) | iid."),
     out: Path = typer.Option(Path("outputs"), help="Output folder for PNGs."),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda if available)."),
@@ -142,7 +149,7 @@ def generate(
     flags = dict(
         negative=negative, steps=steps, cfg=cfg, pag=pag, sampler=sampler, scheduler=scheduler,
         shift=shift, prediction=prediction, size=size, seed=seed, batch=batch, syntax=syntax,
-        chunking=chunking, noise=noise,
+        chunking=chunking, noise=noise, embeddings=embeddings,
     )  # fmt: skip
     # Everything that can be checked is checked before loading a 7 GB model.
     precheck(prompts, flags, device)

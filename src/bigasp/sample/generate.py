@@ -30,6 +30,7 @@ from bigasp.config import Section
 from bigasp.errors import BigaspError, ConfigError
 from bigasp.fsutil import atomic_path
 from bigasp.models.components import SDXL, ModelKind
+from bigasp.sample.embeddings import EmbeddingLibrary
 from bigasp.sample.guidance import Conditioning, GuidedDenoiser, perturbed_attention
 from bigasp.sample.model_sampling import max_denoise, model_sampling
 from bigasp.sample.prompts import encode_weighted, prompt_chunks
@@ -116,10 +117,16 @@ class GenerateSettings(Section):
     seed: int = Field(0, ge=0, lt=2**63, description="Noise seed (ComfyUI-compatible).")
     batch: int = Field(1, ge=1, description="Images per prompt (one noise tensor over the batch).")
     syntax: Literal["comfy", "a1111", "none"] = Field("comfy", description="Prompt weight syntax.")
-    chunking: Literal["bigasp", "comfy"] = Field(
-        "bigasp",
-        description="75-token chunk boundaries: plain split as bigASP trained, or ComfyUI's rule "
-        "(short weighted segments move whole to the next chunk).",
+    chunking: Literal["comfy", "bigasp"] = Field(
+        "comfy",
+        description="75-token chunk boundaries: ComfyUI's rule (a short weighted segment that would "
+        "cross a boundary moves whole to the next chunk), or bigasp = the plain split bigASP trained "
+        "with. The two agree for prompts without weights or embeddings.",
+    )
+    embeddings: str | None = Field(
+        None,
+        description="Folder of textual-inversion embeddings (.safetensors, searched with its "
+        "subfolders) for ComfyUI's `embedding:NAME` syntax; a missing embedding is dropped with a warning.",
     )
     noise: Literal["brownian", "iid"] = Field(
         "brownian",
@@ -192,6 +199,10 @@ def sde_noise(x: torch.Tensor, sig: Sequence[float], settings: GenerateSettings,
     )
 
 
+def _folder(path: str | None) -> Path | None:
+    return None if path is None else Path(path)
+
+
 def auto_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -261,8 +272,15 @@ class Generator:
             _place(getattr(model, name), self.device, dtype)
         _place(model.vae, self.device, vae_dtype)
         self.last_unet_calls = 0
+        self._embeddings: EmbeddingLibrary | None = None
 
     # -- pieces (public so the watcher, demo and bench can time or reuse them) -----------
+
+    def embeddings(self, settings: GenerateSettings) -> EmbeddingLibrary:
+        """The embedding folder of `settings`, loaded once per folder."""
+        if self._embeddings is None or self._embeddings.folder != _folder(settings.embeddings):
+            self._embeddings = EmbeddingLibrary(settings.embeddings)
+        return self._embeddings
 
     @torch.no_grad()
     def conditioning(self, prompts: Sequence[str], settings: GenerateSettings) -> Conditioning:
@@ -271,7 +289,12 @@ class Generator:
 
         m = self.model
         text = encode_weighted(
-            m.text_encoder, m.text_encoder_2, list(prompts), settings.syntax, settings.chunking
+            m.text_encoder,
+            m.text_encoder_2,
+            list(prompts),
+            settings.syntax,
+            settings.chunking,
+            self.embeddings(settings),
         )
         size = Size(settings.height, settings.width)
         time_ids = sdxl_time_ids(original_size=size, crop=Crop(0, 0), target_size=size, device=self.device)
@@ -336,7 +359,8 @@ class Generator:
         # with empty chunks would change its image.
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
-            groups.setdefault(len(prompt_chunks(p, settings.syntax, settings.chunking)), []).append(i)
+            chunks = prompt_chunks(p, settings.syntax, settings.chunking, self.embeddings(settings))
+            groups.setdefault(len(chunks), []).append(i)
         images: list = [None] * len(prompts)
         for idx in groups.values():
             latents = self.sample([prompts[i] for i in idx], settings)
