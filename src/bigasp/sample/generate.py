@@ -3,7 +3,8 @@
 The pipeline is ComfyUI's KSampler on an empty latent: initial noise from
 `torch.manual_seed(seed)` as one CPU float32 `randn` over the whole batch latent, scaled
 by the model's `noise_scaling`; a ComfyUI schedule; a k-diffusion sampler over a guided
-denoiser (CFG + PAG); latent ÷ VAE scaling factor; VAE decode (fp32 by default: SDXL's
+denoiser (CFG + PAG), SDE samplers with ComfyUI's Brownian-tree noise (one tree per prompt,
+so an image never depends on the other prompts of a call); latent ÷ VAE scaling factor; VAE decode (fp32 by default: SDXL's
 VAE overflows in fp16); `clamp((x+1)/2)`, ×255 and truncation to uint8. Same settings and
 seed give the same image.
 

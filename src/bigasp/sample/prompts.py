@@ -10,11 +10,11 @@ Two syntaxes, because users paste prompts from both worlds:
   `[text]` ÷1.1, unclosed brackets weight to the end, `BREAK` starts a new 75-token chunk.
   Weights act as `z *= w`, then each chunk's mean is restored (per prompt, per encoder).
 
-`none` encodes the text as written. Token streams are chunked every 75 tokens as bigASP was
-trained (`bigasp.text`), with no hard limit; prompts past 225 tokens (what bigASP saw in
-training) get a warning. ComfyUI moves short weighted segments whole to the next chunk at
-a boundary; that rule is available as `chunking="comfy"`, the default being the plain
-training-time split the model knows (the two agree for prompts without weight syntax).
+`none` encodes the text as written. Prompts are chunked every 75 tokens with no hard limit;
+prompts past 225 tokens (what bigASP saw in training) get a warning. The default chunking is
+ComfyUI's `tokenize_with_weights` (a short weighted segment moves whole to the next chunk at a
+boundary, `embedding:NAME` puts textual-inversion vectors in place of tokens); `chunking=
+"bigasp"` is the plain training-time split (the two agree for prompts without weights).
 """
 
 from __future__ import annotations
