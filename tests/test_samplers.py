@@ -208,23 +208,27 @@ def test_dpmpp_2m_and_2m_sde_match_diffusers_with_shared_noise(algo):
 
 @pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde"])
 @pytest.mark.parametrize("kind", ["eps", "flow"])
-def test_sampling_loop_never_reads_device_values(name, kind, host_sync_trap):
+@pytest.mark.parametrize("noise", ["iid", "brownian"])
+def test_sampling_loop_never_reads_device_values(name, kind, noise, host_sync_trap):
     """CPU twin of the GPU sync-debug test: samplers only do tensor arithmetic on x and D."""
-    from bigasp.sample.samplers import iid_noise_sampler
+    from bigasp.sample.samplers import brownian_noise_sampler, iid_noise_sampler
 
     ms = EpsDiscrete() if kind == "eps" else FlowConst(3.0)
     x = torch.randn(1, 4, 2, 2).as_subclass(host_sync_trap)
     with pytest.raises(AssertionError, match="host sync"):
         bool(x.sum() > 0)  # the trap works
-    out = run_sampler(name, lambda x, s: 0.5 * x, x, sigmas(kind, "karras", 5, 3.0).tolist(), ms=ms,
-                      noise_sampler=iid_noise_sampler(x, torch.Generator().manual_seed(0)))  # fmt: skip
+    sig = sigmas(kind, "karras", 5, 3.0).tolist()
+    ns = (iid_noise_sampler(x, torch.Generator().manual_seed(0)) if noise == "iid"
+          else brownian_noise_sampler(x, sig, seed=0))  # fmt: skip
+    out = run_sampler(name, lambda x, s: 0.5 * x, x, sig, ms=ms, noise_sampler=ns)
     assert isinstance(out, host_sync_trap)
 
 
 @pytest.mark.gpu
-def test_sampling_loop_has_no_cuda_sync(tiny_model):
+@pytest.mark.parametrize("noise", ["iid", "brownian"])
+def test_sampling_loop_has_no_cuda_sync(tiny_model, noise):
     from bigasp.sample.guidance import Conditioning, GuidedDenoiser, perturbed_attention
-    from bigasp.sample.samplers import iid_noise_sampler
+    from bigasp.sample.samplers import brownian_noise_sampler, iid_noise_sampler
 
     unet = tiny_model.unet.to("cuda")
     try:
@@ -234,8 +238,9 @@ def test_sampling_loop_has_no_cuda_sync(tiny_model):
                             torch.randn(1, pooled, device="cuda"), torch.ones(1, 6, device="cuda"))  # fmt: skip
         den = GuidedDenoiser(unet, FlowConst(1.0), cond, cond, cfg=3.0, pag=2.0)
         x = torch.randn(1, 4, 8, 8, device="cuda")
-        ns = iid_noise_sampler(x, torch.Generator("cuda").manual_seed(0))
         sig = sigmas("flow", "beta", 4).tolist()
+        ns = (iid_noise_sampler(x, torch.Generator("cuda").manual_seed(0)) if noise == "iid"
+              else brownian_noise_sampler(x, sig, seed=0))  # fmt: skip
         with perturbed_attention(unet, den.state):
             run_sampler("dpmpp_2m_sde", den, x, sig, ms=FlowConst(1.0), noise_sampler=ns)  # warm-up
             torch.cuda.synchronize()

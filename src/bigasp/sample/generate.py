@@ -370,7 +370,13 @@ class Generator:
                     f"sampling produced NaN/inf values (cfg {settings.cfg}, pag {settings.pag}, "
                     f"dtype {self.dtype}); lower cfg/pag or prompt weights, or try --dtype fp32"
                 )
-            batch_images = to_pil(self.decode(latents))
+            pixels = self.decode(latents)
+            if not bool(torch.isfinite(pixels).all()):
+                raise BigaspError(
+                    f"the VAE decode produced NaN/inf pixels (VAE dtype {self.vae_dtype}); "
+                    "decode in fp32 (--vae-dtype fp32, the default)"
+                )
+            batch_images = to_pil(pixels)
             for k, i in enumerate(idx):
                 images[i] = batch_images[k * settings.batch : (k + 1) * settings.batch]
         out = []

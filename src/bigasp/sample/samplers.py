@@ -223,7 +223,10 @@ def brownian_noise_sampler(x: torch.Tensor, sigmas: Sequence[float], seed: int) 
             # torchsde stores t1 as a Python float and warns that float32 σmax "exceeds" it.
             warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
             dw = tree(lo, hi) * sign
-        return (dw / (b - a).abs().sqrt()).to(x.device, x.dtype)
+        n = dw / (b - a).abs().sqrt()
+        if x.device.type == "cuda":  # pinned + non_blocking: no host sync in the sampling loop
+            return n.pin_memory().to(x.device, x.dtype, non_blocking=True)
+        return n.to(x.device, x.dtype)
 
     return sample
 
