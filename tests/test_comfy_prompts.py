@@ -136,3 +136,27 @@ def test_generate_uses_the_embeddings_folder(library):
         ["a photo of embedding:myemb"], s.model_copy(update={"embeddings": None})
     ).embeds
     assert not torch.allclose(with_emb, without)
+
+
+def test_vector_of_the_wrong_width_is_skipped_and_the_chunk_padded_at_its_end(tiny_model, tmp_path, caplog):
+    """A one-tensor file (no clip_l/clip_g keys) whose width fits no encoder: ComfyUI skips it for
+    each encoder and pads the chunk at its end, so the encoders see the prompt without it."""
+    te1, te2 = tiny_model.text_encoder, tiny_model.text_encoder_2
+    width = te1.get_input_embeddings().weight.shape[1] + 1
+    save_file({"emb_params": torch.randn(2, width, generator=torch.Generator().manual_seed(1))},
+              str(tmp_path / "one.safetensors"))  # fmt: skip
+    lib = EmbeddingLibrary(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        ours = encode_weighted(te1, te2, ["a photo of embedding:one, (cat:1.2)"], "comfy", "comfy", lib)
+    assert "ignored for that encoder" in caplog.text
+    # same ids as the prompt without the embedding; the weights stay at their original positions
+    wt = weighted_tokens(["a photo of embedding:one, (cat:1.2)"], embeddings=lib)
+    assert wt.weights[0, 0, 1:10].tolist() == pytest.approx([1, 1, 1, 1, 1, 1, 1.2, 1, 1])
+    from bigasp.models.conditioning import encode_tokens
+    from bigasp.sample.prompts import apply_weights_comfy
+
+    plain = weighted_tokens(["a photo of, cat"], "none")
+    z = encode_tokens(te1, te2, plain.tokens).embeds
+    z_empty = encode_tokens(te1, te2, weighted_tokens([""], "none").tokens).embeds
+    expected = apply_weights_comfy(z, z_empty, wt.weights.reshape(1, -1))
+    torch.testing.assert_close(ours.embeds, expected)
