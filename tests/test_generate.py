@@ -176,17 +176,20 @@ def test_cuda_fp16_unet_fp32_vae_is_deterministic():
 
 
 NESTED = "(" * 3000 + "a" + ")" * 3000
-BAD_INPUT = {
+BAD_INPUT = {  # one per check, run through the installed executable
     "cfg-nan": (["a cat", "--cfg", "nan"], "cfg: Input should be a finite number"),
     "weight-inf": (["(a:inf)"], "weight inf of 'a' is out of range"),
-    "weight-nan": (["(a:nan) cat"], "weight nan of 'a' is out of range"),
-    "weight-huge-negative": (["(a:-1e30)"], "weight -1e+30 of 'a' is out of range"),
     "nested-comfy": ([NESTED], "nests parentheses more than 200 deep"),
-    "nested-a1111": ([NESTED, "--syntax", "a1111"], "is out of range"),
     "too-large": (["a cat", "--size", "8192x1024"], "width 8192 is larger than 4096 pixels"),
     "cuda-missing": (["a cat", "--device", "cuda"], "no CUDA GPU is available here"),
     "unknown-device": (["a cat", "--device", "tpu9"], "--device 'tpu9' is not a device"),
     "out-is-a-file": (["a cat", "--out", "OUTFILE"], "is an existing file, not a folder"),
+}
+MORE_BAD_PROMPTS = {  # the same checks again, in-process (the same entry point, minus a process start)
+    "weight-nan": (["(a:nan) cat"], "weight nan of 'a' is out of range"),
+    "weight-huge-negative": (["(a:-1e30)"], "weight -1e+30 of 'a' is out of range"),
+    "nested-a1111": ([NESTED, "--syntax", "a1111"], "is out of range"),
+    "negative-prompt": (["a cat", "--negative", "(ugly:inf)"], "weight inf of 'ugly' is out of range"),
 }
 
 
@@ -219,6 +222,18 @@ def test_cli_rejects_bad_generate_input_in_one_line_before_loading(tmp_path):
             assert "no-such-model-folder" not in err, name  # refused before the model is looked at
             assert not (tmp_path / name).exists(), name
     assert outfile.read_bytes() == b"not mine"
+
+
+@pytest.mark.parametrize("case", sorted(MORE_BAD_PROMPTS))
+def test_cli_rejects_more_bad_prompts_in_one_line(case, tmp_path, capsys):
+    from bigasp.cli import main
+
+    args, message = MORE_BAD_PROMPTS[case]
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", *args, "--model", "no-such-model-folder", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a1111_deep_nesting_is_refused_not_a_black_image():
