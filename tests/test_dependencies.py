@@ -19,7 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 UNDECLARED_OK = {
     "click": "typer is built on click and pins a compatible version; bigasp only catches its exceptions",
     "vllm": "optional GPU captioning backend (annotate caption.backend = 'vllm'); used only when installed",
-    "torchsde": "optional ComfyUI-exact Brownian noise; guarded by brownian_tree_available()",
 }
 # Declared but never imported by bigasp, with the reason.
 UNIMPORTED_OK = {

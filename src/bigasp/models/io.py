@@ -125,7 +125,7 @@ def save_diffusers_folder(
     scheduler config are always written so diffusers' `StableDiffusionXLPipeline` can open it.
     The caller is responsible for atomicity (checkpoints write into a temp dir and rename).
     """
-    from bigasp.text.tokenizer import tokenizer_dir
+    from bigasp.text.tokenizer import tokenizer_dir, write_slow_tokenizer_files
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +135,7 @@ def save_diffusers_folder(
         index[comp] = list(DIFFUSERS_CLASSES[comp])
     for tok, pad in (("tokenizer", None), ("tokenizer_2", "!")):
         shutil.copytree(tokenizer_dir(), out / tok, dirs_exist_ok=True)
+        write_slow_tokenizer_files(out / tok)
         if pad is not None:
             cfg_path = out / tok / "tokenizer_config.json"
             cfg = json.loads(cfg_path.read_text())
