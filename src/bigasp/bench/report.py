@@ -150,8 +150,9 @@ def run_report_bench(
             rep = collect(str(root), opts)
             write_report(rep, Path(tmp) / "report")
             total_s = time.perf_counter() - t0
-    s = rep.seconds
+    s, cpu = rep.seconds, rep.cpu_seconds
     columnar_s = s["columns"] + s["cooccurrence"] + s["files"]
+    columnar_cpu_s = cpu["columns"] + cpu["cooccurrence"] + cpu["files"]
     captions = int(rep.words_per_caption.sum())
     metrics = {
         "rows": rep.rows,
@@ -161,7 +162,11 @@ def run_report_bench(
         "cooccurrence_pass_s": s["cooccurrence"],
         "files_s": s["files"],
         "captions_pass_s": s["captions"],
+        "columnar_cpu_s": columnar_cpu_s,
         "captions_per_s": captions / s["captions"] if s["captions"] else 0.0,
+        "captions_cpu_s": cpu["captions"],
+        "captions_per_cpu_s": captions / cpu["captions"] if cpu["captions"] else 0.0,
+        "clip_tokenized": rep.clip_tokenized,
         "write_s": s.get("write", 0.0),
         "total_s": total_s,
         "columnar_s_scaled_to_13m": columnar_s * 13_000_000 / max(rep.rows, 1),
@@ -174,7 +179,7 @@ def run_report_bench(
         metrics=metrics,
         headline=[
             ("columnar_s", "s columnar"),
-            ("captions_per_s", "captions/s (caption pass)"),
+            ("captions_per_cpu_s", "captions per CPU-s (caption pass)"),
             ("peak_rss_gib", "GiB peak RSS"),
         ],
         command=command,

@@ -55,7 +55,7 @@ def _hist_bars(ax, counts: np.ndarray, xlabel: str, what: str, vlines: tuple[int
             ax.axvline(v + 0.5, color="#c44e52", linestyle="--", linewidth=1)
     ax.set_xlim(-0.5, last + 0.5)
     ax.set_xlabel(xlabel + (f" (last bin = {last}+)" if last == len(counts) - 1 else ""))
-    ax.set_ylabel("count")
+    ax.set_ylabel(what)
     _thousands(ax)
 
 
@@ -108,7 +108,7 @@ def buckets(rep: Report, top: int = 30):
 
 def score_by_bucket(rep: Report, top: int = 20):
     order = [i for i in np.argsort(-rep.bucket_counts, kind="stable")[:top] if rep.bucket_counts[i] > 0]
-    fig, (ax,) = _fig(7, 0.9 + 0.25 * max(len(order), 4))
+    fig, (ax,) = _fig(7, 1.2 + 0.25 * max(len(order), 6))
     if not order:
         _empty(ax, "images")
     else:
@@ -120,7 +120,7 @@ def score_by_bucket(rep: Report, top: int = 20):
         ax.set_yticks(range(len(order)))
         ax.set_yticklabels([rep.bucket_names[i] for i in order], fontsize=8)
         ax.set_xlabel("score")
-        fig.colorbar(im, ax=ax, label="share of the bucket's images")
+        fig.colorbar(im, ax=ax, label="share of bucket")
     ax.set_title("Score by aspect bucket (rows: most used buckets)")
     return fig
 

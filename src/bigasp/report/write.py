@@ -196,9 +196,9 @@ figure img {{ max-width: 100%; border: 1px solid #eee; }}
 </style></head><body>
 <h1>Dataset report</h1>
 <p><code>{html.escape(rep.dataset)}</code></p>
+{body}
 <h2>Plots</h2>
 <div class="plots">{figures}</div>
-{body}
 </body></html>
 """
 
