@@ -222,3 +222,21 @@ def test_cli_writes_report_and_html_renders(dataset, alias_file, tmp_path, page)
     assert all(i["done"] and i["w"] > 0 and i["h"] > 0 for i in imgs), imgs
     text = page.inner_text("body")
     assert "long_hair" in text and "a woman smiles" in text and "ingest:too_small" in text
+
+
+def test_bench_report_runs(tmp_path):
+    """`bigasp bench report` on a small synthetic manifest: JSON fields, realistic captions and tags."""
+    from bigasp.cli import main
+
+    out = tmp_path / "bench.json"
+    main(["bench", "report", "--rows", "3000", "--keep", str(tmp_path / "ds"), "--json", str(out)])
+    m = json.loads(out.read_text())["metrics"]
+    assert m["rows"] == 3000 and 3000 < m["captions"] < 4200  # 1-2 captions per image
+    assert m["columnar_s"] > 0 and m["captions_per_cpu_s"] > 0 and m["peak_rss_gib"] > 0
+    rep = collect(str(tmp_path / "ds"), ReportOptions(progress=False, ngrams=False, token_sample=0))
+    words = rep.words_per_caption
+    mean_words = (words * np.arange(len(words))).sum() / words.sum()
+    assert 35 < mean_words < 60  # JoyCaption's requested lengths: N(45, 30) rounded up to tens, 20..170
+    tags = rep.tags_per_image
+    assert 28 < (tags * np.arange(len(tags))).sum() / tags.sum() < 38  # v1 card: 32 ± 19.8
+    assert rep.annotations[0]["stage"] == "tags" and 0.4 < rep.annotations[0]["share"] < 0.6

@@ -12,5 +12,5 @@ from bigasp._lazy import lazy_getattr
 __all__ = ["Report", "ReportOptions", "collect", "write_report"]
 
 __getattr__ = lazy_getattr(
-    __name__, {"Report": "collect", "ReportOptions": "collect", "collect": "collect", "write_report": "write"}
+    __name__, {"Report": "compute", "ReportOptions": "compute", "collect": "compute", "write_report": "write"}
 )

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bigasp.report.collect import RES_EDGES, Report
+from bigasp.report.compute import RES_EDGES, Report
 
 DPI = 100
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bigasp.fsutil import atomic_write_bytes
-from bigasp.report.collect import Report
+from bigasp.report.compute import Report
 
 TABLE_ROWS = 50  # rows of each table shown in the page (the CSVs have everything)
 NGRAM_ROWS = 20
@@ -72,10 +72,11 @@ def write_report(rep: Report, out: str | Path, *, min_tag_count: int = 1) -> Pat
     return page
 
 
-def _table(header: list[str], rows: list[list], cls: str = "") -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header or [])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    thead = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f'<table class="{cls}">{thead}<tbody>{body}</tbody></table>'
 
 
 def _fmt(v) -> str:
@@ -126,7 +127,7 @@ def render_html(rep: Report, images: dict[str, tuple[str, bytes]], tags: list[li
     ]
     wm_total = sum(rep.watermark.values())
     sections = [
-        ("Summary", _table(["", ""], summary, "kv")),
+        ("Summary", _table(None, summary, "kv")),
         (
             "Tags",
             _table(["tag", "count", "canonical", "folded count"], tags[:TABLE_ROWS])
