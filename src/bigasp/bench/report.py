@@ -167,6 +167,8 @@ def run_report_bench(
         "captions_cpu_s": cpu["captions"],
         "captions_per_cpu_s": captions / cpu["captions"] if cpu["captions"] else 0.0,
         "clip_tokenized": rep.clip_tokenized,
+        "ngram_max_undercount": max((u for rows in rep.ngrams.values() for _, _, u in rows), default=0),
+        "ngram_7_top_count": rep.ngrams[7][0][1] if rep.ngrams.get(7) else 0,
         "write_s": s.get("write", 0.0),
         "total_s": total_s,
         "columnar_s_scaled_to_13m": columnar_s * 13_000_000 / max(rep.rows, 1),
