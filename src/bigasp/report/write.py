@@ -112,6 +112,10 @@ def render_html(rep: Report, images: dict[str, tuple[str, bytes]], tags: list[li
         ["alias table", rep.alias_source or "none"],
         ["n-gram tokens", rep.ngram_mode],
         ["quality tokens assumed by the chunk estimate", f"{rep.quality_tokens:.2f}"],
+        [
+            f"tokenised captions over {75 * rep.max_chunks} tokens (truncated in training)",
+            _share(sum(v for k, v in rep.clip_chunks.items() if k > rep.max_chunks), rep.clip_tokenized),
+        ],
     ]
     total_ch = sum(rep.chunk_estimate.values())
     chunk_rows = [
