@@ -83,5 +83,10 @@ def import_bigasp_cmd(
     typer.echo(json.dumps(counts))
 
 
+from bigasp.report.commands import register as _register_report  # noqa: E402
+
+_register_report(dataset_app)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(dataset_app, name="dataset")
