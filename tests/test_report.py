@@ -224,6 +224,21 @@ def test_cli_writes_report_and_html_renders(dataset, alias_file, tmp_path, page)
     assert "long_hair" in text and "a woman smiles" in text and "ingest:too_small" in text
 
 
+def test_default_alias_table_is_the_shipped_danbooru_one(dataset, tmp_path):
+    """Without --aliases or --config the report folds with the table the bigASP recipes train with."""
+    from bigasp.cli import main
+
+    def tags_csv(*extra: str) -> dict[str, dict[str, str]]:
+        out = tmp_path / f"r{len(extra)}"
+        main(["dataset", "report", str(dataset), "--out", str(out), "--no-ngrams", "--token-sample", "0",
+              "--no-progress", *extra])  # fmt: skip
+        with open(out / "tags.csv") as f:
+            return {r["tag"]: r for r in csv.DictReader(f)}
+
+    assert tags_csv()["longhair"]["canonical"] == "long_hair"  # an alias of the shipped table
+    assert tags_csv("--aliases", "none")["longhair"]["canonical"] == "longhair"
+
+
 def test_bench_report_runs(tmp_path):
     """`bigasp bench report` on a small synthetic manifest: JSON fields, realistic captions and tags."""
     from bigasp.cli import main

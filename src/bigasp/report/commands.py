@@ -14,8 +14,9 @@ def report(
     aliases: str | None = typer.Option(
         None,
         "--aliases",
-        help="Danbooru tag-alias export (JSON lines, .gz ok) to fold tags with. "
-        "Default: the table prompt synthesis uses (data.prompt.aliases_path).",
+        help="Danbooru tag-alias export (JSON lines, .gz ok) to fold tags with, or `none`. "
+        "Default: the table prompt synthesis uses — data.prompt.aliases_path of --config, else the "
+        "shipped Danbooru table (builtin:danbooru) that the bigASP recipes use.",
     ),
     config: str | None = typer.Option(
         None, "--config", "-c", help="Run config: its [data] sets the chunk estimate and alias table."
@@ -42,11 +43,14 @@ def report(
 ) -> None:
     """Tag counts, caption n-grams, score / bucket / length / chunk distributions: CSVs, plots, index.html."""
     from bigasp.report import ReportOptions, collect, write_report
-    from bigasp.text.aliases import AliasTable
+    from bigasp.text.aliases import BUILTIN_DANBOORU, AliasTable
     from bigasp.train.data_commands import load_data_config
 
     cfg = load_data_config(config)
-    path = aliases or cfg.prompt.aliases_path
+    if aliases is not None:
+        path = None if aliases.lower() == "none" else aliases
+    else:
+        path = cfg.prompt.aliases_path if config else BUILTIN_DANBOORU
     table = AliasTable.load(path) if path else None
     opts = ReportOptions(
         sample=sample,
