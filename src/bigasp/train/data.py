@@ -466,11 +466,17 @@ def _iterate(source: _BatchSource, cfg: DataConfig) -> Iterator[Batch]:
         shutdown = getattr(it, "_shutdown_workers", None)  # torch's own orderly worker shutdown
         if shutdown is not None:
             shutdown()
+            for w in getattr(it, "_workers", []):
+                if w.is_alive():  # missed the shutdown and ignores SIGTERM (see _worker_init)
+                    w.kill()
+                    w.join(timeout=10)
 
 
 def _loader(source: _BatchSource, cfg: DataConfig) -> torch.utils.data.DataLoader:
-    global _MAIN_PID
+    global _MAIN_PID, _PRCTL
     _MAIN_PID = os.getpid()
+    if _PRCTL is None:
+        _PRCTL = _find_prctl()
     workers = cfg.num_workers
     return torch.utils.data.DataLoader(
         source,
@@ -496,31 +502,31 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A SIGKILLed main process cannot reap its workers: have the kernel kill them with it.
-    _die_with_parent()
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if _MAIN_PID is not None and os.getppid() != _MAIN_PID:  # it died before the prctl took effect
+            os._exit(1)
 
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent exits (no orphaned workers). Elsewhere a
-    no-op; DataLoader's parent watchdog still ends a worker within seconds."""
+def _find_prctl():
+    """Linux's prctl, resolved in the main process: a forked worker must not search for libraries
+    (a subprocess or the loader lock in a child of a threaded process can deadlock it)."""
     import ctypes
-    import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return
-    if _MAIN_PID is not None and os.getppid() != _MAIN_PID:  # it died before the prctl took effect
-        os._exit(1)
+        return None
 
 
 _MAIN_PID: int | None = None  # the process that starts the workers (inherited by forked workers)
+_PRCTL = None  # see _find_prctl; set with _MAIN_PID when a loader is built
 
 
 def load_aliases(cfg: DataConfig) -> AliasTable | None:
