@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Imported but deliberately not declared, with the reason.
 UNDECLARED_OK = {
     "click": "typer is built on click and pins a compatible version; bigasp only catches its exceptions",
+    "spacy": "optional noun-chunk merging of `dataset report --noun-chunks`; used only when installed",
     "vllm": "optional GPU captioning backend (annotate caption.backend = 'vllm'); used only when installed",
 }
 # Declared but never imported by bigasp, with the reason.

@@ -8,6 +8,7 @@ command functions, which keeps `bigasp --help` fast.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import typer
@@ -34,11 +35,18 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+_debug = {"on": os.environ.get("BIGASP_DEBUG", "") not in ("", "0")}
+
+
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print version."),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the full traceback of an error (also BIGASP_DEBUG=1)."
+    ),
 ) -> None:
+    _debug["on"] = _debug["on"] or debug
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -82,25 +90,89 @@ def _register() -> None:
 _register()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors print one clear message and exit 2, no traceback."""
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """The exception classes typer raises for a mistyped command, flag or value.
+
+    typer >= 0.24 vendors click as `typer._click`, whose exceptions derive from
+    `typer.TyperException`; older typer raises real `click` exceptions. Both carry
+    `format_message()` and `exit_code`.
+    """
+    found: list[type[BaseException]] = []
+    if isinstance(getattr(typer, "TyperException", None), type):
+        found.append(typer.TyperException)
     try:
-        app(args=argv, standalone_mode=False)
-    except BigaspError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        typer.secho("aborted", err=True)
-        sys.exit(130)
-    except Exception as err:  # click usage errors carry their own formatting
         import click
 
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+        found.append(click.ClickException)
+    except ImportError:  # pragma: no cover - typer without a click install
+        pass
+    return tuple(found)
+
+
+def _abort_types() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [typer.Abort]
+    try:
+        import click
+
+        found.append(click.exceptions.Abort)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(found)
+
+
+def _exit_types() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [typer.Exit]
+    try:
+        import click
+
+        found.append(click.exceptions.Exit)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(found)
+
+
+def one_line(text: str) -> str:
+    """A message on one line: user errors are one line; tracebacks are for bugs (`--debug`)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _fail(prefix: str, message: str, code: int, *, traceback_available: bool = True) -> None:
+    if _debug["on"] and traceback_available:
+        import traceback
+
+        traceback.print_exc()
+    typer.secho(f"{prefix}: {one_line(message)}", fg=typer.colors.RED, err=True)
+    sys.exit(code)
+
+
+def _usage_message(err: BaseException) -> str:
+    ctx = getattr(err, "ctx", None)
+    where = getattr(ctx, "command_path", None) if ctx is not None else None
+    hint = f" (see `{where} --help`)" if where else ""
+    return f"{err.format_message()}{hint}"  # type: ignore[attr-defined]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point. Exit status: 0 done, 1 a command reported a failure (e.g. corrupt
+    records), 2 a user error (one line, no traceback; `--debug` shows it), 130 interrupted."""
+    try:
+        rc = app(args=argv, standalone_mode=False)
+    except BigaspError as err:
+        _fail(getattr(err, "label", "error"), str(err), getattr(err, "exit_code", 2))
+    except _exit_types() as e:
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, *_abort_types()):
+        _fail("interrupted", "stopped by Ctrl-C; work committed so far is kept", 130)
+    except _usage_error_types() as err:
+        _fail("error", _usage_message(err), getattr(err, "exit_code", 2) or 2)
+    except OSError as err:  # the machine, not the code: a full disk, a permission, a vanished file
+        _fail("error", f"{err} ({type(err).__name__})", 1)
+    # Without standalone mode typer returns (not raises) the status of `raise typer.Exit(n)`
+    # and of Ctrl-C (130): it must become the process's exit status.
+    if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
+        if rc == 130:
+            _fail("interrupted", "stopped by Ctrl-C", 130, traceback_available=False)
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

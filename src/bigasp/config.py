@@ -60,8 +60,32 @@ def _deepcopy(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deepcopy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config in {source}:"]
+def override_origins(overrides: Iterable[str]) -> dict[str, str]:
+    """Dotted key -> the `--set key=value` text that set it (later overrides win)."""
+    out: dict[str, str] = {}
+    for item in overrides:
+        path, _ = parse_override(item)
+        out[".".join(path)] = f"--set {item}"
+    return out
+
+
+def _origin(key: str, origins: Mapping[str, str]) -> str | None:
+    """The override that set `key` or one of its parent tables, if any."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        hit = origins.get(".".join(parts[:n]))
+        if hit is not None:
+            return hit
+    return None
+
+
+def format_validation_error(
+    err: ValidationError, source: str, origins: Mapping[str, str] | None = None
+) -> str:
+    """One line naming every bad key, its value and where the value came from: the file, or the
+    command-line override / flag that set it (`origins`: dotted key -> how it was given)."""
+    origins = origins or {}
+    items, from_file = [], False
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
         msg = e["msg"]
@@ -69,33 +93,55 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             msg = "unknown key (check spelling; see docs/ for the allowed keys)"
         elif "ctx" in e and "expected" in e["ctx"]:
             msg = f"{msg} (allowed: {e['ctx']['expected']})"
-        lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
-    return "\n".join(lines)
+        origin = _origin(key, origins)
+        from_file = from_file or origin is None
+        where = f", from {origin}" if origin else ""
+        items.append(f"{key}: {msg} (got {e.get('input')!r}{where})")
+    head = f"invalid config in {source}" if from_file else "invalid command-line override"
+    return f"{head}: " + "; ".join(items)
 
 
-def validate(model: type[T], data: Mapping[str, Any], source: str = "<config>") -> T:
-    """Validate plain data into `model`, turning pydantic errors into a readable ConfigError."""
+def validate(
+    model: type[T],
+    data: Mapping[str, Any],
+    source: str = "<config>",
+    origins: Mapping[str, str] | None = None,
+) -> T:
+    """Validate plain data into `model`, turning pydantic errors into a readable ConfigError.
+
+    `origins` names the keys that came from the command line (dotted key -> `--set ...` / flag),
+    so an error in one of them blames the override, not the file."""
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, origins)) from None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    raw = path.read_bytes()
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); TOML files must be "
+            "UTF-8: re-save it as UTF-8 in your editor"
+        ) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
 
 
 def load_config(model: type[T], path: str | Path | None, overrides: Iterable[str] = ()) -> T:
     """Read TOML (or start from defaults when `path` is None), apply overrides, validate."""
+    overrides = list(overrides)
     data = read_toml(path) if path is not None else {}
     data = apply_overrides(data, overrides)
-    return validate(model, data, str(path) if path is not None else "<defaults>")
+    return validate(model, data, str(path) if path is not None else "<defaults>", override_origins(overrides))
 
 
 def dump_toml(data: Mapping[str, Any]) -> str:

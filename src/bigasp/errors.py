@@ -11,6 +11,16 @@ from __future__ import annotations
 class BigaspError(Exception):
     """An error the user can fix; the message names the file or field and the fix."""
 
+    exit_code = 2  # the CLI's exit status for it
+    label = "error"  # how the CLI heads the message
+
+
+class Interrupted(BigaspError):
+    """The user stopped a command (Ctrl-C); the message says what was committed."""
+
+    exit_code = 130
+    label = "interrupted"
+
 
 class ConfigError(BigaspError):
     """A config file or override is invalid."""

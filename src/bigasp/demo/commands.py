@@ -15,6 +15,12 @@ def demo(
         Path("demo-out"), "--out", help="Output folder (re-running reuses finished stages)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seeds the photos, crops, training data order and sampling."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Use an --out folder that is not empty and was not made by the demo (its photos/, run/, "
+        "base-model/, dataset/ and grid/ are replaced).",
+    ),
 ) -> None:
     """Synthetic photos -> ingest -> encode -> train -> generate -> gallery, on CPU, in minutes."""
     import torch
@@ -27,7 +33,7 @@ def demo(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = run_demo(out, quick=quick, seed=seed, echo=typer.echo)
+        result = run_demo(out, quick=quick, seed=seed, echo=typer.echo, force=force)
     finally:
         torch.set_num_threads(threads)  # callers in the same process (tests) keep their setting
     typer.echo(format_report(result))

@@ -169,16 +169,19 @@ def run_demo(
     plan: DemoPlan | None = None,
     train_overrides: Sequence[str] = (),
     preset: str = "demo",
+    force: bool = False,
 ) -> DemoResult:
     """Run (or finish) the demo in `out`; returns the figures and where everything is.
 
     `train_overrides` are extra `key=value` settings for `bigasp train` (e.g. to try a longer run);
-    `preset` is the model preset the starting model is built from.
+    `preset` is the model preset the starting model is built from. `out` must be new, empty or an
+    earlier demo's folder, unless `force`.
     """
     from bigasp.demo.vae import DEMO_VAE_DIR
 
     plan = plan or (DemoPlan.quick() if quick else DemoPlan.default())
     out = Path(out).resolve()
+    check_out_folder(out, force)
     out.mkdir(parents=True, exist_ok=True)
     st = Stages(out, echo)
     data_cfg = find_config("demo-data.toml")
@@ -207,10 +210,16 @@ def run_demo(
 
     st.run("base-model", {"vae": _dir_digest(DEMO_VAE_DIR), "preset": preset}, make_base)
 
-    # 4. Encode with the shipped VAE.
-    st.run("encode", {"vae": _dir_digest(DEMO_VAE_DIR), "seed": seed, "n": plan.photos},
-           lambda: st.cli("encode", str(dataset), "--vae", str(DEMO_VAE_DIR), "--config", str(data_cfg),
-                          "--seed", str(seed)))  # fmt: skip
+    # 4. Encode with the shipped VAE. Redone with other parameters (seed, VAE), the old latents are
+    # of another encoding, which encode refuses to mix: this folder is the demo's, so start over.
+    def encode() -> None:
+        if (st.marks / "encode.json").is_file():
+            shutil.rmtree(dataset / "latents", ignore_errors=True)
+        st.cli(
+            "encode", str(dataset), "--vae", str(DEMO_VAE_DIR), "--config", str(data_cfg), "--seed", str(seed)
+        )
+
+    st.run("encode", {"vae": _dir_digest(DEMO_VAE_DIR), "seed": seed, "n": plan.photos}, encode)
 
     # 4b. Dataset report: tags, caption n-grams, scores, buckets, chunk counts (HTML + plots).
     report_dir = out / "dataset-report"
@@ -310,6 +319,20 @@ def run_demo(
     )
     result.paths["summary"] = str(summary)
     return result
+
+
+def check_out_folder(out: Path, force: bool) -> None:
+    """The demo replaces photos/, run/, base-model/, dataset/ and grid/ in its folder and trains on
+    photos/: only in a folder it made itself (`.demo/` inside), a new or empty one, or with --force."""
+    if force or not out.exists() or (out / ".demo").is_dir():
+        return
+    if not out.is_dir():
+        raise BigaspError(f"--out {out} is a file; choose a folder")
+    if any(out.iterdir()):
+        raise BigaspError(
+            f"--out {out} is not empty and was not made by `bigasp demo`; the demo would replace its photos/, "
+            "run/, base-model/, dataset/ and grid/. Choose a new folder, or pass --force to use this one anyway"
+        )
 
 
 def _final_checkpoint(run_dir: Path, max_samples: int) -> Path:

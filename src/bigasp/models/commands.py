@@ -67,13 +67,52 @@ def save(
     prediction: str = typer.Option(None, help=_PREDICTION_HELP),
     shift: float = typer.Option(None, help=_SHIFT_HELP),
     preset: str = typer.Option(None, help=_PRESET_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it already holds files."),
 ) -> None:
     """Save any model source as a diffusers folder with its model kind recorded."""
     from bigasp.models.io import load_model, save_diffusers_folder
 
+    _refuse_existing(out, force)
     m = _with_kind(load_model(model, preset=preset), prediction, shift)
-    path = save_diffusers_folder(m, out)
+    path = _replace_folder(out, lambda tmp: save_diffusers_folder(m, tmp))
     typer.echo(f"saved {path} ({m.kind.prediction}, shift {m.kind.shift})")
+
+
+def _refuse_existing(out: str, force: bool) -> None:
+    """Never overwrite what the user did not ask to replace."""
+    from pathlib import Path
+
+    from bigasp.errors import BigaspError
+
+    path = Path(out)
+    taken = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if taken and not force:
+        raise BigaspError(f"{path} already exists; choose another destination or pass --force to replace it")
+
+
+def _replace_folder(out: str, write):
+    """Write a folder next to `out`, then swap it in: an error midway leaves `out` as it was,
+    and a replaced model leaves no stale files of the old one behind."""
+    import os
+    import shutil
+    import uuid
+    from pathlib import Path
+
+    final = Path(out)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        if final.exists():
+            old = final.with_name(f".del-{final.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 @model_app.command("export")
@@ -92,6 +131,7 @@ def export(
         help="For a flow model, also write a ComfyUI workflow beside the file (NAME.workflow-api.json "
         "and NAME.workflow.png) with ModelSamplingSD3 and the card's sampler settings.",
     ),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Export as one SDXL .safetensors in the original key layout (loads in ComfyUI, A1111, Civitai).
 
@@ -107,6 +147,7 @@ def export(
     from bigasp.models.io import load_model
     from bigasp.models.single_file import save_single_file
 
+    _refuse_existing(out, force)
     m = _with_kind(load_model(model, preset=preset), prediction, shift)
     path = save_single_file(m, out, dtype=EXPORT_DTYPES[dtype])
     typer.echo(f"exported {path} ({m.kind.prediction}, shift {m.kind.shift}, {dtype})")

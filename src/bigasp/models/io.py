@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,7 +33,38 @@ DIFFUSERS_CLASSES = {
 }
 
 
+_CKPT_NAME = re.compile(r"^(\.tmp-)?step-\d{12}")
+
+
+def incomplete_checkpoint(path: Path) -> str | None:
+    """If `path` is (inside) a training checkpoint that is not complete, say so and what to use.
+
+    A missing `model/` there is an interrupted save or deleted files, not a model to download."""
+    for ckpt in (path, *list(path.parents)[:2]):
+        if not _CKPT_NAME.match(ckpt.name) or not ckpt.parent.is_dir():
+            continue
+        try:
+            complete = bool(json.loads((ckpt / "checkpoint.json").read_text()).get("complete"))
+        except (OSError, ValueError):
+            complete = False
+        done = sorted(
+            p.name for p in ckpt.parent.iterdir() if _CKPT_NAME.match(p.name) and not p.name.startswith(".")
+            and (p / "checkpoint.json").is_file() and p != ckpt and (p / "model").is_dir()
+        )  # fmt: skip
+        other = f"; use another checkpoint, e.g. {ckpt.parent / done[-1] / 'model'}" if done else ""
+        state = (
+            "complete but its files are partly missing"
+            if complete
+            else "incomplete (its save was interrupted)"
+        )
+        return f"{ckpt} is a training checkpoint that is {state}; it holds no loadable model{other}"
+    return None
+
+
 def describe_missing(spec: str) -> str:
+    hint = incomplete_checkpoint(Path(spec).expanduser())
+    if hint is not None:
+        return hint
     looks_like_hub = "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1
     hint = (
         f"{spec!r} looks like a Hugging Face hub id, but bigasp never downloads weights. "
@@ -75,6 +107,8 @@ def load_model(
         from bigasp.models.single_file import load_single_file
 
         return load_single_file(path, components, kind=kind, preset=preset)
+    if path.is_dir() and incomplete_checkpoint(path) is not None:
+        raise ModelLoadError(incomplete_checkpoint(path))  # type: ignore[arg-type]
     if path.is_dir():
         raise ModelLoadError(
             f"{path} is a folder but not a diffusers model (no model_index.json or unet/). "
@@ -93,7 +127,8 @@ def load_diffusers_folder(path: Path, components: Iterable[str], *, kind: ModelK
     for comp in components:
         sub = path / comp
         if not sub.is_dir():
-            raise ModelLoadError(f"{path} has no {comp}/ subfolder; it is needed here")
+            hint = incomplete_checkpoint(path)
+            raise ModelLoadError(hint or f"{path} has no {comp}/ subfolder; it is needed here")
         try:
             if comp in ("unet", "vae"):
                 import diffusers
@@ -110,8 +145,10 @@ def load_diffusers_folder(path: Path, components: Iterable[str], *, kind: ModelK
                 module = cls.from_pretrained(
                     str(sub), local_files_only=True, use_safetensors=True, dtype=torch.float32
                 )
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"could not load {sub}: {err}") from None
+        except Exception as err:  # OSError, ValueError, safetensors' own SafetensorError, ...
+            if isinstance(err, ImportError | MemoryError):
+                raise
+            raise ModelLoadError(f"could not load {sub}: {type(err).__name__}: {err}") from None
         setattr(model, comp, module.eval())
     return model
 

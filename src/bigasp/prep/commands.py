@@ -17,13 +17,18 @@ SET_HELP = "Override a config key, e.g. --set buckets.step=16 (repeatable)."
 
 
 def _load(model, section: str, config: str | None, sets: list[str], flags: dict[str, Any]):
-    from bigasp.config import apply_overrides, read_toml, validate
+    from bigasp.config import apply_overrides, override_origins, read_toml, validate
 
     data = read_toml(config) if config else {}
     data = data.get(section, data) if isinstance(data.get(section), dict) else data
     data = apply_overrides(data, sets or [])
-    data.update({k: v for k, v in flags.items() if v is not None})
-    return validate(model, data, config or "command-line flags")
+    given = {k: v for k, v in flags.items() if v is not None}
+    data.update(given)
+    origins = {
+        **override_origins(sets or []),
+        **{k: f"--{k.replace('_', '-')} {v}" for k, v in given.items()},
+    }
+    return validate(model, data, config or "command-line flags", origins)
 
 
 def _print_counts(title: str, counts: dict[str, int]) -> None:
@@ -144,7 +149,12 @@ def encode_cmd(
             progress=progress,
         ),
     )
-    s = encode(dataset, cfg)
+    try:
+        s = encode(dataset, cfg)
+    except KeyboardInterrupt as err:  # encode committed its finished shards; say what it kept
+        from bigasp.errors import Interrupted
+
+        raise Interrupted(str(err) or "encode stopped by Ctrl-C") from None
     if s.rank != 0:
         return
     if as_json:

@@ -11,6 +11,7 @@ generator keyed by (seed, id), so the result does not depend on batching or rank
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -239,8 +240,15 @@ class _ShardSink(threading.Thread):
             self.open.clear()
         except BaseException as err:  # surfaced in the main thread
             self.error = err
+            if isinstance(err, OSError):  # a full disk, a lost mount: say where, keep what is committed
+                where = next(iter(self.open.values())).final if self.open else self.root
+                self.error = DataError(
+                    f"writing latents under {where} failed ({err}); the shards finished so far are kept and "
+                    "no partial file is left: free space (or fix the disk) and re-run `bigasp encode` to continue"
+                )
             for w in self.open.values():
                 w.abort()
+            self.open.clear()
 
     def put(self, item) -> None:
         while self.is_alive():
@@ -249,7 +257,11 @@ class _ShardSink(threading.Thread):
                 return
             except queue.Full:
                 continue
-        raise RuntimeError(f"the shard writer stopped: {self.error!r}")
+        raise _SinkStopped
+
+
+class _SinkStopped(Exception):
+    """The writer thread has ended (its error is `_ShardSink.error`)."""
 
 
 @dataclass
@@ -320,13 +332,62 @@ def encode_batch(vae, pixels, noise, scaling: float, device, dtype) -> np.ndarra
     return lat.to(torch.float16).cpu().numpy()
 
 
+ENCODE_LOCK = ".encode.lock"
+
+
 def encode(dataset: str | os.PathLike, cfg: EncodeConfig) -> EncodeSummary:
-    """Encode this rank's share of `dataset`; returns the summary (merged over ranks on rank 0)."""
+    """Encode this rank's share of `dataset`; returns the summary (merged over ranks on rank 0).
+
+    The dataset is locked meanwhile (each rank of one job holds its own slot), so a second
+    `bigasp encode` on it stops at once instead of encoding every image again."""
+    from bigasp.locks import folder_lock
+
+    root = Path(dataset)
+    fs, rootp = layout.url_to_fs(str(root))
+    read_dataset_json(fs, rootp)  # a clear error before anything is created
+    rank = dist_env()[0]
+    busy = f"another `bigasp encode` is writing {root}; wait for it to finish"
+    with folder_lock(root / ENCODE_LOCK, busy, slot=rank):
+        return _encode(root, cfg)
+
+
+def existing_encodings(root: Path) -> dict[tuple, list[str]]:
+    """Encodings (`shard.encoding_of`) of the shards already in `root` -> their shard names."""
+    from bigasp.store.shard import ENCODING_KEYS, encoding_of, read_shard_header
+
+    out: dict[tuple, list[str]] = {}
+    for shard in sorted((root / layout.SHARDS_DIR).glob(f"*/*{layout.SHARD_SUFFIX}")):
+        if layout.visible(shard.name):
+            enc = encoding_of(read_shard_header(shard))
+            out.setdefault(tuple(enc[k] for k in ENCODING_KEYS), []).append(
+                shard.relative_to(root).as_posix()
+            )
+    return out
+
+
+def check_same_encoding(root: Path, new: dict[str, Any]) -> None:
+    """Refuse to add latents of another encoding (VAE, scaling, seed, latent mode) to a dataset."""
+    from bigasp.store.shard import ENCODING_KEYS, describe_encoding
+
+    for enc, shards in existing_encodings(root).items():
+        old = dict(zip(ENCODING_KEYS, enc, strict=True))
+        differs = [k for k in ENCODING_KEYS if old[k] is not None and old[k] != new[k]]
+        if differs:
+            raise DataError(
+                f"{root} already holds latents made with {describe_encoding(old)} ({len(shards)} shard(s), e.g. "
+                f"{shards[0]}); this encode uses {describe_encoding(new)} ({', '.join(differs)} differ). Mixed "
+                "latents cannot train one model: re-run with the same --vae/--seed, or encode into a new dataset "
+                f"(ingest again with another --out), or delete {root / layout.LATENTS_DIR} to re-encode everything"
+            )
+
+
+def _encode(root: Path, cfg: EncodeConfig) -> EncodeSummary:
     import torch
     from torch.utils.data import DataLoader
 
+    from bigasp.models.identity import vae_identity
+
     t0 = time.perf_counter()
-    root = Path(dataset)
     fs, rootp = layout.url_to_fs(str(root))
     meta = read_dataset_json(fs, rootp)
     rank, world, local_rank = dist_env()
@@ -354,19 +415,28 @@ def encode(dataset: str | os.PathLike, cfg: EncodeConfig) -> EncodeSummary:
     todo = [j for j, d in zip(jobs, is_done, strict=True) if not d]
     summary.skipped = len(jobs) - len(todo)
 
+    # The VAE is loaded even when nothing is left to do: "already done" must mean done with THIS
+    # VAE, scaling and seed, not with whatever encoded the dataset before.
+    vae = load_vae(cfg.vae)
+    scaling = cfg.scaling_factor if cfg.scaling_factor is not None else float(vae.config.scaling_factor)
+    encoding = {
+        "vae_id": vae_identity(vae),
+        "scaling_factor": scaling,
+        "seed": cfg.seed,
+        "latent": cfg.latent,
+    }
+    check_same_encoding(root, encoding)
+
     if todo:
         device = _device(cfg, local_rank)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
-        vae = load_vae(cfg.vae).to(device)
+        vae = vae.to(device)
         if next(vae.parameters()).dtype != dtype:
             vae = vae.to(dtype=dtype)
         vae.eval()
-        scaling = cfg.scaling_factor if cfg.scaling_factor is not None else float(vae.config.scaling_factor)
         header = {
             "vae": cfg.vae,
-            "scaling_factor": scaling,
-            "latent": cfg.latent,
-            "seed": cfg.seed,
+            **encoding,
             "vae_dtype": cfg.dtype,
             "buckets": bcfg.model_dump(),
         }
@@ -391,6 +461,7 @@ def encode(dataset: str | os.PathLike, cfg: EncodeConfig) -> EncodeSummary:
 
         bar = tqdm(total=len(todo), unit="img", desc=f"encode r{rank}", disable=not cfg.progress or rank != 0)
         t_enc = time.perf_counter()
+        interrupted = False
         try:
             for idx, pixels, noise, bad in loader:
                 for i, reason, detail in bad:
@@ -412,9 +483,14 @@ def encode(dataset: str | os.PathLike, cfg: EncodeConfig) -> EncodeSummary:
                         summary.per_bucket[p0.bucket.name] += len(keep)
                         summary.encoded += len(keep)
                 bar.update(len(idx) + len(bad))
+        except _SinkStopped:
+            pass  # its error is raised below
+        except KeyboardInterrupt:
+            interrupted = True  # commit what is encoded (below), then say so
         finally:
             bar.close()
-            sink.put(None)
+            with contextlib.suppress(_SinkStopped):
+                sink.put(None)
             sink.join()
         if sink.error is not None:
             raise sink.error
@@ -426,6 +502,12 @@ def encode(dataset: str | os.PathLike, cfg: EncodeConfig) -> EncodeSummary:
             layout.atomic_write_parquet(
                 pa.Table.from_pylist(reject_rows, schema=REJECTS_SCHEMA),
                 root / layout.ENCODE_REJECTS_DIR / f"{session}-r{rank:05d}.parquet",
+            )
+        if interrupted:
+            raise KeyboardInterrupt(
+                f"encode stopped by Ctrl-C: {summary.encoded} latent(s) committed in {summary.shards} shard(s) and "
+                f"{len(reject_rows)} reject(s) recorded this run (plus {summary.skipped} done before); "
+                f"re-run `bigasp encode {root}` to continue"
             )
     summary.seconds = time.perf_counter() - t0
     if pg:

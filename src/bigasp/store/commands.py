@@ -56,16 +56,18 @@ def info(
 def verify(
     dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
 ) -> None:
-    """Read every latent and check its checksum; exit 1 if any record is bad."""
+    """Check every shard's header and footer, that all shards share one encoding (VAE, scaling,
+    seed), and every latent's checksum; exit 1 if anything is wrong."""
     from bigasp.store import LatentDataset
 
     ds = LatentDataset(dataset)
     errors = ds.verify()
     for e in errors:
         typer.echo(e, err=True)
-    typer.echo(f"{len(ds) - len(errors)} of {len(ds)} latents OK")
     if errors:
+        typer.echo(f"{len(errors)} problem(s) in {len(ds)} latents / {len(ds.shards)} shards", err=True)
         raise typer.Exit(1)
+    typer.echo(f"{len(ds)} of {len(ds)} latents OK ({len(ds.shards)} shards)")
 
 
 @dataset_app.command("import-bigasp")

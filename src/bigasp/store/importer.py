@@ -10,12 +10,15 @@ available to hash); everything else follows docs/formats.md.
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -39,11 +42,38 @@ def import_bigasp(
     shard_size: int = 2048,
 ) -> dict[str, Any]:
     """Convert bigASP latents (and, if given, its Parquet index) into dataset `out`."""
-    vaes, root = Path(vaes), Path(out)
+    vaes, final = Path(vaes), Path(out)
     if not vaes.is_dir():
         raise DataError(f"{vaes} is not a folder; pass bigASP's vaes/ directory (vaes/ab/cd/<md5>.bin.gz)")
-    if (root / layout.MANIFEST).exists():
-        raise DataError(f"{root} already holds a dataset; import into a new directory")
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise DataError(f"{final} already exists and is not empty; import into a new directory")
+    # Built in a hidden sibling and renamed into place at the end: an error or a kill midway never
+    # leaves shards without a manifest under `out`.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    root = final.parent / f".tmp-import-{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        counts = _import(vaes, root, index, compression, shard_size)
+        if final.exists():
+            final.rmdir()
+        os.replace(root, final)
+        layout.fsync_dir(final.parent)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return counts
+
+
+def _score(value: Any) -> int | None:
+    """bigASP's 0..9 quality score; anything else raises ValueError (the row is rejected)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"score must be an integer 0..9, got {value!r}")
+    if value != int(value) or not 0 <= value <= 9:
+        raise ValueError(f"score must be an integer 0..9, got {value!r}")
+    return int(value)
+
+
+def _import(vaes: Path, root: Path, index, compression: str, shard_size: int) -> dict[str, Any]:
     if index is not None:
         table = pq.read_table(index)
         if "image_hash" not in table.column_names:
@@ -74,6 +104,26 @@ def import_bigasp(
                 )
                 counts[reason] += 1
                 continue
+            problem = None
+            if not np.isfinite(item.latent).all():
+                problem = ("non_finite", "latent holds inf/nan; re-encode this image")
+            else:
+                try:
+                    score = _score(row.get("score"))
+                except ValueError as err:
+                    problem = ("bad_score", str(err))
+            if problem is not None:
+                rejects.append(
+                    {
+                        "path": str(path),
+                        "reason": problem[0],
+                        "detail": problem[1],
+                        "id": h,
+                        "stage": "ingest",
+                    }
+                )
+                counts[problem[0]] += 1
+                continue
             key = (item.bucket_height, item.bucket_width)
             w = writers.get(key)
             if w is None:
@@ -97,7 +147,6 @@ def import_bigasp(
             extra = {
                 k: v for k, v in row.items() if k not in ("image_hash", "tag_string", "caption", "score")
             }
-            score = row.get("score")
             manifest.append(
                 {
                     "id": h,
@@ -110,7 +159,7 @@ def import_bigasp(
                     "orientation": 1,
                     "captions": [caption] if caption else [],
                     "tags": tags,
-                    "score": None if score is None else int(score),
+                    "score": score,
                     "extra": json.dumps(extra, sort_keys=True, default=str),
                 }
             )

@@ -15,6 +15,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bigasp.errors import DataError
 from bigasp.fsutil import atomic_path, atomic_write_bytes, fsync_dir, tmp_sibling
 
 __all__ = ["atomic_write_bytes", "atomic_write_parquet", "fsync_dir", "tmp_name"]
@@ -34,8 +35,22 @@ SHARD_SUFFIX = ".bls"
 
 def url_to_fs(root: str | os.PathLike, storage_options: dict[str, Any] | None = None):
     """(filesystem, path-without-protocol) for a local path or any fsspec URL."""
-    fs, path = fsspec.core.url_to_fs(str(root), **(storage_options or {}))
+    try:
+        fs, path = fsspec.core.url_to_fs(str(root), **(storage_options or {}))
+    except ImportError as err:  # fsspec names the package: "Install s3fs to access S3"
+        protocol = str(root).split("://", 1)[0]
+        raise DataError(
+            f"{root}: reading {protocol}:// needs an extra package ({err}); pip install it in bigasp's "
+            f"environment (e.g. `pip install {_FS_PACKAGES.get(protocol, 'the fsspec backend for ' + protocol)}`)"
+        ) from None
+    except ValueError as err:
+        raise DataError(
+            f"{root}: {err}; use a local path or an fsspec URL such as s3://bucket/dataset"
+        ) from None
     return fs, path.rstrip("/")
+
+
+_FS_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
 
 def is_local(fs) -> bool:

@@ -65,6 +65,7 @@ class LatentDataset:
         self.meta = read_dataset_json(fs, self.root)
         manifest = read_manifest(fs, self.root)
         index = read_index(fs, self.root).select(["id", *INDEX_COLUMNS])
+        self.n_images = len(manifest)  # ingested, with or without a latent
         self.table: pa.Table = join_latents(manifest, index)
         self.n_orphan_latents = len(index) - len(self.table)  # latents not in the manifest (ignored)
         shards = self.table.column("shard")
@@ -131,9 +132,17 @@ class LatentDataset:
                 if len(self._fds) >= MAX_OPEN_SHARDS:  # thousands of shards must not exhaust ulimit -n
                     os.close(self._fds.pop(next(iter(self._fds))))
                 self._fds[s] = fd
-            data = os.pread(fd, length, offset)
+            try:
+                data = os.pread(fd, length, offset)
+            except OSError as err:
+                raise DataError(f"{self._where(i)}: read failed ({err})") from None
         else:
-            data = self._fs.cat_file(path, start=offset, end=offset + length)
+            try:
+                data = self._fs.cat_file(path, start=offset, end=offset + length)
+            except FileNotFoundError:
+                raise DataError(f"{path} is listed in the latent index but missing") from None
+            except OSError as err:
+                raise DataError(f"{self._where(i)}: read failed ({err})") from None
         if len(data) != length:
             raise DataError(f"{self._where(i)}: short read ({len(data)} of {length} bytes); file truncated")
         return data
@@ -160,9 +169,62 @@ class LatentDataset:
         )
         return arr if arr.flags.writeable else arr.copy()  # writable, detached from the read buffer
 
+    def shard_headers(self, limit: int | None = None) -> dict[str, dict[str, Any]]:
+        """Header of each shard (or of `limit` shards spread over the list: on object storage every
+        header is a request). A damaged header raises `DataError` naming the file."""
+        from bigasp.store.shard import read_shard_header
+
+        names = self.shards
+        if limit is not None and len(names) > limit:
+            step = len(names) / limit
+            names = [names[int(k * step)] for k in range(limit)]
+        return {n: read_shard_header(f"{self.root}/{n}", None if self._local else self._fs) for n in names}
+
     def verify(self) -> list[str]:
-        """Read and check every record; returns one error message per bad record."""
-        errors = []
+        """Check every shard's header and footer against the index, that all shards hold latents
+        of one encoding (VAE, scaling, seed), and every record's checksum; one message per problem."""
+        from bigasp.store.shard import (
+            ENCODING_KEYS,
+            describe_encoding,
+            read_shard_layout,
+            verify_shard_layout,
+        )
+
+        errors: list[str] = []
+        keep = [
+            "id",
+            "shard",
+            "record",
+            "offset",
+            "length",
+            "crc32",
+            "compression",
+            "bucket_height",
+            "bucket_width",
+        ]
+        rows_of: dict[str, list[dict]] = {}
+        for r in self.table.select(keep).to_pylist():
+            rows_of.setdefault(r["shard"], []).append(r)
+        encodings: dict[tuple, list[str]] = {}
+        for name in self.shards:
+            path = f"{self.root}/{name}"
+            try:
+                header, records = read_shard_layout(path, None if self._local else self._fs)
+            except DataError as err:
+                errors.append(str(err))
+                continue
+            errors.extend(verify_shard_layout(path, header, records, rows_of.get(name, [])))
+            encodings.setdefault(tuple(header.get(k) for k in ENCODING_KEYS), []).append(name)
+        if len(encodings) > 1:
+            kinds = "; ".join(
+                f"{describe_encoding(dict(zip(ENCODING_KEYS, enc, strict=True)))}: {len(names)} shard(s), "
+                f"e.g. {names[0]}"
+                for enc, names in encodings.items()
+            )
+            errors.append(
+                f"{self.root}: shards hold latents of different encodings ({kinds}); a model trains on one. "
+                "Delete the unwanted encoding's shards and their latents/index files, then re-run `bigasp encode`"
+            )
         for i in range(len(self)):
             try:
                 self.read_latent_numpy(i)

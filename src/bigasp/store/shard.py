@@ -15,6 +15,7 @@ alone, so reading one latent never reads or decompresses its neighbours.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -151,7 +152,11 @@ class ShardWriter:
         }
         hb = json.dumps(head, sort_keys=True).encode()
         self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
-        self._f.write(HEAD.pack(MAGIC, layout.FORMAT_VERSION, len(hb)) + hb)
+        try:
+            self._f.write(HEAD.pack(MAGIC, layout.FORMAT_VERSION, len(hb)) + hb)
+        except BaseException:  # e.g. a full disk: no temp file may outlive a failed writer
+            self.abort()
+            raise
         self._pos = HEAD.size + len(hb)
         self.entries: list[RecordEntry] = []
 
@@ -177,10 +182,14 @@ class ShardWriter:
     def close(self) -> pa.Table:
         """Finish the shard and its index; returns the index rows."""
         footer = json.dumps({"records": [asdict(e) for e in self.entries]}).encode()
-        self._f.write(footer + TRAILER.pack(self._pos, len(footer), END_MAGIC))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            self._f.write(footer + TRAILER.pack(self._pos, len(footer), END_MAGIC))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        except BaseException:
+            self.abort()
+            raise
         os.replace(self.tmp, self.final)
         layout.fsync_dir(self.final.parent)
         table = index_rows(self.rel, self.bucket, self.compression, self.entries)
@@ -189,7 +198,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         if not self._f.closed:
-            self._f.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._f.close()
         if self.tmp.exists():
             self.tmp.unlink()
 
@@ -221,24 +231,112 @@ def index_rows(
     return pa.Table.from_pydict(cols, schema=INDEX_SCHEMA)
 
 
-def read_shard_layout(path: str | os.PathLike) -> tuple[dict[str, Any], list[RecordEntry]]:
-    """Header and footer of a complete local shard (no record bytes are read)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(HEAD.size)
-        magic, version, hlen = HEAD.unpack(head) if len(head) == HEAD.size else (b"", 0, 0)
-        if magic != MAGIC:
-            raise DataError(f"{path} is not a bigasp latent shard (bad magic); delete it and re-encode")
-        if version != layout.FORMAT_VERSION:
-            raise DataError(f"{path} has shard format {version}; this bigasp reads {layout.FORMAT_VERSION}")
+def read_shard_header(path: str | os.PathLike, fs=None) -> dict[str, Any]:
+    """The header of a shard (a few hundred bytes read); `DataError` naming the file if damaged."""
+    opener = fs.open if fs is not None else open
+    try:
+        with opener(str(path), "rb") as f:
+            return _read_header(f, path)
+    except OSError as err:
+        raise DataError(f"{path} cannot be read ({err})") from None
+
+
+def _read_header(f, path) -> dict[str, Any]:
+    head = f.read(HEAD.size)
+    magic, version, hlen = HEAD.unpack(head) if len(head) == HEAD.size else (b"", 0, 0)
+    if magic != MAGIC:
+        raise DataError(f"{path} is not a bigasp latent shard (bad magic); delete it and re-encode")
+    if version != layout.FORMAT_VERSION:
+        raise DataError(f"{path} has shard format {version}; this bigasp reads {layout.FORMAT_VERSION}")
+    try:
         header = json.loads(f.read(hlen))
-        f.seek(-TRAILER.size, os.SEEK_END)
-        foff, flen, end = TRAILER.unpack(f.read(TRAILER.size))
-        if end != END_MAGIC:
-            raise DataError(f"{path} is truncated (no end marker); delete it and re-encode")
-        f.seek(foff)
-        records = json.loads(f.read(flen))["records"]
-    return header, [RecordEntry(**r) for r in records]
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(
+            f"{path} has a corrupt header ({err}); delete it and its index file and re-encode"
+        ) from None
+    if not isinstance(header, dict) or not all(
+        k in header for k in ("bucket_height", "bucket_width", "compression")
+    ):
+        raise DataError(
+            f"{path} has a corrupt header (fields missing); delete it and its index file and re-encode"
+        )
+    return header
+
+
+ENCODING_KEYS = ("vae_id", "scaling_factor", "seed", "latent")
+
+
+def encoding_of(header: dict[str, Any]) -> dict[str, Any]:
+    """What makes two shards' latents interchangeable: the VAE (identity hash of its config and
+    weights), the scaling factor, and the seed and mode of the latent draw. None = not recorded."""
+    return {k: header.get(k) for k in ENCODING_KEYS}
+
+
+def describe_encoding(enc: dict[str, Any]) -> str:
+    vae = enc.get("vae_id") or "unrecorded"
+    return (
+        f"VAE {vae}, scaling {enc.get('scaling_factor')}, seed {enc.get('seed')}, latent {enc.get('latent')}"
+    )
+
+
+def read_shard_layout(path: str | os.PathLike, fs=None) -> tuple[dict[str, Any], list[RecordEntry]]:
+    """Header and footer of a complete shard (no record bytes are read).
+
+    Every problem is a `DataError` naming the file: a bad magic, a corrupt header or footer, a
+    missing end marker (truncated), unreadable bytes."""
+    opener = fs.open if fs is not None else open
+    try:
+        with opener(str(path), "rb") as f:
+            header = _read_header(f, path)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size < TRAILER.size:
+                raise DataError(f"{path} is truncated (no end marker); delete it and re-encode")
+            f.seek(size - TRAILER.size)
+            foff, flen, end = TRAILER.unpack(f.read(TRAILER.size))
+            if end != END_MAGIC:
+                raise DataError(f"{path} is truncated (no end marker); delete it and re-encode")
+            if foff + flen + TRAILER.size != size:
+                raise DataError(
+                    f"{path} has a corrupt footer position; delete it and its index file and re-encode"
+                )
+            f.seek(foff)
+            try:
+                records = [RecordEntry(**r) for r in json.loads(f.read(flen))["records"]]
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
+                raise DataError(
+                    f"{path} has a corrupt footer ({type(err).__name__}: {err}); delete it and its index file "
+                    "and re-encode"
+                ) from None
+    except OSError as err:
+        raise DataError(f"{path} cannot be read ({err})") from None
+    return header, records
+
+
+def verify_shard_layout(
+    path: str, header: dict[str, Any], records: list[RecordEntry], index_rows: list[dict]
+) -> list[str]:
+    """Disagreements between a shard's own header/footer and the index rows that point into it."""
+    errors = []
+    by_record = {int(r["record"]): r for r in index_rows}
+    if len(records) != len(by_record) and by_record:
+        errors.append(f"{path}: footer lists {len(records)} records, the index {len(by_record)}")
+    for i, row in sorted(by_record.items()):
+        if i >= len(records):
+            errors.append(f"{path} record {i}: in the index but not in the shard's footer")
+            continue
+        e = records[i]
+        if (e.id, e.offset, e.length, e.crc32) != (row["id"], row["offset"], row["length"], row["crc32"]):
+            errors.append(
+                f"{path} record {i}: footer and index disagree (id/offset/length/crc32); re-encode this shard"
+            )
+    first = index_rows[0] if index_rows else None
+    bucket = (header.get("bucket_height"), header.get("bucket_width"))
+    if first is not None and bucket != (first["bucket_height"], first["bucket_width"]):
+        errors.append(f"{path}: header bucket differs from the index's")
+    if index_rows and header.get("compression") != index_rows[0]["compression"]:
+        errors.append(f"{path}: header compression {header.get('compression')!r} differs from the index's")
+    return errors
 
 
 def rebuild_index(root: str | os.PathLike, shard_rel: str) -> pa.Table:

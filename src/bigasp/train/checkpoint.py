@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,24 +69,203 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """`None` -> fresh run; `auto` -> newest complete checkpoint of `run_dir` or fresh; else a path."""
+    """`None` -> fresh run; `auto` -> newest complete, undamaged checkpoint of `run_dir` (a damaged
+    newer one is skipped with a warning) or fresh; else a path, which must be undamaged."""
     if resume is None or resume == "":
         return None
     if resume == "auto":
-        found = list_complete_checkpoints(run_dir)
-        return found[-1] if found else None
+        return _newest_intact(list_complete_checkpoints(run_dir), run_dir)
     path = Path(resume)
     if path.is_dir() and not _NAME.match(path.name):
         found = list_complete_checkpoints(path)
         if found:
-            return found[-1]
+            return _newest_intact(found, path)
     if not is_complete(path):
         raise BigaspError(
             f"--resume {resume}: not a complete checkpoint (expected a step-<samples> folder with "
             "checkpoint.json marked complete, or a run dir holding some). Use --resume auto to pick the "
             "newest complete one."
         )
+    check_files(path)
     return path
+
+
+def _newest_intact(found: list[Path], where: Path) -> Path | None:
+    damaged = []
+    for ckpt in reversed(found):
+        try:
+            check_files(ckpt)
+        except CheckpointError as err:
+            log.warning("skipping damaged checkpoint: %s", err)
+            damaged.append(ckpt.name)
+            continue
+        if damaged:
+            log.warning(
+                "resuming from %s, the newest undamaged checkpoint (damaged: %s)", ckpt, ", ".join(damaged)
+            )
+        return ckpt
+    if damaged:
+        raise CheckpointError(
+            f"every checkpoint in {where} is damaged ({', '.join(damaged)}; reasons above); start a new run "
+            "with --overwrite, or set model.source to a model folder to begin from"
+        )
+    return None
+
+
+class CheckpointError(BigaspError):
+    """A checkpoint file is missing, truncated or holds values that cannot be right."""
+
+
+def check_safetensors(path: Path) -> None:
+    """Cheap structural check of a .safetensors file: readable header whose tensors end exactly
+    at the end of the file (catches truncation, partial copies, garbage headers)."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is truncated ({size} bytes; not even a safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise CheckpointError(
+                    f"{path} is truncated or not safetensors (header claims {n} bytes, file has {size})"
+                )
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} has a corrupt safetensors header ({err})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (bad tensor entries)") from None
+    if 8 + n + end != size:
+        raise CheckpointError(
+            f"{path} is truncated or padded: its header describes {8 + n + end} bytes, the file has {size}"
+        )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err})") from None
+
+
+TRAINER_KEYS = {
+    "samples_seen": int,
+    "step": int,
+    "skipped_steps": int,
+    "consecutive_skips": int,
+    "loader": list,
+}
+
+
+def check_files(ckpt: Path) -> None:
+    """Every file a resume reads is present and structurally sound; raises `CheckpointError`
+    naming the first damaged file. Reads headers and small JSON only (not the tensors)."""
+    model = ckpt / "model"
+    if not model.is_dir():
+        raise CheckpointError(f"{model} is missing: the checkpoint {ckpt} is incomplete")
+    for f in sorted(model.rglob("*.safetensors")):
+        check_safetensors(f)
+    state = ckpt / "state"
+    for name in ("optimizer.safetensors", "rng.safetensors"):
+        check_safetensors(state / name)
+    opt = _read_json(state / "optimizer.json")
+    if not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list):
+        raise CheckpointError(f"{state / 'optimizer.json'} has no param_groups list: the file is damaged")
+    check_trainer_state(_read_json(state / "trainer.json"), state / "trainer.json")
+
+
+def check_trainer_state(st: Any, where: Path) -> None:
+    """`samples_seen` must be there; every other counter the trainer reads must have its type."""
+    if not isinstance(st, dict):
+        raise CheckpointError(f"{where} is not a JSON object: the file is damaged")
+    for key, typ in TRAINER_KEYS.items():
+        if key not in st and key != "samples_seen":
+            continue
+        value = st.get(key)
+        if not isinstance(value, typ) or isinstance(value, bool) or (typ is int and value < 0):
+            expected = "a non-negative integer" if typ is int else "a list"
+            raise CheckpointError(f"{where}: '{key}' is {value!r}, expected {expected}; the file is damaged")
+
+
+def check_rng_state(rng: dict[str, torch.Tensor], where: Path) -> None:
+    cpu_size = torch.get_rng_state().numel()
+    for name, t in rng.items():
+        if t.dtype != torch.uint8 or t.dim() != 1 or (name.endswith("torch_cpu") and t.numel() != cpu_size):
+            raise CheckpointError(
+                f"{where}: RNG state '{name}' is {t.dtype} {tuple(t.shape)}, expected uint8 of "
+                f"{cpu_size if name.endswith('torch_cpu') else 'a CUDA generator'} bytes; the file is damaged"
+            )
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, where: Path) -> None:
+    """Reject a loaded optimizer state that cannot be right (wrong shapes, NaN/inf moments,
+    negative second moments or step counts) now, at load, rather than as a NaN many steps later."""
+    names = {id(p): g.get("name", "?") for g in optimizer.param_groups for p in g["params"]}
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            for key, v in optimizer.state.get(p, {}).items():
+                what = f"{where}: optimizer state '{key}' of parameter {i} in group {names[id(p)]}"
+                if isinstance(v, torch.Tensor):
+                    v = v.to_local() if hasattr(v, "to_local") else v
+                    if v.dim() > 0 and v.shape != (p.to_local() if hasattr(p, "to_local") else p).shape:
+                        raise CheckpointError(
+                            f"{what} has shape {tuple(v.shape)}, the parameter {tuple(p.shape)}; the checkpoint "
+                            "is damaged or from another model"
+                        )
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                        raise CheckpointError(f"{what} holds NaN or inf; the checkpoint is damaged")
+                    if key in ("exp_avg_sq", "step") and v.numel() and bool((v < 0).any()):
+                        raise CheckpointError(f"{what} is negative; the checkpoint is damaged")
+                elif isinstance(v, int | float) and not (math.isfinite(v) and v >= 0):
+                    raise CheckpointError(f"{what} is {v!r}; the checkpoint is damaged")
+
+
+RUN_LOCK = ".train.lock"
+
+
+@contextmanager
+def run_folder_guard(run_dir: Path, *, resume: str | None, overwrite: bool, main: bool) -> Iterator[None]:
+    """Refuse to start a fresh run over an existing one, and lock the run folder while training.
+
+    A fresh run (no `resume`) in a folder that holds checkpoints would keep the old ones next to
+    its own and mix two runs' histories; it needs `--resume` to continue or `overwrite` to delete
+    them. Rank 0 (`main`) holds `RUN/.train.lock` for the whole run, so a second training in the
+    same folder stops at once instead of overwriting the first one's checkpoints."""
+    from bigasp.locks import folder_lock
+
+    fresh = resume is None or resume == ""
+    found = list_complete_checkpoints(run_dir) if fresh else []
+    if found and not overwrite:
+        raise BigaspError(
+            f"{run_dir} already holds {len(found)} checkpoint(s) (newest {found[-1].name}) from an earlier "
+            "run; continue it with --resume auto, start over with --overwrite (deletes them), or set "
+            "another run_dir"
+        )
+    if not main:
+        yield
+        return
+    busy = f"another `bigasp train` is using the run folder {run_dir}; wait for it or set another run_dir"
+    with folder_lock(run_dir / RUN_LOCK, busy):
+        if found:
+            for p in (run_dir / CHECKPOINT_DIR).iterdir():
+                if _NAME.match(p.name):
+                    _remove(p)
+            log.warning("--overwrite: deleted %d checkpoint(s) of the earlier run in %s", len(found), run_dir)
+        yield
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -201,15 +382,30 @@ def save_checkpoint(
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
-    """Everything except the model: optimizer (as a torch state_dict), trainer JSON, RNG tensors."""
+    """Everything except the model: optimizer (as a torch state_dict), trainer JSON, RNG tensors.
+
+    A damaged file raises `CheckpointError` naming it and what is wrong."""
     state_dir = ckpt / "state"
-    opt = unflatten_optimizer(
-        load_file(str(state_dir / "optimizer.safetensors")),
-        json.loads((state_dir / "optimizer.json").read_text()),
-    )
-    trainer = json.loads((state_dir / "trainer.json").read_text())
-    rng = load_file(str(state_dir / "rng.safetensors"))
+    check_files(ckpt)
+    try:
+        opt = unflatten_optimizer(
+            _load_tensors(state_dir / "optimizer.safetensors"), _read_json(state_dir / "optimizer.json")
+        )
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(
+            f"{state_dir / 'optimizer.json'} does not match optimizer.safetensors ({err})"
+        ) from None
+    trainer = _read_json(state_dir / "trainer.json")
+    rng = _load_tensors(state_dir / "rng.safetensors")
+    check_rng_state(rng, state_dir / "rng.safetensors")
     return {"optimizer": opt, "trainer": trainer, "rng": rng, "meta": read_meta(ckpt)}
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError)
+        raise CheckpointError(f"{path} cannot be read as safetensors ({err})") from None
 
 
 def _remove(path: Path) -> None:

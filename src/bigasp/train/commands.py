@@ -33,6 +33,11 @@ def register(app: typer.Typer) -> None:
         stop_at: int = typer.Option(
             None, "--stop-at", help="Checkpoint and exit after this many samples (a slice of the schedule)."
         ),
+        overwrite: bool = typer.Option(
+            False,
+            "--overwrite",
+            help="Start a fresh run even though run_dir holds checkpoints: deletes them first.",
+        ),
         print_config: bool = typer.Option(
             False, "--print-config", help="Print the resolved config as TOML and exit."
         ),
@@ -48,7 +53,7 @@ def register(app: typer.Typer) -> None:
         from bigasp.train.trainer import train
 
         try:
-            result = train(cfg, resume=resume, stop_at=stop_at)
+            result = train(cfg, resume=resume, stop_at=stop_at, overwrite=overwrite)
         finally:
             shutdown()
         import os

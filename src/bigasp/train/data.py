@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
 import struct
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,7 @@ import torch
 from pydantic import Field
 
 from bigasp.config import Section
-from bigasp.errors import ConfigError, DataError
+from bigasp.errors import BigaspError, ConfigError, DataError
 from bigasp.text import CHUNK_CONTENT, chunk_batch, tokenize
 from bigasp.text.aliases import AliasTable
 from bigasp.text.synthesis import (
@@ -81,6 +82,12 @@ class DataConfig(Section):
         2048, ge=0, description="Training images in the fixed 'stable train loss' set (bigASP: first 2048)."
     )
     exclude_score_zero: bool = Field(True, description="Drop images with score 0 before splitting (bigASP).")
+    check_vae: bool = Field(
+        True,
+        description="Refuse to train when the dataset's latents were made by a VAE with other weights than the "
+        "model's (recorded per shard by `bigasp encode`). Set false for a compatible variant, e.g. the SDXL "
+        "fp16-fix VAE. A different scaling factor is always an error.",
+    )
     prompt: PromptConfig = Field(
         default_factory=PromptConfig, description="Prompt synthesis ([data.prompt])."
     )
@@ -450,22 +457,62 @@ class _BatchSource(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> Batch:
+    def __getitem__(self, i: int) -> Batch | WorkerFailure:
         it = self.items[i]
-        return build_batch(
-            self.dataset,
-            it.rows,
-            seed=self.seed,
-            epoch=it.epoch,
-            cfg=self.cfg,
-            aliases=self.aliases,
-            token_estimates=self.token_estimates,
-            chunk_estimate=it.chunk_estimate,
-            position=it.position,
-        )
+        try:
+            return build_batch(
+                self.dataset,
+                it.rows,
+                seed=self.seed,
+                epoch=it.epoch,
+                cfg=self.cfg,
+                aliases=self.aliases,
+                token_estimates=self.token_estimates,
+                chunk_estimate=it.chunk_estimate,
+                position=it.position,
+            )
+        except BigaspError as err:  # a data problem, not a bug: hand it back whole, not as a traceback
+            return WorkerFailure(err)
+
+
+@dataclass
+class WorkerFailure:
+    """A user-fixable error raised while building a batch, returned instead of raised.
+
+    DataLoader re-raises a worker's exception as a new one whose message is the worker's whole
+    traceback; returned as a value, the main process raises the original one-line error."""
+
+    error: BigaspError
+
+
+def _iterate(source: _BatchSource, cfg: DataConfig) -> Iterator[Batch]:
+    """Batches of `source` in order; the worker processes are shut down and reaped whenever
+    iteration ends: exhausted, failed, closed, or the consumer raised.
+
+    Left to garbage collection, a failed run's workers stay referenced by the traceback until
+    interpreter exit, where multiprocessing SIGTERMs them (which they ignore, see
+    `_worker_init`) and waits forever."""
+    it = iter(_loader(source, cfg))
+    try:
+        for item in it:
+            if isinstance(item, WorkerFailure):
+                raise item.error
+            yield item
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's own orderly worker shutdown
+        if shutdown is not None:
+            shutdown()
+            for w in getattr(it, "_workers", []):
+                if w.is_alive():  # missed the shutdown and ignores SIGTERM (see _worker_init)
+                    w.kill()
+                    w.join(timeout=10)
 
 
 def _loader(source: _BatchSource, cfg: DataConfig) -> torch.utils.data.DataLoader:
+    global _MAIN_PID, _PRCTL
+    _MAIN_PID = os.getpid()
+    if _PRCTL is None:
+        _PRCTL = _find_prctl()
     workers = cfg.num_workers
     return torch.utils.data.DataLoader(
         source,
@@ -490,6 +537,32 @@ def _worker_init(_: int) -> None:
     # dies (DataLoader's parent watchdog), and SIGKILL still kills them.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A SIGKILLed main process cannot reap its workers: have the kernel kill them with it.
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if _MAIN_PID is not None and os.getppid() != _MAIN_PID:  # it died before the prctl took effect
+            os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _find_prctl():
+    """Linux's prctl, resolved in the main process: a forked worker must not search for libraries
+    (a subprocess or the loader lock in a child of a threaded process can deadlock it)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_MAIN_PID: int | None = None  # the process that starts the workers (inherited by forked workers)
+_PRCTL = None  # see _find_prctl; set with _MAIN_PID when a loader is built
 
 
 def load_aliases(cfg: DataConfig) -> AliasTable | None:
@@ -699,7 +772,7 @@ class TrainLoader:
             source = _BatchSource(
                 self.dataset, self.cfg, self.seed, self.aliases, self.token_estimates, items
             )
-            for batch in _loader(source, self.cfg):
+            for batch in _iterate(source, self.cfg):
                 self.position = batch.position - self.rank + w
                 self.stats.add(batch, self.cfg.max_chunks)
                 yield batch
@@ -776,4 +849,4 @@ def eval_batches(
     if not mine:
         return
     source = _BatchSource(dataset, cfg, seed, load_aliases(cfg), tokens, mine)
-    yield from _loader(source, cfg)
+    yield from _iterate(source, cfg)

@@ -31,7 +31,7 @@ from bigasp.models.components import SDXL
 from bigasp.models.io import load_model, save_diffusers_folder
 from bigasp.text import TE2_PAD
 from bigasp.train import checkpoint as ckpt_io
-from bigasp.train import parallel
+from bigasp.train import parallel, preflight
 from bigasp.train.config import RunConfig, resolve_accumulation
 from bigasp.train.data import TrainLoader, eval_batches, split_dataset
 from bigasp.train.denoiser import Denoiser, time_ids_from
@@ -225,14 +225,28 @@ class StopFlag:
 
 
 def train(
-    cfg: RunConfig, *, resume: str | None = None, stop_at: int | None = None, dataset=None
+    cfg: RunConfig,
+    *,
+    resume: str | None = None,
+    stop_at: int | None = None,
+    dataset=None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Run (or resume) training as configured; returns where it stopped.
 
     `stop_at`: checkpoint and stop once this many samples are seen (a slice of the schedule, e.g.
     to fit a cluster time limit; the lr schedule still spans `train.max_samples`). `dataset`: an
-    already-open `LatentDataset` (default: open `data.dataset`).
+    already-open `LatentDataset` (default: open `data.dataset`). A fresh run refuses a run folder
+    that holds checkpoints unless `overwrite` (which deletes them); the folder is locked meanwhile.
     """
+    from bigasp.train.distributed import read_env
+
+    main = read_env()[0] == 0
+    with ckpt_io.run_folder_guard(Path(cfg.run_dir), resume=resume, overwrite=overwrite, main=main):
+        return _train(cfg, resume=resume, stop_at=stop_at, dataset=dataset)
+
+
+def _train(cfg: RunConfig, *, resume: str | None, stop_at: int | None, dataset) -> TrainResult:
     # ---- processes, devices, numerics ------------------------------------------------------
     dist: DistInfo = init_distributed(cfg.train.device)
     device, rank, world = dist.device, dist.rank, dist.world_size
@@ -314,6 +328,7 @@ def train(
         from bigasp.store import LatentDataset
 
         dataset = LatentDataset(cfg.data.dataset)
+        preflight.check_dataset(dataset, model, cfg)
     # A resumed run keeps its split cutoff: images added since are assigned by it, old ones keep their side.
     split = split_dataset(
         dataset, cfg.data, seed=seed, threshold=saved["trainer"].get("split_threshold") if saved else None
@@ -335,12 +350,20 @@ def train(
                 "model.train_text_encoder / train_text_encoder_2 as they were to resume, or start a new run "
                 "from the checkpoint's model/ folder (model.source) to change what trains"
             )
-        if fsdp:
-            parallel.load_full_optimizer_state(
-                denoiser, optimizer, parallel.fqn_keyed(denoiser, optimizer, saved["optimizer"])
-            )
-        else:
-            optimizer.load_state_dict(parallel.id_optimizer_state(denoiser, optimizer, saved["optimizer"]))
+        try:
+            if fsdp:
+                parallel.load_full_optimizer_state(
+                    denoiser, optimizer, parallel.fqn_keyed(denoiser, optimizer, saved["optimizer"])
+                )
+            else:
+                optimizer.load_state_dict(
+                    parallel.id_optimizer_state(denoiser, optimizer, saved["optimizer"])
+                )
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise ckpt_io.CheckpointError(
+                f"{ckpt_path}/state/optimizer.*: cannot be loaded ({err})"
+            ) from None
+        ckpt_io.check_optimizer_state(optimizer, ckpt_path / "state" / "optimizer.safetensors")
         for g in optimizer.param_groups:  # the config's lr wins over the saved one (lr changes on resume)
             g["initial_lr"] = peak_lrs[g["name"]]
         st = saved["trainer"]
@@ -507,7 +530,12 @@ def train(
             # stop requested. Kept on the device: one host sync per optimizer step, not per micro-step.
             stats = torch.zeros(8, dtype=torch.float64, device=device)
             for micro in range(accumulation):
-                host_batch = next(batches)
+                try:
+                    host_batch = next(batches)
+                except BigaspError:  # a bad shard or record: keep the finished steps if that is safe
+                    if micro == 0 and not dist.distributed and 0 < samples_seen != last_saved_at:
+                        result.last_checkpoint = save("data_error")
+                    raise
                 rows = host_batch.indices.tolist()  # from the host copy: no device sync
                 batch = host_batch.to(device, non_blocking=True)
                 if batch_log is not None:
@@ -637,6 +665,7 @@ def train(
         if samples_seen >= t.max_samples and cfg.checkpoint.at_end and last_saved_at != samples_seen:
             result.last_checkpoint = save("end")
     finally:
+        batches.close()  # shut down and reap the loader's workers now, also on an error
         stop.restore()
         tracker.close()
         if batch_log is not None:
