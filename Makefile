@@ -3,6 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The torch to install when the venv has none. On a CUDA machine, e.g.:
+#   make install TORCH_SPEC=torch TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 
 .PHONY: demo test lint install clean-venv
 
@@ -10,7 +14,13 @@ $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU build on this machine; a range would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
+	# A torch already in the venv (e.g. a CUDA build installed first, see README) is kept as is.
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "keeping the torch already in $(VENV): $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	else \
+		echo "$(BIN)/python -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS)"; \
+		$(BIN)/python -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS); \
+	fi
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 

@@ -12,6 +12,7 @@ Usage: python scripts/build_clip_tokenizer.py [path/to/bpe_simple_vocab_16e6.txt
 from __future__ import annotations
 
 import gzip
+import json
 import sys
 from pathlib import Path
 
@@ -58,6 +59,12 @@ def build(bpe_gz: Path, out: Path) -> None:
     )
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out))
+    # Merges as "a b" strings: the form every tokenizers release reads (0.19 rejects the
+    # [a, b] pairs newer releases write).
+    path = out / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out} ({len(vocab)} tokens)")
 
 

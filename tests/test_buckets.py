@@ -106,3 +106,20 @@ def test_vectorised_nearest_matches_scalar():
     w[:31] = [b.width for b in SDXL_BUCKETS]
     got = bs.nearest_indices(h, w, chunk=700)
     assert [bs.buckets[i] for i in got] == [bs.nearest(int(a), int(b)) for a, b in zip(h, w, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"max_area": 10**12, "min_area": 1}, {"min_aspect": 1e-9}, {"max_aspect": float("inf")},
+     {"max_aspect": float("nan")}, {"step": -56}],
+)  # fmt: skip
+def test_absurd_bucket_rules_fail_fast_naming_the_field(bad):
+    import time
+
+    from bigasp.config import validate
+    from bigasp.prep.config import IngestConfig
+
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="buckets") as err:
+        validate(IngestConfig, {"buckets": bad}, "command-line flags")
+    assert time.perf_counter() - t0 < 1 and "buckets" in str(err.value)

@@ -7,18 +7,16 @@ import torch
 
 from bigasp.models.conditioning import Crop, Size, encode_prompts, encode_tokens, sdxl_time_ids
 from bigasp.text import BOS, EOS, chunk_batch, tokenize
-from bigasp.text.tokenizer import tokenizer_dir
+from bigasp.text.tokenizer import hf_clip_tokenizer
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTokenizer
 
     from bigasp.models import component_config
 
-    tok1 = CLIPTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True)
-    tok2 = CLIPTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True, pad_token="!")
+    tok1, tok2 = hf_clip_tokenizer(), hf_clip_tokenizer(pad_token="!")
     sched = EulerDiscreteScheduler.from_config(component_config("tiny", "scheduler"))
     return StableDiffusionXLPipeline(
         vae=tiny_model.vae,

@@ -118,3 +118,41 @@ def test_dump_toml_round_trips():
     again = RunConfig.model_validate(tomllib.loads(text))
     assert again == cfg
     assert "output" not in text  # None values are omitted (TOML has no null)
+
+
+def test_dump_toml_is_tomli_w_and_keeps_awkward_strings_and_keys():
+    import tomli_w
+
+    data = {
+        "path": 'C:\\data\\"photos"\n\ttab ünïcode',
+        "weights": {"r/pics": 2.0, "name with space": 1, "dotted.key": [1, 2]},
+        "none": None,
+        "nested": {"drop": None, "keep": [{"a": 1}, {"b": "x"}]},
+    }
+    expected = {"path": data["path"], "weights": data["weights"], "nested": {"keep": [{"a": 1}, {"b": "x"}]}}
+    text = dump_toml(data)
+    assert text == tomli_w.dumps(expected)  # the maintained writer, None values dropped
+    assert tomllib.loads(text) == expected
+
+
+@pytest.mark.parametrize("name", ["bigasp-v2.toml", "bigasp-v2.5.toml", "demo.toml", "tiny.toml"])
+def test_resolved_run_configs_round_trip(name):
+    """The config.toml saved beside a checkpoint validates back to the very same resolved config."""
+    from pathlib import Path
+
+    from bigasp.train.config import RunConfig as TrainRunConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    cfg = load_config(TrainRunConfig, path, ['run_dir="runs/a \\"quoted\\" dir"'])
+    text = dump_toml(cfg.model_dump(mode="json"))
+    again = TrainRunConfig.model_validate(tomllib.loads(text))
+    assert again == cfg
+
+
+def test_other_stage_configs_round_trip():
+    from bigasp.prep.config import EncodeConfig, IngestConfig
+    from bigasp.sample.generate import GenerateSettings
+
+    for model in (IngestConfig, EncodeConfig, GenerateSettings):
+        cfg = model()
+        assert model.model_validate(tomllib.loads(dump_toml(cfg.model_dump(mode="json")))) == cfg

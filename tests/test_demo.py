@@ -26,12 +26,13 @@ def test_quick_demo_learns_end_to_end(tmp_path: Path, capsys):
     summary = json.loads((out / "summary.json").read_text())
 
     # Every stage ran through the CLI and left its product.
-    for key in ("dataset", "final_checkpoint", "grid_image", "gallery", "loss_plot"):
+    for key in ("dataset", "dataset_report", "final_checkpoint", "grid_image", "gallery", "loss_plot"):
         assert Path(summary["paths"][key]).exists(), key
     assert (Path(summary["paths"]["final_checkpoint"]) / "model" / "vae").is_dir()
     ckpts = sorted((out / "run" / "checkpoints").glob("step-*"))
     assert len(ckpts) == 2  # the half-way checkpoint it resumed from, and the final one
     assert "colour adherence" in printed and str(out / "grid.png") in printed
+    assert str(out / "dataset-report" / "index.html") in printed
 
     # Broken files were rejected and reported, not fatal.
     import pyarrow.parquet as pq
@@ -46,5 +47,5 @@ def test_quick_demo_learns_end_to_end(tmp_path: Path, capsys):
     # Idempotent: a second run reuses every stage and reports the same figures.
     main(["demo", "--quick", "--out", str(out), "--seed", "0"])
     again = json.loads((out / "summary.json").read_text())
-    assert set(again["reused"]) >= {"ingest", "encode", "train", "generate", "watch"}
+    assert set(again["reused"]) >= {"ingest", "encode", "report", "train", "generate", "watch"}
     assert again["colour_adherence"] == summary["colour_adherence"]

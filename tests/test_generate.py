@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bigasp.errors import ConfigError
+from bigasp.errors import BigaspError, ConfigError
 from bigasp.models import ModelKind
 from bigasp.sample import GenerateSettings, Generator, read_png_metadata, save_png
 from bigasp.sample.generate import PRESETS, initial_noise
@@ -100,6 +100,24 @@ def test_eps_sde_preset_is_deterministic_and_prompt_grouping_exact(gen):
     assert len(together) == 2
 
 
+@pytest.mark.parametrize("noise", ["brownian", "iid"])
+def test_sde_image_does_not_depend_on_its_batch_mates(gen, noise):
+    """Image k alone equals image k sampled with other prompts (noise keyed per prompt)."""
+    s = small("bigasp-v2", prediction="eps", steps=4, seed=11, batch=2, noise=noise, pag=0.0)
+    prompts = ["a red cat", "a blue dog", "a green bird"]
+    together = gen.sample(prompts, s)
+    for k, p in enumerate(prompts):
+        alone = gen.sample([p], s)
+        # same noise; only batched UNet arithmetic differs (fp32 rounding, ~1e-4 after 4 steps;
+        # noise shared across the call instead would differ by O(1))
+        torch.testing.assert_close(together[2 * k : 2 * k + 2], alone, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(together[0], together[1], atol=1e-2)  # batch items differ
+
+
+def test_default_sde_noise_is_the_brownian_tree():
+    assert GenerateSettings().noise == "brownian"
+
+
 def test_cli_generate_writes_png(tmp_path):
     from bigasp.cli import main
 
@@ -155,3 +173,81 @@ def test_cuda_fp16_unet_fp32_vae_is_deterministic():
     a = g.generate("a cat", small(seed=4))
     b = g.generate("a cat", small(seed=4))
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+NESTED = "(" * 3000 + "a" + ")" * 3000
+BAD_INPUT = {  # one per check, run through the installed executable
+    "cfg-nan": (["a cat", "--cfg", "nan"], "cfg: Input should be a finite number"),
+    "weight-inf": (["(a:inf)"], "weight inf of 'a' is out of range"),
+    "nested-comfy": ([NESTED], "nests parentheses more than 200 deep"),
+    "too-large": (["a cat", "--size", "8192x1024"], "width 8192 is larger than 4096 pixels"),
+    "cuda-missing": (["a cat", "--device", "cuda"], "no CUDA GPU is available here"),
+    "unknown-device": (["a cat", "--device", "tpu9"], "--device 'tpu9' is not a device"),
+    "out-is-a-file": (["a cat", "--out", "OUTFILE"], "is an existing file, not a folder"),
+}
+MORE_BAD_PROMPTS = {  # the same checks again, in-process (the same entry point, minus a process start)
+    "weight-nan": (["(a:nan) cat"], "weight nan of 'a' is out of range"),
+    "weight-huge-negative": (["(a:-1e30)"], "weight -1e+30 of 'a' is out of range"),
+    "nested-a1111": ([NESTED, "--syntax", "a1111"], "is out of range"),
+    "negative-prompt": (["a cat", "--negative", "(ugly:inf)"], "weight inf of 'ugly' is out of range"),
+}
+
+
+def test_cli_rejects_bad_generate_input_in_one_line_before_loading(tmp_path):
+    """The installed `bigasp` refuses each bad input with one line and exit 2, writing nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("bigasp")
+    outfile = tmp_path / "taken.png"
+    outfile.write_bytes(b"not mine")
+    cmds = {}
+    for name, (args, _) in BAD_INPUT.items():
+        if name == "cuda-missing" and torch.cuda.is_available():
+            continue
+        args = [str(outfile) if a == "OUTFILE" else a for a in args]
+        if "--out" not in args:
+            args += ["--out", str(tmp_path / name)]
+        cmds[name] = [str(exe), "generate", *args, "--model", "no-such-model-folder", "--steps", "1"]
+    names = list(cmds)
+    for first in range(0, len(names), 2):  # two at a time: CI has two cores
+        procs = {n: subprocess.Popen(cmds[n], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for n in names[first : first + 2]}  # fmt: skip
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 2, (name, err)
+            assert BAD_INPUT[name][1] in err, (name, err)
+            assert "Traceback" not in err and out == "" and len(err.strip().splitlines()) <= 2, (name, err)
+            assert "no-such-model-folder" not in err, name  # refused before the model is looked at
+            assert not (tmp_path / name).exists(), name
+    assert outfile.read_bytes() == b"not mine"
+
+
+@pytest.mark.parametrize("case", sorted(MORE_BAD_PROMPTS))
+def test_cli_rejects_more_bad_prompts_in_one_line(case, tmp_path, capsys):
+    from bigasp.cli import main
+
+    args, message = MORE_BAD_PROMPTS[case]
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", *args, "--model", "no-such-model-folder", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a1111_deep_nesting_is_refused_not_a_black_image():
+    from bigasp.sample.prompts import parse
+
+    with pytest.raises(ConfigError, match="out of range"):
+        parse(NESTED, "a1111")
+    assert parse("((a))", "a1111") == [("a", pytest.approx(1.21))]
+    # the deepest nesting still allowed parses without recursion trouble
+    deep = "(" * 200 + "a:1.5" + ")" * 200
+    assert parse(deep, "comfy") == [("a", 1.5)]
+
+
+def test_non_finite_samples_are_an_error_not_a_black_png(gen):
+    s = small().model_copy(update={"cfg": float("inf")})  # bypasses validation, as a library caller might
+    with pytest.raises(BigaspError, match="NaN/inf"):
+        gen.generate("a cat", s)

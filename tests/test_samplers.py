@@ -173,19 +173,6 @@ def test_run_sampler_dispatch_and_unknown():
         run_sampler("lms", const_model(a), a, [1.0, 0.0], ms=EpsDiscrete())
 
 
-def test_brownian_tree_optional():
-    from bigasp.sample.samplers import brownian_noise_sampler, brownian_tree_available
-
-    x = torch.zeros(1, 4, 2, 2)
-    if not brownian_tree_available():
-        with pytest.raises(ImportError, match="torchsde"):
-            brownian_noise_sampler(x, [14.6, 1.0, 0.0], seed=1)
-        return
-    ns = brownian_noise_sampler(x, [14.6, 1.0, 0.0], seed=1)
-    a, b = ns(14.6, 1.0), brownian_noise_sampler(x, [14.6, 1.0, 0.0], seed=1)(14.6, 1.0)
-    assert torch.equal(a, b) and a.shape == x.shape
-
-
 def _eps_fn(x, sigma):
     return 0.2 * x / math.sqrt(1 + sigma * sigma) + math.sin(sigma)
 
@@ -221,23 +208,27 @@ def test_dpmpp_2m_and_2m_sde_match_diffusers_with_shared_noise(algo):
 
 @pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde"])
 @pytest.mark.parametrize("kind", ["eps", "flow"])
-def test_sampling_loop_never_reads_device_values(name, kind, host_sync_trap):
+@pytest.mark.parametrize("noise", ["iid", "brownian"])
+def test_sampling_loop_never_reads_device_values(name, kind, noise, host_sync_trap):
     """CPU twin of the GPU sync-debug test: samplers only do tensor arithmetic on x and D."""
-    from bigasp.sample.samplers import iid_noise_sampler
+    from bigasp.sample.samplers import brownian_noise_sampler, iid_noise_sampler
 
     ms = EpsDiscrete() if kind == "eps" else FlowConst(3.0)
     x = torch.randn(1, 4, 2, 2).as_subclass(host_sync_trap)
     with pytest.raises(AssertionError, match="host sync"):
         bool(x.sum() > 0)  # the trap works
-    out = run_sampler(name, lambda x, s: 0.5 * x, x, sigmas(kind, "karras", 5, 3.0).tolist(), ms=ms,
-                      noise_sampler=iid_noise_sampler(x, torch.Generator().manual_seed(0)))  # fmt: skip
+    sig = sigmas(kind, "karras", 5, 3.0).tolist()
+    ns = (iid_noise_sampler(x, torch.Generator().manual_seed(0)) if noise == "iid"
+          else brownian_noise_sampler(x, sig, seed=0))  # fmt: skip
+    out = run_sampler(name, lambda x, s: 0.5 * x, x, sig, ms=ms, noise_sampler=ns)
     assert isinstance(out, host_sync_trap)
 
 
 @pytest.mark.gpu
-def test_sampling_loop_has_no_cuda_sync(tiny_model):
+@pytest.mark.parametrize("noise", ["iid", "brownian"])
+def test_sampling_loop_has_no_cuda_sync(tiny_model, noise):
     from bigasp.sample.guidance import Conditioning, GuidedDenoiser, perturbed_attention
-    from bigasp.sample.samplers import iid_noise_sampler
+    from bigasp.sample.samplers import brownian_noise_sampler, iid_noise_sampler
 
     unet = tiny_model.unet.to("cuda")
     try:
@@ -247,8 +238,9 @@ def test_sampling_loop_has_no_cuda_sync(tiny_model):
                             torch.randn(1, pooled, device="cuda"), torch.ones(1, 6, device="cuda"))  # fmt: skip
         den = GuidedDenoiser(unet, FlowConst(1.0), cond, cond, cfg=3.0, pag=2.0)
         x = torch.randn(1, 4, 8, 8, device="cuda")
-        ns = iid_noise_sampler(x, torch.Generator("cuda").manual_seed(0))
         sig = sigmas("flow", "beta", 4).tolist()
+        ns = (iid_noise_sampler(x, torch.Generator("cuda").manual_seed(0)) if noise == "iid"
+              else brownian_noise_sampler(x, sig, seed=0))  # fmt: skip
         with perturbed_attention(unet, den.state):
             run_sampler("dpmpp_2m_sde", den, x, sig, ms=FlowConst(1.0), noise_sampler=ns)  # warm-up
             torch.cuda.synchronize()
@@ -261,28 +253,79 @@ def test_sampling_loop_has_no_cuda_sync(tiny_model):
         unet.to("cpu")
 
 
-def test_brownian_sampler_increments_with_a_stand_in_tree(monkeypatch):
-    """The tree is queried over [σmin, σmax] of the un-offset list; increments are sign-corrected
-    for descending sigmas and normalised by sqrt(|Δσ|) (ComfyUI BatchedBrownianTree)."""
-    import sys
-    import types
+class TorchsdeReferenceNoise:
+    """k-diffusion's BrownianTreeNoiseSampler (as ComfyUI runs it, cpu=True), written against
+    torchsde directly: one tree over [σmin, σmax], w0 = 0, entropy = seed."""
 
+    def __init__(self, x, sigma_min, sigma_max, seed):
+        import torchsde
+
+        self.tree = torchsde.BrownianTree(sigma_min, torch.zeros_like(x), sigma_max, entropy=seed)
+
+    def __call__(self, sigma, sigma_next):
+        t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
+        lo, hi, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
+        return self.tree(lo, hi) * sign / (t1 - t0).abs().sqrt()
+
+
+def reference_dpmpp_2m_sde(model, x, sigmas, noise_sampler):
+    """k-diffusion's sample_dpmpp_2m_sde (eps, eta 1, midpoint) in float32 tensor arithmetic."""
+    old_denoised = h_last = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = s - t
+            x = sigmas[i + 1] / sigmas[i] * (-h).exp() * x + (-2 * h).expm1().neg() * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                x = x + 0.5 * (-2 * h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h).expm1().neg().sqrt()
+        old_denoised, h_last = denoised, h
+    return x
+
+
+@pytest.mark.filterwarnings("ignore:Should have t")  # the reference tree, as in ComfyUI
+def test_brownian_noise_equals_torchsde_reference_exactly():
     from bigasp.sample.samplers import brownian_noise_sampler
 
-    made = {}
+    sig = sigmas("eps", "karras", 12)
+    x = torch.zeros(2, 4, 3, 3)
+    ref = TorchsdeReferenceNoise(x, sig[sig > 0].min(), sig.max(), seed=1234)
+    ours = brownian_noise_sampler(x, sig.tolist(), seed=1234)
+    for i in range(len(sig) - 2):  # samplers never ask for noise at σ = 0
+        torch.testing.assert_close(
+            ours(float(sig[i]), float(sig[i + 1])), ref(sig[i], sig[i + 1]), rtol=0, atol=0
+        )
+    n = ours(float(sig[0]), float(sig[1]))
+    assert 0.5 < float(n.std()) < 1.5  # unit-variance increments
+    other = brownian_noise_sampler(x, sig.tolist(), seed=1235)(float(sig[0]), float(sig[1]))
+    assert not torch.equal(n, other)
 
-    class Tree:  # W(t) = t · w, a straight-line "Brownian" path
-        def __init__(self, t0, w0, t1, entropy):
-            made.update(t0=t0, t1=t1, entropy=entropy, shape=tuple(w0.shape))
-            self.w = torch.arange(w0.numel(), dtype=torch.float32).reshape(w0.shape)
 
-        def __call__(self, ta, tb):
-            assert float(ta) <= float(tb)
-            return (tb - ta) * self.w
+@pytest.mark.filterwarnings("ignore:Should have t")  # the reference tree, as in ComfyUI
+def test_dpmpp_2m_sde_with_brownian_noise_matches_torchsde_reference_within_fp32_rounding():
+    from bigasp.sample.samplers import brownian_noise_sampler
 
-    monkeypatch.setitem(sys.modules, "torchsde", types.SimpleNamespace(BrownianTree=Tree))
-    x = torch.zeros(1, 2, 2, 1)
-    ns = brownian_noise_sampler(x, [1.0, 0.5, 0.2, 0.0], seed=42)
-    assert made == {"t0": 0.2, "t1": 1.0, "entropy": 42, "shape": (1, 2, 2, 1)}
-    n = ns(0.5, 0.2)
-    torch.testing.assert_close(n, -math.sqrt(0.3) * torch.arange(4.0).reshape(1, 2, 2, 1))
+    sig = sigmas("eps", "karras", 12)
+    x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * sig[0]
+    model = lambda x, s: 0.3 * x / (1 + float(s) ** 2) + math.sin(float(s))  # noqa: E731
+    ref = reference_dpmpp_2m_sde(model, x0, sig, TorchsdeReferenceNoise(x0, sig[sig > 0].min(), sig.max(), 7))
+    ns = brownian_noise_sampler(x0, sig.tolist(), seed=7)
+    ours = run_sampler("dpmpp_2m_sde", model, x0, sig.tolist(), ms=EpsDiscrete(), noise_sampler=ns)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)  # host-side coefficients: not bit-exact
+
+
+def test_keyed_noise_gives_each_block_its_own_sampler():
+    from bigasp.sample.samplers import brownian_noise_sampler, keyed_noise_sampler
+
+    sig = [1.0, 0.5, 0.2, 0.0]
+    x = torch.zeros(3, 4, 2, 2)
+    blocks = [brownian_noise_sampler(b, sig, seed=5) for b in x.chunk(3)]
+    n = keyed_noise_sampler(blocks)(0.5, 0.2)
+    alone = brownian_noise_sampler(x[:1], sig, seed=5)(0.5, 0.2)
+    assert n.shape == x.shape
+    for k in range(3):
+        assert torch.equal(n[k : k + 1], alone)

@@ -10,7 +10,7 @@ import torch
 
 from bigasp.sample import sigmas
 from bigasp.sample.model_sampling import EpsDiscrete, FlowConst
-from bigasp.sample.schedules import SCHEDULERS, beta_ppf
+from bigasp.sample.schedules import SCHEDULERS
 
 KINDS = [("eps", 1.0), ("flow", 1.0), ("flow", 6.0)]
 
@@ -125,14 +125,29 @@ def test_exponential_is_log_uniform():
     assert s[-1] == pytest.approx(eps_table64()[0], rel=1e-6)
 
 
-def test_beta_ppf_matches_mpmath():
-    mpmath = pytest.importorskip("mpmath")
-    mpmath.mp.dps = 30
-    for p in (0.999, 0.9, 0.5, 0.1, 1 / 30, 1e-3):
-        x = beta_ppf(p, 0.6, 0.6)
-        assert float(mpmath.betainc(0.6, 0.6, 0, x, regularized=True)) == pytest.approx(
-            p, rel=1e-12, abs=1e-15
-        )
+def scipy_beta_indices(steps: int) -> list[int]:
+    """ComfyUI's beta_scheduler indices, from scipy itself (consecutive duplicates dropped)."""
+    from scipy.stats import beta as beta_dist
+
+    raw = np.rint(beta_dist.ppf(1 - np.linspace(0, 1, steps, endpoint=False), 0.6, 0.6) * 999)
+    return [int(t) for k, t in enumerate(raw) if k == 0 or t != raw[k - 1]]
+
+
+@pytest.mark.parametrize("kind,shift", [*KINDS, ("flow", 3.0)])
+def test_beta_matches_scipy_indices_for_every_step_count(kind, shift):
+    ms = EpsDiscrete() if kind == "eps" else FlowConst(shift)
+    for steps in range(1, 301):
+        idx = scipy_beta_indices(steps)
+        expected = [*ms.sigmas[idx].tolist(), 0.0]
+        assert sigmas(kind, "beta", steps, shift).tolist() == expected, steps
+
+
+def test_beta_middle_index_is_500_for_even_steps():
+    # t = 0.5 -> ppf = 0.5 -> rint(499.5) = 500 (ComfyUI); a quantile a hair below 0.5 gives 499.
+    for steps in (2, 30, 40, 100):
+        s = sigmas("flow", "beta", steps, 1.0)
+        assert float(s[steps // 2]) == pytest.approx(0.501, abs=1e-7), steps
+    assert float(sigmas("eps", "beta", 30)[15]) == float(EpsDiscrete().sigmas[500])
 
 
 def test_beta_rounds_to_table_and_ends_above_sigma_min():
@@ -141,8 +156,7 @@ def test_beta_rounds_to_table_and_ends_above_sigma_min():
     assert all(bool((table == v).any()) for v in s[:-1])  # every sigma is a table entry
     assert float(s[0]) == 1.0
     assert float(s[-2]) == pytest.approx(0.007, abs=1e-7)  # table[rint(ppf(1/30)*999)]
-    idx = int(np.rint(beta_ppf(1 / 30, 0.6, 0.6) * 999))
-    assert float(s[-2]) == float(table[idx])
+    assert float(s[-2]) == float(table[scipy_beta_indices(30)[-1]])
 
 
 def test_beta_deduplicates_consecutive_indices():

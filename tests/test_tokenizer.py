@@ -16,7 +16,13 @@ import pytest
 
 from bigasp.text import BOS, EOS, TE1_PAD, TE2_PAD, chunk_batch, clip_tokenizer, tokenize
 from bigasp.text import tokenizer as tokenizer_module
-from bigasp.text.tokenizer import VOCAB_SIZE, tokenize_reference, tokenizer_dir
+from bigasp.text.tokenizer import (
+    VOCAB_SIZE,
+    hf_clip_tokenizer,
+    tokenize_reference,
+    tokenizer_dir,
+    write_slow_tokenizer_files,
+)
 
 BPE_GZ = Path(__file__).resolve().parents[1] / "scripts" / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -53,13 +59,25 @@ def test_long_text_is_not_truncated_by_the_tokenizer():
     assert ids == [2368] * 300
 
 
-def test_per_encoder_padding_matches_sdxl_tokenizers():
-    """te1/te2 rows equal what SDXL's tokenizer / tokenizer_2 (pad "!") produce at max_length 77."""
+def test_slow_tokenizer_files_give_the_same_ids(tmp_path):
+    """Saved model folders also carry vocab.json/merges.txt: transformers' CLIPTokenizer built
+    from those alone (no tokenizer.json) agrees with the shipped fast tokenizer."""
+    import shutil
+
     from transformers import CLIPTokenizer
 
+    shutil.copy(tokenizer_dir() / "tokenizer_config.json", tmp_path)
+    write_slow_tokenizer_files(tmp_path)
+    slow = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    texts = ["a photo of a cat", "Don't PANIC!!  (masterpiece:1.2), 1girl, 3d render", "naïve café — ok"]
+    for text in texts:
+        assert slow(text)["input_ids"] == clip_tokenizer()(text)["input_ids"], text
+
+
+def test_per_encoder_padding_matches_sdxl_tokenizers():
+    """te1/te2 rows equal what SDXL's tokenizer / tokenizer_2 (pad "!") produce at max_length 77."""
     text = "a photo of a cat, sitting on a red sofa"
-    tok1 = CLIPTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True)
-    tok2 = CLIPTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True, pad_token="!")
+    tok1, tok2 = hf_clip_tokenizer(), hf_clip_tokenizer(pad_token="!")
     ref1 = tok1(text, padding="max_length", max_length=77, truncation=True)["input_ids"]
     ref2 = tok2(text, padding="max_length", max_length=77, truncation=True)["input_ids"]
     chunked = chunk_batch(tokenize([text]))

@@ -64,12 +64,27 @@ class BucketConfig(Section):
             )
         if not 0 < self.min_area <= self.max_area:
             raise ValueError("buckets.min_area must be positive and <= buckets.max_area")
-        if not 0 < self.min_aspect <= 1 <= self.max_aspect:
-            raise ValueError("buckets.min_aspect must be in (0, 1] and buckets.max_aspect >= 1")
+        if not (math.isfinite(self.max_aspect) and 0 < self.min_aspect <= 1 <= self.max_aspect):
+            raise ValueError(
+                "buckets.min_aspect must be in (0, 1] and buckets.max_aspect a finite number >= 1"
+            )
+        sides = _longest_side(self) // self.step
+        if sides > MAX_GRID_SIDES:
+            raise ValueError(
+                f"buckets: sides up to {_longest_side(self)} px on a {self.step}-px grid are {sides} candidate "
+                f"sides (at most {MAX_GRID_SIDES}); raise buckets.step or lower buckets.max_area / the aspect range"
+            )
         return self
 
     def buckets(self) -> tuple[Bucket, ...]:
         return generate_buckets(self)
+
+
+MAX_GRID_SIDES = 1024  # SDXL's rule needs 49; a rule needing more is a typo (and would take minutes)
+
+
+def _longest_side(cfg: BucketConfig) -> int:
+    return math.isqrt(int(cfg.max_area * cfg.max_aspect / cfg.min_aspect)) + cfg.step
 
 
 def generate_buckets(cfg: BucketConfig) -> tuple[Bucket, ...]:
@@ -79,7 +94,7 @@ def generate_buckets(cfg: BucketConfig) -> tuple[Bucket, ...]:
     so there is no separate min/max side parameter.
     """
     eps = 1e-9
-    longest = math.isqrt(int(cfg.max_area * cfg.max_aspect / cfg.min_aspect)) + cfg.step
+    longest = _longest_side(cfg)
     sides = range(cfg.step, longest + 1, cfg.step)
     out = [
         Bucket(h, w)

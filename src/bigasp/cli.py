@@ -20,7 +20,7 @@ app = typer.Typer(
     name="bigasp",
     help=(
         "Train bigASP-style SDXL finetunes and generate images from them.\n\n"
-        "Pipeline: ingest -> encode -> train -> generate / watch. Start with `bigasp demo`."
+        "Pipeline: ingest -> annotate -> encode -> train -> generate / watch. Start with `bigasp demo`."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -79,6 +79,12 @@ def _register() -> None:
     from bigasp.demo import commands as demo_commands
 
     demo_commands.register(app)
+    from bigasp.annotate import commands as annotate_commands
+
+    annotate_commands.register(app)
+    from bigasp.quality import commands as quality_commands
+
+    quality_commands.register(app)
 
 
 _register()

@@ -145,37 +145,21 @@ def load_config(model: type[T], path: str | Path | None, overrides: Iterable[str
 
 
 def dump_toml(data: Mapping[str, Any]) -> str:
-    """Serialise plain config data (dicts, lists, scalars; None dropped) to TOML."""
-    scalars: list[str] = []
-    tables: list[str] = []
+    """Serialise plain config data to TOML with tomli-w; `None` (TOML has no null) is dropped.
 
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        if isinstance(v, Mapping):
-            return "{ " + ", ".join(f"{_key(k)} = {fmt(x)}" for k, x in v.items() if x is not None) + " }"
-        return fmt(str(v))
+    `read_toml(dump_toml(d))` validates to the same config: the resolved config saved beside
+    every checkpoint reproduces the run.
+    """
+    import tomli_w
 
-    def walk(prefix: str, node: Mapping[str, Any]) -> None:
-        own = [(k, v) for k, v in node.items() if v is not None and not isinstance(v, Mapping)]
-        subs = [(k, v) for k, v in node.items() if isinstance(v, Mapping)]
-        if prefix:
-            tables.append(f"\n[{prefix}]")
-            tables.extend(f"{_key(k)} = {fmt(v)}" for k, v in own)
-        else:
-            scalars.extend(f"{_key(k)} = {fmt(v)}" for k, v in own)
-        for k, v in subs:
-            walk(f"{prefix}.{_key(k)}" if prefix else _key(k), v)
-
-    walk("", data)
-    return "\n".join(scalars + tables).strip() + "\n"
+    return tomli_w.dumps(_without_none(data))
 
 
-def _key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else f'"{k}"'
+def _without_none(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_without_none(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -3,7 +3,8 @@
 Principle 5 of the design: a crash at any point leaves the previous state usable. Every
 writer therefore writes a hidden sibling (readers ignore names starting with "."), fsyncs
 it, renames it over the final name and fsyncs the directory, so the final name holds either
-the old content or the whole new one.
+the old content or the whole new one. Published files get the usual permissions
+(0666 minus the umask), whatever mode the library that wrote them chose.
 """
 
 from __future__ import annotations
@@ -42,10 +43,36 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the kernel allows (Linux /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (a brief window; fine for a CLI)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: str | os.PathLike) -> None:
+    """Give a written file the mode `open()` would have: 0666 (dirs 0777) minus the umask.
+
+    Some writers create private 0600 files (safetensors writes through a temp file); an
+    export or checkpoint meant to be shared or served must not stay readable only by its
+    owner. Applied to every file before it is published under its final name.
+    """
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
 def fsync_tree(root: str | os.PathLike) -> None:
-    """fsync every file and directory below `root` (before renaming a whole directory)."""
+    """fsync every file and directory below `root` (before renaming a whole directory), and give
+    each file the usual mode (see `usual_mode`)."""
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
+            usual_mode(Path(dirpath, name))
             fsync_file(Path(dirpath, name))
         fsync_dir(dirpath)
 
@@ -61,6 +88,8 @@ def atomic_path(final: str | os.PathLike, *, durable: bool = True) -> Iterator[P
     tmp = tmp_sibling(final)
     try:
         yield tmp
+        if tmp.is_file():
+            usual_mode(tmp)
         if durable:
             fsync_file(tmp)
         os.replace(tmp, final)

@@ -13,7 +13,7 @@ import typer
 from bigasp.bench import H100_BF16_PEAK_TFLOPS
 
 bench_app = typer.Typer(
-    help="Throughput benchmarks (train step, VAE encode, sampling, data loading, tokenizer, ingest, planning).",
+    help="Throughput benchmarks (train step, VAE encode, sampling, data loading, tokenizer, ingest, planning, report).",
     no_args_is_help=True,
 )
 
@@ -298,6 +298,26 @@ def ingest(
     from bigasp.bench.ingest import run_ingest_bench
 
     _finish(run_ingest_bench(images=images, seed=seed, command=_command("ingest", params)), json_out)
+
+
+@bench_app.command("report")
+def report(
+    rows: int = typer.Option(13_000_000, help="Synthetic manifest rows (bigASP v2: ~13M)."),
+    ngrams: bool = typer.Option(True, "--ngrams/--no-ngrams", help="Also time the caption n-gram pass."),
+    keep: str = typer.Option(
+        None, help="Generate the dataset here (reused on the next run) instead of a temp dir."
+    ),
+    seed: int = typer.Option(0),
+    json_out: str = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """`bigasp dataset report` on a synthetic manifest: columnar passes (s), n-gram captions/s, peak RSS."""
+    params = dict(locals())  # first: only the command options
+    from bigasp.bench.report import run_report_bench
+
+    result = run_report_bench(
+        rows=rows, seed=seed, ngrams=ngrams, keep=keep, command=_command("report", params)
+    )
+    _finish(result, json_out)
 
 
 def register(app: typer.Typer) -> None:

@@ -174,6 +174,7 @@ FALSE_FLAGS = {
     "train_te1": "--frozen-te1",
     "channels_last": "--no-channels-last",
     "baseline": "--no-baseline",
+    "ngrams": "--no-ngrams",
 }
 
 

@@ -24,15 +24,9 @@ PAG = 2.0
 
 def _diffusers_tokenizers():
     """Two CLIP tokenizers from the shipped files, sized for diffusers (77, TE2 pads with '!')."""
-    from transformers import CLIPTokenizer
+    from bigasp.text.tokenizer import hf_clip_tokenizer
 
-    from bigasp.text.tokenizer import tokenizer_dir
-
-    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True, model_max_length=77)
-    tok2 = CLIPTokenizer.from_pretrained(
-        str(tokenizer_dir()), local_files_only=True, model_max_length=77, pad_token="!"
-    )
-    return tok, tok2
+    return hf_clip_tokenizer(), hf_clip_tokenizer(pad_token="!")
 
 
 def _diffusers_pipelines(model, preset: str):

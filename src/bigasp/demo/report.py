@@ -152,6 +152,7 @@ def format_report(result: Any) -> str:
         "",
         f"  photos           : {p['photos']}",
         f"  dataset          : {p['dataset']}  (rejects: {p['rejects']})",
+        f"  dataset report   : {p['dataset_report']}",
         f"  training run     : {p['run']}  (metrics: {p['metrics']})",
         f"  final checkpoint : {p['final_checkpoint']}/model",
         f"  generated images : {p['generated']}",

@@ -1,7 +1,7 @@
 """`bigasp demo`: the whole pipeline on synthetic photos, through the real CLI stages.
 
 photos -> `bigasp ingest` -> `bigasp model save` (+ the shipped demo VAE) -> `bigasp encode`
--> `bigasp train configs/demo.toml --stop-at HALF` -> `bigasp train ... --resume auto`
+-> `bigasp dataset report` -> `bigasp train configs/demo.toml --stop-at HALF` -> `bigasp train ... --resume auto`
 -> `bigasp generate` (colour x shape grid, high and low score tags) -> `bigasp watch --once`
 (HTML gallery of every checkpoint) -> figures (colour/shape adherence, sharpness gap) and a
 validation-loss plot.
@@ -221,6 +221,11 @@ def run_demo(
 
     st.run("encode", {"vae": _dir_digest(DEMO_VAE_DIR), "seed": seed, "n": plan.photos}, encode)
 
+    # 4b. Dataset report: tags, caption n-grams, scores, buckets, chunk counts (HTML + plots).
+    report_dir = out / "dataset-report"
+    st.run("report", {"n": plan.photos, "seed": seed},
+           lambda: st.cli("dataset", "report", str(dataset), "--out", str(report_dir), "--no-progress"))  # fmt: skip
+
     # 5. Train half, then resume to the end (shows checkpoint + exact resume on the way).
     overrides = [
         f"run_dir={_toml_str(run_dir)}",
@@ -298,6 +303,7 @@ def run_demo(
     result.paths = {
         "photos": str(photos),
         "dataset": str(dataset),
+        "dataset_report": str(report_dir / "index.html"),
         "rejects": str(dataset / "rejects.parquet"),
         "run": str(run_dir),
         "final_checkpoint": str(final),

@@ -16,7 +16,19 @@ def info(
     ),
     preset: str = typer.Option(None, help="Architecture preset of a single file, if it cannot be inferred."),
 ) -> None:
-    """Print the model kind and each component's parameter count."""
+    """Print the model kind and each component's parameter count.
+
+    A single .safetensors file is described from its header alone (shapes, dtypes, metadata):
+    instant on a multi-GB file, and no weights are loaded.
+    """
+    from pathlib import Path
+
+    if Path(model).suffix in (".safetensors", ".sft") and Path(model).is_file():
+        from bigasp.models.file_header import single_file_info
+
+        typer.echo(json.dumps(single_file_info(model), indent=2))
+        return
+
     from bigasp.models.io import load_model
     from bigasp.models.presets import PRESETS, build_preset
 
@@ -110,20 +122,40 @@ def export(
     prediction: str = typer.Option(None, help=_PREDICTION_HELP),
     shift: float = typer.Option(None, help=_SHIFT_HELP),
     preset: str = typer.Option(None, help=_PRESET_HELP),
+    dtype: str = typer.Option(
+        "fp16", "--dtype", help="Tensor dtype of the file: fp16 (as SDXL files are shared), bf16 or fp32."
+    ),
+    workflow: bool = typer.Option(
+        True,
+        "--workflow/--no-workflow",
+        help="For a flow model, also write a ComfyUI workflow beside the file (NAME.workflow-api.json "
+        "and NAME.workflow.png) with ModelSamplingSD3 and the card's sampler settings.",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Export as one SDXL .safetensors in the original key layout (loads in ComfyUI, A1111, Civitai).
 
     The model kind is recorded in the file's metadata, so `bigasp generate` samples a flow
-    model correctly without flags.
+    model correctly without flags. Other tools cannot read that record: for a flow model a
+    ComfyUI workflow that samples it correctly is written beside the file.
     """
+    from bigasp.errors import BigaspError
+    from bigasp.models.single_file import EXPORT_DTYPES
+
+    if dtype not in EXPORT_DTYPES:
+        raise BigaspError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(EXPORT_DTYPES)}")
     from bigasp.models.io import load_model
     from bigasp.models.single_file import save_single_file
 
     _refuse_existing(out, force)
     m = _with_kind(load_model(model, preset=preset), prediction, shift)
-    path = save_single_file(m, out)
-    typer.echo(f"exported {path} ({m.kind.prediction}, shift {m.kind.shift})")
+    path = save_single_file(m, out, dtype=EXPORT_DTYPES[dtype])
+    typer.echo(f"exported {path} ({m.kind.prediction}, shift {m.kind.shift}, {dtype})")
+    if workflow and m.kind.prediction == "flow":
+        from bigasp.models.comfyui import write_workflow
+
+        for written in write_workflow(path, m.kind):
+            typer.echo(f"wrote {written}")
 
 
 def register(app: typer.Typer) -> None:

@@ -8,13 +8,15 @@ run correctly by users who knew to add ModelSamplingSD3; bigasp records it inste
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from bigasp.errors import ModelLoadError
+
+if TYPE_CHECKING:  # torch only in annotations: `bigasp model info FILE` runs without importing it
+    import torch
 
 Prediction = Literal["eps", "flow"]
 MODEL_KIND_FILE = "bigasp_model.json"
@@ -26,25 +28,37 @@ class ModelKind:
     """How the UNet was trained: `eps` (SDXL DDPM, bigASP v2) or `flow` (rectified flow, v2.5).
 
     `shift` is the flow timestep shift the model is meant to be sampled with by default
-    (ComfyUI ModelSamplingSD3's `shift`); it is ignored for eps models.
+    (ComfyUI ModelSamplingSD3's `shift`); it is ignored for eps models. `train_shift` is the
+    shift the model was trained at (`train.flow_shift`), recorded by the trainer; None when
+    unknown (models from elsewhere) or eps.
     """
 
     prediction: Prediction = "eps"
     shift: float = 1.0
+    train_shift: float | None = None
 
     def __post_init__(self) -> None:
         if self.prediction not in ("eps", "flow"):
             raise ModelLoadError(f"model kind prediction must be 'eps' or 'flow', got {self.prediction!r}")
-        if not self.shift > 0:
-            raise ModelLoadError(f"model kind shift must be > 0, got {self.shift!r}")
+        for name, v in (("shift", self.shift), ("train_shift", self.train_shift)):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ModelLoadError(f"model kind {name} must be > 0 (and finite), got {v!r}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"format_version": MODEL_KIND_VERSION, **asdict(self)}
+        data = {"format_version": MODEL_KIND_VERSION, **asdict(self)}
+        if data["train_shift"] is None:
+            del data["train_shift"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str = "") -> ModelKind:
         try:
-            return cls(prediction=data["prediction"], shift=float(data.get("shift", 1.0)))
+            train_shift = data.get("train_shift")
+            return cls(
+                prediction=data["prediction"],
+                shift=float(data.get("shift", 1.0)),
+                train_shift=None if train_shift is None else float(train_shift),
+            )
         except KeyError:
             raise ModelLoadError(f"{source or 'model metadata'} has no 'prediction' field") from None
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bigasp.errors import ModelLoadError
+from bigasp.fsutil import usual_mode
 from bigasp.models.components import SDXL, ModelKind
 from bigasp.models.presets import PRESETS, build_preset, component_config
 
@@ -161,7 +162,7 @@ def save_diffusers_folder(
     scheduler config are always written so diffusers' `StableDiffusionXLPipeline` can open it.
     The caller is responsible for atomicity (checkpoints write into a temp dir and rename).
     """
-    from bigasp.text.tokenizer import tokenizer_dir
+    from bigasp.text.tokenizer import tokenizer_dir, write_slow_tokenizer_files
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,6 +172,7 @@ def save_diffusers_folder(
         index[comp] = list(DIFFUSERS_CLASSES[comp])
     for tok, pad in (("tokenizer", None), ("tokenizer_2", "!")):
         shutil.copytree(tokenizer_dir(), out / tok, dirs_exist_ok=True)
+        write_slow_tokenizer_files(out / tok)
         if pad is not None:
             cfg_path = out / tok / "tokenizer_config.json"
             cfg = json.loads(cfg_path.read_text())
@@ -185,4 +187,7 @@ def save_diffusers_folder(
         index.setdefault(comp, [None, None])
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     model.kind.save(out)
+    for f in out.rglob("*"):  # safetensors writes its files 0600; a model folder is for sharing
+        if f.is_file():
+            usual_mode(f)
     return out

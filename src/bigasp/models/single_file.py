@@ -36,21 +36,18 @@ import torch
 from bigasp.errors import ModelLoadError
 from bigasp.fsutil import atomic_path
 from bigasp.models.components import SDXL, ModelKind
+from bigasp.models.file_header import (  # the layout's names; re-exported for callers of this module
+    FORMAT_VERSION,
+    META_COMPONENTS,
+    META_FORMAT,
+    META_KIND,
+    PREFIXES,
+    kind_from_metadata,
+)
 from bigasp.models.presets import PRESETS, build_component, component_config
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-META_FORMAT = "bigasp.format_version"  # version of this layout + metadata convention
-META_KIND = "bigasp.model_kind"  # JSON of ModelKind.to_json(): prediction, shift
-META_COMPONENTS = "bigasp.components"  # comma-separated components the file holds
-
-PREFIXES = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "text_encoder": "conditioner.embedders.0.transformer.",
-    "text_encoder_2": "conditioner.embedders.1.model.",
-}
 
 # ---------------------------------------------------------------------------------------------
 # diffusers / transformers key names -> original SGM/LDM key names
@@ -270,11 +267,16 @@ def file_metadata(model: SDXL) -> dict[str, str]:
     }
 
 
-def save_single_file(model: SDXL, path: str | os.PathLike) -> Path:
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def save_single_file(model: SDXL, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
     """Write `model` as one SGM-layout `.safetensors` (ComfyUI/A1111/Civitai loadable).
 
-    Atomic: written to a hidden temp file beside `path`, then renamed, so an interrupted
-    export never leaves a truncated file under the final name.
+    `dtype` casts every floating-point tensor (fp16 is how SDXL files are shared: half the
+    size of fp32); None keeps each tensor's own dtype. Atomic: written to a hidden temp file
+    beside `path`, then renamed, so an interrupted export never leaves a truncated file under
+    the final name.
     """
     from safetensors.torch import save_file
 
@@ -284,7 +286,12 @@ def save_single_file(model: SDXL, path: str | os.PathLike) -> Path:
     if not model.modules():
         raise ModelLoadError("nothing to export: the model holds no components")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in ldm_state_dict(model).items()}
+    tensors = {
+        k: v.detach()
+        .to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+        .contiguous()
+        for k, v in ldm_state_dict(model).items()
+    }
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=file_metadata(model))
     return out
@@ -357,16 +364,6 @@ def infer_preset(
         + "\n".join(report)
         + f"\nIf it is a standard SDXL checkpoint, pass --preset sdxl-base (presets: {', '.join(PRESETS)})."
     )
-
-
-def kind_from_metadata(metadata: Mapping[str, str] | None, source: str = "") -> ModelKind | None:
-    if not metadata or META_KIND not in metadata:
-        return None
-    try:
-        data = json.loads(metadata[META_KIND])
-    except json.JSONDecodeError:
-        raise ModelLoadError(f"{source}: metadata {META_KIND} is not JSON: {metadata[META_KIND]!r}") from None
-    return ModelKind.from_json(data, f"{source} metadata {META_KIND}")
 
 
 def _write_configs(folder: Path, preset: str, components: Iterable[str]) -> None:

@@ -43,7 +43,10 @@ def ingest_cmd(
         ..., help="Folders (recursive), uncompressed .tar shards, or .txt path lists."
     ),
     out: str = typer.Option(
-        ..., "--out", "-o", help="Dataset directory (created if missing; re-runs add new images)."
+        ...,
+        "--out",
+        "-o",
+        help="Dataset directory (created if missing; re-runs follow the sources: new, changed and removed files).",
     ),
     config: str = typer.Option(None, "--config", help=CONFIG_HELP),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -51,15 +54,22 @@ def ingest_cmd(
         None, "--allow-upscale/--no-allow-upscale", help="Keep images smaller than their bucket."
     ),
     max_pixels: int = typer.Option(None, help="Reject images with more pixels (decompression-bomb guard)."),
+    max_file_size: int = typer.Option(None, help="Reject files larger than this many bytes (default 2 GiB)."),
     animated: str = typer.Option(None, help="Animated images: reject or first_frame."),
     verify: str = typer.Option(None, help="header (fast, end-marker check) or decode (full decode)."),
     workers: int = typer.Option(None, help="Probe processes (1 = in-process)."),
+    prune: bool = typer.Option(
+        None, "--prune/--no-prune", help="Remove images gone from these sources (default: prune)."
+    ),
+    retry_rejects: bool = typer.Option(
+        None, "--retry-rejects", help="Examine every earlier reject again, even if nothing changed."
+    ),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Record images (+ sidecar captions/tags/scores) in DATASET/manifest.parquet; rejects in rejects.parquet."""
     from bigasp.prep.config import IngestConfig
-    from bigasp.prep.ingest import ingest
+    from bigasp.prep.ingest import IngestInterrupted, ingest
 
     cfg = _load(
         IngestConfig,
@@ -72,16 +82,30 @@ def ingest_cmd(
             animated=animated,
             verify=verify,
             workers=workers,
+            max_file_size=max_file_size,
+            prune=prune,
+            retry_rejects=retry_rejects,
             progress=progress,
         ),
     )
-    s = ingest(sources, out, cfg)
+    try:
+        s = ingest(sources, out, cfg)
+    except IngestInterrupted as stop:
+        s = stop.summary
+        typer.echo(
+            f"ingest interrupted: {s.new} new, {s.updated} updated, {s.duplicates} duplicates and "
+            f"{sum(s.rejects.values())} rejects examined before Ctrl-C are committed; "
+            f"{s.total_images} images in {out}. Run the same command again to continue.",
+            err=True,
+        )
+        raise SystemExit(130) from None  # 128 + SIGINT, the shell convention
     if as_json:
         typer.echo(json.dumps(s.to_json(), indent=2))
         return
     typer.echo(
-        f"ingest: {s.scanned} scanned, {s.new} new, {s.skipped} already known, {s.duplicates} duplicates, "
-        f"{sum(s.rejects.values())} rejected in {s.seconds:.1f} s ({s.images_per_second:.0f} img/s); "
+        f"ingest: {s.scanned} scanned, {s.new} new, {s.updated} updated, {s.skipped} unchanged, "
+        f"{s.duplicates} duplicates (merged), {s.retried} rejects retried, {s.removed} removed (gone from the "
+        f"sources), {sum(s.rejects.values())} rejected in {s.seconds:.1f} s ({s.images_per_second:.0f} img/s); "
         f"{s.total_images} images in {out}"
     )
     _print_counts("rejects by reason:", dict(sorted(s.rejects.items())))

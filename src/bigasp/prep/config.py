@@ -10,6 +10,8 @@ from bigasp.buckets import BucketConfig
 from bigasp.config import Section
 
 PILLOW_HARD_LIMIT = 178_956_970  # Pillow refuses above 2 x its default MAX_IMAGE_PIXELS
+MAX_PIXELS_CEILING = 100_000_000_000  # 100 gigapixels: anything above is a typo, not a photo
+MAX_WORKERS = 512
 
 
 class IngestConfig(Section):
@@ -26,8 +28,16 @@ class IngestConfig(Section):
     )
     max_pixels: int = Field(
         PILLOW_HARD_LIMIT,
+        ge=1,
+        le=MAX_PIXELS_CEILING,
         description="Decompression-bomb guard: images with more pixels (width*height) are rejected as "
-        "too_large. bigASP used 933,120,000.",
+        "too_large. bigASP used 933,120,000. At most 100 gigapixels.",
+    )
+    max_file_size: int = Field(
+        2 << 30,
+        ge=1,
+        description="Files larger than this many bytes are rejected as too_large without being read "
+        "(default 2 GiB). Ingest streams files, but encode decodes each image whole in memory.",
     )
     animated: Literal["reject", "first_frame"] = Field(
         "reject", description="Animated GIF/WebP/APNG: reject, or keep and train on the first frame."
@@ -40,7 +50,22 @@ class IngestConfig(Section):
     commit_every: int = Field(
         1000, gt=0, description="Rows per committed part; a crash loses at most this many images' work."
     )
-    workers: int = Field(1, ge=1, description="Processes that read and probe files (1 = in-process).")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Processes that read and probe files (1 = in-process; at most 512).",
+    )
+    prune: bool = Field(
+        True,
+        description="Remove from the dataset the images (and rejects) that were found through one of this "
+        "run's sources before but are gone now. Paths found through other sources are never touched.",
+    )
+    retry_rejects: bool = Field(
+        False,
+        description="Examine again every earlier reject of the scanned sources, even if neither the file, its "
+        "sidecars nor the settings its reason depends on changed.",
+    )
     progress: bool = Field(True, description="Show a progress bar with images/s.")
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -68,6 +70,8 @@ def pixel_limit(max_pixels: int) -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow warns about damaged metadata it skips; the file's fate is decided here instead
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = old
@@ -90,30 +94,76 @@ def orientation_of(im: Image.Image) -> int:
     return value if value in TRANSPOSE else 1
 
 
-def _truncated(data: bytes, im: Image.Image) -> bool:
-    """End-of-data marker checks that need no decoding."""
+def _find(f: BinaryIO, needle: bytes, start: int) -> bool:
+    """Whether `needle` occurs at or after byte `start` of `f`, reading in 1 MiB chunks."""
+    f.seek(start)
+    tail = b""
+    while chunk := f.read(1 << 20):
+        if needle in tail + chunk:
+            return True
+        tail = chunk[-(len(needle) - 1) :]
+    return False
+
+
+def _truncated(f: BinaryIO, size: int, im: Image.Image) -> bool:
+    """End-of-data marker checks that need no decoding (streamed: never the whole file in memory)."""
     fmt = im.format
     start = im.tile[0][2] if im.tile else 0
     if fmt in ("JPEG", "MPO"):
         # 0xFFD9 cannot occur inside entropy-coded data (0xFF is byte-stuffed), so searching
         # from the first scan skips EXIF thumbnails and tolerates trailers (motion photos).
-        return data.find(b"\xff\xd9", start) < 0
+        if isinstance(f, io.BytesIO):
+            return f.getvalue().find(b"\xff\xd9", start) < 0  # in memory: one C-level search
+        return not _find(f, b"\xff\xd9", start)
     if fmt == "PNG":
-        pos = data.rfind(b"IEND")
-        return pos < start or pos < len(data) - 64
-    if fmt == "WEBP" and data[:4] == b"RIFF":
-        return struct.unpack_from("<I", data, 4)[0] + 8 > len(data)
+        lo = max(start, size - 64)
+        f.seek(lo)
+        return b"IEND" not in f.read(size - lo + 4)
+    if fmt == "WEBP":
+        f.seek(0)
+        head = f.read(8)
+        if head[:4] == b"RIFF" and len(head) == 8:
+            return struct.unpack_from("<I", head, 4)[0] + 8 > size
     return False
 
 
-def probe(data: bytes, *, name: str, max_pixels: int, animated: str, verify: str) -> Probe:
-    """Header facts of one image, or `Reject`. Must be called inside `pixel_limit`."""
-    if not data:
+def probe(
+    data: bytes | BinaryIO,
+    *,
+    name: str,
+    max_pixels: int,
+    animated: str,
+    verify: str,
+    size: int | None = None,
+) -> Probe:
+    """Header facts of one image, or `Reject`. Must be called inside `pixel_limit`.
+
+    `data` is the file's bytes or a seekable binary stream of `size` bytes (ingest streams, so
+    a multi-GB file is never read whole into memory).
+    """
+    f: BinaryIO = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    if size is None:
+        size = f.seek(0, 2)
+    f.seek(0)
+    if not size:
         raise Reject("empty", "zero-byte file")
     try:
-        im = Image.open(io.BytesIO(data))
+        return _probe(f, size, name=name, max_pixels=max_pixels, animated=animated, verify=verify)
+    except Reject:
+        raise
     except Image.DecompressionBombError as err:
-        raise Reject("too_large", str(err)) from None
+        m = re.search(r"\((\d+) pixels\)", str(err))
+        fix = f" (--max-pixels {m.group(1)} keeps it)" if m else ""
+        raise Reject("too_large", f"{err}{fix}") from None
+    except (MemoryError, RecursionError) as err:
+        raise Reject("corrupt", f"{type(err).__name__} while reading the header") from None
+    except Exception as err:  # malformed data raises many exception types from Pillow's plugins
+        raise Reject("corrupt", f"{type(err).__name__}: {err}") from None
+
+
+def _probe(f: BinaryIO, size: int, *, name: str, max_pixels: int, animated: str, verify: str) -> Probe:
+    try:
+        im = Image.open(f)
     except UnidentifiedImageError:
         ext = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
         if ext in _openable_extensions():
@@ -121,26 +171,29 @@ def probe(data: bytes, *, name: str, max_pixels: int, animated: str, verify: str
         raise Reject(
             "unsupported_format", f"not an image format Pillow can open ({ext or 'no extension'})"
         ) from None
-    except Exception as err:  # malformed headers raise many exception types
-        raise Reject("corrupt", f"{type(err).__name__}: {err}") from None
     w, h = im.size
     if w <= 0 or h <= 0:
         raise Reject("corrupt", f"invalid size {w}x{h}")
     if w * h > max_pixels:
-        raise Reject("too_large", f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
+        raise Reject(
+            "too_large",
+            f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} (--max-pixels {w * h} keeps it)",
+        )
     is_anim = bool(getattr(im, "is_animated", False)) and im.format != "MPO"  # MPO: camera multi-picture
     if is_anim and animated == "reject":
         raise Reject(
             "animated",
-            f"{im.format} with {getattr(im, 'n_frames', '>1')} frames (animated = 'first_frame' keeps frame 0)",
+            f"{im.format} with {getattr(im, 'n_frames', '>1')} frames (--animated first_frame keeps frame 0)",
         )
+    if is_anim:
+        im.seek(0)
     if verify == "decode":
         try:
             im.load()
         except Exception as err:
             reason = "truncated" if "truncated" in str(err) else "corrupt"
             raise Reject(reason, f"decode failed: {err}") from None
-    elif _truncated(data, im):
+    elif _truncated(f, size, im):
         raise Reject("truncated", f"{im.format} data ends before its end marker")
     orient = orientation_of(im)
     if orient in (5, 6, 7, 8):

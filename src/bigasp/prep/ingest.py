@@ -1,41 +1,72 @@
-"""`bigasp ingest`: record every image of the sources in DATASET/manifest.parquet.
+"""`bigasp ingest`: make DATASET/manifest.parquet reflect the images of the sources.
+
+State: `sources.parquet` holds one row per accepted source path (a file or a tar member) with
+its change key (image and sidecar sizes + mtimes) and what its sidecars said; `rejects.parquet`
+one row per rejected path with its reason. The manifest is derived from `sources.parquet`:
+one row per content id, the copies of one image merged (see `merge_copies`). Because it is a
+pure function of per-path results, it does not depend on scan order or worker count.
+
+Incremental: a path whose change key is unchanged is reused without reading it; a reject is
+also retried when a setting its reason depends on changed (`--allow-upscale` for too_small,
+...) or with `retry_rejects`. A path found through one of this run's sources before but gone
+now is removed (`prune`). Replaced content gets a new id (id = content hash), so its old
+latents no longer join the manifest and `bigasp encode` encodes the new bytes.
 
 Crash safety: results are committed in parts (`parts/*.parquet`, each written atomically)
-every `commit_every` images, and folded into manifest.parquet / rejects.parquet at the end
-(or at the start of the next run, if this one died). A killed run therefore loses at most
-the uncommitted part, and ids are unique by construction (content hash + dedup at fold), so
-re-running never duplicates a row. Incremental: items whose (path, size, mtime) is already
-in the manifest or rejects are skipped without reading them.
+every `commit_every` images, and folded into sources / rejects / manifest at the end (or at
+the start of the next run, if this one died). A killed run loses at most the uncommitted part.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
+import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from bigasp.buckets import BucketConfig, BucketSet
 from bigasp.errors import DataError
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
 from bigasp.prep.sidecar import parse_sidecars
-from bigasp.prep.sources import Item, scan
+from bigasp.prep.sources import CHUNK, LIST_EXT, Item, printable, resolve_source, scan
 from bigasp.store import layout
-from bigasp.store.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA, conform, init_dataset
+from bigasp.store.manifest import (
+    MANIFEST_SCHEMA,
+    REJECTS_SCHEMA,
+    SOURCES,
+    SOURCES_SCHEMA,
+    conform,
+    init_dataset,
+    load_dataset_json,
+    manifest_lock,
+)
 
 log = logging.getLogger(__name__)
+
+MAX_SIDECAR_BYTES = 16 << 20
+
+# Settings each reject reason depends on: such a reject is examined again when one changes, so
+# the fix a reject message suggests (e.g. `--allow-upscale keeps it`) works on a plain re-run.
+REASON_SETTINGS: dict[str, tuple[str, ...]] = {
+    "too_small": ("allow_upscale", "buckets"),
+    "too_large": ("max_pixels", "max_file_size"),
+    "animated": ("animated",),
+    "truncated": ("verify",),
+    "corrupt": ("verify",),
+}
 
 
 def content_id(data: bytes) -> str:
@@ -43,15 +74,33 @@ def content_id(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def reason_settings(reason: str, cfg: IngestConfig) -> str:
+    keys = REASON_SETTINGS.get(reason, ())
+    dump = cfg.model_dump(include=set(keys))
+    return json.dumps(dump, sort_keys=True)
+
+
+class IngestInterrupted(KeyboardInterrupt):
+    """Ctrl-C: what was examined before it is committed; `summary` says how much."""
+
+    def __init__(self, summary: IngestSummary):
+        super().__init__("ingest interrupted")
+        self.summary = summary
+
+
 @dataclass
 class IngestSummary:
     scanned: int = 0
-    new: int = 0
-    skipped: int = 0  # already ingested or rejected by an earlier run (same path, size, mtime)
-    duplicates: int = 0
-    rejects: Counter = field(default_factory=Counter)  # reason -> count, duplicates excluded
+    new: int = 0  # accepted paths holding an image the dataset did not have
+    updated: int = 0  # known paths whose file or sidecars changed (re-read)
+    skipped: int = 0  # unchanged since an earlier run: reused without reading
+    duplicates: int = 0  # new paths holding an image the dataset already has (metadata merged)
+    retried: int = 0  # earlier rejects examined again (input or a setting changed, or retry_rejects)
+    removed: int = 0  # paths gone from this run's sources, removed from the dataset (prune)
+    rejects: Counter = field(default_factory=Counter)  # reason -> count
     seconds: float = 0.0
     total_images: int = 0  # manifest rows after this run
+    interrupted: bool = False
 
     @property
     def images_per_second(self) -> float:
@@ -61,62 +110,132 @@ class IngestSummary:
         return {
             "scanned": self.scanned,
             "new": self.new,
+            "updated": self.updated,
             "skipped": self.skipped,
             "duplicates": self.duplicates,
+            "retried": self.retried,
+            "removed": self.removed,
             "rejects": dict(sorted(self.rejects.items())),
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 1),
             "total_images": self.total_images,
+            "interrupted": self.interrupted,
         }
 
 
-def _reject_row(item: Item, reason: str, detail: str, iid: str | None = None) -> dict[str, Any]:
+def _reject_row(item: Item, reason: str, detail: str, cfg: IngestConfig) -> dict[str, Any]:
     return {
         "path": item.path,
         "reason": reason,
-        "detail": detail,
+        "detail": printable(detail),  # OS errors quote raw file names, which may not be UTF-8
         "file_size": item.data.size,
         "mtime": item.mtime,
-        "id": iid,
+        "id": None,
         "stage": "ingest",
+        "origin": item.origin,
+        "change_key": item.change_key,
+        "settings": reason_settings(reason, cfg),
     }
 
 
-def examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, dict[str, Any]]:
-    """("ok", manifest row) or ("reject", rejects row) for one item; never raises for bad input."""
+STREAM_ABOVE = 16 << 20  # files larger than this are hashed and probed in pieces
+
+
+def _hash_and_probe(item: Item, cfg: IngestConfig):
+    """Content id and header facts. Small files are read once into memory (fastest); larger
+    ones are streamed, so a multi-GB file never sits in memory."""
     try:
-        if item.missing:
-            raise Reject("unreadable", item.error or "listed path does not exist")
+        f = item.data.open()
+    except OSError as err:
+        raise Reject("unreadable", str(err)) from None
+    with f:
+        h = hashlib.blake2b(digest_size=16)
+        n = 0
         try:
-            data = item.data.read()
+            if item.data.size <= STREAM_ABOVE:
+                data = f.read(item.data.size + 1)  # +1: a file that grew is caught below
+                h.update(data)
+                n = len(data)
+            else:
+                data = None
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+                    n += len(chunk)
         except OSError as err:
             raise Reject("unreadable", str(err)) from None
-        if len(data) != item.data.size:
-            raise Reject(
-                "unreadable", f"read {len(data)} of {item.data.size} bytes (file changed while reading?)"
-            )
+        if n != item.data.size:
+            raise Reject("unreadable", f"read {n} of {item.data.size} bytes (file changed while reading?)")
         info = probe(
-            data, name=item.path, max_pixels=cfg.max_pixels, animated=cfg.animated, verify=cfg.verify
+            data if data is not None else f,
+            name=item.path,
+            size=n,
+            max_pixels=cfg.max_pixels,
+            animated=cfg.animated,
+            verify=cfg.verify,
         )
-        if not cfg.allow_upscale and not buckets.fits_without_upscale(info.height, info.width):
-            b = buckets.nearest(info.height, info.width)
-            raise Reject(
-                "too_small",
-                f"{info.width}x{info.height} is smaller than its bucket {b.width}x{b.height} (--allow-upscale keeps it)",
-            )
-        try:
-            txt = item.txt.read() if item.txt else None
-            js = item.json.read() if item.json else None
-        except OSError as err:
-            raise Reject("bad_sidecar", f"cannot read sidecar: {err}") from None
-        ann = parse_sidecars(
-            txt, js, txt_name=item.txt.file if item.txt else "", json_name=item.json.file if item.json else ""
+    return h.hexdigest(), info
+
+
+def _sidecar(ref) -> bytes | None:
+    if ref is None:
+        return None
+    if ref.size > MAX_SIDECAR_BYTES:
+        raise Reject(
+            "bad_sidecar",
+            f"{printable(ref.file)}: {ref.size} bytes, larger than {MAX_SIDECAR_BYTES} (16 MiB)",
         )
+    return ref.read()
+
+
+def examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, dict[str, Any]]:
+    """("ok", sources row) or ("reject", rejects row) for one item; never raises for bad input."""
+    try:
+        return _examine(item, cfg, buckets)
     except Reject as r:
-        return "reject", _reject_row(item, r.reason, r.detail)
+        return "reject", _reject_row(item, r.reason, r.detail, cfg)
+    except Exception as err:  # a bug, not bad input: record it and keep the run going
+        log.debug("examining %s failed", item.path, exc_info=True)
+        return "reject", _reject_row(
+            item,
+            "internal_error",
+            f"{type(err).__name__}: {err} (a bug in bigasp: please report it with this file)",
+            cfg,
+        )
+
+
+def _examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, dict[str, Any]]:
+    if item.problem:
+        raise Reject(item.problem, item.error)
+    if item.missing:
+        raise Reject("unreadable", item.error or "listed path does not exist")
+    if item.data.size > cfg.max_file_size:
+        raise Reject(
+            "too_large",
+            f"file is {item.data.size} bytes, over max_file_size={cfg.max_file_size} "
+            f"(--max-file-size {item.data.size} keeps it)",
+        )
+    iid, info = _hash_and_probe(item, cfg)
+    if not cfg.allow_upscale and not buckets.fits_without_upscale(info.height, info.width):
+        b = buckets.nearest(info.height, info.width)
+        raise Reject(
+            "too_small",
+            f"{info.width}x{info.height} is smaller than its bucket {b.width}x{b.height} (--allow-upscale keeps it)",
+        )
+    try:
+        txt, js = _sidecar(item.txt), _sidecar(item.json)
+    except OSError as err:
+        raise Reject("bad_sidecar", f"cannot read sidecar: {err}") from None
+    ann = parse_sidecars(
+        txt,
+        js,
+        txt_name=printable(item.txt.file) if item.txt else "",
+        json_name=printable(item.json.file) if item.json else "",
+    )
     row = {
-        "id": content_id(data),
         "path": item.path,
+        "origin": item.origin,
+        "change_key": item.change_key,
+        "id": iid,
         "tar_offset": item.data.offset,
         "file_size": item.data.size,
         "mtime": item.mtime,
@@ -130,9 +249,13 @@ def examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, dic
         "score": ann.score,
         "source": ann.source,
         "watermark": ann.watermark,
-        "extra": json.dumps(ann.extra, sort_keys=True, ensure_ascii=False),
+        "extra": json.dumps(ann.extra, sort_keys=True, ensure_ascii=False, allow_nan=False),
     }
     return "ok", row
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 
 class _Examiner:
@@ -150,20 +273,87 @@ class _Examiner:
         return examine(item, self.cfg, self.buckets)
 
 
-def _results(items: Iterator[Item], cfg: IngestConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+def _results(items: Iterator[Item], cfg: IngestConfig) -> Iterator[tuple[Item, tuple[str, dict[str, Any]]]]:
     fn = _Examiner(cfg)
     if cfg.workers <= 1:
         with pixel_limit(cfg.max_pixels):
             for item in items:
-                yield examine(item, cfg, fn.buckets)
+                yield item, examine(item, cfg, fn.buckets)
         return
     import itertools
     import multiprocessing as mp
 
-    with mp.get_context("fork").Pool(cfg.workers) as pool:
+    with mp.get_context("fork").Pool(cfg.workers, initializer=_worker_init) as pool:
         # Pool.imap drains its input eagerly; feed bounded chunks so memory stays flat.
         while chunk := list(itertools.islice(items, 4096)):
-            yield from pool.imap(fn, chunk, chunksize=64)
+            yield from zip(chunk, pool.imap(fn, chunk, chunksize=64), strict=True)
+
+
+# --- the manifest: one row per id, copies merged ---------------------------------------------
+
+
+_MANIFEST_COLUMNS = frozenset(MANIFEST_SCHEMA.names)
+
+
+def merge_copies(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One manifest row from the sources rows of one id (identical bytes under several paths).
+
+    Rule (documented in docs/datasets.md): copies are taken in path order; `path`, the file
+    facts and `tar_offset` come from the first; captions and tags are the union, first seen
+    first; score and source come from the first copy that has one; watermark is true if any
+    copy says true; `extra` keys from an earlier copy win.
+    """
+    rows = sorted(rows, key=lambda r: r["path"])
+    out = {k: v for k, v in rows[0].items() if k in _MANIFEST_COLUMNS}
+    captions: dict[str, None] = {}
+    tags: dict[str, None] = {}
+    extra: dict[str, Any] = {}
+    for r in rows:
+        captions.update(dict.fromkeys(r["captions"] or []))
+        tags.update(dict.fromkeys(r["tags"] or []))
+        for k, v in json.loads(r["extra"] or "{}").items():
+            extra.setdefault(k, v)
+    out["captions"], out["tags"] = list(captions), list(tags)
+    out["score"] = next((r["score"] for r in rows if r["score"] is not None), None)
+    out["source"] = next((r["source"] for r in rows if r["source"] is not None), None)
+    marks = [r["watermark"] for r in rows if r["watermark"] is not None]
+    out["watermark"] = any(marks) if marks else None
+    out["extra"] = json.dumps(extra, sort_keys=True, ensure_ascii=False)
+    out["paths"] = [r["path"] for r in rows]
+    return out
+
+
+def build_manifest(sources: pa.Table) -> pa.Table:
+    """Group sources rows by id; single copies are taken as they are (vectorised), copies merged."""
+    if len(sources) == 0:
+        return MANIFEST_SCHEMA.empty_table()
+    t = sources.sort_by([("id", "ascending"), ("path", "ascending")]).combine_chunks()
+    ids = t.column("id").to_numpy(zero_copy_only=False)
+    n = len(ids)
+    first = np.ones(n, bool)
+    first[1:] = ids[1:] != ids[:-1]
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], n)
+    base = t.take(pa.array(starts))
+    paths = pa.ListArray.from_arrays(
+        pa.array(np.append(starts, n), pa.int32()), t.column("path").combine_chunks()
+    )
+    cols = {name: base.column(name) for name in MANIFEST_SCHEMA.names if name != "paths"}
+    cols["paths"] = paths
+    manifest = pa.Table.from_pydict(cols, schema=MANIFEST_SCHEMA)
+    multi = np.flatnonzero(ends - starts > 1)
+    if len(multi) == 0:
+        return manifest
+    sizes = (ends - starts)[multi]
+    rows = t.take(pa.array(np.concatenate([np.arange(starts[g], ends[g]) for g in multi]))).to_pylist()
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    merged = [merge_copies(rows[bounds[i] : bounds[i + 1]]) for i in range(len(multi))]
+    single = np.ones(len(manifest), bool)
+    single[multi] = False
+    out = pa.concat_tables(
+        [manifest.filter(pa.array(single)), pa.Table.from_pylist(merged, schema=MANIFEST_SCHEMA)]
+    )
+    return out.sort_by("id")
 
 
 # --- parts: the crash-safe commit log -------------------------------------------------------
@@ -180,82 +370,152 @@ def _read(path: Path, schema: pa.Schema) -> pa.Table:
     return conform(pq.read_table(path), schema)
 
 
-def _dedup(table: pa.Table, key: str, keep: str) -> pa.Table:
-    """Keep the first (or last) row per key, preserving order otherwise."""
-    vals = table.column(key).to_pylist()
-    order = range(len(vals)) if keep == "first" else range(len(vals) - 1, -1, -1)
-    seen: set = set()
-    idx = [i for i in order if not (vals[i] in seen or seen.add(vals[i]))]
-    return table.take(pa.array(sorted(idx), pa.int64()))
+def _old_sources(root: Path) -> pa.Table:
+    """sources.parquet, or for a dataset written before it existed, one row per manifest row.
+
+    Migrated rows have no change key, so the next run reads them once again.
+    """
+    spath, mpath = root / SOURCES, root / layout.MANIFEST
+    if spath.exists():
+        return _read(spath, SOURCES_SCHEMA)
+    if mpath.exists():
+        return conform(_read(mpath, MANIFEST_SCHEMA).drop_columns(["paths"]), SOURCES_SCHEMA)
+    return SOURCES_SCHEMA.empty_table()
 
 
-def fold_parts(root: Path) -> None:
-    """Merge committed parts into manifest.parquet / rejects.parquet, then delete the parts."""
-    mparts, rparts = _parts(root, "manifest"), _parts(root, "rejects")
-    if not mparts and not rparts:
-        return
-    mpath, rpath = root / layout.MANIFEST, root / layout.REJECTS
-    tables = ([_read(mpath, MANIFEST_SCHEMA)] if mpath.exists() else []) + [
-        _read(p, MANIFEST_SCHEMA) for p in mparts
-    ]
-    manifest = (
-        _dedup(pa.concat_tables(tables), "id", "first").sort_by("id")
-        if tables
-        else MANIFEST_SCHEMA.empty_table()
+def _latest_per_path(tables: list[tuple[pa.Table, int, int]]) -> dict[int, np.ndarray]:
+    """For (table, kind, seq) triples: per kind, the row indices whose path has no later row."""
+    keys = pa.Table.from_arrays(
+        [
+            pa.chunked_array(
+                [t.column("path").cast(pa.string()).combine_chunks() for t, _, _ in tables], pa.string()
+            ),
+            pa.chunked_array([pa.array(np.full(len(t), s, np.int64)) for t, _, s in tables]),
+            pa.chunked_array([pa.array(np.full(len(t), k, np.int8)) for t, k, _ in tables]),
+            pa.chunked_array([pa.array(np.arange(len(t), dtype=np.int64)) for t, _, _ in tables]),
+            pa.chunked_array([pa.array(np.full(len(t), i, np.int32)) for i, (t, _, _) in enumerate(tables)]),
+        ],
+        names=["path", "seq", "kind", "row", "table"],
     )
-    tables = ([_read(rpath, REJECTS_SCHEMA)] if rpath.exists() else []) + [
-        _read(p, REJECTS_SCHEMA) for p in rparts
+    keys = keys.sort_by([("path", "ascending"), ("seq", "descending")]).combine_chunks()
+    paths = keys.column("path")
+    if len(keys) > 1:
+        keep = pa.concat_arrays(
+            [pa.array([True]), pc.not_equal(paths.slice(1), paths.slice(0, len(keys) - 1)).combine_chunks()]
+        )
+        keys = keys.filter(keep)
+    return {
+        i: keys.filter(pc.equal(keys.column("table"), i)).column("row").to_numpy() for i in range(len(tables))
+    }
+
+
+def fold_parts(root: Path, prune: Callable[[str, str | None], bool] | None = None) -> int:
+    """Merge committed parts into sources / rejects, rebuild the manifest, delete the parts.
+
+    `prune(path, origin)` True = the path is gone from the sources: drop its row. Returns how many
+    rows were pruned. The manifest is written last: it is the commit point.
+    """
+    sparts, rparts = _parts(root, "sources"), _parts(root, "rejects")
+    legacy = _parts(root, "manifest")  # parts left by a version before sources.parquet
+    spath, rpath, mpath = root / SOURCES, root / layout.REJECTS, root / layout.MANIFEST
+    in_step = _generation(spath) == _generation(mpath)  # both missing, or written together
+    if not (sparts or rparts or legacy or prune) and in_step:
+        return 0
+    order = {
+        p: i + 1
+        for i, p in enumerate(sorted([*sparts, *rparts, *legacy], key=lambda p: p.name.split("-", 1)[1]))
+    }
+    tables = [(_old_sources(root), 0, 0)]
+    tables += [
+        (conform(_read(p, MANIFEST_SCHEMA).drop_columns(["paths"]), SOURCES_SCHEMA), 0, order[p])
+        for p in legacy
     ]
-    rejects = _dedup(pa.concat_tables(tables), "path", "last") if tables else REJECTS_SCHEMA.empty_table()
-    accepted = set(manifest.column("path").to_pylist())
-    rejects = rejects.filter(
-        pa.array([p not in accepted for p in rejects.column("path").to_pylist()], pa.bool_())
-    )
+    tables += [(_read(p, SOURCES_SCHEMA), 0, order[p]) for p in sparts]
+    tables.append((_read(rpath, REJECTS_SCHEMA) if rpath.exists() else REJECTS_SCHEMA.empty_table(), 1, 0))
+    tables += [(_read(p, REJECTS_SCHEMA), 1, order[p]) for p in rparts]
+    rows = _latest_per_path(tables)
+    srcs = [t.take(pa.array(rows[i])) for i, (t, k, _) in enumerate(tables) if k == 0]
+    rejs = [t.take(pa.array(rows[i])) for i, (t, k, _) in enumerate(tables) if k == 1]
+    sources = pa.concat_tables(srcs).sort_by("path")
+    rejects = pa.concat_tables(rejs).sort_by("path")
+    pruned = 0
+    if prune is not None:
+        for name in ("sources", "rejects"):
+            t = sources if name == "sources" else rejects
+            pairs = zip(t.column("path").to_pylist(), t.column("origin").to_pylist(), strict=True)
+            drop = np.fromiter((prune(p, o) for p, o in pairs), bool, len(t))
+            pruned += int(drop.sum())
+            t = t.filter(pa.array(~drop))
+            if name == "sources":
+                sources = t
+            else:
+                rejects = t
+    if not (sparts or rparts or legacy or pruned) and in_step and spath.exists():
+        return 0  # nothing changed: keep the files (a no-op re-run writes nothing)
+    # sources and manifest carry one generation token: a crash between their writes is seen
+    # (tokens differ) and the next run rebuilds the manifest even if nothing else changed.
+    gen = {b"bigasp.generation": uuid.uuid4().hex.encode()}
+    layout.atomic_write_parquet(sources.replace_schema_metadata(gen), spath)
     layout.atomic_write_parquet(rejects, rpath)
-    layout.atomic_write_parquet(manifest, mpath)  # written last: the commit point
-    for p in mparts + rparts:
+    from bigasp.annotate.merge import reapply  # merged annotations survive the rebuild
+
+    manifest = reapply(root, build_manifest(sources).replace_schema_metadata(gen))
+    layout.atomic_write_parquet(manifest, mpath)  # commit point
+    for p in sparts + rparts + legacy:
         p.unlink()
+    return pruned
 
 
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    f = open(root / ".ingest.lock", "w")  # noqa: SIM115 - held for the whole run
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"another `bigasp ingest` is writing {root}; wait for it to finish") from None
-        yield
-    finally:
-        f.close()
+def _generation(path: Path) -> bytes | None:
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return None
+    return (pq.read_schema(path).metadata or {}).get(b"bigasp.generation")
 
 
-def _key(path: str, size: int | None, mtime: float | None) -> bytes:
-    """16-byte digest of an incremental key: ~50 bytes per file in memory instead of ~250."""
-    return hashlib.blake2b(f"{path}\0{size}\0{mtime!r}".encode(), digest_size=16).digest()
+def _digest(path: str) -> bytes:
+    """16-byte digest of a path: ~50 bytes per file in memory instead of ~250."""
+    return hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
-def _known(root: Path) -> tuple[set[str], set[bytes]]:
-    ids: set[str] = set()
-    keys: set[bytes] = set()
-    for path, schema in ((root / layout.MANIFEST, MANIFEST_SCHEMA), (root / layout.REJECTS, REJECTS_SCHEMA)):
-        if path.exists():
-            t = _read(path, schema)
-            if schema is MANIFEST_SCHEMA:
-                ids.update(t.column("id").to_pylist())
-            cols = (t.column(c).to_pylist() for c in ("path", "file_size", "mtime"))
-            keys.update(_key(*k) for k in zip(*cols, strict=True))
-    return ids, keys
+@dataclass
+class _Known:
+    ids: set[str]
+    accepted: dict[bytes, str | None]  # path digest -> change key
+    rejected: dict[bytes, tuple[str | None, str, str | None]]  # path digest -> (change key, reason, settings)
+
+
+def _known(root: Path) -> _Known:
+    sources = _old_sources(root).select(["path", "change_key", "id"])
+    accepted = dict(
+        zip(
+            map(_digest, sources.column("path").to_pylist()),
+            sources.column("change_key").to_pylist(),
+            strict=True,
+        )
+    )
+    rejected = {}
+    rpath = root / layout.REJECTS
+    if rpath.exists():
+        t = _read(rpath, REJECTS_SCHEMA)
+        cols = [t.column(c).to_pylist() for c in ("path", "change_key", "reason", "settings")]
+        rejected = {_digest(p): (k, r, s) for p, k, r, s in zip(*cols, strict=True)}
+    return _Known(set(sources.column("id").to_pylist()), accepted, rejected)
 
 
 def _resolve_buckets(root: Path, cfg: IngestConfig) -> IngestConfig:
     """Unset buckets = the dataset's recorded rule, so a plain re-run never changes the rule."""
     path = root / layout.DATASET_JSON
-    recorded = json.loads(path.read_text()).get("buckets") if path.exists() else None
+    recorded = load_dataset_json(path.read_bytes(), path).get("buckets") if path.exists() else None
+    if recorded:
+        from bigasp.config import validate
+
+        recorded_rule = validate(BucketConfig, recorded, f"{path} (buckets)")
     if cfg.buckets is None:
-        rule = BucketConfig(**recorded) if recorded else BucketConfig()
+        rule = recorded_rule if recorded else BucketConfig()
         return cfg.model_copy(update={"buckets": rule})
-    if recorded and BucketConfig(**recorded) != cfg.buckets:
+    if recorded and recorded_rule != cfg.buckets:
         log.warning(
             "%s was ingested with buckets %s; switching to %s (latents already encoded keep their buckets)",
             root,
@@ -265,27 +525,83 @@ def _resolve_buckets(root: Path, cfg: IngestConfig) -> IngestConfig:
     return cfg
 
 
+def _check_out(sources: list[Path], root: Path) -> None:
+    out = root.resolve()
+    for src in sources:
+        s = src.resolve()
+        if s.is_dir() and (out == s or s in out.parents):
+            raise DataError(
+                f"--out {root} is inside the source folder {src}: the dataset's own files would be "
+                "ingested as images on the next run; choose an output folder outside the sources"
+            )
+
+
+def _scope(sources: list[Path]) -> Callable[[str, str | None], bool]:
+    """Whether a recorded (path, origin) belongs to one of this run's sources (so it may be pruned).
+
+    Folders and tars by path prefix (so re-ingesting a sub-folder prunes only under it); path
+    lists by the origin recorded with each row, since a list's entries can live anywhere.
+    """
+    prefixes: list[str] = []
+    exact: set[str] = set()
+    lists: set[str] = set()
+    for p in sources:
+        if p.is_dir():
+            prefixes.append(str(p).rstrip("/") + "/")
+        elif p.suffix.lower() == ".tar":
+            prefixes.append(f"{p}::")
+        elif p.suffix.lower() in LIST_EXT:
+            lists.add(str(p))
+        else:
+            exact.add(str(p))
+    tup = tuple(prefixes)
+    return lambda path, origin: path in exact or origin in lists or path.startswith(tup)
+
+
 def ingest(
     sources: Iterable[str | os.PathLike], out: str | os.PathLike, cfg: IngestConfig | None = None
 ) -> IngestSummary:
     """Scan `sources` into the dataset directory `out`; returns counts (also for benchmarks)."""
     cfg = cfg or IngestConfig()
+    sources = list(sources)
     root = Path(out)
+    resolved = [resolve_source(s) for s in sources]
+    for src, p in zip(sources, resolved, strict=True):  # before anything is written or read
+        if not p.exists():
+            raise DataError(
+                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar or a list of paths)"
+            )
+    _check_out(resolved, root)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     summary = IngestSummary()
-    with _lock(root):
+    with manifest_lock(root, holder="another `bigasp ingest`, `annotate merge` or `quality score`"):
         cfg = _resolve_buckets(root, cfg)
         init_dataset(
             root, {"buckets": cfg.buckets.model_dump(), "ingest": cfg.model_dump(exclude={"buckets"})}
         )
         fold_parts(root)  # a previous run that died left committed parts: keep them
-        ids, keys = _known(root)
+        known = _known(root)
+        seen: set[bytes] = set()
+        settings_now: dict[str, str] = {}
+
+        def unchanged_reject(entry: tuple[str | None, str, str | None], key: str) -> bool:
+            ck, reason, settings = entry
+            if cfg.retry_rejects or ck != key:
+                return False
+            if reason not in settings_now:
+                settings_now[reason] = reason_settings(reason, cfg)
+            return (settings or reason_settings(reason, cfg)) == settings_now[reason]
 
         def todo() -> Iterator[Item]:  # streamed: 10M+ files never sit in a list
-            for item in scan(list(sources)):
+            for item in scan(sources):
                 summary.scanned += 1
-                if _key(*item.key) in keys:
+                d = _digest(item.path)
+                seen.add(d)
+                key = item.change_key
+                if (d in known.accepted and known.accepted[d] == key) or (
+                    d in known.rejected and unchanged_reject(known.rejected[d], key)
+                ):
                     summary.skipped += 1
                 else:
                     yield item
@@ -308,8 +624,8 @@ def ingest(
                 )
             if rows:
                 layout.atomic_write_parquet(
-                    pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA),
-                    parts / f"manifest-{run}-{seq:06d}.parquet",
+                    pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA),
+                    parts / f"sources-{run}-{seq:06d}.parquet",
                 )
             rows, rejects = [], []
 
@@ -317,37 +633,49 @@ def ingest(
 
         bar = tqdm(unit="img", desc="ingest", disable=not cfg.progress, smoothing=0.05)
         pending = 0
-        for status, row in _results(todo(), cfg):
-            if status == "ok":
-                if row["id"] in ids:
-                    summary.duplicates += 1
-                    rejects.append(
-                        {
-                            **_reject_row(_as_item(row), "duplicate", "same bytes as an ingested image"),
-                            "id": row["id"],
-                        }
-                    )
-                else:
-                    ids.add(row["id"])
+        new_ids: set[str] = set()
+        try:
+            for item, (status, row) in _results(todo(), cfg):
+                d = _digest(item.path)
+                if d in known.rejected:
+                    summary.retried += 1
+                if status == "ok":
+                    if d in known.accepted:
+                        summary.updated += 1
+                    elif row["id"] in known.ids or row["id"] in new_ids:
+                        summary.duplicates += 1
+                    else:
+                        summary.new += 1
+                    new_ids.add(row["id"])
                     rows.append(row)
-                    summary.new += 1
-            else:
-                summary.rejects[row["reason"]] += 1
-                rejects.append(row)
-            pending += 1
-            bar.update(1)
-            if pending >= cfg.commit_every:
-                commit()
-                pending = 0
+                else:
+                    summary.rejects[row["reason"]] += 1
+                    rejects.append(row)
+                pending += 1
+                bar.update(1)
+                if pending >= cfg.commit_every:
+                    commit()
+                    pending = 0
+        except KeyboardInterrupt:
+            bar.close()
+            commit()
+            fold_parts(root)
+            summary.interrupted = True
+            summary.total_images = _count(root)
+            summary.seconds = time.perf_counter() - t0
+            raise IngestInterrupted(summary) from None
         commit()
         bar.close()
-        fold_parts(root)
-        summary.total_images = len(ids)
+        in_scope = _scope(resolved)
+        gone = (lambda p, o: in_scope(p, o) and _digest(p) not in seen) if cfg.prune else None
+        summary.removed = fold_parts(root, prune=gone)
+        summary.total_images = _count(root)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _as_item(row: dict[str, Any]):
-    from bigasp.prep.sources import Ref
+def _count(root: Path) -> int:
+    import pyarrow.parquet as pq
 
-    return Item(row["path"], Ref(row["path"], row["tar_offset"], row["file_size"]), row["mtime"])
+    path = root / layout.MANIFEST
+    return pq.read_metadata(path).num_rows if path.exists() else 0

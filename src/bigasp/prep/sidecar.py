@@ -2,12 +2,18 @@
 
 JSON keys we interpret (all optional): `caption` (string or list), `captions` (list), `tags`
 (list or comma-separated string), `score` (integer 0..9), `source` (string), `watermark`
-(bool). Every other key is kept verbatim in the manifest's `extra` JSON column.
+(bool). Every other key is kept in the manifest's `extra` JSON column, verbatim except that
+numbers JSON cannot hold (NaN, Infinity, overflowing values such as 1e400 or 5000-digit
+integers) become null there, so `extra` is always valid JSON.
+
+Any sidecar problem is a `bad_sidecar` reject naming the file and the key; nothing in a
+sidecar (nesting thousands deep, lone surrogates, huge numbers) may raise anything else.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +42,57 @@ def _strings(value: Any, key: str, name: str) -> list[str]:
     raise _bad(name, f"'{key}' must be a string or a list of strings, got {type(value).__name__}")
 
 
+MAX_DEPTH = 64  # nesting allowed in a sidecar; deeper is a bad_sidecar (and would overflow the stack)
+_MAX_INT_DIGITS = 4000  # below Python's int-from-string limit (4300)
+
+
+def _parse_int(text: str) -> int | float:
+    return int(text) if len(text.lstrip("-")) <= _MAX_INT_DIGITS else float("inf")
+
+
+def _depth(raw: str) -> int:
+    """Deepest bracket nesting outside strings, without recursion (checked before json.loads)."""
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in raw:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _finite(value: Any) -> Any:
+    """`value` with non-finite floats replaced by None (JSON has no NaN/Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def _text(value: str, key: str, name: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(
+            name, f"'{key}' holds an invalid Unicode escape (a lone surrogate such as \\ud800)"
+        ) from None
+    return value
+
+
 def parse_sidecars(
     txt: bytes | None, js: bytes | None, *, txt_name: str = "", json_name: str = ""
 ) -> Annotations:
@@ -50,8 +107,14 @@ def parse_sidecars(
     if js is None:
         return out
     try:
-        data = json.loads(js.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raw = js.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise _bad(json_name, f"not UTF-8 text ({err})") from None
+    if raw.count("[") + raw.count("{") > MAX_DEPTH and _depth(raw) > MAX_DEPTH:
+        raise _bad(json_name, f"JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        data = json.loads(raw, parse_int=_parse_int)
+    except (json.JSONDecodeError, ValueError, RecursionError) as err:
         raise _bad(json_name, f"invalid JSON ({err})") from None
     if not isinstance(data, dict):
         raise _bad(json_name, f"top level must be an object, got {type(data).__name__}")
@@ -67,21 +130,41 @@ def parse_sidecars(
         elif key == "score":
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-                raise _bad(json_name, f"'score' must be an integer 0..9, got {value!r}")
+            shown = (
+                repr(value)
+                if isinstance(value, float) or (isinstance(value, int) and abs(value) < 10**30)
+                else "a huge integer"
+                if isinstance(value, int)
+                else type(value).__name__
+            )
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value != int(value)
+            ):
+                raise _bad(json_name, f"'score' must be an integer 0..9, got {shown}")
             if not 0 <= int(value) <= 9:
-                raise _bad(json_name, f"'score' must be in 0..9, got {value}")
+                raise _bad(json_name, f"'score' must be in 0..9, got {shown}")
             out.score = int(value)
         elif key == "source":
             if value is not None and not isinstance(value, str):
-                raise _bad(json_name, f"'source' must be a string, got {value!r}")
-            out.source = value
+                raise _bad(json_name, f"'source' must be a string, got {type(value).__name__}")
+            out.source = None if value is None else _text(value, key, json_name)
         elif key == "watermark":
             if value is not None and not isinstance(value, bool) and value not in (0, 1):
-                raise _bad(json_name, f"'watermark' must be true/false, got {value!r}")
+                raise _bad(json_name, f"'watermark' must be true/false, got {type(value).__name__}")
             out.watermark = None if value is None else bool(value)
         else:
-            out.extra[key] = value
+            out.extra[_text(key, key, json_name)] = _finite(value)
+    out.captions = [_text(c, "caption", json_name) for c in out.captions]
+    out.tags = [_text(t, "tags", json_name) for t in out.tags]
+    try:
+        json.dumps(out.extra, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(
+            json_name, "a value holds an invalid Unicode escape (a lone surrogate such as \\ud800)"
+        ) from None
     seen: set[str] = set()
     out.captions = [c for c in out.captions if not (c in seen or seen.add(c))]
     return out

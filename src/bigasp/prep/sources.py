@@ -3,11 +3,19 @@
 Every image becomes an `Item` that says where its bytes are (a file, or an offset inside a
 tar) and where its sidecars are, so a worker process can read it without re-opening the tar
 index. Sidecars pair with images by name: `photo.jpg` <- `photo.txt`, `photo.json`.
+
+Nothing found while scanning stops the scan: a name that is not UTF-8, a special file, a tar
+link member or a truncated tar becomes an `Item` with `problem` set, which ingest records as
+a reject with that reason, and the scan goes on.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 import os
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +25,7 @@ from bigasp.errors import DataError
 
 SIDECAR_EXT = (".txt", ".json")
 LIST_EXT = (".txt", ".lst", ".list")
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,7 @@ class Ref:
     file: str
     offset: int | None
     size: int
+    mtime: float = 0.0
 
     def read(self) -> bytes:
         with open(self.file, "rb") as f:
@@ -33,6 +43,47 @@ class Ref:
                 return f.read()
             f.seek(self.offset)
             return f.read(self.size)
+
+    def open(self) -> io.BufferedReader:
+        """A seekable binary stream of exactly these bytes (a window into the tar for members)."""
+        raw = open(self.file, "rb", buffering=0)  # noqa: SIM115 - returned to the caller
+        if self.offset is None:
+            return io.BufferedReader(raw, CHUNK)
+        return io.BufferedReader(_Window(raw, self.offset, self.size), CHUNK)
+
+
+class _Window(io.RawIOBase):
+    """Read-only view of `size` bytes at `offset` of an open file: Pillow sees a whole file."""
+
+    def __init__(self, raw, offset: int, size: int):
+        self._raw, self._off, self._size, self._pos = raw, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self._size - self._pos)
+        if n <= 0:
+            return 0
+        self._raw.seek(self._off + self._pos)
+        got = self._raw.readinto(memoryview(b)[:n])
+        self._pos += got or 0
+        return got or 0
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 @dataclass(frozen=True)
@@ -43,11 +94,40 @@ class Item:
     txt: Ref | None = None
     json: Ref | None = None
     missing: bool = False  # listed but not found, or unreadable while scanning
-    error: str = ""  # why, when missing
+    error: str = ""  # why, when missing or problem
+    origin: str = ""  # the ingest source (folder, tar or list) this item was found through
+    problem: str = ""  # a reject reason found while scanning (not_a_file, bad_filename, truncated ...)
 
-    @property
-    def key(self) -> tuple[str, int, float]:
-        return (self.path, self.data.size, self.mtime)
+    @functools.cached_property
+    def change_key(self) -> str:
+        """What must stay equal for an earlier result to be reused: the image's and sidecars' size and
+        mtime (and a tar member's offset, which a rewritten tar may move)."""
+        parts = [self.data.size, self.mtime, self.data.offset, self.missing, self.problem]
+        for s in (self.txt, self.json):
+            parts += [None, None] if s is None else [s.size, s.mtime]
+        return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
+
+
+def printable(path: str) -> str:
+    """`path` as valid UTF-8 text: undecodable bytes of a file name become \\xNN escapes."""
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file-name byte produces (e.g. from JSON)
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def utf8_ok(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+BAD_NAME = (
+    "file name is not valid UTF-8, so the dataset cannot record it; rename it to UTF-8 "
+    "(e.g. `convmv -f latin1 -t utf-8 --notest -r FOLDER`) and re-run ingest"
+)
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -59,8 +139,25 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def scan_folder(root: Path) -> Iterator[Item]:
+def _problem(path: str, reason: str, detail: str, origin: str, size: int = 0, mtime: float = 0.0) -> Item:
+    return Item(printable(path), Ref(path, None, size), mtime, origin=origin, problem=reason, error=detail)
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def scan_folder(root: Path, origin: str = "") -> Iterator[Item]:
     """Depth-first, names sorted; follows symlinks but never visits a directory twice."""
+    origin = origin or str(root)
     stack = [root]
     seen: set[tuple[int, int]] = set()
     while stack:
@@ -70,11 +167,11 @@ def scan_folder(root: Path) -> Iterator[Item]:
             if (st.st_dev, st.st_ino) in seen:
                 continue  # symlink cycle or a second link to the same folder
             seen.add((st.st_dev, st.st_ino))
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
+            entries = sorted(os.scandir(d), key=lambda e: os.fsencode(e.name))
         except OSError as err:
             if d == root:
-                raise DataError(f"cannot list {d}: {err}") from None
-            yield Item(str(d), Ref(str(d), None, 0), 0.0, missing=True, error=f"cannot list folder: {err}")
+                raise DataError(f"cannot list {printable(str(d))}: {err}") from None
+            yield _problem(str(d), "unreadable", f"cannot list folder: {err}", origin)
             continue
         files: dict[str, os.DirEntry] = {}
         subdirs = []
@@ -86,6 +183,13 @@ def scan_folder(root: Path) -> Iterator[Item]:
                     subdirs.append(Path(e.path))
                 elif e.is_file(follow_symlinks=True):
                     files[e.name] = e
+                else:
+                    mode = e.stat(follow_symlinks=True).st_mode
+                    _, ext = _split(e.name)
+                    if ext not in SIDECAR_EXT:
+                        yield _problem(
+                            e.path, "not_a_file", f"{_kind(mode)}, not an image file; ingest skips it", origin
+                        )
             except OSError:
                 continue  # vanished or a dangling symlink: nothing to ingest
         stack.extend(reversed(subdirs))
@@ -93,82 +197,178 @@ def scan_folder(root: Path) -> Iterator[Item]:
             stem, ext = _split(name)
             if ext in SIDECAR_EXT:
                 continue
+            if not utf8_ok(e.path):
+                yield _problem(e.path, "bad_filename", BAD_NAME, origin)
+                continue
             try:
                 fst = e.stat()
                 side = {}
                 for sext in SIDECAR_EXT:
                     s = files.get(stem + sext)
                     if s is not None:
-                        side[sext] = Ref(s.path, None, s.stat().st_size)
+                        sst = s.stat()
+                        side[sext] = Ref(s.path, None, sst.st_size, sst.st_mtime)
             except OSError as err:
-                yield Item(e.path, Ref(e.path, None, 0), 0.0, missing=True, error=str(err))
+                yield Item(e.path, Ref(e.path, None, 0), 0.0, missing=True, error=str(err), origin=origin)
                 continue
             yield Item(
-                e.path, Ref(e.path, None, fst.st_size), fst.st_mtime, side.get(".txt"), side.get(".json")
+                e.path,
+                Ref(e.path, None, fst.st_size),
+                fst.st_mtime,
+                side.get(".txt"),
+                side.get(".json"),
+                origin=origin,
             )
 
 
-def scan_tar(path: Path) -> Iterator[Item]:
+def _tar_members(tf: tarfile.TarFile, size: int) -> tuple[list[tarfile.TarInfo], str]:
+    """Members readable from the headers, and why the listing stopped early ('' if it did not).
+
+    tarfile ends a listing silently at a short or invalid header, so a truncated or damaged
+    tar is recognised by what follows the last member: a whole end-of-archive (zero) block.
+    """
+    members = []
+    while True:
+        try:
+            m = tf.next()
+        except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeError) as err:
+            return members, f"{type(err).__name__}: {err}"
+        if m is None:
+            break
+        members.append(m)
+    end = tf.offset
+    tf.fileobj.seek(end)
+    block = tf.fileobj.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE:
+        return members, f"no end-of-archive marker: the file ends at byte {size}"
+    if block.count(0) != tarfile.BLOCKSIZE:
+        return members, f"no valid member header at byte {end}"
+    return members, ""
+
+
+def scan_tar(path: Path, origin: str = "") -> Iterator[Item]:
+    origin = origin or str(path)
+    mtime = path.stat().st_mtime
+    size = path.stat().st_size
     try:
         tf = tarfile.open(path, "r:")  # noqa: SIM115 - uncompressed only: members are read by offset
-    except tarfile.ReadError as err:
-        raise DataError(
-            f"{path}: not an uncompressed tar ({err}); decompress it first (e.g. `gunzip`), "
-            "because images inside are read by byte offset"
-        ) from None
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        yield _problem(
+            str(path),
+            "corrupt",
+            f"not an uncompressed tar ({err}); decompress it first (e.g. `gunzip`), "
+            "because images inside are read by byte offset",
+            origin,
+            size,
+            mtime,
+        )
+        return
     with tf:
-        members = [m for m in tf.getmembers() if m.isfile()]
-    by_name = {m.name: m for m in members}
+        members, stopped = _tar_members(tf, size)
+    by_name = {m.name: m for m in members if m.isfile()}
     for m in members:
         base = m.name.rsplit("/", 1)[-1]
-        if _hidden(base):
+        if m.isdir() or _hidden(base) or not base:
             continue
+        loc = f"{path}::{m.name}"
         stem, ext = _split(m.name)
+        if not m.isfile():
+            if m.issym() or m.islnk():
+                kind = "symbolic" if m.issym() else "hard"
+                why = f"a {kind} link to {printable(m.linkname)!r}, not file data; put the file itself in the tar"
+            else:
+                why = "a device, FIFO or other special member, not file data"
+            yield _problem(loc, "not_a_file", why, origin, 0, float(m.mtime))
+            continue
         if ext in SIDECAR_EXT:
+            continue
+        if not utf8_ok(loc):
+            yield _problem(loc, "bad_filename", BAD_NAME, origin, m.size, float(m.mtime))
+            continue
+        if m.offset_data + m.size > size:
+            yield _problem(
+                loc,
+                "truncated",
+                f"member needs bytes up to {m.offset_data + m.size} but the tar ends at {size} "
+                "(truncated tar); re-create or re-download the shard",
+                origin,
+                m.size,
+                float(m.mtime),
+            )
             continue
         side = {}
         for sext in SIDECAR_EXT:
             s = by_name.get(stem + sext)
-            if s is not None:
-                side[sext] = Ref(str(path), s.offset_data, s.size)
+            if s is not None and s.offset_data + s.size <= size:
+                side[sext] = Ref(str(path), s.offset_data, s.size, float(s.mtime))
         yield Item(
-            f"{path}::{m.name}",
+            loc,
             Ref(str(path), m.offset_data, m.size),
             float(m.mtime),
             side.get(".txt"),
             side.get(".json"),
+            origin=origin,
+        )
+    if stopped:
+        yield _problem(
+            f"{path}::",
+            "truncated",
+            f"tar unreadable after {len(members)} members ({stopped}); the members before were kept, "
+            "any after are missing: re-create or re-download the shard",
+            origin,
+            size,
+            mtime,
         )
 
 
 def scan_list(path: Path) -> Iterator[Item]:
     base = path.parent
-    for line in path.read_text(encoding="utf-8").splitlines():
+    origin = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read path list {path}: {err}") from None
+    for line in raw.decode("utf-8", "surrogateescape").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         p = Path(line).expanduser()
         p = (p if p.is_absolute() else base / p).absolute()
-        yield _single(p)
+        yield _single(p, origin)
 
 
-def _single(p: Path) -> Item:
+def _single(p: Path, origin: str) -> Item:
+    if not utf8_ok(str(p)):
+        return _problem(str(p), "bad_filename", BAD_NAME, origin)
     try:
         st = p.stat()
     except OSError:
-        return Item(str(p), Ref(str(p), None, 0), 0.0, missing=True)
+        return Item(str(p), Ref(str(p), None, 0), 0.0, missing=True, origin=origin)
+    if not stat.S_ISREG(st.st_mode):
+        return _problem(str(p), "not_a_file", f"{_kind(st.st_mode)}, not an image file", origin)
     stem, _ = _split(p.name)
     side = {}
     for sext in SIDECAR_EXT:
         s = p.with_name(stem + sext)
-        if s.is_file():
-            side[sext] = Ref(str(s), None, s.stat().st_size)
-    return Item(str(p), Ref(str(p), None, st.st_size), st.st_mtime, side.get(".txt"), side.get(".json"))
+        try:
+            if s.is_file():
+                sst = s.stat()
+                side[sext] = Ref(str(s), None, sst.st_size, sst.st_mtime)
+        except OSError:
+            continue
+    return Item(
+        str(p), Ref(str(p), None, st.st_size), st.st_mtime, side.get(".txt"), side.get(".json"), origin=origin
+    )
+
+
+def resolve_source(src: str | os.PathLike) -> Path:
+    return Path(src).expanduser().absolute()  # the manifest must not depend on the working directory
 
 
 def scan(sources: list[str | os.PathLike]) -> Iterator[Item]:
     """Items of every source, in a stable order (sources in order, names sorted)."""
     for src in sources:
-        p = Path(src).expanduser().absolute()  # the manifest must not depend on the working directory
+        p = resolve_source(src)
         if p.is_dir():
             yield from scan_folder(p)
         elif p.is_file() and p.suffix.lower() == ".tar":
@@ -176,8 +376,8 @@ def scan(sources: list[str | os.PathLike]) -> Iterator[Item]:
         elif p.is_file() and p.suffix.lower() in LIST_EXT:
             yield from scan_list(p)
         elif p.is_file():
-            yield _single(p)
+            yield _single(p, str(p))
         else:
             raise DataError(
-                f"ingest source {src} does not exist (expected a folder, a .tar or a list of paths)"
+                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar or a list of paths)"
             )

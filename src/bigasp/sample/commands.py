@@ -63,8 +63,45 @@ def build_settings(model_kind, preset: str, **flags):
             expected,
             actual,
         )
+    if settings.shift is not None and actual == "eps":
+        logging.getLogger(__name__).warning(
+            "--shift %g is ignored: this is an eps model (the shift applies to flow models only)",
+            settings.shift,
+        )
     settings.check()
     return settings
+
+
+def precheck(prompts: list[str], flags: dict, device: str | None) -> None:
+    """Flags, prompts and device, validated before any model is loaded (a preset's values are
+    valid by construction, so the explicit flags alone are what can be wrong)."""
+    from bigasp.config import validate
+    from bigasp.sample.generate import GenerateSettings, check_device
+    from bigasp.sample.prompts import parse
+
+    data = {k: v for k, v in flags.items() if v is not None and k != "size"}
+    if flags.get("size") is not None:
+        data["width"], data["height"] = parse_size(flags["size"])
+    settings = validate(GenerateSettings, data, "command-line flags")
+    check_device(device)
+    if settings.embeddings is not None:
+        from bigasp.sample.embeddings import EmbeddingLibrary
+
+        EmbeddingLibrary(settings.embeddings)  # the folder exists
+    for text in [*prompts, settings.negative]:
+        parse(text, settings.syntax)
+
+
+def check_out_dir(out: Path) -> None:
+    """The output folder exists (or is created now) and is a folder, before any sampling."""
+    from bigasp.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a folder; pass a folder for the PNGs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot create the output folder ({err.strerror})") from None
 
 
 def unique_path(path: Path) -> Path:
@@ -92,8 +129,11 @@ def generate(
     seed: int = typer.Option(None, help="Noise seed (default 0)."),
     batch: int = typer.Option(None, help="Images per prompt."),
     syntax: str = typer.Option(None, help="Prompt weight syntax: comfy | a1111 | none."),
-    chunking: str = typer.Option(None, help="Chunk boundaries: bigasp (plain 75-token split) | comfy."),
-    noise: str = typer.Option(None, help="SDE noise: iid | brownian (needs torchsde)."),
+    chunking: str = typer.Option(
+        None, help="Chunk boundaries: comfy (default, as ComfyUI) | bigasp (training)."
+    ),
+    embeddings: str = typer.Option(None, help="Folder of textual-inversion .safetensors for embedding:NAME."),
+    noise: str = typer.Option(None, help="SDE noise: brownian (ComfyUI, default) | iid."),
     out: Path = typer.Option(Path("outputs"), help="Output folder for PNGs."),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda if available)."),
     dtype: str = typer.Option(
@@ -106,15 +146,18 @@ def generate(
     from bigasp.models.io import load_model
     from bigasp.sample.generate import Generator, save_png
 
-    if size is not None:
-        parse_size(size)  # fail before loading a 7 GB model
-    m = load_model(model, preset=arch)
-    settings = build_settings(
-        m.kind, preset, negative=negative, steps=steps, cfg=cfg, pag=pag, sampler=sampler,
-        scheduler=scheduler, shift=shift, prediction=prediction, size=size, seed=seed, batch=batch,
-        syntax=syntax, chunking=chunking, noise=noise,
+    flags = dict(
+        negative=negative, steps=steps, cfg=cfg, pag=pag, sampler=sampler, scheduler=scheduler,
+        shift=shift, prediction=prediction, size=size, seed=seed, batch=batch, syntax=syntax,
+        chunking=chunking, noise=noise, embeddings=embeddings,
     )  # fmt: skip
-    gen = Generator(m, device, parse_dtype(dtype), vae_dtype=parse_dtype(vae_dtype))
+    # Everything that can be checked is checked before loading a 7 GB model.
+    precheck(prompts, flags, device)
+    dtypes = parse_dtype(dtype), parse_dtype(vae_dtype)
+    check_out_dir(out)
+    m = load_model(model, preset=arch)
+    settings = build_settings(m.kind, preset, **flags)
+    gen = Generator(m, device, dtypes[0], vae_dtype=dtypes[1])
     images = gen.generate(prompts, settings)
     for k, im in enumerate(images):
         p, j = divmod(k, settings.batch)
@@ -151,8 +194,14 @@ def watch(
 ) -> None:
     """Sample new complete checkpoints of a training run into a side-by-side HTML gallery."""
     from bigasp.errors import ConfigError
+    from bigasp.sample.generate import check_device
+    from bigasp.sample.prompts import parse
     from bigasp.sample.watch import Watcher, read_prompts
 
+    check_device(device)
+    prompt_list = read_prompts(prompts)
+    for text in prompt_list:
+        parse(text)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
@@ -163,7 +212,7 @@ def watch(
     )  # fmt: skip
     watcher = Watcher(
         run_dir,
-        read_prompts(prompts),
+        prompt_list,
         seed_list,
         out_dir=out,
         every=every,

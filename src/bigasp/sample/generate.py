@@ -3,7 +3,8 @@
 The pipeline is ComfyUI's KSampler on an empty latent: initial noise from
 `torch.manual_seed(seed)` as one CPU float32 `randn` over the whole batch latent, scaled
 by the model's `noise_scaling`; a ComfyUI schedule; a k-diffusion sampler over a guided
-denoiser (CFG + PAG); latent ÷ VAE scaling factor; VAE decode (fp32 by default: SDXL's
+denoiser (CFG + PAG), SDE samplers with ComfyUI's Brownian-tree noise (one tree per prompt,
+so an image never depends on the other prompts of a call); latent ÷ VAE scaling factor; VAE decode (fp32 by default: SDXL's
 VAE overflows in fp16); `clamp((x+1)/2)`, ×255 and truncation to uint8. Same settings and
 seed give the same image.
 
@@ -27,17 +28,18 @@ import torch
 from pydantic import Field
 
 from bigasp.config import Section
-from bigasp.errors import ConfigError
+from bigasp.errors import BigaspError, ConfigError
 from bigasp.fsutil import atomic_path
 from bigasp.models.components import SDXL, ModelKind
+from bigasp.sample.embeddings import EmbeddingLibrary
 from bigasp.sample.guidance import Conditioning, GuidedDenoiser, perturbed_attention
 from bigasp.sample.model_sampling import max_denoise, model_sampling
 from bigasp.sample.prompts import encode_weighted, prompt_chunks
 from bigasp.sample.samplers import (
     STOCHASTIC,
     brownian_noise_sampler,
-    brownian_tree_available,
     iid_noise_sampler,
+    keyed_noise_sampler,
     run_sampler,
 )
 from bigasp.sample.schedules import schedule
@@ -49,11 +51,21 @@ SchedulerName = Literal["normal", "simple", "sgm_uniform", "beta", "karras", "ex
 SDE_SEED_KEY = 0x5DEECE66D  # keeps i.i.d. SDE noise independent of the initial noise for a seed
 
 
+MAX_SIDE = 4096  # 4x SDXL's native 1024; beyond it the UNet's attention runs out of memory
+
+
 def check_size(width: int, height: int) -> None:
-    """SDXL latents are 1/8 of the image: both sides must be multiples of 8."""
+    """SDXL latents are 1/8 of the image: both sides must be multiples of 8, at most MAX_SIDE."""
     for name, v in (("width", width), ("height", height)):
+        if v > MAX_SIDE:
+            raise ConfigError(
+                f"{name} {v} is larger than {MAX_SIDE} pixels; SDXL works best near 1 megapixel "
+                "(e.g. 832x1216): generate smaller and upscale"
+            )
         if v % 8 or v < 8:
             lo, hi = max(8, v - v % 8), v - v % 8 + 8
+            if v < 8:
+                raise ConfigError(f"{name} {v} is too small; use at least 64 (SDXL works best near 1024)")
             raise ConfigError(
                 f"{name} {v} is not a multiple of 8 (SDXL latents are 1/8 of the image size); "
                 f"use {lo} or {hi}, ideally a multiple of 64 such as {max(64, round(v / 64) * 64)}."
@@ -65,28 +77,62 @@ class GenerateSettings(Section):
 
     negative: str = Field("low quality", description="Negative prompt (bigASP cards: 'low quality').")
     steps: int = Field(30, ge=1, le=1000, description="Sampling steps (beta may run fewer: de-duplication).")
-    cfg: float = Field(3.0, description="CFG scale in denoised space; 1.0 skips the negative pass.")
-    pag: float = Field(2.0, ge=0.0, description="Perturbed-Attention Guidance scale; 0 disables it.")
+    cfg: float = Field(
+        3.0,
+        ge=-100,
+        le=100,
+        allow_inf_nan=False,
+        description="CFG scale in denoised space; 1.0 skips the negative pass.",
+    )
+    pag: float = Field(
+        2.0,
+        ge=0.0,
+        le=100,
+        allow_inf_nan=False,
+        description="Perturbed-Attention Guidance scale; 0 disables it.",
+    )
     sampler: SamplerName = Field("euler", description="ComfyUI sampler name.")
     scheduler: SchedulerName = Field("beta", description="ComfyUI scheduler name.")
     shift: float | None = Field(
-        None, gt=0, description="Flow shift (ModelSamplingSD3); None = from the model."
+        None,
+        gt=0,
+        le=1000,
+        allow_inf_nan=False,
+        description="Flow shift (ModelSamplingSD3); None = from the model.",
     )
     prediction: Literal["eps", "flow"] | None = Field(
         None, description="Override the model kind (eps = bigASP v2 / SDXL, flow = bigASP v2.5)."
     )
-    width: int = Field(832, ge=8, description="Image width in pixels, multiple of 8 (64 recommended).")
-    height: int = Field(1216, ge=8, description="Image height in pixels, multiple of 8 (64 recommended).")
+    width: int = Field(
+        832,
+        ge=8,
+        le=MAX_SIDE,
+        description="Image width in pixels, multiple of 8 (64 recommended), at most 4096.",
+    )
+    height: int = Field(
+        1216,
+        ge=8,
+        le=MAX_SIDE,
+        description="Image height in pixels, multiple of 8 (64 recommended), at most 4096.",
+    )
     seed: int = Field(0, ge=0, lt=2**63, description="Noise seed (ComfyUI-compatible).")
     batch: int = Field(1, ge=1, description="Images per prompt (one noise tensor over the batch).")
     syntax: Literal["comfy", "a1111", "none"] = Field("comfy", description="Prompt weight syntax.")
-    chunking: Literal["bigasp", "comfy"] = Field(
-        "bigasp",
-        description="75-token chunk boundaries: plain split as bigASP trained, or ComfyUI's rule "
-        "(short weighted segments move whole to the next chunk).",
+    chunking: Literal["comfy", "bigasp"] = Field(
+        "comfy",
+        description="75-token chunk boundaries: ComfyUI's rule (a short weighted segment that would "
+        "cross a boundary moves whole to the next chunk), or bigasp = the plain split bigASP trained "
+        "with. The two agree for prompts without weights or embeddings.",
     )
-    noise: Literal["iid", "brownian"] = Field(
-        "iid", description="SDE noise: i.i.d. normal, or torchsde's Brownian tree (ComfyUI bit-exact)."
+    embeddings: str | None = Field(
+        None,
+        description="Folder of textual-inversion embeddings (.safetensors, searched with its "
+        "subfolders) for ComfyUI's `embedding:NAME` syntax; a missing embedding is dropped with a warning.",
+    )
+    noise: Literal["brownian", "iid"] = Field(
+        "brownian",
+        description="SDE noise: torchsde's Brownian tree seeded with `seed` (ComfyUI's default), or "
+        "i.i.d. normal. Either way one prompt's images never depend on the other prompts in a call.",
     )
 
     def check(self) -> None:
@@ -139,8 +185,47 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(tuple(shape), dtype=torch.float32, generator=g, device="cpu")
 
 
+def sde_noise(x: torch.Tensor, sig: Sequence[float], settings: GenerateSettings, n_prompts: int):
+    """SDE noise keyed per prompt: each prompt's `batch` images get the noise ComfyUI's
+    KSampler would give that prompt alone (one Brownian tree over its batch, entropy = seed),
+    so an image does not depend on the other prompts sampled with it."""
+    blocks = x.chunk(n_prompts, dim=0)
+    if settings.noise == "brownian":
+        return keyed_noise_sampler([brownian_noise_sampler(b, sig, settings.seed) for b in blocks])
+    return keyed_noise_sampler(
+        [
+            iid_noise_sampler(b, torch.Generator(x.device).manual_seed(settings.seed ^ SDE_SEED_KEY))
+            for b in blocks
+        ]
+    )
+
+
+def _folder(path: str | None) -> Path | None:
+    return None if path is None else Path(path)
+
+
 def auto_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(name: str | None) -> None:
+    """Refuse a device this machine does not have, before anything is loaded."""
+    if name is None:
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise ConfigError(f"--device {name!r} is not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: no CUDA GPU is available here; use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {name!r}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0..); pick one of them"
+        )
 
 
 def to_pil(pixels: torch.Tensor) -> list:
@@ -188,8 +273,15 @@ class Generator:
             _place(getattr(model, name), self.device, dtype)
         _place(model.vae, self.device, vae_dtype)
         self.last_unet_calls = 0
+        self._embeddings: EmbeddingLibrary | None = None
 
     # -- pieces (public so the watcher, demo and bench can time or reuse them) -----------
+
+    def embeddings(self, settings: GenerateSettings) -> EmbeddingLibrary:
+        """The embedding folder of `settings`, loaded once per folder."""
+        if self._embeddings is None or self._embeddings.folder != _folder(settings.embeddings):
+            self._embeddings = EmbeddingLibrary(settings.embeddings)
+        return self._embeddings
 
     @torch.no_grad()
     def conditioning(self, prompts: Sequence[str], settings: GenerateSettings) -> Conditioning:
@@ -198,7 +290,12 @@ class Generator:
 
         m = self.model
         text = encode_weighted(
-            m.text_encoder, m.text_encoder_2, list(prompts), settings.syntax, settings.chunking
+            m.text_encoder,
+            m.text_encoder_2,
+            list(prompts),
+            settings.syntax,
+            settings.chunking,
+            self.embeddings(settings),
         )
         size = Size(settings.height, settings.width)
         time_ids = sdxl_time_ids(original_size=size, crop=Crop(0, 0), target_size=size, device=self.device)
@@ -236,17 +333,7 @@ class Generator:
         )
         noise_sampler = None
         if settings.sampler in STOCHASTIC:
-            if settings.noise == "brownian":
-                if not brownian_tree_available():
-                    raise ConfigError(
-                        "noise = 'brownian' needs the optional torchsde package (pip install torchsde); "
-                        "use noise = 'iid' (default) otherwise"
-                    )
-                noise_sampler = brownian_noise_sampler(x, sig, settings.seed)
-            else:
-                g = torch.Generator(self.device).manual_seed(settings.seed ^ SDE_SEED_KEY)
-                noise_sampler = iid_noise_sampler(x, g)
-
+            noise_sampler = sde_noise(x, sig, settings, len(prompts))
         pag = perturbed_attention(self.model.unet, denoiser.state) if settings.pag > 0 else nullcontext()
         with pag:
             out = run_sampler(
@@ -273,10 +360,23 @@ class Generator:
         # with empty chunks would change its image.
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
-            groups.setdefault(len(prompt_chunks(p, settings.syntax, settings.chunking)), []).append(i)
+            chunks = prompt_chunks(p, settings.syntax, settings.chunking, self.embeddings(settings))
+            groups.setdefault(len(chunks), []).append(i)
         images: list = [None] * len(prompts)
         for idx in groups.values():
-            batch_images = to_pil(self.decode(self.sample([prompts[i] for i in idx], settings)))
+            latents = self.sample([prompts[i] for i in idx], settings)
+            if not bool(torch.isfinite(latents).all()):
+                raise BigaspError(
+                    f"sampling produced NaN/inf values (cfg {settings.cfg}, pag {settings.pag}, "
+                    f"dtype {self.dtype}); lower cfg/pag or prompt weights, or try --dtype fp32"
+                )
+            pixels = self.decode(latents)
+            if not bool(torch.isfinite(pixels).all()):
+                raise BigaspError(
+                    f"the VAE decode produced NaN/inf pixels (VAE dtype {self.vae_dtype}); "
+                    "decode in fp32 (--vae-dtype fp32, the default)"
+                )
+            batch_images = to_pil(pixels)
             for k, i in enumerate(idx):
                 images[i] = batch_images[k * settings.batch : (k + 1) * settings.batch]
         out = []

@@ -14,6 +14,7 @@ replaced by shift(0.9999). Euler and DPM++ 2M are used unchanged for both kinds.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -189,7 +190,8 @@ def sample_dpmpp_3m_sde(
 
 
 def iid_noise_sampler(x: torch.Tensor, generator: torch.Generator) -> NoiseSampler:
-    """Fresh standard normal noise per step from an explicit generator on x's device."""
+    """Fresh standard normal noise per step from an explicit generator on x's device
+    (statistically like the Brownian tree, not the same samples)."""
 
     def sample(sigma: float, sigma_next: float) -> torch.Tensor:
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -197,36 +199,48 @@ def iid_noise_sampler(x: torch.Tensor, generator: torch.Generator) -> NoiseSampl
     return sample
 
 
-def brownian_tree_available() -> bool:
-    try:
-        import torchsde  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def brownian_noise_sampler(x: torch.Tensor, sigmas: Sequence[float], seed: int) -> NoiseSampler:
-    """ComfyUI's BrownianTreeNoiseSampler (cpu=True): increments of one torchsde tree over
-    [σmin, σmax] of the *un-offset* schedule, normalised to unit variance. Needed only to
-    reproduce ComfyUI's SDE images bit for bit; requires the optional `torchsde`.
+    """ComfyUI's `BrownianTreeNoiseSampler(x, σmin, σmax, seed, cpu=True)` (k-diffusion's):
+    one `torchsde.BrownianTree` on the CPU over [σmin, σmax] of the *un-offset* schedule, w0 =
+    zeros like `x`, entropy = the noise seed; a call returns the tree's increment between the
+    two sigmas, sign-corrected for descending order and divided by sqrt(|Δσ|), all in float32
+    as there. The increments are consistent across step counts (same seed, finer schedule:
+    the same Brownian path).
     """
-    try:
-        import torchsde
-    except ImportError:
-        raise ImportError(
-            "the Brownian-tree noise option needs torchsde (pip install torchsde); "
-            "use the default i.i.d. noise otherwise"
-        ) from None
+    import torchsde
+
     sig = _floats(sigmas)
-    t0, t1 = min(s for s in sig if s > 0), max(sig)
-    w0 = torch.zeros_like(x, device="cpu", dtype=torch.float32)
+    t0 = torch.tensor(min(s for s in sig if s > 0), dtype=torch.float32)
+    t1 = torch.tensor(max(sig), dtype=torch.float32)
+    w0 = torch.zeros(x.shape, device="cpu", dtype=torch.float32)
     tree = torchsde.BrownianTree(t0, w0, t1, entropy=seed)
 
     def sample(sigma: float, sigma_next: float) -> torch.Tensor:
-        lo, hi = min(sigma, sigma_next), max(sigma, sigma_next)
-        sign = 1.0 if sigma_next > sigma else -1.0
-        dw = tree(torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32))
-        return (dw * (sign / math.sqrt(abs(sigma_next - sigma)))).to(x.device, x.dtype)
+        a = torch.tensor(sigma, dtype=torch.float32)
+        b = torch.tensor(sigma_next, dtype=torch.float32)
+        lo, hi, sign = (a, b, 1.0) if sigma < sigma_next else (b, a, -1.0)
+        with warnings.catch_warnings():
+            # torchsde stores t1 as a Python float and warns that float32 σmax "exceeds" it.
+            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+            dw = tree(lo, hi) * sign
+        n = dw / (b - a).abs().sqrt()
+        if x.device.type == "cuda":  # pinned + non_blocking: no host sync in the sampling loop
+            return n.pin_memory().to(x.device, x.dtype, non_blocking=True)
+        return n.to(x.device, x.dtype)
+
+    return sample
+
+
+def keyed_noise_sampler(samplers: Sequence[NoiseSampler]) -> NoiseSampler:
+    """Noise for a batch made of blocks, each drawn by its own sampler (concatenated on dim 0).
+
+    Keying the noise per block (one prompt's images) is what keeps an image independent of
+    which other prompts share the call.
+    """
+
+    def sample(sigma: float, sigma_next: float) -> torch.Tensor:
+        parts = [ns(sigma, sigma_next) for ns in samplers]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     return sample
 

@@ -54,12 +54,15 @@ def simple(ms: ModelSampling, steps: int) -> torch.Tensor:
 
 
 def beta(ms: ModelSampling, steps: int, alpha: float = BETA_ALPHA, b: float = BETA_BETA) -> torch.Tensor:
-    """Beta(α, β) quantiles of the timestep grid, rounded to table indices, consecutive
-    duplicates dropped: may return fewer than `steps` steps (first at 139 steps for α=β=0.6).
+    """Beta(α, β) quantiles (`scipy.stats.beta.ppf`, as ComfyUI) of the timestep grid, rounded
+    to table indices, consecutive duplicates dropped: may return fewer than `steps` steps
+    (first at 139 steps for α=β=0.6).
     """
+    from scipy.stats import beta as beta_dist
+
     total = len(ms.sigmas) - 1
     ts = 1.0 - np.linspace(0.0, 1.0, steps, endpoint=False)
-    idx = np.rint(np.array([beta_ppf(float(t), alpha, b) for t in ts]) * total)
+    idx = np.rint(beta_dist.ppf(ts, alpha, b) * total)
     sig: list[float] = []
     last = -1.0
     for t in idx:
@@ -104,61 +107,3 @@ def schedule(ms: ModelSampling, scheduler: str, steps: int) -> torch.Tensor:
 def sigmas(kind: str, scheduler: str, steps: int, shift: float = 1.0) -> torch.Tensor:
     """The sigma list ComfyUI would use for a `kind` ('eps' | 'flow') model; ends with 0."""
     return schedule(model_sampling(kind, shift), scheduler, steps)
-
-
-# -- Beta distribution quantile (scipy.stats.beta.ppf without scipy) ---------------------
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        m2 = 2 * m
-        for aa in (
-            m * (b - m) * x / ((qam + m2) * (a + m2)),
-            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
-        ):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            delta = d * c
-            h *= delta
-        if abs(delta - 1.0) < 1e-16:
-            break
-    return h
-
-
-def beta_cdf(x: float, a: float, b: float) -> float:
-    """Regularized incomplete beta I_x(a, b), float64."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    front = math.exp(log_front)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def beta_ppf(p: float, a: float, b: float) -> float:
-    """Inverse of `beta_cdf` by bisection to full float64 resolution (the CDF is monotone)."""
-    if p <= 0.0:
-        return 0.0
-    if p >= 1.0:
-        return 1.0
-    lo, hi = 0.0, 1.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            break
-        if beta_cdf(mid, a, b) < p:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)

@@ -271,5 +271,3 @@ class Watcher:
             f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table></body></html>\n"
         )
         return atomic_write_text(self.samples_dir / GALLERY_FILE, page, durable=False)
-
-

@@ -184,3 +184,61 @@ def read_embeddings(root: str | os.PathLike, model_key: str | None = None) -> Em
     vectors = col.values.to_numpy(zero_copy_only=False).astype(np.float16, copy=False).reshape(-1, dim)
     ids = table.column("id").to_numpy(zero_copy_only=False).astype(object)
     return Embeddings(model_key=key, ids=ids, vectors=vectors)
+
+
+FAILED_DIR = "failed"
+FAILURES_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+    ]
+)
+
+
+def write_failures(
+    root: str | os.PathLike,
+    stage: str,
+    model_key: str,
+    rows: list[dict[str, str]],
+    *,
+    session: str,
+    rank: int,
+    seq: int,
+) -> Path:
+    """Images a stage could not annotate (id, reason, detail), beside its parts in `failed/`."""
+    path = stage_dir(root, stage, model_key) / FAILED_DIR / part_name(session, rank, seq)
+    atomic_write_parquet(pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA), path)
+    return path
+
+
+def read_failures(root: str | os.PathLike, stage: str, model_key: str) -> pa.Table:
+    d = stage_dir(root, stage, model_key) / FAILED_DIR
+    paths = sorted(p for p in d.glob("*.parquet") if visible(p.name)) if d.is_dir() else []
+    if not paths:
+        return FAILURES_SCHEMA.empty_table()
+    return pa.concat_tables(pq.read_table(p, schema=FAILURES_SCHEMA) for p in paths)
+
+
+def done_ids(root: str | os.PathLike, stage: str, model_key: str, *, with_failures: bool = True) -> set[str]:
+    """Ids a resumed run skips: those in any part (and, unless retrying, those recorded as failed)."""
+    ids: set[str] = set()
+    for path in list_parts(root, stage, model_key):
+        ids.update(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+    if with_failures:
+        ids.update(read_failures(root, stage, model_key).column("id").to_pylist())
+    return ids
+
+
+def coverage(root: str | os.PathLike, image_ids: set[str]) -> dict[str, dict[str, int]]:
+    """Per `stage/model`: images annotated and images recorded as failed (manifest ids only)."""
+    base = Path(root) / ANNOTATIONS_DIR
+    out: dict[str, dict[str, int]] = {}
+    if not base.is_dir():
+        return out
+    for stage in sorted(p.name for p in base.iterdir() if p.is_dir() and visible(p.name)):
+        for model in list_models(root, stage):
+            done = done_ids(root, stage, model, with_failures=False) & image_ids
+            failed = set(read_failures(root, stage, model).column("id").to_pylist()) & image_ids
+            out[f"{stage}/{model}"] = {"done": len(done), "failed": len(failed - done)}
+    return out

@@ -51,6 +51,11 @@ def info(
     typer.echo("  buckets (WxH: latents)")
     for name, n in d["buckets"].items():
         typer.echo(f"    {name:<12} {n}")
+    if d.get("annotations"):
+        typer.echo("  annotations (stage/model: images done, failed, coverage)")
+        for key, c in d["annotations"].items():
+            cover = c["done"] / d["images"] if d["images"] else 0.0
+            typer.echo(f"    {key:<32} {c['done']:>8} {c['failed']:>6}  {cover:.1%}")
     typer.echo("  bytes on disk")
     for key, n in d["bytes"].items():
         typer.echo(f"    {key:<20} {_human(n)}")
@@ -87,6 +92,11 @@ def import_bigasp_cmd(
 
     counts = import_bigasp(vaes, out, index=index, compression=compression, shard_size=shard_size)
     typer.echo(json.dumps(counts))
+
+
+from bigasp.report.commands import register as _register_report  # noqa: E402
+
+_register_report(dataset_app)
 
 
 def register(app: typer.Typer) -> None:

@@ -49,6 +49,9 @@ def dataset_info(root: str, storage_options: dict | None = None) -> dict[str, An
             continue
         key = rel.split("/")[1] if rel.startswith(layout.LATENTS_DIR + "/") else rel.split("/")[0]
         sizes[key] += size
+    from bigasp.store.annotations import coverage
+
+    annotations = coverage(path, ids) if layout.is_local(fs) else {}
     return {
         "root": root,
         "format_version": meta.get("format_version"),
@@ -61,5 +64,6 @@ def dataset_info(root: str, storage_options: dict | None = None) -> dict[str, An
         "variant_bytes": {str(v): n for v, n in sorted(variant_bytes.items())},
         "rejects": dict(sorted(by_reason.items())),
         "buckets": dict(sorted(hist.items(), key=lambda kv: -kv[1])),
+        "annotations": annotations,
         "bytes": {**dict(sorted(sizes.items())), "total": sum(sizes.values()), "stale_temp": stale},
     }

@@ -6,7 +6,9 @@ and `bigasp dataset info` agree on column names and types without importing each
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -34,6 +36,22 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("source", pa.string()),
         pa.field("watermark", pa.bool_()),
         pa.field("extra", pa.string()),  # JSON object text: sidecar keys we do not interpret
+        # every source path holding these bytes, sorted; `path` is the first. Null in manifests
+        # written before this column existed: read it as [path].
+        pa.field("paths", pa.list_(pa.string())),
+    ]
+)
+
+# One row per accepted source path (a file, or a tar member): what that copy's sidecars said
+# and the change key that lets a re-run reuse it without reading it. The manifest is derived
+# from it (rows grouped by id, copies merged), so it is what incremental ingest updates.
+SOURCES = "sources.parquet"
+SOURCES_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("origin", pa.string()),  # the ingest source it was found through
+        pa.field("change_key", pa.string()),  # image + sidecar sizes and mtimes, hashed
+        *(MANIFEST_SCHEMA.field(c) for c in MANIFEST_SCHEMA.names if c not in ("path", "paths")),
     ]
 )
 
@@ -46,6 +64,9 @@ REJECTS_SCHEMA = pa.schema(
         pa.field("mtime", pa.float64()),
         pa.field("id", pa.string()),  # for duplicates: the id already in the manifest
         pa.field("stage", pa.string()),  # ingest | encode
+        pa.field("origin", pa.string()),  # ingest: the source it was found through
+        pa.field("change_key", pa.string()),  # ingest: re-examined when the file or its sidecars change
+        pa.field("settings", pa.string()),  # ingest: JSON of the settings the reason depends on
     ]
 )
 
@@ -87,6 +108,20 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def load_dataset_json(raw: bytes, path) -> dict[str, Any]:
+    """Parse dataset.json; a damaged one is a one-line DataError, never a traceback."""
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise DataError(
+            f"{path} is not valid JSON ({type(err).__name__}: {str(err)[:100]}); restore it from a backup "
+            "or ingest into a new dataset folder"
+        ) from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} must hold a JSON object; restore it or ingest into a new dataset folder")
+    return meta
+
+
 def read_dataset_json(fs, root: str) -> dict[str, Any]:
     path = f"{root}/{layout.DATASET_JSON}"
     if not fs.exists(path):
@@ -94,7 +129,7 @@ def read_dataset_json(fs, root: str) -> dict[str, Any]:
             f"{root} is not a bigasp dataset ({layout.DATASET_JSON} missing); create it with `bigasp ingest`"
         )
     with fs.open(path, "rb") as f:
-        meta = json.loads(f.read())
+        meta = load_dataset_json(f.read(), path)
     version = meta.get("format_version")
     if version != layout.FORMAT_VERSION:
         raise DataError(
@@ -170,7 +205,7 @@ def init_dataset(root, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     path = Path(root) / layout.DATASET_JSON
     meta: dict[str, Any] = {}
     if path.exists():
-        meta = json.loads(path.read_text())
+        meta = load_dataset_json(path.read_bytes(), path)
         if meta.get("format_version") != layout.FORMAT_VERSION:
             raise DataError(
                 f"{path} has format_version {meta.get('format_version')}; this bigasp writes version "
@@ -179,3 +214,36 @@ def init_dataset(root, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     meta.update({"format_version": layout.FORMAT_VERSION, "kind": "bigasp-dataset", **(extra or {})})
     layout.atomic_write_bytes(path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return meta
+
+
+MANIFEST_LOCK = ".ingest.lock"  # every writer of manifest.parquet holds it: ingest, annotate merge, quality
+
+
+@contextlib.contextmanager
+def manifest_lock(root, *, wait_s: float = 0.0, holder: str = "another bigasp command") -> Iterator[None]:
+    """Exclusive lock on a local dataset's manifest for a read-modify-write.
+
+    Ingest rebuilds the manifest from its sources table while merge and quality scoring
+    rewrite columns of it; without one lock a concurrent pair would silently drop one side's
+    changes. `wait_s` > 0 waits that long for the holder to finish, else fails at once.
+    """
+    import fcntl
+    import time
+    from pathlib import Path
+
+    f = open(Path(root) / MANIFEST_LOCK, "w")  # noqa: SIM115 - held for the whole update
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise DataError(
+                        f"{root} is being written by {holder} (lock {MANIFEST_LOCK}); retry when it ends"
+                    ) from None
+                time.sleep(0.2)
+        yield
+    finally:
+        f.close()

@@ -27,15 +27,45 @@ def tokenizer_dir() -> Path:
     return Path(str(resources.files("bigasp.text") / "data" / "clip"))
 
 
+def hf_clip_tokenizer(*, pad_token: str = "<|endoftext|>", model_max_length: int = CHUNK_LEN):
+    """A transformers fast tokenizer over the shipped `tokenizer.json`, built from the Rust
+    `tokenizers.Tokenizer` directly.
+
+    `CLIPTokenizer.from_pretrained` on this folder picks the *slow* Python tokenizer on
+    transformers 4.x, which needs `vocab.json`/`merges.txt` and fails with a protobuf import
+    error when only `tokenizer.json` is there; building from the Rust object works on every
+    supported transformers version. `pad_token="!"` gives SDXL's tokenizer_2 (pads with id 0).
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_file(str(tokenizer_dir() / "tokenizer.json")),
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token=pad_token,
+        model_max_length=model_max_length,
+    )
+
+
 @lru_cache(maxsize=1)
 def clip_tokenizer():
-    """The fast (Rust) CLIP tokenizer from the shipped files; no network, cached per process."""
-    from transformers import CLIPTokenizer
+    """The fast (Rust) CLIP tokenizer from the shipped files; no network, cached per process.
+    Long prompts are chunked by bigasp, never truncated by the tokenizer."""
+    return hf_clip_tokenizer(model_max_length=1_000_000_000)
 
-    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True)
-    # Long prompts are chunked by bigasp, never truncated by the tokenizer.
-    tok.model_max_length = 1_000_000_000
-    return tok
+
+def write_slow_tokenizer_files(folder: str | Path) -> None:
+    """`vocab.json` + `merges.txt` beside `tokenizer.json`, so that loaders asking for the
+    slow `CLIPTokenizer` (diffusers on transformers 4.x, ComfyUI) can open the folder too."""
+    import json
+
+    model = json.loads((tokenizer_dir() / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    folder = Path(folder)
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 # CLIP's pre-tokenizer pattern (contractions, letter runs, single digits, other-symbol runs).

@@ -2,18 +2,20 @@
 
 Defaults are bigASP v2's recipe (eps + min-SNR 5, fp16 AMP with GradScaler 65,536 growing every
 500,000 samples, AdamW 1e-4 / wd 0.1, warmup 100k samples then cosine, global batch 2048, 40M
-samples, validate every 50k, save every 500k). Every size and interval is in SAMPLES so a recipe keeps its meaning
-when the number of GPUs changes.
+samples, validate every 50k, save every 500k). Every size and interval is in SAMPLES so a recipe
+keeps its meaning when the number of GPUs changes.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from bigasp.config import Section
 from bigasp.errors import ConfigError
+from bigasp.models.components import ModelKind
 from bigasp.train.data import DataConfig
 
 
@@ -62,11 +64,12 @@ class ModelConfig(Section):
         description="Load the VAE (CPU, unused by training) so checkpoints are complete diffusers folders "
         "that `bigasp generate` can open directly.",
     )
-    sampling_shift: float = Field(
-        1.0,
+    sampling_shift: float | None = Field(
+        None,
         gt=0,
         description="Flow shift recorded in the checkpoint's bigasp_model.json as the default for sampling "
-        "(ComfyUI ModelSamplingSD3 shift). Ignored for eps models.",
+        "(ComfyUI ModelSamplingSD3 shift); unset = train.flow_shift, the shift the model trains at. "
+        "flow only.",
     )
 
 
@@ -225,6 +228,41 @@ class RunConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _check_shifts(self) -> RunConfig:
+        """The two shifts only mean something for flow; an eps config that sets them contradicts
+        itself, and a flow config sampling at another shift than it trains is said out loud."""
+        if self.train.objective == "eps":
+            bad = [
+                f"{key} = {v:g}"
+                for key, v in (
+                    ("train.flow_shift", self.train.flow_shift),
+                    ("model.sampling_shift", self.model.sampling_shift),
+                )
+                if v is not None and v != 1.0
+            ]
+            if bad:
+                raise ValueError(
+                    f"{' and '.join(bad)} contradict train.objective = 'eps' (shifts apply to flow models only); "
+                    "remove them or set train.objective = 'flow'"
+                )
+        elif self.model.sampling_shift is not None and self.model.sampling_shift != self.train.flow_shift:
+            logging.getLogger(__name__).warning(
+                "model.sampling_shift = %g differs from train.flow_shift = %g: checkpoints will be sampled at "
+                "shift %g by default (unset model.sampling_shift to sample at the training shift)",
+                self.model.sampling_shift,
+                self.train.flow_shift,
+                self.model.sampling_shift,
+            )
+        return self
+
+    def model_kind(self) -> ModelKind:
+        """What checkpoints record in bigasp_model.json: prediction, sampling shift, training shift."""
+        if self.train.objective == "eps":
+            return ModelKind(prediction="eps")
+        shift = self.model.sampling_shift if self.model.sampling_shift is not None else self.train.flow_shift
+        return ModelKind(prediction="flow", shift=shift, train_shift=self.train.flow_shift)
 
 
 def resolve_accumulation(cfg: RunConfig, world_size: int) -> int:

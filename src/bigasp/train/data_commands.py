@@ -50,12 +50,16 @@ _SET_HELP = "Override a [data] key, e.g. --set prompt.tag_prob=0.5 (repeatable).
 @dataset_app.command("preview")
 def preview(
     dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
-    n: int = typer.Option(20, "--n", help="How many prompts to print."),
+    n: int = typer.Option(20, "--n", min=1, help="How many prompts to print."),
     epoch: int = typer.Option(0, "--epoch", help="Epoch whose order and prompt keys to use."),
     config: str | None = typer.Option(None, "--config", "-c", help="Run config (its [data] table is used)."),
     overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
 ) -> None:
-    """Print synthesised prompts exactly as training sees them in epoch E (first N of the epoch order)."""
+    """Print synthesised prompts exactly as training sees them in epoch E (first N of the epoch order).
+
+    When the epoch plans fewer than N samples, says so and why (small dataset, bucket tails
+    smaller than a batch, validation hold-out, score-0 exclusions) instead of stopping silently.
+    """
     from bigasp.train.data import synthesize_rows
 
     loader = _loader(dataset, config, overrides, 1, None)
@@ -80,6 +84,25 @@ def preview(
             shown += 1
             if shown >= n:
                 return
+    typer.echo(_why_fewer(loader, plan, epoch, shown, n), err=True)
+
+
+def _why_fewer(loader, plan, epoch: int, shown: int, n: int) -> str:
+    """Why `preview --n N` printed fewer than N prompts: where the dataset's rows went this epoch."""
+    split = loader.split
+    hints = []
+    if plan.leftover_samples and plan.device_batch_size > 1:
+        hints.append("--set device_batch_size=1")
+    if len(split.validation):
+        hints.append("--set validation_size=0")
+    advice = f" To see more: {' '.join(hints)}." if hints else " The dataset holds no more training rows."
+    return (
+        f"showed {shown} of {n} prompts: epoch {epoch} trains on {shown} samples "
+        f"({plan.n_batches} full batch(es) of {plan.device_batch_size}). Of the dataset's rows, "
+        f"{len(loader.buckets.rows)} are for training, {plan.leftover_samples} of them left over this epoch "
+        f"in bucket tails smaller than one batch; {len(split.validation)} are held out for validation; "
+        f"{split.excluded} are excluded (score 0).{advice}"
+    )
 
 
 def batch_report(loader, epochs: int = 1, max_batches: int = 2000) -> dict[str, Any]:

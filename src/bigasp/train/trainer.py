@@ -27,7 +27,7 @@ import torch
 from bigasp.config import dump_toml
 from bigasp.errors import BigaspError, ConfigError
 from bigasp.flops import TrainFlops
-from bigasp.models.components import SDXL, ModelKind
+from bigasp.models.components import SDXL
 from bigasp.models.io import load_model, save_diffusers_folder
 from bigasp.text import TE2_PAD
 from bigasp.train import checkpoint as ckpt_io
@@ -271,10 +271,7 @@ def _train(cfg: RunConfig, *, resume: str | None, stop_at: int | None, dataset) 
     saved = ckpt_io.load_state(ckpt_path) if ckpt_path is not None else None
 
     # ---- model ------------------------------------------------------------------------------
-    kind = ModelKind(
-        prediction=cfg.train.objective,
-        shift=cfg.model.sampling_shift if cfg.train.objective == "flow" else 1.0,
-    )
+    kind = cfg.model_kind()
     components = ("unet", "text_encoder", "text_encoder_2", *(("vae",) if cfg.model.save_vae else ()))
     source = str(ckpt_path / "model") if ckpt_path is not None else cfg.model.source
     model = load_model(source, components, kind=kind, preset=cfg.model.preset, seed=cfg.model.init_seed)

@@ -1,0 +1,279 @@
+"""Exports people can use: `model export --dtype`, header-only `model info`, the ComfyUI workflow of a flow export.
+
+The workflow is validated against ComfyUI's own node definitions (class names, required inputs with
+their types, widget ranges and choices, output types), recorded from ComfyUI's source in
+tests/data/comfyui_nodes.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import SafetensorError, safe_open
+from typer.testing import CliRunner
+
+from bigasp.cli import app
+from bigasp.errors import ModelLoadError
+from bigasp.models.comfyui import api_workflow, workflow_paths
+from bigasp.models.components import ModelKind
+from bigasp.models.file_header import read_header, single_file_info
+from bigasp.models.io import load_model
+from bigasp.models.single_file import ldm_state_dict
+from bigasp.sample.generate import GenerateSettings
+
+REPO = Path(__file__).resolve().parents[1]
+BIGASP = REPO / ".venv" / "bin" / "bigasp"
+COMFY = json.loads((Path(__file__).parent / "data" / "comfyui_nodes.json").read_text())["nodes"]
+WIDGETS = {"INT", "FLOAT", "STRING", "COMBO", "FILENAME"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def validate_comfy_api(graph: dict, ckpt_name: str) -> None:
+    """Raise AssertionError unless `graph` is a valid ComfyUI API workflow for the recorded nodes."""
+    assert graph, "empty workflow"
+    for node_id, node in graph.items():
+        cls = node["class_type"]
+        assert cls in COMFY, f"node {node_id}: unknown ComfyUI node {cls!r}"
+        spec = COMFY[cls]["required"]
+        assert set(node["inputs"]) == set(spec), f"node {node_id} ({cls}): inputs {sorted(node['inputs'])}"
+        for name, value in node["inputs"].items():
+            want = spec[name]
+            kind = want["type"]
+            where = f"node {node_id} ({cls}).{name}"
+            if kind not in WIDGETS:  # a link [source node id, output index] of this type
+                assert isinstance(value, list) and len(value) == 2, f"{where}: not a link: {value!r}"
+                src, idx = value
+                assert src in graph, f"{where}: links to missing node {src!r}"
+                outputs = COMFY[graph[src]["class_type"]]["outputs"]
+                assert 0 <= idx < len(outputs) and outputs[idx] == kind, (
+                    f"{where}: wants {kind}, gets {value}"
+                )
+            elif kind == "FILENAME":
+                assert value == ckpt_name, f"{where}: {value!r}"
+            elif kind == "STRING":
+                assert isinstance(value, str), where
+            elif kind == "COMBO":
+                assert value in want["choices"], f"{where}: {value!r} is not a ComfyUI choice"
+            else:
+                py = int if kind == "INT" else (int, float)
+                assert isinstance(value, py) and not isinstance(value, bool), (
+                    f"{where}: {value!r} is not {kind}"
+                )
+                assert want["min"] <= value <= want["max"], (
+                    f"{where}: {value} outside [{want['min']}, {want['max']}]"
+                )
+                if kind == "INT" and "step" in want:
+                    assert (value - want["min"]) % want["step"] == 0, f"{where}: {value} off the step grid"
+    assert any(COMFY[n["class_type"]].get("output_node") for n in graph.values()), "no output node"
+
+
+def _node(graph: dict, cls: str) -> dict:
+    (node,) = [n for n in graph.values() if n["class_type"] == cls]
+    return node["inputs"]
+
+
+def test_the_validator_rejects_what_comfyui_would():
+    good = api_workflow("m.safetensors", ModelKind("flow", 1.0))
+    validate_comfy_api(good, "m.safetensors")
+    for breakage in (
+        lambda g: _node(g, "KSampler").update(sampler_name="Euler a"),
+        lambda g: _node(g, "KSampler").update(scheduler="Karras"),
+        lambda g: _node(g, "ModelSamplingSD3").update(shift_value=_node(g, "ModelSamplingSD3").pop("shift")),
+        lambda g: _node(g, "KSampler").update(positive=_node(g, "KSampler")["latent_image"]),
+        lambda g: _node(g, "EmptyLatentImage").update(width=836),
+        lambda g: _node(g, "KSampler").update(cfg=101.0),
+        lambda g: g.update({"99": {"class_type": "ModelSamplingFlow", "inputs": {}}}),
+    ):
+        bad = json.loads(json.dumps(good))
+        breakage(bad)
+        with pytest.raises(AssertionError):
+            validate_comfy_api(bad, "m.safetensors")
+
+
+@pytest.mark.parametrize("shift", [1.0, 6.0])
+def test_flow_workflow_is_the_cards_and_what_bigasp_generate_uses(shift):
+    graph = api_workflow("bigasp_v25.safetensors", ModelKind("flow", shift))
+    validate_comfy_api(graph, "bigasp_v25.safetensors")
+    assert _node(graph, "ModelSamplingSD3")["shift"] == shift  # from the file's metadata
+    ks = _node(graph, "KSampler")
+    s = GenerateSettings.from_preset("bigasp-v2.5")
+    assert (ks["sampler_name"], ks["scheduler"], ks["steps"], ks["cfg"], ks["seed"]) == (
+        s.sampler,
+        s.scheduler,
+        s.steps,
+        s.cfg,
+        s.seed,
+    )
+    # v2.5 card: euler, beta schedule, PAG ~2.0 with CFG 2-5, negative "low quality".
+    assert (ks["sampler_name"], ks["scheduler"]) == ("euler", "beta")
+    assert _node(graph, "PerturbedAttentionGuidance")["scale"] == 2.0 and 2 <= ks["cfg"] <= 5
+    texts = [n["inputs"]["text"] for n in graph.values() if n["class_type"] == "CLIPTextEncode"]
+    assert graph[ks["negative"][0]]["inputs"]["text"] == "low quality" and len(texts) == 2
+    chain = []  # KSampler <- PAG <- ModelSamplingSD3 <- CheckpointLoaderSimple
+    link = ks["model"]
+    while True:
+        chain.append(graph[link[0]]["class_type"])
+        if "model" not in graph[link[0]]["inputs"]:
+            break
+        link = graph[link[0]]["inputs"]["model"]
+    assert chain == ["PerturbedAttentionGuidance", "ModelSamplingSD3", "CheckpointLoaderSimple"]
+
+
+def test_no_pag_and_eps_variants_stay_valid():
+    no_pag = GenerateSettings.from_preset("bigasp-v2.5", pag=0.0, cfg=5.0)
+    graph = api_workflow("m.safetensors", ModelKind("flow", 3.0), no_pag)
+    validate_comfy_api(graph, "m.safetensors")
+    assert "PerturbedAttentionGuidance" not in {n["class_type"] for n in graph.values()}
+    assert graph[_node(graph, "KSampler")["model"][0]]["class_type"] == "ModelSamplingSD3"
+    eps = api_workflow("m.safetensors", ModelKind("eps"))
+    validate_comfy_api(eps, "m.safetensors")
+    assert "ModelSamplingSD3" not in {n["class_type"] for n in eps.values()}
+    assert _node(eps, "KSampler")["sampler_name"] == "dpmpp_2m_sde"  # v2 card
+
+
+def test_cli_export_flow_bf16_with_workflow_and_header_info(tmp_path):
+    """The installed command: dtype, file mode, workflow beside the file, and `model info` on it."""
+    out = tmp_path / "my_flow.safetensors"
+    res = subprocess.run(
+        [
+            str(BIGASP),
+            "model",
+            "export",
+            "tiny",
+            str(out),
+            "--prediction",
+            "flow",
+            "--shift",
+            "3",
+            "--dtype",
+            "bf16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+        preexec_fn=lambda: os.umask(0o022),
+    )
+    assert res.returncode == 0, res.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    with safe_open(str(out), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    assert dtypes == {"BF16"}
+    api, png = workflow_paths(out)
+    assert (api.name, png.name) == ("my_flow.workflow-api.json", "my_flow.workflow.png")
+    graph = json.loads(api.read_text())
+    validate_comfy_api(graph, "my_flow.safetensors")
+    assert _node(graph, "ModelSamplingSD3")["shift"] == 3.0
+    with Image.open(png) as im:  # ComfyUI's canvas reads the API graph from the PNG's "prompt" text chunk
+        assert json.loads(im.info["prompt"]) == graph
+    for p in (api, png):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644
+
+    info = subprocess.run(
+        [str(BIGASP), "model", "info", str(out)], capture_output=True, text=True, timeout=120, env=ENV
+    )
+    assert info.returncode == 0, info.stderr
+    got = json.loads(info.stdout)
+    assert got["kind"] == {"format_version": 1, "prediction": "flow", "shift": 3.0} and got["kind_recorded"]
+    assert {c: v["dtype"] for c, v in got["components"].items()} == dict.fromkeys(
+        ("unet", "vae", "text_encoder", "text_encoder_2"), "bfloat16"
+    )
+
+
+def test_export_defaults_to_fp16_and_writes_no_workflow_for_eps(tmp_path):
+    out = tmp_path / "eps.safetensors"
+    res = CliRunner().invoke(app, ["model", "export", "tiny", str(out)])
+    assert res.exit_code == 0, res.output
+    reference = {k: v.to(torch.float16) for k, v in ldm_state_dict(load_model("tiny")).items()}
+    with safe_open(str(out), "pt") as f:
+        assert set(f.keys()) == set(reference)
+        for k in f.keys():  # noqa: SIM118
+            t = f.get_tensor(k)
+            assert t.dtype == torch.float16 and torch.equal(t, reference[k]), k
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eps.safetensors"]
+    bad = CliRunner().invoke(
+        app, ["model", "export", "tiny", str(tmp_path / "x.safetensors"), "--dtype", "int8"]
+    )
+    assert bad.exit_code != 0 and "--dtype" in str(bad.exception) + bad.output
+
+
+@pytest.fixture(scope="module")
+def fp32_export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exp") / "m.safetensors"
+    res = CliRunner().invoke(
+        app, ["model", "export", "tiny", str(out), "--dtype", "fp32", "--prediction", "flow"]
+    )
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_header_info_counts_equal_the_loaded_modules(fp32_export):
+    info = single_file_info(fp32_export)
+    loaded = load_model(fp32_export)
+    assert {c: v["parameters"] for c, v in info["components"].items()} == {
+        c: sum(p.numel() for p in m.parameters()) for c, m in loaded.modules().items()
+    }
+    with safe_open(str(fp32_export), "pt") as f:  # dtypes and metadata as safetensors itself reads them
+        assert info["metadata"] == f.metadata()
+        assert {k: list(e.shape) for k, e in read_header(fp32_export).tensors.items()} == {
+            k: f.get_slice(k).get_shape()
+            for k in f.keys()  # noqa: SIM118
+        }
+    assert info["kind"]["prediction"] == "flow" and info["tensors"] == len(read_header(fp32_export).tensors)
+
+
+def test_info_never_reads_tensor_data(fp32_export, tmp_path):
+    """A copy holding only the header (the data section cut off, as in a half-downloaded file) gives the
+    same info; safetensors itself refuses that file, so no tensor byte can have been needed."""
+    header = read_header(fp32_export)
+    cut = tmp_path / "cut.safetensors"
+    with fp32_export.open("rb") as src, cut.open("wb") as dst:
+        dst.write(src.read(header.header_bytes))
+    with pytest.raises(SafetensorError):
+        safe_open(str(cut), "pt")
+    full, only_header = single_file_info(fp32_export), single_file_info(cut)
+    for d in (full, only_header):
+        d.pop("source"), d.pop("file_bytes")
+    assert only_header == full
+    sparse = tmp_path / "sparse.safetensors"  # a 7 GB file that occupies a few KB: a hole after the header
+    shutil.copy(cut, sparse)
+    os.truncate(sparse, 7 * 2**30)
+    assert single_file_info(sparse)["components"] == full["components"]
+
+
+def test_info_on_a_file_imports_no_torch(fp32_export):
+    code = (
+        "import sys, json\nfrom bigasp.cli import main\n"
+        "try:\n    main(['model', 'info', sys.argv[1]])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(fp32_export)], capture_output=True, text=True, timeout=120, env=ENV
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"abc", "shorter than"),
+        (b"\xff" * 8 + b"{}", "implausible"),
+        (b"\x05" + b"\0" * 7 + b"{nope", "not JSON"),
+    ],
+)
+def test_bad_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message) as err:
+        single_file_info(path)
+    assert str(path) in str(err.value)

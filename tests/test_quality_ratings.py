@@ -1,0 +1,91 @@
+"""Ratings store: one row per judgement, undo, Parquet export/import, concurrent writers; labels."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+
+import pytest
+
+from bigasp.errors import DataError
+from bigasp.quality.ratings import Rating, RatingStore, labels
+
+
+def _writer(path: str, rater: str, n: int) -> None:
+    store = RatingStore(path)
+    for k in range(n):
+        store.add(f"a{k}", f"b{k}", ("left", "right", "tie")[k % 3], rater=rater)
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    path = tmp_path / "ratings.sqlite"
+    RatingStore(path)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(path), f"rater{i}", 40)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    store = RatingStore(path)
+    rows = store.all()
+    assert len(rows) == 160
+    assert len({r.id for r in rows}) == 160
+    assert {r.rater for r in rows} == {f"rater{i}" for i in range(4)}
+    assert all(r.source == "human" and r.created_at for r in rows)
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_add_undo_and_parameterised_sql(tmp_path):
+    store = RatingStore(tmp_path / "r.sqlite")
+    evil = "x'); DROP TABLE ratings; --"
+    rid = store.add(evil, "b", "left", rater="ann")
+    store.add("c", "d", "tie", rater="bob")
+    assert store.all()[0].left_id == evil  # stored as data, not run
+    assert not store.undo(rid, rater="bob")  # only your own judgement
+    assert store.undo(rid, rater="ann")
+    assert not store.undo(rid, rater="ann")
+    assert [r.outcome for r in store.all()] == ["tie"]
+    with pytest.raises(ValueError):
+        store.add("a", "a", "left", rater="ann")
+    with pytest.raises(ValueError):
+        store.add("a", "b", "draw", rater="ann")
+
+
+def test_export_import_roundtrip(tmp_path):
+    a = RatingStore(tmp_path / "a.sqlite")
+    a.add("x", "y", "left", rater="ann")
+    a.add("y", "z", "tie", rater="bob", source="gpt4v2")
+    table = a.export_table()
+    b = RatingStore(tmp_path / "b.sqlite")
+    assert b.import_table(table) == 2
+    strip = [(r.left_id, r.right_id, r.outcome, r.rater, r.source, r.created_at) for r in b.all()]
+    assert strip == [(r.left_id, r.right_id, r.outcome, r.rater, r.source, r.created_at) for r in a.all()]
+    with pytest.raises(DataError, match="missing column"):
+        b.import_table(table.drop_columns(["outcome"]))
+
+
+def _r(left, right, outcome):
+    return Rating(0, left, right, outcome, "r", "human", "")
+
+
+def test_labels_average_all_judgements_of_a_pair():
+    pairs = labels(
+        [
+            _r("a", "b", "left"),  # a > b
+            _r("b", "a", "left"),  # b > a (same pair, other order)
+            _r("c", "d", "tie"),
+            _r("e", "f", "right"),
+            _r("f", "e", "left"),
+            _r("e", "f", "left"),
+        ]
+    )
+    got = {
+        (f, s): (float(p), int(v))
+        for f, s, p, v in zip(pairs.first, pairs.second, pairs.p, pairs.votes, strict=True)
+    }
+    assert got[("a", "b")] == (0.5, 2)  # one win each way averages to a tie, as bigASP's skips did
+    assert got[("c", "d")] == (0.5, 1)
+    assert got[("e", "f")] == pytest.approx((1 / 3, 3))  # f > e twice, e > f once
+    assert all(f < s for f, s in got)

@@ -1,0 +1,257 @@
+"""`bigasp dataset report`: counts on a hand-made manifest, n-gram accuracy bound, HTML in Chromium."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from bigasp.report import ReportOptions, collect
+from bigasp.report.ngrams import NgramCounter, caption_words
+from bigasp.store import layout
+from bigasp.store.annotations import write_part
+from bigasp.store.manifest import MANIFEST_SCHEMA, REJECTS_SCHEMA, conform, init_dataset
+
+LONG = " ".join(["a red bicycle leans on a brick wall"] * 14)  # > 75 CLIP tokens: 2 chunks
+ROWS = [
+    # id, size (w, h), score, tags, captions, source, watermark, caption type
+    ("r0", (1216, 832), 7, ["long_hair", "1girl", "smile"], ["A woman smiles. A woman smiles!"], "reddit", True, "Descriptive"),
+    ("r1", (832, 1216), 3, ["longhair", "smile"], ["a woman smiles"], "flickr", False, None),
+    ("r2", (1024, 1024), None, [], [], None, None, None),
+    ("r3", (2048, 2048), 0, ["1girl", "smile"], ["The cat, the cat.", "Second caption here"], "reddit", None, "MidJourney"),
+    ("r4", (1280, 720), 9, ["Long Hair"], [LONG], "reddit", False, None),
+]  # fmt: skip
+ALIASES = [
+    {"antecedent_name": "longhair", "consequent_name": "long_hair", "status": "active"},
+    {"antecedent_name": "smiling", "consequent_name": "smile", "status": "active"},
+    {"antecedent_name": "1girl", "consequent_name": "solo_female", "status": "deleted"},
+]
+
+
+def make_dataset(root: Path) -> Path:
+    init_dataset(root)
+    table = pa.table(
+        {
+            "id": [r[0] for r in ROWS],
+            "width": pa.array([r[1][0] for r in ROWS], pa.int32()),
+            "height": pa.array([r[1][1] for r in ROWS], pa.int32()),
+            "score": pa.array([r[2] for r in ROWS], pa.int8()),
+            "tags": [r[3] for r in ROWS],
+            "captions": [r[4] for r in ROWS],
+            "source": [r[5] for r in ROWS],
+            "watermark": [r[6] for r in ROWS],
+            "extra": [json.dumps({"caption_type": r[7]}) if r[7] else "{}" for r in ROWS],
+        }
+    )
+    layout.atomic_write_parquet(conform(table, MANIFEST_SCHEMA), root / layout.MANIFEST)
+    rejects = pa.table({"path": ["a", "b", "c"], "reason": ["too_small", "too_small", "duplicate"],
+                        "stage": ["ingest"] * 3})  # fmt: skip
+    layout.atomic_write_parquet(conform(rejects, REJECTS_SCHEMA), root / layout.REJECTS)
+    ids = pa.table({"id": ["r0", "r1", "r1", "zz"]})  # a duplicate and an id not in the manifest
+    write_part(root, "tags", "joytag", ids, session="s", rank=0, seq=0, provenance={})
+    write_part(root, "embed", "clip-b32", pa.table({"id": ["r3"]}), session="s", rank=0, seq=0, provenance={})
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("report") / "ds")
+
+
+@pytest.fixture(scope="module")
+def alias_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("aliases") / "tag_aliases.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ALIASES))
+    return p
+
+
+@pytest.fixture(scope="module")
+def report(dataset, alias_file):
+    from bigasp.text.aliases import AliasTable
+
+    return collect(str(dataset), ReportOptions(progress=False), aliases=AliasTable.load(alias_file))
+
+
+def test_tag_counts_raw_and_folded(report):
+    assert report.tags_raw == Counter({"smile": 3, "1girl": 2, "long_hair": 1, "longhair": 1, "Long Hair": 1})
+    # longhair is an active alias of long_hair; "Long Hair" is the same tag once normalised; the
+    # deleted alias 1girl -> solo_female is ignored
+    assert report.tags_folded == Counter({"smile": 3, "long_hair": 3, "1girl": 2})
+    assert report.tag_canonical["longhair"] == "long_hair"
+    assert report.tags_per_image.tolist()[:4] == [1, 1, 2, 1]
+    i = {t: k for k, t in enumerate(report.cooc_tags)}
+    assert report.cooc[i["smile"], i["1girl"]] == 2
+    assert report.cooc[i["smile"], i["smile"]] == 3
+    assert report.cooc[i["longhair"], i["1girl"]] == 0
+
+
+def test_ngram_counts(report):
+    grams = {n: {g: c for g, c, _ in rows} for n, rows in report.ngrams.items()}
+    assert grams[1] == {"a": 3 + 28, "woman": 3, "smiles": 3, "the": 2, "cat": 2, "second": 1, "caption": 1,
+                        "here": 1, "red": 14, "bicycle": 14, "leans": 14, "on": 14, "brick": 14, "wall": 14}  # fmt: skip
+    assert grams[2]["a woman"] == 3
+    assert grams[2]["woman smiles"] == 3
+    assert grams[2]["smiles a"] == 1
+    assert grams[2]["the cat"] == 2
+    assert "cat second" not in grams[2]  # n-grams never cross from one caption into the next
+    assert grams[3]["a woman smiles"] == 3
+    assert grams[6]["a woman smiles a woman smiles"] == 1
+    assert grams[7]["a red bicycle leans on a brick"] == 14
+    assert all(u == 0 for rows in report.ngrams.values() for _, _, u in rows)  # everything fitted: exact
+    assert report.words_per_caption[[6, 3, 4, 112]].tolist() == [1, 2, 1, 1]
+
+
+def test_distributions(report, dataset):
+    from bigasp.buckets import SDXL_BUCKETS, BucketSet
+
+    assert report.rows == report.rows_total == 5
+    assert report.score.tolist() == [1, 1, 0, 0, 1, 0, 0, 0, 1, 0, 1]  # unscored, 0, 3, 7, 9
+    bset = BucketSet(SDXL_BUCKETS)
+    want = Counter(bset.nearest(h, w).name for _, (w, h), *_ in ROWS)
+    got = {n: int(c) for n, c in zip(report.bucket_names, report.bucket_counts, strict=True) if c}
+    assert got == want
+    k = report.bucket_names.index(bset.nearest(832, 1216).name)
+    assert report.score_by_bucket[k].tolist() == [0] * 8 + [1, 0, 0]  # r0: score 7 in 1216x832
+    assert report.sources == Counter({"reddit": 3, "flickr": 1, "(none)": 1})
+    assert report.caption_types == Counter({"Descriptive": 1, "MidJourney": 1, "(none)": 3})
+    assert report.watermark == {"true": 1, "false": 2, "unknown": 2}
+    assert report.captions_per_image.tolist()[:3] == [1, 3, 1]
+    assert report.rejects == Counter({"ingest:too_small": 2, "ingest:duplicate": 1})
+    cov = {(a["stage"], a["model"]): (a["images"], a["unknown_ids"]) for a in report.annotations}
+    assert cov == {("tags", "joytag"): (2, 1), ("embed", "clip-b32"): (1, 0)}
+
+
+def test_token_and_chunk_estimates_match_training(report, dataset):
+    """The report's chunk counts are the training sampler's estimate, and its CLIP token counts
+    are the shipped Hugging Face tokenizer's."""
+    from bigasp.store.manifest import read_manifest
+    from bigasp.text.tokenizer import tokenize_reference
+    from bigasp.train.data import DataConfig, row_chunk_estimates
+
+    table = read_manifest(*layout.url_to_fs(str(dataset)))
+    chunks = Counter(row_chunk_estimates(table, DataConfig()).tolist())
+    assert report.chunk_estimate == chunks
+    assert set(chunks) == {1, 2}  # the long caption needs a second chunk
+    caps = [c for r in ROWS for c in r[4]]
+    lengths = Counter(len(ids) for ids in tokenize_reference(caps))
+    assert {int(k): int(v) for k, v in enumerate(report.clip_tokens) if v} == dict(lengths)
+    assert report.clip_chunks == Counter({1: 4, 2: 1})
+
+
+def test_sample(dataset):
+    rep = collect(str(dataset), ReportOptions(progress=False, sample=2, seed=1))
+    assert rep.rows == 2 and rep.sampled and rep.rows_total == 5
+    assert rep.score.sum() == 2
+
+
+def test_caption_words_rules():
+    words, doc, per = caption_words(pa.array(["Woman's 'close-up'! rock'n'roll", None, "ÉCOLE—naïve “x”"]))
+    assert words.to_pylist() == ["woman's", "close", "up", "rock'n'roll", "école", "naïve", "x"]
+    assert doc.tolist() == [0, 0, 0, 0, 2, 2, 2]
+    assert per.tolist() == [4, 0, 3]
+
+
+def test_ngram_counter_bounded_memory_is_within_its_bound():
+    """With a tiny capacity the counts are approximate; each must lie in [true - bound, true]."""
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(30)]
+    captions = [
+        " ".join(vocab[j] for j in (rng.zipf(1.5, rng.integers(3, 12)) - 1) % 30) for _ in range(3000)
+    ]
+    exact = {n: Counter() for n in range(1, 5)}
+    for c in captions:
+        w = c.split()
+        for n in exact:
+            exact[n].update(" ".join(w[i : i + n]) for i in range(len(w) - n + 1))
+    counter = NgramCounter(max_n=4, capacity=200, step_words=2000)
+    for s in range(0, len(captions), 500):
+        counter.add_captions(pa.array(captions[s : s + 500]))
+    for n in range(1, 5):
+        top = counter.top(n, 20)
+        assert len(top) == 20
+        for gram, count, bound in top:
+            assert exact[n][gram] - bound <= count <= exact[n][gram], (n, gram)
+        if n == 1:
+            assert [c for _, c, _ in top] == [c for _, c in exact[1].most_common(20)]
+    assert counter.cands[4].max_undercount > 0  # the bound is real: memory was exceeded
+
+
+def test_noun_chunks_needs_spacy(dataset):
+    import importlib.util
+
+    from bigasp.errors import BigaspError
+
+    if importlib.util.find_spec("spacy") is not None:
+        pytest.skip("spaCy is installed here; the error path needs it absent")
+    with pytest.raises(BigaspError, match="spaCy"):
+        collect(str(dataset), ReportOptions(progress=False, noun_chunks=True))
+
+
+def test_cli_writes_report_and_html_renders(dataset, alias_file, tmp_path, page):
+    from bigasp.cli import main
+    from bigasp.report.plots import PLOTS
+
+    out = tmp_path / "report"
+    main(
+        ["dataset", "report", str(dataset), "--out", str(out), "--aliases", str(alias_file), "--no-progress"]
+    )
+    with open(out / "tags.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0] == {"tag": "smile", "count": "3", "canonical": "smile", "folded_count": "3"}
+    by_tag = {r["tag"]: r for r in rows}
+    assert by_tag["longhair"]["canonical"] == "long_hair" and by_tag["longhair"]["folded_count"] == "3"
+    with open(out / "ngrams.csv") as f:
+        grams = list(csv.DictReader(f))
+    tri = {g["ngram"]: g for g in grams if g["n"] == "3"}
+    assert tri["a woman smiles"]["count"] == "3" and tri["a woman smiles"]["max_undercount"] == "0"
+    assert [g["ngram"] for g in grams if g["n"] == "1"][:2] == ["a", "bicycle"]  # count, then text
+    for name, _, _ in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    page.goto((out / "index.html").as_uri())
+    page.wait_for_load_state("load")
+    imgs = page.eval_on_selector_all(
+        "img", "els => els.map(e => ({w: e.naturalWidth, h: e.naturalHeight, done: e.complete}))"
+    )
+    assert len(imgs) == len(PLOTS)
+    assert all(i["done"] and i["w"] > 0 and i["h"] > 0 for i in imgs), imgs
+    text = page.inner_text("body")
+    assert "long_hair" in text and "a woman smiles" in text and "ingest:too_small" in text
+
+
+def test_default_alias_table_is_the_shipped_danbooru_one(dataset, tmp_path):
+    """Without --aliases or --config the report folds with the table the bigASP recipes train with."""
+    from bigasp.cli import main
+
+    def tags_csv(*extra: str) -> dict[str, dict[str, str]]:
+        out = tmp_path / f"r{len(extra)}"
+        main(["dataset", "report", str(dataset), "--out", str(out), "--no-ngrams", "--token-sample", "0",
+              "--no-progress", *extra])  # fmt: skip
+        with open(out / "tags.csv") as f:
+            return {r["tag"]: r for r in csv.DictReader(f)}
+
+    assert tags_csv()["longhair"]["canonical"] == "long_hair"  # an alias of the shipped table
+    assert tags_csv("--aliases", "none")["longhair"]["canonical"] == "longhair"
+
+
+def test_bench_report_runs(tmp_path):
+    """`bigasp bench report` on a small synthetic manifest: JSON fields, realistic captions and tags."""
+    from bigasp.cli import main
+
+    out = tmp_path / "bench.json"
+    main(["bench", "report", "--rows", "3000", "--keep", str(tmp_path / "ds"), "--json", str(out)])
+    m = json.loads(out.read_text())["metrics"]
+    assert m["rows"] == 3000 and 3000 < m["captions"] < 4200  # 1-2 captions per image
+    assert m["columnar_s"] > 0 and m["captions_per_cpu_s"] > 0 and m["peak_rss_gib"] > 0
+    rep = collect(str(tmp_path / "ds"), ReportOptions(progress=False, ngrams=False, token_sample=0))
+    words = rep.words_per_caption
+    mean_words = (words * np.arange(len(words))).sum() / words.sum()
+    assert 35 < mean_words < 60  # JoyCaption's requested lengths: N(45, 30) rounded up to tens, 20..170
+    tags = rep.tags_per_image
+    assert 28 < (tags * np.arange(len(tags))).sum() / tags.sum() < 38  # v1 card: 32 ± 19.8
+    assert rep.annotations[0]["stage"] == "tags" and 0.4 < rep.annotations[0]["share"] < 0.6
