@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 UNDECLARED_OK = {
     "click": "typer is built on click and pins a compatible version; bigasp only catches its exceptions",
     "spacy": "optional noun-chunk merging of `dataset report --noun-chunks`; used only when installed",
+    "werkzeug": "the HTTP server of moto[server] (dev extra), used only by `bench load --local-s3`",
     "vllm": "optional GPU captioning backend (annotate caption.backend = 'vllm'); used only when installed",
 }
 # Declared but never imported by bigasp, with the reason.
