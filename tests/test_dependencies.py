@@ -29,6 +29,8 @@ UNIMPORTED_OK = {
     "tokenizers": "transformers' fast CLIP tokenizer backend",
     "tensorboard": "reached through torch.utils.tensorboard (tracking extra)",
     "pytest": "test runner",
+    "s3fs": "fsspec loads it for s3:// URLs (the `s3` extra); bigasp never imports it by name",
+    "moto": "a real S3 API server on localhost for the tests (dev extra)",
     "ruff": "linter",
     "playwright": "browser fixtures in tests/conftest.py (imported by tests, not src)",
 }
