@@ -44,6 +44,7 @@ from bigasp.train.distributed import (
     broadcast_object,
     init_distributed,
 )
+from bigasp.train.ema import EMA, EMA_DIR
 from bigasp.train.objectives import Objective, ObjectiveConfig
 from bigasp.train.optim import build_optimizer, set_lr
 from bigasp.train.schedule import lr_multiplier
@@ -282,6 +283,7 @@ class Trainer:
         ckpt_path, saved = self.prepare_run_dir(resume)
         self.build_model(ckpt_path)
         self.build_optimizer()
+        self.build_ema()
         self.build_data(dataset, saved)
         self.state = TrainState()
         self.restored = saved is not None
@@ -380,6 +382,32 @@ class Trainer:
             enabled=t.precision == "fp16",
         )
 
+    def build_ema(self) -> None:
+        """The EMA of the trained parameters (rank 0 only; `[ema] enabled`)."""
+        e = self.cfg.ema
+        self.ema: EMA | None = None
+        if not e.enabled:
+            return
+        if self.fsdp:
+            raise ConfigError(
+                "ema.enabled is not supported with train.parallelism = 'fsdp2' on several processes; use 'ddp'"
+            )
+        if not self.dist.is_main:
+            return
+        params = {
+            f"{comp}.{name}": p
+            for comp in ("unet", "text_encoder", "text_encoder_2")
+            for name, p in getattr(self.model, comp).named_parameters()
+            if p.requires_grad
+        }
+        device = torch.device("cpu") if e.cpu else self.device
+        self.ema = EMA(params, decay=e.decay, dtype=DTYPES[e.dtype], device=device)
+
+    def update_ema(self) -> None:
+        e, st = self.cfg.ema, self.state
+        if self.ema is not None and st.samples_seen >= e.start and (e.every == 0 or self.crossed(e.every)):
+            self.ema.update()
+
     def build_data(self, dataset, saved: dict[str, Any] | None) -> None:
         """The dataset, its train/validation split and this rank's planned loader."""
         cfg = self.cfg
@@ -467,6 +495,15 @@ class Trainer:
             consecutive=int(st["consecutive_skips"]),
             validation=st.get("validation", []),
         )
+        if self.ema is not None:
+            updates = int(st.get("ema", {}).get("updates", 0))
+            if updates and not (ckpt_path / EMA_DIR).is_dir():
+                raise ckpt_io.CheckpointError(
+                    f"{ckpt_path}: trainer.json counts EMA updates but {EMA_DIR}/ is missing"
+                )
+            if "ema" not in st:
+                log.warning("%s has no EMA: the average starts now (ema.enabled was off)", ckpt_path)
+            self.ema.load_folder(ckpt_path / EMA_DIR, updates)
         loaders = st["loader"]
         self.loader.load_state_dict(loaders[rank] if len(loaders) == self.world else loaders[0])
         # All training randomness is keyed, so these only matter to third-party code using torch's RNG.
@@ -494,6 +531,7 @@ class Trainer:
             while st.samples_seen < t.max_samples:
                 step_start = time.perf_counter()
                 outcome = self.train_step(stop)
+                self.update_ema()
                 self.log_step(outcome, time.perf_counter() - step_start)
                 if self.batch_log is not None:
                     self.batch_log.flush()
@@ -745,6 +783,7 @@ class Trainer:
             "accumulation": self.accumulation,
             "validation": st.validation,
             "split_threshold": self.split.threshold,
+            **({"ema": {"updates": self.ema.updates}} if self.ema is not None else {}),
         }
 
     def model_to_save(self) -> tuple[SDXL, dict[str, Any] | None]:
@@ -770,6 +809,18 @@ class Trainer:
             )
         return to_save, opt_state
 
+    def write_models(self, to_save: SDXL, folder: Path) -> None:
+        """The checkpoint's model/ folder and, with EMA, a sibling ema/ folder: a complete model too."""
+        save_diffusers_folder(to_save, folder)
+        if self.ema is not None and self.ema.updates > 0:
+            averaged = {
+                c: parallel.unsharded_copy(
+                    getattr(to_save, c), self.ema.component_state(c, getattr(to_save, c).state_dict())
+                )
+                for c in self.ema.components()
+            }
+            save_diffusers_folder(replace(to_save, **averaged), folder.parent / EMA_DIR)
+
     def save(self, reason: str) -> Path | None:
         """Write a checkpoint (rank 0) after gathering every rank's loader and RNG state."""
         cfg, st = self.cfg, self.state
@@ -782,7 +833,7 @@ class Trainer:
                 self.run_dir,
                 samples_seen=st.samples_seen,
                 step=st.step,
-                write_model=lambda folder: save_diffusers_folder(to_save, folder),
+                write_model=lambda folder: self.write_models(to_save, folder),
                 optimizer_state=opt_state,
                 scaler_state=ckpt_io.scaler_to_json(self.scaler) if self.scaler.is_enabled() else None,
                 trainer_state=self.trainer_state(loader_states),
