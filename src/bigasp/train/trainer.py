@@ -578,6 +578,16 @@ class Trainer:
                 self.result.last_checkpoint = self.save("data_error")
             raise
 
+    def noise_keys(self, epoch: int, rows: list[int], copies: torch.Tensor | None) -> list[tuple]:
+        """Per sample: the key of its noise and timestep. A repeated image's later copies in an epoch
+        ([data.mix]) add their copy number, so each copy trains at its own timestep."""
+        if copies is None:
+            return [(self.seed, "noise", epoch, r) for r in rows]
+        return [
+            (self.seed, "noise", epoch, r, *((c,) if c else ()))
+            for r, c in zip(rows, copies.tolist(), strict=True)
+        ]
+
     def train_step(self, stop: StopFlag) -> StepOutcome:
         """One optimizer step: lr, accumulation micro-steps, unscale/clip, step or skip."""
         t, st = self.cfg.train, self.state
@@ -604,7 +614,7 @@ class Trainer:
                     "samples": st.samples_seen, "step": st.step, "micro": micro, "epoch": batch.epoch,
                     "position": batch.position, "rows": rows, "prompts": batch.prompts,
                 }) + "\n")  # fmt: skip
-            keys = [(self.seed, "noise", batch.epoch, r) for r in rows]
+            keys = self.noise_keys(batch.epoch, rows, host_batch.copies)
             prep = objective.sample_batch(batch.latents, keys)
             time_ids = time_ids_from(batch.original_size, batch.crop, batch.target_size)
             with self.grad_sync(micro == self.accumulation - 1):
