@@ -96,6 +96,24 @@ def test_trainer_ema_is_the_reference_over_its_checkpoints_and_resumes_bitwise(t
     model = load_model(second.last_checkpoint / "ema", ("unet", "text_encoder", "text_encoder_2"))
     for name, value in model.unet.named_parameters():
         assert torch.equal(value, got[f"unet.{name}"]), name
+    # The frozen encoder is not written twice: ema/ links model/'s file.
+    te2 = "text_encoder_2/model.safetensors"
+    last = second.last_checkpoint
+    assert (last / "ema" / te2).stat().st_ino == (last / "model" / te2).stat().st_ino
+    assert torch.equal(
+        dict(model.text_encoder_2.named_parameters())["text_model.embeddings.token_embedding.weight"],
+        load_file(str(last / "model" / te2))["text_model.embeddings.token_embedding.weight"],
+    )
+
+
+def test_a_damaged_ema_is_named_on_resume(tmp_path, data):
+    cfg = make_cfg(tmp_path / "run", data, ema={**EMA_CFG, "start": 0})
+    first = train(cfg, stop_at=4)
+    (first.last_checkpoint / "ema" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(
+        ck.CheckpointError, match=r"ema/unet/diffusion_pytorch_model.safetensors: cannot be read"
+    ):
+        train(cfg, resume=str(first.last_checkpoint))
 
 
 def test_ema_on_cpu_in_bf16_keeps_bf16_values(tmp_path, data):

@@ -68,7 +68,12 @@ class EMA:
             if not files:
                 raise CheckpointError(f"{folder / comp}: no weights; the checkpoint's EMA is missing")
             for f in files:
-                found.update({f"{comp}.{k}": v for k, v in load_file(str(f)).items()})
+                try:
+                    found.update({f"{comp}.{k}": v for k, v in load_file(str(f)).items()})
+                except Exception as err:  # safetensors raises its own error types
+                    raise CheckpointError(
+                        f"{f}: cannot be read ({err}); the checkpoint's EMA is damaged"
+                    ) from None
         missing = [n for n in self.params if n not in found]
         if missing:
             raise CheckpointError(

@@ -829,7 +829,9 @@ class Trainer:
                 )
                 for c in self.ema.components()
             }
-            save_diffusers_folder(replace(to_save, **averaged), folder.parent / EMA_DIR)
+            frozen = {c: None for c in to_save.modules() if c not in averaged}
+            ema_dir = save_diffusers_folder(replace(to_save, **averaged, **frozen), folder.parent / EMA_DIR)
+            ckpt_io.link_components(folder, ema_dir, list(frozen))  # frozen parts: the same files
 
     def save(self, reason: str) -> Path | None:
         """Write a checkpoint (rank 0) after gathering every rank's loader and RNG state."""
