@@ -1,8 +1,10 @@
-"""The training loop of `bigasp train`, readable top to bottom.
+"""The training loop of `bigasp train`: a `Trainer` whose methods are its named steps.
 
-    setup:  processes -> model (trainable / frozen parts) -> optimizer + scaler -> data -> resume
-    loop:   lr(samples) -> accumulation micro-steps (DDP syncs only on the last) -> unscale, clip,
-            skip if non-finite -> optimizer step -> log / validate / checkpoint / stop on signal
+    build:    processes -> model (trainable / frozen parts) -> optimizer + scaler -> EMA -> data
+    restore:  optimizer, scaler, counters (`TrainState`), EMA, loader position, RNG
+    run:      train_step (lr(samples) -> accumulation micro-steps, DDP syncs only on the last ->
+              unscale, clip, skip if non-finite -> optimizer step) -> update_ema -> log_step ->
+              validate / save / stop on signal, each at its sample boundary
 
 Everything random is keyed: a sample's noise and timestep come from (seed, epoch, row), so a run
 is the same on 1 or 32 GPUs (up to float summation order) and bitwise the same after a resume on
