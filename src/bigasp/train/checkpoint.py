@@ -381,6 +381,22 @@ def save_checkpoint(
     return final
 
 
+def link_components(src: Path, dst: Path, components: list[str]) -> None:
+    """Give model folder `dst` the `components` of model folder `src` as hard links (a copy where
+    the filesystem has none), and `src`'s model_index.json: no second copy of unchanged weights."""
+    for comp in components:
+        for f in sorted((src / comp).rglob("*")):
+            if not f.is_file():
+                continue
+            target = dst / comp / f.relative_to(src / comp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copy2(f, target)
+    shutil.copy2(src / "model_index.json", dst / "model_index.json")
+
+
 def load_state(ckpt: Path) -> dict[str, Any]:
     """Everything except the model: optimizer (as a torch state_dict), trainer JSON, RNG tensors.
 

@@ -200,6 +200,27 @@ class CheckpointConfig(Section):
     on_signal: bool = Field(True, description="On SIGTERM/SIGINT (preemption), save then exit.")
 
 
+class EMAConfig(Section):
+    """`[ema]`: an exponential moving average of the trained weights, written beside each checkpoint."""
+
+    enabled: bool = Field(
+        False,
+        description="Keep an EMA of the trained weights; checkpoints also write it as CKPT/ema/ (bigASP: none).",
+    )
+    decay: float = Field(
+        0.9999, gt=0, lt=1, description="Per update: ema <- decay * ema + (1 - decay) * weights."
+    )
+    start: int = Field(
+        0, ge=0, description="Samples before the first update; the first update copies the weights."
+    )
+    every: int = Field(0, ge=0, description="Update every this many samples; 0 = after every optimizer step.")
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Storage of the average: fp32 (exact master copy) or bf16 (half the memory, coarser).",
+    )
+    cpu: bool = Field(False, description="Keep the average in host memory instead of on the GPU.")
+
+
 class LoggingConfig(Section):
     """`[logging]`: console progress and metric sinks."""
 
@@ -228,6 +249,7 @@ class RunConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
 
     @model_validator(mode="after")
     def _check_shifts(self) -> RunConfig:

@@ -36,6 +36,7 @@ from bigasp.text.synthesis import (
     expected_quality_tokens,
     synthesize,
 )
+from bigasp.train.mixing import COPY_SHIFT, ROW_MASK, MixConfig, build_mix
 from bigasp.train.sampler import (
     EpochPlan,
     SamplerState,
@@ -119,6 +120,9 @@ class DataConfig(Section):
     prompt: PromptConfig = Field(
         default_factory=PromptConfig, description="Prompt synthesis ([data.prompt])."
     )
+    mix: MixConfig = Field(
+        default_factory=MixConfig, description="Per-source/folder weights or repeats ([data.mix])."
+    )
 
 
 @dataclass
@@ -138,6 +142,7 @@ class Batch:
     chunk_estimate: int = 0  # the sampler's chunk-count estimate for this batch (0 = none)
     epoch: int = -1  # epoch and global batch position this batch came from (-1 = eval)
     position: int = -1
+    copies: torch.Tensor | None = None  # [B] copy number of each row in its epoch ([data.mix]; None = all 0)
 
     def _map(self, fn) -> Batch:
         changes = {f.name: fn(getattr(self, f.name)) for f in fields(self)}
@@ -453,6 +458,7 @@ def build_batch(
     chunk_estimate: int = 0,
     position: int = -1,
     generations: int | None = None,
+    copies: np.ndarray | None = None,
 ) -> Batch:
     """Read, synthesise (key `(seed, epoch, row)`), tokenise and collate the given rows; each row's
     latent variant is `row_variants(...)` (at most `generations` per image; None = all)."""
@@ -471,9 +477,12 @@ def build_batch(
         )
         for row_idx, prompt, row, v in zip(np.asarray(rows).tolist(), prompts, sub, variants, strict=True)
     ]
-    return collate(
+    batch = collate(
         samples, max_chunks=cfg.max_chunks, chunk_estimate=chunk_estimate, epoch=epoch, position=position
     )
+    if copies is not None and copies.any():
+        batch.copies = torch.from_numpy(np.asarray(copies, dtype=np.int64))
+    return batch
 
 
 @dataclass(frozen=True)
@@ -482,6 +491,7 @@ class BatchItem:
     epoch: int
     position: int
     chunk_estimate: int
+    copies: np.ndarray | None = None
 
 
 class _PlanItems:
@@ -504,8 +514,9 @@ class _PlanItems:
 
     def __getitem__(self, i: int) -> BatchItem:
         s = int(self.starts[i])
+        rows = self.order[s : s + self.batch_size]
         return BatchItem(
-            self.order[s : s + self.batch_size], self.epoch, int(self.positions[i]), int(self.chunks[i])
+            rows & ROW_MASK, self.epoch, int(self.positions[i]), int(self.chunks[i]), rows >> COPY_SHIFT
         )
 
 
@@ -547,6 +558,7 @@ class _BatchSource(torch.utils.data.Dataset):
                 chunk_estimate=it.chunk_estimate,
                 position=it.position,
                 generations=self.generations,
+                copies=it.copies,
             )
         except BigaspError as err:  # a data problem, not a bug: hand it back whole, not as a traceback
             return WorkerFailure(err)
@@ -732,6 +744,7 @@ class TrainLoader:
         heights = table.column("bucket_height").to_numpy(zero_copy_only=False)[train]
         widths = table.column("bucket_width").to_numpy(zero_copy_only=False)[train]
         self.buckets = build_row_buckets(train, heights, widths, chunks)
+        self.mix = build_mix(table, self.buckets, cfg.mix)
         self.aliases = load_aliases(cfg)
         self.epoch = 0
         self.position = 0
@@ -827,8 +840,13 @@ class TrainLoader:
     # -- iteration -----------------------------------------------------------------------------
     def plan(self, epoch: int) -> EpochPlan:
         if self._plan is None or self._plan.epoch != epoch:
+            buckets = (
+                self.buckets
+                if self.mix is None
+                else self.mix.expand(self.buckets, seed=self.seed, epoch=epoch)
+            )
             self._plan = plan_epoch(
-                self.buckets, seed=self.seed, epoch=epoch, device_batch_size=self.device_batch_size
+                buckets, seed=self.seed, epoch=epoch, device_batch_size=self.device_batch_size
             )
         return self._plan
 

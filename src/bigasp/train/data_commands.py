@@ -149,6 +149,18 @@ def batch_report(loader, epochs: int = 1, max_batches: int = 2000) -> dict[str, 
         }
         for k in np.argsort(-b.counts)
     ]
+    if loader.mix is not None:  # each group's configured share vs its share of epoch 0's trained samples
+        groups = loader.mix.group_of_rows(b, len(loader.dataset.table))
+        trained = np.bincount(
+            groups[plan.trained_rows(plan.steps_from(0, w) * w)], minlength=len(loader.mix.names)
+        )
+        out["mix"] = {
+            "by": loader.cfg.mix.by,
+            "groups": [
+                {**g, "trained_epoch0": int(t), "trained_share_epoch0": float(t) / max(int(trained.sum()), 1)}
+                for g, t in zip(loader.mix.describe(), trained, strict=True)
+            ],
+        }
     n = min(max_batches, plan.n_batches)
     hist: dict[int, int] = {}
     batch_mismatch = sample_mismatch = samples = truncated = 0
@@ -226,6 +238,15 @@ def batches(
         f"estimate vs actual chunk count: {a['batch_estimate_mismatch_rate']:.1%} of batches, "
         f"{a['sample_estimate_mismatch_rate']:.1%} of samples differ; {a['truncated_prompts']} prompt(s) truncated"
     )
+    if "mix" in r:
+        typer.echo(
+            f"mix by {r['mix']['by']} (images x repeats = per epoch; share planned, share in epoch 0's batches):"
+        )
+        for g in r["mix"]["groups"]:
+            typer.echo(
+                f"  {g['group'] or '(none)':<20} {g['images']:>9} x {g['repeats']:.3g} = {g['per_epoch']:>9}"
+                f"   {g['share']:6.1%}   {g['trained_share_epoch0']:6.1%}"
+            )
     typer.echo("buckets (rows, used in epoch 0):")
     for bk in r["buckets"]:
         flag = "   TOO SMALL for one batch" if bk["too_small"] else ""

@@ -31,6 +31,10 @@ from bigasp.text.synthesis import prompt_rng
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# A planned entry is `row | copy << COPY_SHIFT`: the copy number of a row repeated within an epoch
+# by dataset mixing (train/mixing.py); 0 for every entry of an unmixed plan.
+COPY_SHIFT = 40
+ROW_MASK = (1 << COPY_SHIFT) - 1
 
 
 def chunk_estimates(token_estimates: np.ndarray, quality_tokens: float, max_chunks: int = 3) -> np.ndarray:
@@ -128,7 +132,12 @@ class EpochPlan:
 
     def batch_rows(self, i: int) -> np.ndarray:
         s = int(self.batch_starts[i])
-        return self.order[s : s + self.device_batch_size]
+        return self.order[s : s + self.device_batch_size] & ROW_MASK
+
+    def trained_rows(self, n_batches: int) -> np.ndarray:
+        """Row ids of the first `n_batches` batches, in batch order (copies appear once each)."""
+        at = self.batch_starts[:n_batches, None] + np.arange(self.device_batch_size, dtype=np.int64)
+        return self.order[at.ravel()] & ROW_MASK
 
     def steps_from(self, position: int, world_size: int) -> int:
         """Full steps (one batch per rank) left from global batch `position`."""

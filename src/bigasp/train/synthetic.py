@@ -33,11 +33,13 @@ def write_synthetic_latent_dataset(
     seed: int = 0,
     original: tuple[int, int] | None = None,
     crop: tuple[int, int] = (0, 0),
+    sources: tuple[str, ...] = (),
 ) -> Path:
     """Write `n` images of one `height` x `width` bucket (latent 4 x h/8 x w/8) to `root`.
 
     `original` = (height, width) of the (pretend) source image, default twice the bucket;
     `crop` = (top, left) of the bucket crop: SDXL's size conditioning for every image.
+    `sources`: image i's manifest `source` is `sources[i % len(sources)]` (none when empty).
     """
     orig_h, orig_w = original if original is not None else (height * 2, width * 2)
     from bigasp.store import RecordMeta, ShardWriter, layout
@@ -66,6 +68,7 @@ def write_synthetic_latent_dataset(
                 "captions": [f"a {name} pattern", f"photo of a {name} pattern, smooth gradient"],
                 "tags": [name, "pattern", "gradient"],
                 "score": 5 + colour,
+                "source": sources[i % len(sources)] if sources else None,
                 "extra": "{}",
             }
         )

@@ -1,8 +1,10 @@
-"""The training loop of `bigasp train`, readable top to bottom.
+"""The training loop of `bigasp train`: a `Trainer` whose methods are its named steps.
 
-    setup:  processes -> model (trainable / frozen parts) -> optimizer + scaler -> data -> resume
-    loop:   lr(samples) -> accumulation micro-steps (DDP syncs only on the last) -> unscale, clip,
-            skip if non-finite -> optimizer step -> log / validate / checkpoint / stop on signal
+    build:    processes -> model (trainable / frozen parts) -> optimizer + scaler -> EMA -> data
+    restore:  optimizer, scaler, counters (`TrainState`), EMA, loader position, RNG
+    run:      train_step (lr(samples) -> accumulation micro-steps, DDP syncs only on the last ->
+              unscale, clip, skip if non-finite -> optimizer step) -> update_ema -> log_step ->
+              validate / save / stop on signal, each at its sample boundary
 
 Everything random is keyed: a sample's noise and timestep come from (seed, epoch, row), so a run
 is the same on 1 or 32 GPUs (up to float summation order) and bitwise the same after a resume on
@@ -44,6 +46,7 @@ from bigasp.train.distributed import (
     broadcast_object,
     init_distributed,
 )
+from bigasp.train.ema import EMA, EMA_DIR
 from bigasp.train.objectives import Objective, ObjectiveConfig
 from bigasp.train.optim import build_optimizer, set_lr
 from bigasp.train.schedule import lr_multiplier
@@ -247,101 +250,218 @@ def train(
 
 
 def _train(cfg: RunConfig, *, resume: str | None, stop_at: int | None, dataset) -> TrainResult:
-    # ---- processes, devices, numerics ------------------------------------------------------
-    dist: DistInfo = init_distributed(cfg.train.device)
-    device, rank, world = dist.device, dist.rank, dist.world_size
-    accumulation = resolve_accumulation(cfg, world)
-    batch_size = cfg.train.batch_size
-    seed = cfg.data.seed
-    run_dir = Path(cfg.run_dir)
-    if cfg.train.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = None if cfg.train.precision == "fp32" else DTYPES[cfg.train.precision]
+    return Trainer(cfg, resume=resume, dataset=dataset).run(stop_at=stop_at)
 
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
-    # ---- where to start -------------------------------------------------------------------
-    ckpt_path = broadcast_object(ckpt_io.resolve_resume(resume, run_dir) if dist.is_main else None)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_io.clean_stale_temps(run_dir)
-        (run_dir / "config.toml").write_text(dump_toml(cfg.model_dump(mode="json")))
-    saved = ckpt_io.load_state(ckpt_path) if ckpt_path is not None else None
+@dataclass
+class TrainState:
+    """Everything the loop advances; checkpoints write it and a resume reads it back."""
 
-    # ---- model ------------------------------------------------------------------------------
-    kind = cfg.model_kind()
-    components = ("unet", "text_encoder", "text_encoder_2", *(("vae",) if cfg.model.save_vae else ()))
-    source = str(ckpt_path / "model") if ckpt_path is not None else cfg.model.source
-    model = load_model(source, components, kind=kind, preset=cfg.model.preset, seed=cfg.model.init_seed)
-    frozen_originals = configure_model(model, cfg, device, keep_originals=dist.is_main)
-    denoiser = Denoiser(model.unet, model.text_encoder, model.text_encoder_2)
-    net: torch.nn.Module = denoiser
-    # FSDP2 roots: the UNet (one unit per block) and each trained text encoder. Frozen encoders
-    # stay replicated (no grads, no optimizer state: nothing worth sharding).
-    sharded = ["unet", *(n for n in ("text_encoder", "text_encoder_2") if trained(cfg, n))]
-    fsdp = cfg.train.parallelism == "fsdp2" and dist.distributed
-    encoder_units = [getattr(model, n) for n in sharded[1:]]
-    if fsdp:
-        parallel.apply_fsdp2(
-            model.unet, param_dtype=amp_dtype, reduce_dtype=torch.float32, extra_modules=encoder_units
+    samples_seen: int = 0
+    step: int = 0
+    skipped: int = 0
+    consecutive: int = 0
+    validation: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class StepOutcome:
+    """One optimizer step as the loop sees it after the host sync."""
+
+    stats: torch.Tensor  # summed over ranks: see `Trainer.train_step`
+    grad_norm: torch.Tensor
+    stop_now: bool
+
+
+class Trainer:
+    """One run, in named steps: build (processes, model, optimizer, data) -> restore -> run
+    (train_step -> log_step -> validate / save / stop). A new feature is a few lines in one step."""
+
+    # ---- build ----------------------------------------------------------------------------------
+
+    def __init__(self, cfg: RunConfig, *, resume: str | None, dataset) -> None:
+        self.cfg = cfg
+        self.build_processes()
+        ckpt_path, saved = self.prepare_run_dir(resume)
+        self.build_model(ckpt_path)
+        self.build_optimizer()
+        self.build_ema()
+        self.build_data(dataset, saved)
+        self.state = TrainState()
+        self.restored = saved is not None
+        if saved is not None:
+            self.restore(ckpt_path, saved)
+        self.build_logging()
+        self.result = TrainResult(self.state.samples_seen, self.state.step, self.state.skipped)
+
+    def build_processes(self) -> None:
+        """Processes, devices, numerics."""
+        cfg = self.cfg
+        self.dist: DistInfo = init_distributed(cfg.train.device)
+        self.device, self.rank, self.world = self.dist.device, self.dist.rank, self.dist.world_size
+        self.accumulation = resolve_accumulation(cfg, self.world)
+        self.batch_size = cfg.train.batch_size
+        self.seed = cfg.data.seed
+        self.run_dir = Path(cfg.run_dir)
+        if cfg.train.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.amp_dtype = None if cfg.train.precision == "fp32" else DTYPES[cfg.train.precision]
+
+    def autocast(self):
+        return torch.autocast(
+            device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
         )
-    elif dist.distributed:
-        # No static_graph: with no_sync accumulation micro-steps it trips an internal reducer
-        # assert (torch 2.13, "expect_autograd_hooks_"), seen in tests/test_train_fsdp.py.
-        net = parallel.wrap_ddp(denoiser, device, static_graph=False)
-    fsdp_roots = [model.unet, *encoder_units] if fsdp else []
 
-    def grad_sync(enabled: bool):
+    def prepare_run_dir(self, resume: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+        """Where to start: the checkpoint to resume (same on every rank) and its state."""
+        dist, run_dir = self.dist, self.run_dir
+        ckpt_path = broadcast_object(ckpt_io.resolve_resume(resume, run_dir) if dist.is_main else None)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_io.clean_stale_temps(run_dir)
+            (run_dir / "config.toml").write_text(dump_toml(self.cfg.model_dump(mode="json")))
+        saved = ckpt_io.load_state(ckpt_path) if ckpt_path is not None else None
+        return ckpt_path, saved
+
+    def build_model(self, ckpt_path: Path | None) -> None:
+        """Load the model (from the checkpoint on resume), freeze/train its parts, wrap DDP/FSDP2."""
+        cfg, dist, device = self.cfg, self.dist, self.device
+        components = ("unet", "text_encoder", "text_encoder_2", *(("vae",) if cfg.model.save_vae else ()))
+        source = str(ckpt_path / "model") if ckpt_path is not None else cfg.model.source
+        model = load_model(
+            source, components, kind=cfg.model_kind(), preset=cfg.model.preset, seed=cfg.model.init_seed
+        )
+        self.model = model
+        self.frozen_originals = configure_model(model, cfg, device, keep_originals=dist.is_main)
+        self.denoiser = Denoiser(model.unet, model.text_encoder, model.text_encoder_2)
+        self.net: torch.nn.Module = self.denoiser
+        # FSDP2 roots: the UNet (one unit per block) and each trained text encoder. Frozen encoders
+        # stay replicated (no grads, no optimizer state: nothing worth sharding).
+        self.sharded = ["unet", *(n for n in ("text_encoder", "text_encoder_2") if trained(cfg, n))]
+        self.fsdp = cfg.train.parallelism == "fsdp2" and dist.distributed
+        encoder_units = [getattr(model, n) for n in self.sharded[1:]]
+        if self.fsdp:
+            parallel.apply_fsdp2(
+                model.unet,
+                param_dtype=self.amp_dtype,
+                reduce_dtype=torch.float32,
+                extra_modules=encoder_units,
+            )
+        elif dist.distributed:
+            # No static_graph: with no_sync accumulation micro-steps it trips an internal reducer
+            # assert (torch 2.13, "expect_autograd_hooks_"), seen in tests/test_train_fsdp.py.
+            self.net = parallel.wrap_ddp(self.denoiser, device, static_graph=False)
+        self.fsdp_roots = [model.unet, *encoder_units] if self.fsdp else []
+        self.trainable = [p for p in self.denoiser.parameters() if p.requires_grad]
+        self.objective = Objective(objective_config(cfg))
+
+    def grad_sync(self, enabled: bool):
         """Reduce gradients on this backward (the last micro-step) or accumulate locally."""
-        if fsdp:
-            parallel.set_gradient_sync(fsdp_roots, enabled)
-        elif dist.distributed and not enabled:
-            return net.no_sync()
+        if self.fsdp:
+            parallel.set_gradient_sync(self.fsdp_roots, enabled)
+        elif self.dist.distributed and not enabled:
+            return self.net.no_sync()
         return contextlib.nullcontext()
 
-    trainable = [p for p in denoiser.parameters() if p.requires_grad]
-    objective = Objective(objective_config(cfg))
+    def build_optimizer(self) -> None:
+        """AdamW with one param group per model part, and the fp16 loss scaler."""
+        t, model = self.cfg.train, self.model
+        self.optimizer = build_optimizer(
+            [
+                ("unet", list(model.unet.parameters()), t.lr),
+                ("text_encoder", list(model.text_encoder.parameters()), t.text_encoder_lr or t.lr),
+                ("text_encoder_2", list(model.text_encoder_2.parameters()), t.text_encoder_2_lr or t.lr),
+            ],
+            betas=t.betas,
+            eps=t.adam_eps,
+            weight_decay=t.weight_decay,
+        )
+        self.scaler = torch.amp.GradScaler(
+            self.device.type,
+            init_scale=t.grad_scaler_init,
+            growth_interval=t.growth_interval(),
+            enabled=t.precision == "fp16",
+        )
 
-    # ---- optimizer and loss scaler ---------------------------------------------------------
-    t = cfg.train
-    optimizer = build_optimizer(
-        [
-            ("unet", list(model.unet.parameters()), t.lr),
-            ("text_encoder", list(model.text_encoder.parameters()), t.text_encoder_lr or t.lr),
-            ("text_encoder_2", list(model.text_encoder_2.parameters()), t.text_encoder_2_lr or t.lr),
-        ],
-        betas=t.betas,
-        eps=t.adam_eps,
-        weight_decay=t.weight_decay,
-    )
-    scaler = torch.amp.GradScaler(
-        device.type,
-        init_scale=t.grad_scaler_init,
-        growth_interval=t.growth_interval(),
-        enabled=t.precision == "fp16",
-    )
+    def build_ema(self) -> None:
+        """The EMA of the trained parameters (rank 0 only; `[ema] enabled`)."""
+        e = self.cfg.ema
+        self.ema: EMA | None = None
+        if not e.enabled:
+            return
+        if self.fsdp:
+            raise ConfigError(
+                "ema.enabled is not supported with train.parallelism = 'fsdp2' on several processes; use 'ddp'"
+            )
+        if not self.dist.is_main:
+            return
+        params = {
+            f"{comp}.{name}": p
+            for comp in ("unet", "text_encoder", "text_encoder_2")
+            for name, p in getattr(self.model, comp).named_parameters()
+            if p.requires_grad
+        }
+        device = torch.device("cpu") if e.cpu else self.device
+        self.ema = EMA(params, decay=e.decay, dtype=DTYPES[e.dtype], device=device)
 
-    # ---- data -------------------------------------------------------------------------------
-    if dataset is None:
-        from bigasp.train.data import open_dataset
+    def update_ema(self) -> None:
+        e, st = self.cfg.ema, self.state
+        if self.ema is not None and st.samples_seen >= e.start and (e.every == 0 or self.crossed(e.every)):
+            self.ema.update()
 
-        dataset = open_dataset(cfg.data)
-        preflight.check_dataset(dataset, model, cfg)
-    # A resumed run keeps its split cutoff: images added since are assigned by it, old ones keep their side.
-    split = split_dataset(
-        dataset, cfg.data, seed=seed, threshold=saved["trainer"].get("split_threshold") if saved else None
-    )
-    loader = TrainLoader(
-        dataset, cfg.data, rank=rank, world_size=world, seed=seed,
-        device_batch_size=cfg.data.device_batch_size, split=split,
-    )  # fmt: skip
+    def build_data(self, dataset, saved: dict[str, Any] | None) -> None:
+        """The dataset, its train/validation split and this rank's planned loader."""
+        cfg = self.cfg
+        if dataset is None:
+            from bigasp.train.data import open_dataset
 
-    # ---- resume -----------------------------------------------------------------------------
-    samples_seen, step, skipped, consecutive = 0, 0, 0, 0
-    val_history: list[dict[str, Any]] = []
-    if saved is not None:
+            dataset = open_dataset(cfg.data)
+            preflight.check_dataset(dataset, self.model, cfg)
+        self.dataset = dataset
+        # A resumed run keeps its split cutoff: images added since are assigned by it, old ones keep their side.
+        self.split = split_dataset(
+            dataset, cfg.data, seed=self.seed,
+            threshold=saved["trainer"].get("split_threshold") if saved else None,
+        )  # fmt: skip
+        self.loader = TrainLoader(
+            dataset, cfg.data, rank=self.rank, world_size=self.world, seed=self.seed,
+            device_batch_size=cfg.data.device_batch_size, split=self.split,
+        )  # fmt: skip
+
+    def build_logging(self) -> None:
+        """Metric sinks, the optional batch log, the FLOP counter."""
+        cfg, st = self.cfg, self.state
+        self.tracker = Tracker(
+            self.run_dir,
+            enabled=self.dist.is_main,
+            config=cfg.model_dump(mode="json"),
+            wandb_project=cfg.logging.wandb_project,
+            wandb_mode=cfg.logging.wandb_mode,
+            wandb_name=cfg.logging.wandb_name,
+            tensorboard=cfg.logging.tensorboard,
+            resume_samples=st.samples_seen if self.restored else None,
+        )
+        self.batch_log = None
+        if cfg.logging.batch_log:
+            path = self.run_dir / f"batches.rank{self.rank}.jsonl"
+            if self.restored:
+                truncate_jsonl(path, st.samples_seen, inclusive=False)
+            elif path.exists():
+                path.unlink()
+            self.batch_log = path.open("a", encoding="utf-8")
+        model = self.model
+        self.flops = (
+            TrainFlops(model.unet, model.text_encoder, model.text_encoder_2) if cfg.logging.flops else None
+        )
+        self.loss_labels = {"val/loss": " (plain MSE)", "stable/loss": f" ({stable_loss_label(cfg)})"}
+        self.window = new_window()
+
+    # ---- restore --------------------------------------------------------------------------------
+
+    def restore(self, ckpt_path: Path, saved: dict[str, Any]) -> None:
+        """Optimizer, scaler, counters, loader position and RNGs from a checkpoint."""
+        t, optimizer, scaler, rank = self.cfg.train, self.optimizer, self.scaler, self.rank
         peak_lrs = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
         saved_groups = [g.get("name") for g in saved["optimizer"]["param_groups"]]
         if saved_groups != list(peak_lrs):
@@ -351,13 +471,13 @@ def _train(cfg: RunConfig, *, resume: str | None, stop_at: int | None, dataset) 
                 "from the checkpoint's model/ folder (model.source) to change what trains"
             )
         try:
-            if fsdp:
+            if self.fsdp:
                 parallel.load_full_optimizer_state(
-                    denoiser, optimizer, parallel.fqn_keyed(denoiser, optimizer, saved["optimizer"])
+                    self.denoiser, optimizer, parallel.fqn_keyed(self.denoiser, optimizer, saved["optimizer"])
                 )
             else:
                 optimizer.load_state_dict(
-                    parallel.id_optimizer_state(denoiser, optimizer, saved["optimizer"])
+                    parallel.id_optimizer_state(self.denoiser, optimizer, saved["optimizer"])
                 )
         except (KeyError, ValueError, RuntimeError) as err:
             raise ckpt_io.CheckpointError(
@@ -370,49 +490,248 @@ def _train(cfg: RunConfig, *, resume: str | None, stop_at: int | None, dataset) 
         if st.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(st["scaler"])  # scale and growth tracker carry over
             scaler.set_growth_interval(t.growth_interval())  # the config's interval wins, as its lr does
-        samples_seen, step = int(st["samples_seen"]), int(st["step"])
-        skipped, consecutive = int(st["skipped_steps"]), int(st["consecutive_skips"])
-        val_history = st.get("validation", [])
+        self.state = TrainState(
+            samples_seen=int(st["samples_seen"]),
+            step=int(st["step"]),
+            skipped=int(st["skipped_steps"]),
+            consecutive=int(st["consecutive_skips"]),
+            validation=st.get("validation", []),
+        )
+        if self.ema is not None:
+            updates = int(st.get("ema", {}).get("updates", 0))
+            if updates and not (ckpt_path / EMA_DIR).is_dir():
+                raise ckpt_io.CheckpointError(
+                    f"{ckpt_path}: trainer.json counts EMA updates but {EMA_DIR}/ is missing"
+                )
+            if "ema" not in st:
+                log.warning("%s has no EMA: the average starts now (ema.enabled was off)", ckpt_path)
+            self.ema.load_folder(ckpt_path / EMA_DIR, updates)
         loaders = st["loader"]
-        loader.load_state_dict(loaders[rank] if len(loaders) == world else loaders[0])
+        self.loader.load_state_dict(loaders[rank] if len(loaders) == self.world else loaders[0])
         # All training randomness is keyed, so these only matter to third-party code using torch's RNG.
         if f"rank{rank}.torch_cpu" in saved["rng"]:
             torch.set_rng_state(saved["rng"][f"rank{rank}.torch_cpu"])
-        if device.type == "cuda" and f"rank{rank}.torch_cuda" in saved["rng"]:
-            torch.cuda.set_rng_state(saved["rng"][f"rank{rank}.torch_cuda"], device)
-        if st.get("batch_size") != batch_size:
-            log.warning("batch_size changed %s -> %s on resume", st.get("batch_size"), batch_size)
-        log.info("resumed from %s at %d samples (step %d)", ckpt_path, samples_seen, step)
+        if self.device.type == "cuda" and f"rank{rank}.torch_cuda" in saved["rng"]:
+            torch.cuda.set_rng_state(saved["rng"][f"rank{rank}.torch_cuda"], self.device)
+        if st.get("batch_size") != self.batch_size:
+            log.warning("batch_size changed %s -> %s on resume", st.get("batch_size"), self.batch_size)
+        log.info(
+            "resumed from %s at %d samples (step %d)", ckpt_path, self.state.samples_seen, self.state.step
+        )
 
-    tracker = Tracker(
-        run_dir,
-        enabled=dist.is_main,
-        config=cfg.model_dump(mode="json"),
-        wandb_project=cfg.logging.wandb_project,
-        wandb_mode=cfg.logging.wandb_mode,
-        wandb_name=cfg.logging.wandb_name,
-        tensorboard=cfg.logging.tensorboard,
-        resume_samples=samples_seen if saved is not None else None,
-    )
-    batch_log = None
-    if cfg.logging.batch_log:
-        path = run_dir / f"batches.rank{rank}.jsonl"
-        if saved is not None:
-            truncate_jsonl(path, samples_seen, inclusive=False)
-        elif path.exists():
-            path.unlink()
-        batch_log = path.open("a", encoding="utf-8")
-    flops = TrainFlops(model.unet, model.text_encoder, model.text_encoder_2) if cfg.logging.flops else None
+    # ---- run ------------------------------------------------------------------------------------
 
-    result = TrainResult(samples_seen, step, skipped)
+    def run(self, *, stop_at: int | None) -> TrainResult:
+        """The loop: step, log, then validate / checkpoint / stop at their sample boundaries."""
+        cfg, t, st, result = self.cfg, self.cfg.train, self.state, self.result
+        stop = StopFlag(cfg.checkpoint.on_signal)
+        if not self.restored and cfg.validation.at_start and cfg.validation.every:
+            self.validate()
+        self.batches = iter(self.loader)
+        self.last_saved_at = st.samples_seen if self.restored else -1
+        try:
+            while st.samples_seen < t.max_samples:
+                step_start = time.perf_counter()
+                outcome = self.train_step(stop)
+                self.update_ema()
+                self.log_step(outcome, time.perf_counter() - step_start)
+                if self.batch_log is not None:
+                    self.batch_log.flush()
+                if self.crossed(cfg.validation.every):
+                    self.validate()
+                sliced = stop_at is not None and stop_at <= st.samples_seen < t.max_samples
+                due = self.crossed(cfg.checkpoint.every)
+                if due or (outcome.stop_now and cfg.checkpoint.on_signal) or sliced:
+                    reason = "interval" if due else "signal" if outcome.stop_now else "stop_at"
+                    result.last_checkpoint = self.save(reason)
+                    self.last_saved_at = st.samples_seen
+                if outcome.stop_now:
+                    result.stopped_by_signal = True
+                    log.warning("stopped by signal at %d samples", st.samples_seen)
+                    break
+                if sliced:
+                    log.info("reached stop_at=%d samples; resume with --resume auto", stop_at)
+                    break
+            if (
+                st.samples_seen >= t.max_samples
+                and cfg.checkpoint.at_end
+                and self.last_saved_at != st.samples_seen
+            ):
+                result.last_checkpoint = self.save("end")
+        finally:
+            self.batches.close()  # shut down and reap the loader's workers now, also on an error
+            stop.restore()
+            self.tracker.close()
+            if self.batch_log is not None:
+                self.batch_log.close()
+        return result
 
-    # ---- validation and checkpoint closures -----------------------------------------------------
-    loss_labels = {"val/loss": " (plain MSE)", "stable/loss": f" ({stable_loss_label(cfg)})"}
+    def crossed(self, every: int) -> bool:
+        """Whether the last step crossed a multiple of `every` samples (0 = never)."""
+        now, bs = self.state.samples_seen, self.batch_size
+        return bool(every) and now // every != (now - bs) // every
 
-    def run_validation() -> dict[str, Any]:
+    def next_batch(self, micro: int):
+        try:
+            return next(self.batches)
+        except BigaspError:  # a bad shard or record: keep the finished steps if that is safe
+            seen = self.state.samples_seen
+            if micro == 0 and not self.dist.distributed and 0 < seen != self.last_saved_at:
+                self.result.last_checkpoint = self.save("data_error")
+            raise
+
+    def noise_keys(self, epoch: int, rows: list[int], copies: torch.Tensor | None) -> list[tuple]:
+        """Per sample: the key of its noise and timestep. A repeated image's later copies in an epoch
+        ([data.mix]) add their copy number, so each copy trains at its own timestep."""
+        if copies is None:
+            return [(self.seed, "noise", epoch, r) for r in rows]
+        return [
+            (self.seed, "noise", epoch, r, *((c,) if c else ()))
+            for r, c in zip(rows, copies.tolist(), strict=True)
+        ]
+
+    def train_step(self, stop: StopFlag) -> StepOutcome:
+        """One optimizer step: lr, accumulation micro-steps, unscale/clip, step or skip."""
+        t, st = self.cfg.train, self.state
+        optimizer, scaler, objective = self.optimizer, self.scaler, self.objective
+        set_lr(
+            optimizer,
+            lr_multiplier(
+                st.samples_seen + self.batch_size,
+                warmup_samples=t.warmup_samples,
+                total_samples=t.max_samples,
+                schedule=t.lr_schedule,
+                min_ratio=t.min_lr_ratio,
+            ),
+        )
+        # stats: weighted loss, mse, micro-batches, non-finite, tokens padded, tokens used, flops,
+        # stop requested. Kept on the device: one host sync per optimizer step, not per micro-step.
+        stats = torch.zeros(8, dtype=torch.float64, device=self.device)
+        for micro in range(self.accumulation):
+            host_batch = self.next_batch(micro)
+            rows = host_batch.indices.tolist()  # from the host copy: no device sync
+            batch = host_batch.to(self.device, non_blocking=True)
+            if self.batch_log is not None:
+                self.batch_log.write(json.dumps({
+                    "samples": st.samples_seen, "step": st.step, "micro": micro, "epoch": batch.epoch,
+                    "position": batch.position, "rows": rows, "prompts": batch.prompts,
+                }) + "\n")  # fmt: skip
+            keys = self.noise_keys(batch.epoch, rows, host_batch.copies)
+            prep = objective.sample_batch(batch.latents, keys)
+            time_ids = time_ids_from(batch.original_size, batch.crop, batch.target_size)
+            with self.grad_sync(micro == self.accumulation - 1):
+                with self.autocast():
+                    pred = self.net(prep.x_t, prep.timesteps, batch.te1_ids, batch.te2_ids, time_ids)
+                loss, mse, _ = objective.loss(pred, prep)
+                scaler.scale(loss / self.accumulation).backward()
+            stats[0] += loss.detach().double()
+            stats[1] += mse.detach().double()
+            stats[2] += 1
+            stats[3] += (~torch.isfinite(loss)).double()
+            stats[4] += batch.te2_ids.numel()
+            stats[5] += (batch.te2_ids != TE2_PAD).sum()
+            if self.flops is not None:
+                stats[6] += self.flops.per_batch(batch)
+        # Gradients are synced now; unscale (fp16), clip, and skip the step if anything is non-finite.
+        if scaler.is_enabled():
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, t.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards -> global norm
+            grad_norm = grad_norm.full_tensor()
+        stats[3] += (~torch.isfinite(grad_norm)).double()
+        stats[7] = float(stop.set)
+        all_reduce_sum(stats)
+        stats = stats.cpu()
+        if stats[3].item() == 0:
+            if scaler.is_enabled():
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+            st.consecutive = 0
+        else:
+            st.skipped += 1
+            st.consecutive += 1
+            log.warning(
+                "step %d: non-finite loss or gradient (grad norm %s); step skipped (%d in a row, %d total)",
+                st.step, float(grad_norm), st.consecutive, st.skipped,
+            )  # fmt: skip
+        if scaler.is_enabled():
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        st.step += 1
+        st.samples_seen += self.batch_size
+        self.result.samples_seen, self.result.step, self.result.skipped_steps = (
+            st.samples_seen,
+            st.step,
+            st.skipped,
+        )
+        if st.consecutive >= t.max_consecutive_skips:
+            self.tracker.log({"train/skipped_steps": st.skipped}, samples=st.samples_seen, step=st.step)
+            raise TrainingDiverged(
+                f"{st.consecutive} consecutive steps had a non-finite loss or gradient (last at step {st.step}, "
+                f"{st.samples_seen} samples); training stopped without saving. Resume from the last "
+                "checkpoint with a lower train.lr, train.precision='bf16', or a higher "
+                "train.max_consecutive_skips if fp16 loss-scale warm-up needs it."
+            )
+        return StepOutcome(stats=stats, grad_norm=grad_norm, stop_now=stats[7].item() > 0)
+
+    # ---- log ------------------------------------------------------------------------------------
+
+    def log_step(self, outcome: StepOutcome, step_time: float) -> None:
+        """Accumulate the step into the window; every `logging.every` samples, emit metrics and a line."""
+        cfg, t, st, window = self.cfg, self.cfg.train, self.state, self.window
+        world, scaler = self.world, self.scaler
+        window["stats"] += outcome.stats
+        window["samples"] += self.batch_size
+        window["step_time"] += step_time
+        if not (self.crossed(cfg.logging.every) or st.samples_seen >= t.max_samples):
+            return
+        s = window["stats"]
+        elapsed = window["step_time"]
+        sps = window["samples"] / elapsed if elapsed > 0 else float("nan")
+        micro_n = max(float(s[2]), 1.0)
+        metrics = {
+            "train/loss": float(s[0]) / micro_n,
+            "train/mse": float(s[1]) / micro_n,
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/grad_norm": float(outcome.grad_norm),
+            "train/skipped_steps": st.skipped,
+            "perf/samples_per_s": sps,
+            "perf/samples_per_s_per_gpu": sps / world,
+            "perf/tokens_padded": float(s[4]),
+            "perf/tokens_used": float(s[5]),
+            "perf/token_efficiency": float(s[5]) / max(float(s[4]), 1.0),
+            "epoch": self.loader.epoch,
+        }
+        if scaler.is_enabled():
+            metrics["train/loss_scale"] = float(scaler.get_scale())
+        if self.flops is not None and elapsed > 0:
+            metrics["perf/tflops_per_gpu"] = float(s[6]) / elapsed / world / 1e12
+            metrics["perf/model_tflop_per_sample"] = float(s[6]) / max(window["samples"], 1) / 1e12
+        self.tracker.log(metrics, samples=st.samples_seen, step=st.step)
+        if self.dist.is_main:
+            eta = (t.max_samples - st.samples_seen) / sps if sps > 0 else float("inf")
+            line = (
+                f"samples {st.samples_seen:,}/{t.max_samples:,} ({100 * st.samples_seen / t.max_samples:.1f}%)"
+                f" | step {st.step} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.3g}"
+                f" | {sps:,.1f} samples/s | ETA {format_duration(eta)}"
+            )
+            if "perf/tflops_per_gpu" in metrics:
+                line += f" | {metrics['perf/tflops_per_gpu']:.3g} TFLOP/s/GPU"
+            log.info(line)
+        self.window = new_window()
+
+    # ---- validate -------------------------------------------------------------------------------
+
+    def validate(self) -> dict[str, Any]:
+        """Held-out and stable train loss with fixed noise and stratified t (every rank takes part)."""
+        cfg, st, denoiser, dataset = self.cfg, self.state, self.denoiser, self.dataset
+        rank, world, seed, device = self.rank, self.world, self.seed, self.device
         denoiser.eval()
         vb = cfg.validation.device_batch_size or cfg.data.device_batch_size
-        sets = [("val", split.validation)] + ([("stable", split.stable)] if cfg.validation.stable else [])
+        sets = [("val", self.split.validation)] + (
+            [("stable", self.split.stable)] if cfg.validation.stable else []
+        )
         out: dict[str, Any] = {}
         start = time.perf_counter()
         for name, rows in sets:
@@ -422,7 +741,7 @@ def _train(cfg: RunConfig, *, resume: str | None, stop_at: int | None, dataset) 
                 dataset, rows, cfg.data, rank=rank, world_size=world, device_batch_size=vb, seed=seed
             )
             filler: list = []
-            if fsdp:  # every rank must run the same number of forwards (each one all-gathers weights)
+            if self.fsdp:  # every rank must run the same number of forwards (each one all-gathers weights)
                 batches = list(batches)
                 most = int(all_reduce_max(torch.tensor([len(batches)], device=device)).item())
                 if len(batches) < most:
@@ -432,8 +751,8 @@ def _train(cfg: RunConfig, *, resume: str | None, stop_at: int | None, dataset) 
                     filler = [first] * (most - len(batches))
             out.update(
                 evaluate(
-                    denoiser, objective, batches, indices=rows, name=name, seed=seed, device=device,
-                    autocast=autocast, t_bins=cfg.validation.t_bins, filler=filler,
+                    denoiser, self.objective, batches, indices=rows, name=name, seed=seed, device=device,
+                    autocast=self.autocast, t_bins=cfg.validation.t_bins, filler=filler,
                     weighted=name == "stable" and cfg.validation.stable_loss == "weighted",
                 )
             )  # fmt: skip
@@ -444,230 +763,101 @@ def _train(cfg: RunConfig, *, resume: str | None, stop_at: int | None, dataset) 
         ):
             getattr(denoiser, name).train(trains)
         out["val/seconds"] = time.perf_counter() - start
-        tracker.log(out, samples=samples_seen, step=step)
-        if dist.is_main:
+        self.tracker.log(out, samples=st.samples_seen, step=st.step)
+        if self.dist.is_main:
             log.info(
                 "validation at %d samples: %s",
-                samples_seen,
+                st.samples_seen,
                 ", ".join(
-                    f"{k}{loss_labels.get(k, '')} {v:.5f}" for k, v in out.items() if k.endswith("/loss")
+                    f"{k}{self.loss_labels.get(k, '')} {v:.5f}" for k, v in out.items() if k.endswith("/loss")
                 ),
             )
-        val_history.append({"samples": samples_seen, **{k: v for k, v in out.items() if k.endswith("/loss")}})
-        result.validation.append({"samples": samples_seen, **out})
+        st.validation.append(
+            {"samples": st.samples_seen, **{k: v for k, v in out.items() if k.endswith("/loss")}}
+        )
+        self.result.validation.append({"samples": st.samples_seen, **out})
         return out
 
-    def save(reason: str) -> Path | None:
-        loader_states = all_gather_objects(loader.state_dict())
-        rngs = all_gather_objects(ckpt_io.rng_tensors())
+    # ---- save -----------------------------------------------------------------------------------
+
+    def trainer_state(self, loader_states: list[Any]) -> dict[str, Any]:
+        """state/trainer.json: counters, every rank's loader position, the run's shape."""
+        st = self.state
+        return {
+            "samples_seen": st.samples_seen,
+            "step": st.step,
+            "skipped_steps": st.skipped,
+            "consecutive_skips": st.consecutive,
+            "loader": loader_states,
+            "world_size": self.world,
+            "parallelism": "fsdp2" if self.fsdp else "ddp",
+            "batch_size": self.batch_size,
+            "accumulation": self.accumulation,
+            "validation": st.validation,
+            "split_threshold": self.split.threshold,
+            **({"ema": {"updates": self.ema.updates}} if self.ema is not None else {}),
+        }
+
+    def model_to_save(self) -> tuple[SDXL, dict[str, Any] | None]:
+        """The full model and optimizer state on rank 0 (collectives under FSDP2: call on every rank)."""
+        model, dist = self.model, self.dist
         to_save, opt_state = model, None
-        if fsdp:  # collectives: every rank gathers, rank 0 receives the full (unsharded) state
-            full = {n: parallel.full_state_dict(getattr(model, n)) for n in sharded}
-            opt_state = parallel.full_optimizer_state(denoiser, optimizer)
+        if self.fsdp:  # collectives: every rank gathers, rank 0 receives the full (unsharded) state
+            full = {n: parallel.full_state_dict(getattr(model, n)) for n in self.sharded}
+            opt_state = parallel.full_optimizer_state(self.denoiser, self.optimizer)
             if dist.is_main:
                 to_save = replace(
                     model, **{n: parallel.unsharded_copy(getattr(model, n), full[n]) for n in full}
                 )
         elif dist.is_main:
-            opt_state = parallel.fqn_optimizer_state(denoiser, optimizer)
-        if dist.is_main and frozen_originals:  # frozen parts exactly as loaded, never rounded
+            opt_state = parallel.fqn_optimizer_state(self.denoiser, self.optimizer)
+        if dist.is_main and self.frozen_originals:  # frozen parts exactly as loaded, never rounded
             to_save = replace(
                 to_save,
-                **{n: parallel.unsharded_copy(getattr(model, n), sd) for n, sd in frozen_originals.items()},
-            )
-        path = None
-        if dist.is_main:
-            path = ckpt_io.save_checkpoint(
-                run_dir,
-                samples_seen=samples_seen,
-                step=step,
-                write_model=lambda folder: save_diffusers_folder(to_save, folder),
-                optimizer_state=opt_state,
-                scaler_state=ckpt_io.scaler_to_json(scaler) if scaler.is_enabled() else None,
-                trainer_state={
-                    "samples_seen": samples_seen,
-                    "step": step,
-                    "skipped_steps": skipped,
-                    "consecutive_skips": consecutive,
-                    "loader": loader_states,
-                    "world_size": world,
-                    "parallelism": "fsdp2" if fsdp else "ddp",
-                    "batch_size": batch_size,
-                    "accumulation": accumulation,
-                    "validation": val_history,
-                    "split_threshold": split.threshold,
+                **{
+                    n: parallel.unsharded_copy(getattr(model, n), sd)
+                    for n, sd in self.frozen_originals.items()
                 },
+            )
+        return to_save, opt_state
+
+    def write_models(self, to_save: SDXL, folder: Path) -> None:
+        """The checkpoint's model/ folder and, with EMA, a sibling ema/ folder: a complete model too."""
+        save_diffusers_folder(to_save, folder)
+        if self.ema is not None and self.ema.updates > 0:
+            averaged = {
+                c: parallel.unsharded_copy(
+                    getattr(to_save, c), self.ema.component_state(c, getattr(to_save, c).state_dict())
+                )
+                for c in self.ema.components()
+            }
+            frozen = {c: None for c in to_save.modules() if c not in averaged}
+            ema_dir = save_diffusers_folder(replace(to_save, **averaged, **frozen), folder.parent / EMA_DIR)
+            ckpt_io.link_components(folder, ema_dir, list(frozen))  # frozen parts: the same files
+
+    def save(self, reason: str) -> Path | None:
+        """Write a checkpoint (rank 0) after gathering every rank's loader and RNG state."""
+        cfg, st = self.cfg, self.state
+        loader_states = all_gather_objects(self.loader.state_dict())
+        rngs = all_gather_objects(ckpt_io.rng_tensors())
+        to_save, opt_state = self.model_to_save()
+        path = None
+        if self.dist.is_main:
+            path = ckpt_io.save_checkpoint(
+                self.run_dir,
+                samples_seen=st.samples_seen,
+                step=st.step,
+                write_model=lambda folder: self.write_models(to_save, folder),
+                optimizer_state=opt_state,
+                scaler_state=ckpt_io.scaler_to_json(self.scaler) if self.scaler.is_enabled() else None,
+                trainer_state=self.trainer_state(loader_states),
                 rng_states=rngs,  # type: ignore[arg-type]
                 config_toml=dump_toml(cfg.model_dump(mode="json")),
-                extra_meta={"reason": reason, "objective": cfg.train.objective, "world_size": world},
+                extra_meta={"reason": reason, "objective": cfg.train.objective, "world_size": self.world},
             )
             ckpt_io.apply_retention(
-                run_dir, keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every
+                self.run_dir, keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every
             )
             log.info("saved checkpoint %s (%s)", path, reason)
         barrier()
         return path
-
-    # ---- the loop -------------------------------------------------------------------------------
-    stop = StopFlag(cfg.checkpoint.on_signal)
-    if saved is None and cfg.validation.at_start and cfg.validation.every:
-        run_validation()
-    batches = iter(loader)
-    window = new_window()
-    last_saved_at = samples_seen if saved is not None else -1
-    try:
-        while samples_seen < t.max_samples:
-            step_start = time.perf_counter()
-            lr_mult = lr_multiplier(
-                samples_seen + batch_size,
-                warmup_samples=t.warmup_samples,
-                total_samples=t.max_samples,
-                schedule=t.lr_schedule,
-                min_ratio=t.min_lr_ratio,
-            )
-            set_lr(optimizer, lr_mult)
-            # stats: weighted loss, mse, micro-batches, non-finite, tokens padded, tokens used, flops,
-            # stop requested. Kept on the device: one host sync per optimizer step, not per micro-step.
-            stats = torch.zeros(8, dtype=torch.float64, device=device)
-            for micro in range(accumulation):
-                try:
-                    host_batch = next(batches)
-                except BigaspError:  # a bad shard or record: keep the finished steps if that is safe
-                    if micro == 0 and not dist.distributed and 0 < samples_seen != last_saved_at:
-                        result.last_checkpoint = save("data_error")
-                    raise
-                rows = host_batch.indices.tolist()  # from the host copy: no device sync
-                batch = host_batch.to(device, non_blocking=True)
-                if batch_log is not None:
-                    batch_log.write(json.dumps({
-                        "samples": samples_seen, "step": step, "micro": micro, "epoch": batch.epoch,
-                        "position": batch.position, "rows": rows, "prompts": batch.prompts,
-                    }) + "\n")  # fmt: skip
-                keys = [(seed, "noise", batch.epoch, r) for r in rows]
-                prep = objective.sample_batch(batch.latents, keys)
-                time_ids = time_ids_from(batch.original_size, batch.crop, batch.target_size)
-                last = micro == accumulation - 1
-                with grad_sync(last):
-                    with autocast():
-                        pred = net(prep.x_t, prep.timesteps, batch.te1_ids, batch.te2_ids, time_ids)
-                    loss, mse, _ = objective.loss(pred, prep)
-                    scaler.scale(loss / accumulation).backward()
-                stats[0] += loss.detach().double()
-                stats[1] += mse.detach().double()
-                stats[2] += 1
-                stats[3] += (~torch.isfinite(loss)).double()
-                stats[4] += batch.te2_ids.numel()
-                stats[5] += (batch.te2_ids != TE2_PAD).sum()
-                if flops is not None:
-                    stats[6] += flops.per_batch(batch)
-            # Gradients are synced now; unscale (fp16), clip, and skip the step if anything is non-finite.
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or float("inf"))
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards -> global norm
-                grad_norm = grad_norm.full_tensor()
-            stats[3] += (~torch.isfinite(grad_norm)).double()
-            stats[7] = float(stop.set)
-            all_reduce_sum(stats)
-            stats = stats.cpu()
-            finite = stats[3].item() == 0
-            stop_now = stats[7].item() > 0  # any rank got SIGTERM: all stop at this step
-            if finite:
-                if scaler.is_enabled():
-                    scaler.step(optimizer)
-                else:
-                    optimizer.step()
-                consecutive = 0
-            else:
-                skipped += 1
-                consecutive += 1
-                log.warning(
-                    "step %d: non-finite loss or gradient (grad norm %s); step skipped (%d in a row, %d total)",
-                    step, float(grad_norm), consecutive, skipped,
-                )  # fmt: skip
-            if scaler.is_enabled():
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            samples_seen += batch_size
-            result.samples_seen, result.step, result.skipped_steps = samples_seen, step, skipped
-            if consecutive >= t.max_consecutive_skips:
-                tracker.log({"train/skipped_steps": skipped}, samples=samples_seen, step=step)
-                raise TrainingDiverged(
-                    f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step {step}, "
-                    f"{samples_seen} samples); training stopped without saving. Resume from the last "
-                    "checkpoint with a lower train.lr, train.precision='bf16', or a higher "
-                    "train.max_consecutive_skips if fp16 loss-scale warm-up needs it."
-                )
-
-            # ---- logging -----------------------------------------------------------------------
-            step_time = time.perf_counter() - step_start
-            window["stats"] += stats
-            window["samples"] += batch_size
-            window["step_time"] += step_time
-            log_now = samples_seen // cfg.logging.every != (samples_seen - batch_size) // cfg.logging.every
-            if log_now or samples_seen >= t.max_samples:
-                s = window["stats"]
-                elapsed = window["step_time"]
-                sps = window["samples"] / elapsed if elapsed > 0 else float("nan")
-                micro_n = max(float(s[2]), 1.0)
-                metrics = {
-                    "train/loss": float(s[0]) / micro_n,
-                    "train/mse": float(s[1]) / micro_n,
-                    "train/lr": optimizer.param_groups[0]["lr"],
-                    "train/grad_norm": float(grad_norm),
-                    "train/skipped_steps": skipped,
-                    "perf/samples_per_s": sps,
-                    "perf/samples_per_s_per_gpu": sps / world,
-                    "perf/tokens_padded": float(s[4]),
-                    "perf/tokens_used": float(s[5]),
-                    "perf/token_efficiency": float(s[5]) / max(float(s[4]), 1.0),
-                    "epoch": loader.epoch,
-                }
-                if scaler.is_enabled():
-                    metrics["train/loss_scale"] = float(scaler.get_scale())
-                if flops is not None and elapsed > 0:
-                    metrics["perf/tflops_per_gpu"] = float(s[6]) / elapsed / world / 1e12
-                    metrics["perf/model_tflop_per_sample"] = float(s[6]) / max(window["samples"], 1) / 1e12
-                tracker.log(metrics, samples=samples_seen, step=step)
-                if dist.is_main:
-                    eta = (t.max_samples - samples_seen) / sps if sps > 0 else float("inf")
-                    line = (
-                        f"samples {samples_seen:,}/{t.max_samples:,} ({100 * samples_seen / t.max_samples:.1f}%)"
-                        f" | step {step} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.3g}"
-                        f" | {sps:,.1f} samples/s | ETA {format_duration(eta)}"
-                    )
-                    if "perf/tflops_per_gpu" in metrics:
-                        line += f" | {metrics['perf/tflops_per_gpu']:.3g} TFLOP/s/GPU"
-                    log.info(line)
-                window = new_window()
-            if batch_log is not None:
-                batch_log.flush()
-
-            # ---- validation, checkpoints, preemption --------------------------------------------------
-            v_every = cfg.validation.every
-            if v_every and samples_seen // v_every != (samples_seen - batch_size) // v_every:
-                run_validation()
-            sliced = stop_at is not None and samples_seen >= stop_at and samples_seen < t.max_samples
-            c_every = cfg.checkpoint.every
-            due = c_every and samples_seen // c_every != (samples_seen - batch_size) // c_every
-            if due or (stop_now and cfg.checkpoint.on_signal) or sliced:
-                reason = "interval" if due else "signal" if stop_now else "stop_at"
-                result.last_checkpoint = save(reason)
-                last_saved_at = samples_seen
-            if stop_now:
-                result.stopped_by_signal = True
-                log.warning("stopped by signal at %d samples", samples_seen)
-                break
-            if sliced:
-                log.info("reached stop_at=%d samples; resume with --resume auto", stop_at)
-                break
-        if samples_seen >= t.max_samples and cfg.checkpoint.at_end and last_saved_at != samples_seen:
-            result.last_checkpoint = save("end")
-    finally:
-        batches.close()  # shut down and reap the loader's workers now, also on an error
-        stop.restore()
-        tracker.close()
-        if batch_log is not None:
-            batch_log.close()
-    return result
