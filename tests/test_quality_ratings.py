@@ -119,3 +119,27 @@ def test_postgres_url_errors_are_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as if psycopg were not installed
     with pytest.raises(DataError, match=r"pip install 'bigasp\[postgres\]'"):
         RatingStore(url)
+
+
+def test_postgres_raters_need_only_table_rights_and_pg_environment(postgres_server, monkeypatch):
+    import psycopg
+
+    owner_url = postgres_server.new_database()
+    RatingStore(owner_url)  # the owner creates the table once
+    with psycopg.connect(owner_url, autocommit=True) as con:
+        con.execute("CREATE ROLE rater LOGIN")
+        con.execute("GRANT SELECT, INSERT, DELETE ON ratings TO rater")
+    database = owner_url.rsplit("/", 1)[1]
+    # Credentials and address from libpq's PG* variables; the URL names only the database.
+    monkeypatch.setenv("PGHOST", "127.0.0.1")
+    monkeypatch.setenv("PGPORT", str(postgres_server.port))
+    monkeypatch.setenv("PGUSER", "rater")
+    store = RatingStore(f"postgresql:///{database}")
+    rid = store.add("a", "b", "left", rater="ann")
+    store.add("b", "c", "tie", rater="ann")
+    assert store.undo(rid, rater="ann")
+    assert [(r.left_id, r.outcome, r.rater) for r in RatingStore(owner_url).all()] == [("b", "tie", "ann")]
+    with psycopg.connect(f"postgresql:///{database}", autocommit=True) as con:
+        assert con.execute("SELECT current_user").fetchone()[0] == "rater"
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # why the store skips its schema
+            con.execute("CREATE TABLE IF NOT EXISTS ratings (id INTEGER)")
