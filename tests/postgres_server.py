@@ -40,8 +40,13 @@ class PostgresServer:
         self.bindir = bindir
         self.user = None
         if os.geteuid() == 0:
-            self.user = next(u for u in ("postgres", "nobody") if _has_user(u))
-        self.dir = Path(tempfile.mkdtemp(prefix="bigasp-pg-"))
+            self.user = next((u for u in ("postgres", "nobody") if _has_user(u)), None)
+            if self.user is None:
+                raise RuntimeError(
+                    "PostgreSQL refuses to run as root and there is no `postgres` or `nobody` user"
+                )
+        # In /tmp, which the unprivileged user can reach (a root-only TMPDIR would not do).
+        self.dir = Path(tempfile.mkdtemp(prefix="bigasp-pg-", dir="/tmp" if self.user else None))
         if self.user:
             pw = pwd.getpwnam(self.user)
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
