@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from postgres_server import postgres_server, postgres_url  # noqa: F401  (fixtures)
+
 # One thread: the tests run tiny models, where thread hand-off costs more than it saves
 # (measured 5-10x slower with 2 threads on the 2-core CI box).
 torch.set_num_threads(1)

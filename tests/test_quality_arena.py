@@ -30,9 +30,14 @@ def _serve(arena):
     return serving(create_app(arena), threads=4, token=arena.token is not None)
 
 
-@pytest.fixture
-def served(dataset, tmp_path):
-    arena = build_arena(dataset, ArenaConfig(pool=12), ratings=tmp_path / "ratings.sqlite")
+@pytest.fixture(params=["sqlite", "postgres"])
+def served(request, dataset, tmp_path):
+    """The arena on a SQLite file, and on a real PostgreSQL server (the team option)."""
+    if request.param == "sqlite":
+        ratings = tmp_path / "ratings.sqlite"
+    else:
+        ratings = request.getfixturevalue("postgres_url")
+    arena = build_arena(dataset, ArenaConfig(pool=12), ratings=ratings)
     with _serve(arena) as url:
         yield arena, url
 

@@ -101,6 +101,21 @@ def test_export_import_and_bradley_terry(dataset, capsys, tmp_path):
     assert spearmanr(t["rating"], truth).statistic > 0.7  # votes follow the demo's scores
 
 
+def test_ratings_on_postgres_through_the_cli(dataset, capsys, tmp_path, postgres_url):
+    root, _, _ = dataset
+    local = tmp_path / "local.parquet"
+    _run(capsys, "quality", "export", str(root), str(local))
+    _run(capsys, "quality", "import", str(root), str(local), "--ratings", postgres_url)
+    team = RatingStore(postgres_url)
+    assert team.count() == RatingStore(Paths(root).ratings).count()
+    back = tmp_path / "team.parquet"
+    _run(capsys, "quality", "export", str(root), str(back), "--ratings", postgres_url)
+    assert pq.read_table(back).equals(pq.read_table(local))
+    report = json.loads(_run(capsys, "quality", "rank", str(root), "--method", "bradley-terry",
+                             "--ratings", postgres_url, "--out", str(tmp_path / "bt.parquet"), "--json"))  # fmt: skip
+    assert report["votes"] == team.count()
+
+
 def test_user_errors_are_one_line(dataset, tmp_path, capsys):
     root, _, _ = dataset
     with pytest.raises(SystemExit) as e:

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import sqlite3
+import sys
 
+import pyarrow as pa
 import pytest
 
 from bigasp.errors import DataError
 from bigasp.quality.ratings import Rating, RatingStore, labels
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def new_db(request, tmp_path):
+    """A factory of fresh, empty ratings databases: SQLite files, or PostgreSQL URLs on a real server."""
+    if request.param == "sqlite":
+        names = iter(range(100))
+        return lambda: str(tmp_path / f"r{next(names)}.sqlite")
+    server = request.getfixturevalue("postgres_server")
+    return server.new_database
 
 
 def _writer(path: str, rater: str, n: int) -> None:
@@ -17,8 +29,8 @@ def _writer(path: str, rater: str, n: int) -> None:
         store.add(f"a{k}", f"b{k}", ("left", "right", "tie")[k % 3], rater=rater)
 
 
-def test_concurrent_writers_lose_nothing(tmp_path):
-    path = tmp_path / "ratings.sqlite"
+def test_concurrent_writers_lose_nothing(new_db):
+    path = new_db()
     RatingStore(path)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_writer, args=(str(path), f"rater{i}", 40)) for i in range(4)]
@@ -33,12 +45,13 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     assert len({r.id for r in rows}) == 160
     assert {r.rater for r in rows} == {f"rater{i}" for i in range(4)}
     assert all(r.source == "human" and r.created_at for r in rows)
-    with sqlite3.connect(path) as con:
-        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    if store.dialect.name == "sqlite":
+        with sqlite3.connect(path) as con:
+            assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_add_undo_and_parameterised_sql(tmp_path):
-    store = RatingStore(tmp_path / "r.sqlite")
+def test_add_undo_and_parameterised_sql(new_db):
+    store = RatingStore(new_db())
     evil = "x'); DROP TABLE ratings; --"
     rid = store.add(evil, "b", "left", rater="ann")
     store.add("c", "d", "tie", rater="bob")
@@ -47,23 +60,29 @@ def test_add_undo_and_parameterised_sql(tmp_path):
     assert store.undo(rid, rater="ann")
     assert not store.undo(rid, rater="ann")
     assert [r.outcome for r in store.all()] == ["tie"]
+    assert store.count() == 1 and store.count("bob") == 1 and store.count(evil) == 0
+    assert store.rated_pairs() == {("c", "d")} and store.rated_images() == {"c", "d"}
     with pytest.raises(ValueError):
         store.add("a", "a", "left", rater="ann")
     with pytest.raises(ValueError):
         store.add("a", "b", "draw", rater="ann")
 
 
-def test_export_import_roundtrip(tmp_path):
-    a = RatingStore(tmp_path / "a.sqlite")
+def test_export_import_roundtrip(new_db):
+    a = RatingStore(new_db())
     a.add("x", "y", "left", rater="ann")
     a.add("y", "z", "tie", rater="bob", source="gpt4v2")
     table = a.export_table()
-    b = RatingStore(tmp_path / "b.sqlite")
+    b = RatingStore(new_db())
     assert b.import_table(table) == 2
     strip = [(r.left_id, r.right_id, r.outcome, r.rater, r.source, r.created_at) for r in b.all()]
     assert strip == [(r.left_id, r.right_id, r.outcome, r.rater, r.source, r.created_at) for r in a.all()]
     with pytest.raises(DataError, match="missing column"):
         b.import_table(table.drop_columns(["outcome"]))
+    bad = table.set_column(2, "outcome", pa.array(["left", "draw"]))
+    with pytest.raises(DataError, match="row 1"):
+        b.import_table(bad)
+    assert b.count() == 2  # all or nothing: the valid first row of the bad file was not added
 
 
 def _r(left, right, outcome):
@@ -89,3 +108,38 @@ def test_labels_average_all_judgements_of_a_pair():
     assert got[("c", "d")] == (0.5, 1)
     assert got[("e", "f")] == pytest.approx((1 / 3, 3))  # f > e twice, e > f once
     assert all(f < s for f, s in got)
+
+
+def test_postgres_url_errors_are_one_line(monkeypatch):
+    url = "postgresql://ann:hunter2@127.0.0.1:1/ratings"
+    with pytest.raises(DataError, match=r"cannot open the ratings database") as err:
+        RatingStore(url, timeout=2)
+    assert "hunter2" not in str(err.value) and "ann:***@127.0.0.1:1" in str(err.value)
+    assert "\n" not in str(err.value)
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if psycopg were not installed
+    with pytest.raises(DataError, match=r"pip install 'bigasp\[postgres\]'"):
+        RatingStore(url)
+
+
+def test_postgres_raters_need_only_table_rights_and_pg_environment(postgres_server, monkeypatch):
+    import psycopg
+
+    owner_url = postgres_server.new_database()
+    RatingStore(owner_url)  # the owner creates the table once
+    with psycopg.connect(owner_url, autocommit=True) as con:
+        con.execute("CREATE ROLE rater LOGIN")
+        con.execute("GRANT SELECT, INSERT, DELETE ON ratings TO rater")
+    database = owner_url.rsplit("/", 1)[1]
+    # Credentials and address from libpq's PG* variables; the URL names only the database.
+    monkeypatch.setenv("PGHOST", "127.0.0.1")
+    monkeypatch.setenv("PGPORT", str(postgres_server.port))
+    monkeypatch.setenv("PGUSER", "rater")
+    store = RatingStore(f"postgresql:///{database}")
+    rid = store.add("a", "b", "left", rater="ann")
+    store.add("b", "c", "tie", rater="ann")
+    assert store.undo(rid, rater="ann")
+    assert [(r.left_id, r.outcome, r.rater) for r in RatingStore(owner_url).all()] == [("b", "tie", "ann")]
+    with psycopg.connect(f"postgresql:///{database}", autocommit=True) as con:
+        assert con.execute("SELECT current_user").fetchone()[0] == "rater"
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # why the store skips its schema
+            con.execute("CREATE TABLE IF NOT EXISTS ratings (id INTEGER)")

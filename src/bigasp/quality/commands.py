@@ -21,6 +21,10 @@ quality_app = typer.Typer(
 CONFIG_HELP = "TOML file with \\[pairwise] / \\[rank] / \\[scorer] / \\[arena] tables."
 SET_HELP = "Override a key of this command's section, e.g. --set samples=20000 (repeatable)."
 DATASET_HELP = "Dataset directory (made by `bigasp ingest`, with embeddings from `bigasp annotate`)."
+RATINGS_HELP = (
+    "Ratings database: a SQLite file (default DATASET/quality/ratings.sqlite) or a team's "
+    "postgresql://user@host/db URL."
+)
 EMBED_HELP = "Model key of the embeddings to use (needed only when the dataset has several)."
 
 
@@ -51,7 +55,7 @@ def arena_cmd(
         envvar="BIGASP_ARENA_TOKEN",
         help="Shared secret raters must pass once as ?token=...; required in practice with --host.",
     ),
-    ratings: Path = typer.Option(None, help="Ratings database (default DATASET/quality/ratings.sqlite)."),
+    ratings: str = typer.Option(None, help=RATINGS_HELP),
     classifier: Path = typer.Option(
         None,
         help="Pairwise model for predictions and uncertain/flagged modes "
@@ -79,7 +83,7 @@ def train_cmd(
     clip: str = typer.Option(
         None, "--clip", help="Local CLIP folder that made the embeddings (embeds the blurred/JPEG copies)."
     ),
-    ratings: Path = typer.Option(None, help="Ratings database (default DATASET/quality/ratings.sqlite)."),
+    ratings: str = typer.Option(None, help=RATINGS_HELP),
     out: Path = typer.Option(None, help="Model file (default DATASET/quality/classifier.safetensors)."),
     embed_key: str = typer.Option(None, "--embed-key", help=EMBED_HELP),
     config: str = typer.Option(None, "--config", help=CONFIG_HELP),
@@ -112,7 +116,7 @@ def rank_cmd(
     classifier: Path = typer.Option(
         None, help="Pairwise model (default DATASET/quality/classifier.safetensors)."
     ),
-    ratings: Path = typer.Option(None, help="Ratings database, for bradley-terry."),
+    ratings: str = typer.Option(None, help=RATINGS_HELP + " Used by bradley-terry."),
     out: Path = typer.Option(None, help="Ranking file (default DATASET/quality/ranking.parquet)."),
     embed_key: str = typer.Option(None, "--embed-key", help=EMBED_HELP),
     config: str = typer.Option(None, "--config", help=CONFIG_HELP),
@@ -185,7 +189,7 @@ def score_cmd(
 def export_cmd(
     dataset: Path = typer.Argument(..., help=DATASET_HELP),
     out: Path = typer.Argument(..., help="Parquet file to write."),
-    ratings: Path = typer.Option(None, help="Ratings database (default DATASET/quality/ratings.sqlite)."),
+    ratings: str = typer.Option(None, help=RATINGS_HELP),
 ) -> None:
     """Export every rating as Parquet (left_id, right_id, outcome, rater, source, created_at)."""
     from bigasp.quality.pipeline import Paths
@@ -201,7 +205,7 @@ def export_cmd(
 def import_cmd(
     dataset: Path = typer.Argument(..., help=DATASET_HELP),
     file: Path = typer.Argument(..., help="Parquet file written by `bigasp quality export`."),
-    ratings: Path = typer.Option(None, help="Ratings database (default DATASET/quality/ratings.sqlite)."),
+    ratings: str = typer.Option(None, help=RATINGS_HELP),
 ) -> None:
     """Append the ratings of an exported Parquet file (e.g. from another rater's machine)."""
     import pyarrow.parquet as pq

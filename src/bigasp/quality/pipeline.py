@@ -103,7 +103,7 @@ def degraded_embeddings(
 
 def train(
     root: str | Path, cfg: PairwiseConfig, *, clip: str | None = None, out: Path | None = None,
-    ratings_db: Path | None = None, embed_key: str | None = None, embedder: Callable | None = None,
+    ratings_db: str | Path | None = None, embed_key: str | None = None, embedder: Callable | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Train the pairwise classifier on the dataset's ratings; returns the report."""
     from bigasp.quality.pairwise import build_examples, train_pairwise
@@ -167,7 +167,7 @@ def _sample_ids(ids: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def rank(
     root: str | Path, cfg: RankConfig, *, classifier: Path | None = None, out: Path | None = None,
-    ratings_db: Path | None = None, embed_key: str | None = None, progress: Callable[[int], None] | None = None,
+    ratings_db: str | Path | None = None, embed_key: str | None = None, progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """ELO tournament (or Bradley–Terry fit) -> ratings -> equal-width bins; writes ranking.parquet."""
     root = Path(root)

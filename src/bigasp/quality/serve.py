@@ -15,7 +15,7 @@ from bigasp.quality.ratings import RatingStore
 
 
 def build_arena(
-    dataset: str | Path, cfg: ArenaConfig, *, ratings: Path | None = None, classifier: Path | None = None,
+    dataset: str | Path, cfg: ArenaConfig, *, ratings: str | Path | None = None, classifier: Path | None = None,
     flagged: Path | None = None, embed_key: str | None = None, token: str | None = None,
 ) -> Arena:  # fmt: skip
     from bigasp.quality.pipeline import Paths
