@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+PROGRESS_HELP = "Per-step progress bars on stderr (default: on a terminal only)."
 PRESET_HELP = "Settings preset: auto (by model kind), bigasp-v2.5 (flow) or bigasp-v2 (eps)."
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -141,9 +142,13 @@ def generate(
     ),
     vae_dtype: str = typer.Option("fp32", help="VAE decode precision (fp32 avoids SDXL VAE NaNs)."),
     arch: str = typer.Option(None, help="Architecture preset of a single file, if it cannot be inferred."),
+    show_progress: bool = typer.Option(None, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """Generate images from text, sampled exactly as ComfyUI would."""
+    from bigasp import progress
     from bigasp.models.io import load_model
+
+    progress.configure(show_progress)
     from bigasp.sample.generate import Generator, save_png
 
     flags = dict(
@@ -191,8 +196,12 @@ def watch(
     size: str = typer.Option(None, help="WIDTHxHEIGHT."),
     device: str = typer.Option(None, help="cuda | cpu."),
     dtype: str = typer.Option(None, help="fp32 | fp16 | bf16."),
+    show_progress: bool = typer.Option(None, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """Sample new complete checkpoints of a training run into a side-by-side HTML gallery."""
+    from bigasp import progress
+
+    progress.configure(show_progress)
     from bigasp.errors import ConfigError
     from bigasp.sample.generate import check_device
     from bigasp.sample.prompts import parse

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from bigasp import progress
 from bigasp.config import Section
 from bigasp.errors import BigaspError, ConfigError
 from bigasp.fsutil import atomic_path
@@ -335,9 +336,15 @@ class Generator:
         if settings.sampler in STOCHASTIC:
             noise_sampler = sde_noise(x, sig, settings, len(prompts))
         pag = perturbed_attention(self.model.unet, denoiser.state) if settings.pag > 0 else nullcontext()
-        with pag:
+        with pag, progress.bar(desc=f"sampling {n} image(s)", total=len(sig) - 1) as steps:
+
+            def step_done(i: int, s: float, x_i: torch.Tensor, denoised: torch.Tensor) -> None:
+                steps.update(1)
+                if callback is not None:
+                    callback(i, s, x_i, denoised)
+
             out = run_sampler(
-                settings.sampler, denoiser, x, sig, ms=ms, noise_sampler=noise_sampler, callback=callback
+                settings.sampler, denoiser, x, sig, ms=ms, noise_sampler=noise_sampler, callback=step_done
             )
         self.last_unet_calls = denoiser.unet_calls
         # inverse_noise_scaling at sigma 0 is the identity for both kinds.

@@ -50,7 +50,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(dump_toml(cfg.model_dump(mode="json")))
             return
         from bigasp.train.distributed import shutdown
+        from bigasp.train.preflight import check_sources
         from bigasp.train.trainer import train
+
+        check_sources(cfg, resume=resume)  # before any model loads
 
         try:
             result = train(cfg, resume=resume, stop_at=stop_at, overwrite=overwrite)
