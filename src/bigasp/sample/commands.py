@@ -143,9 +143,11 @@ def generate(
     vae_dtype: str = typer.Option("fp32", help="VAE decode precision (fp32 avoids SDXL VAE NaNs)."),
     arch: str = typer.Option(None, help="Architecture preset of a single file, if it cannot be inferred."),
     show_progress: bool = typer.Option(None, "--progress/--no-progress", help=PROGRESS_HELP),
+    threads: int = typer.Option(None, min=1, help="CPU intra-op threads (default: chosen for the machine)."),
 ) -> None:
     """Generate images from text, sampled exactly as ComfyUI would."""
     from bigasp import progress
+    from bigasp import threads as thread_defaults
     from bigasp.models.io import load_model
 
     progress.configure(show_progress)
@@ -160,6 +162,7 @@ def generate(
     precheck(prompts, flags, device)
     dtypes = parse_dtype(dtype), parse_dtype(vae_dtype)
     check_out_dir(out)
+    thread_defaults.apply(device, model, threads=threads)
     m = load_model(model, preset=arch)
     settings = build_settings(m.kind, preset, **flags)
     gen = Generator(m, device, dtypes[0], vae_dtype=dtypes[1])
