@@ -358,13 +358,13 @@ def infer_preset(
         if len(configs) > 1:
             raise ModelLoadError(
                 f"{source or 'the file'} fits several presets with different configs "
-                f"({', '.join(matches)}); pass --preset to choose one."
+                f"({', '.join(matches)}); pass --arch to choose one."
             )
         return matches[0]
     raise ModelLoadError(
         f"cannot tell which SDXL architecture {source or 'the file'} is: it matches no preset\n"
         + "\n".join(report)
-        + f"\nIf it is a standard SDXL checkpoint, pass --preset sdxl-base (presets: {', '.join(PRESETS)})."
+        + f"\nIf it is a standard SDXL checkpoint, pass --arch sdxl-base (presets: {', '.join(PRESETS)})."
     )
 
 
@@ -461,7 +461,7 @@ def load_single_file(
                 raise ModelLoadError(
                     f"{path} does not match preset {preset!r} ({len(problems)} problem(s)):\n  "
                     + "\n  ".join(problems[:5])
-                    + "\nOmit --preset to let bigasp infer the architecture."
+                    + "\nOmit --arch to let bigasp infer the architecture."
                 )
         recorded = kind_from_metadata(metadata, str(path))
         if kind is not None and recorded is not None and kind != recorded:

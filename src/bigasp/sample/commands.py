@@ -122,8 +122,13 @@ def generate(
     steps: int = typer.Option(None, help="Sampling steps."),
     cfg: float = typer.Option(None, help="CFG scale (1 = no negative pass)."),
     pag: float = typer.Option(None, help="PAG scale (0 = off)."),
-    sampler: str = typer.Option(None, help="euler | dpmpp_2m | dpmpp_2m_sde | dpmpp_3m_sde"),
-    scheduler: str = typer.Option(None, help="normal | simple | sgm_uniform | beta | karras | exponential"),
+    sampler: str = typer.Option(
+        None,
+        help="euler | dpmpp_2m | dpmpp_2m_sde | dpmpp_3m_sde (A1111 names like 'DPM++ 2M SDE' work too).",
+    ),
+    scheduler: str = typer.Option(
+        None, help="normal | simple | sgm_uniform | beta | karras | exponential (any case, 'SGM Uniform')."
+    ),
     shift: float = typer.Option(None, help="Flow shift (ComfyUI ModelSamplingSD3); default from the model."),
     prediction: str = typer.Option(None, help="Override model kind: eps or flow."),
     size: str = typer.Option(None, help="WIDTHxHEIGHT, multiples of 8 (64 recommended); default 832x1216."),

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bigasp import progress
 from bigasp.config import Section
@@ -35,6 +35,7 @@ from bigasp.models.components import SDXL, ModelKind
 from bigasp.sample.embeddings import EmbeddingLibrary
 from bigasp.sample.guidance import Conditioning, GuidedDenoiser, perturbed_attention
 from bigasp.sample.model_sampling import max_denoise, model_sampling
+from bigasp.sample.names import SAMPLER_DISPLAY, SCHEDULER_DISPLAY, normalize_sampler, normalize_scheduler
 from bigasp.sample.prompts import encode_weighted, prompt_chunks
 from bigasp.sample.samplers import (
     STOCHASTIC,
@@ -92,8 +93,13 @@ class GenerateSettings(Section):
         allow_inf_nan=False,
         description="Perturbed-Attention Guidance scale; 0 disables it.",
     )
-    sampler: SamplerName = Field("euler", description="ComfyUI sampler name.")
-    scheduler: SchedulerName = Field("beta", description="ComfyUI scheduler name.")
+    sampler: SamplerName = Field(
+        "euler", description="ComfyUI sampler name; A1111 spellings (`DPM++ 2M SDE`, `Euler`) are accepted."
+    )
+    scheduler: SchedulerName = Field(
+        "beta",
+        description="ComfyUI scheduler name; A1111 schedule types (`Karras`, `SGM Uniform`) are accepted.",
+    )
     shift: float | None = Field(
         None,
         gt=0,
@@ -135,6 +141,16 @@ class GenerateSettings(Section):
         description="SDE noise: torchsde's Brownian tree seeded with `seed` (ComfyUI's default), or "
         "i.i.d. normal. Either way one prompt's images never depend on the other prompts in a call.",
     )
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _sampler_spelling(cls, value: Any) -> Any:
+        return normalize_sampler(value) if isinstance(value, str) else value
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_spelling(cls, value: Any) -> Any:
+        return normalize_scheduler(value) if isinstance(value, str) else value
 
     def check(self) -> None:
         """Raise a ConfigError for settings that cannot produce an image."""
@@ -396,20 +412,8 @@ class Generator:
 
 # -- PNG metadata --------------------------------------------------------------------------
 
-SAMPLER_NAMES = {
-    "euler": "Euler",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_3m_sde": "DPM++ 3M SDE",
-}
-SCHEDULE_NAMES = {
-    "normal": "Normal",
-    "simple": "Simple",
-    "sgm_uniform": "SGM Uniform",
-    "beta": "Beta",
-    "karras": "Karras",
-    "exponential": "Exponential",
-}
+SAMPLER_NAMES = SAMPLER_DISPLAY
+SCHEDULE_NAMES = SCHEDULER_DISPLAY
 JSON_KEY = "bigasp"
 
 
