@@ -149,6 +149,11 @@ def generate(
     arch: str = typer.Option(None, help="Architecture preset of a single file, if it cannot be inferred."),
     show_progress: bool = typer.Option(None, "--progress/--no-progress", help=PROGRESS_HELP),
     threads: int = typer.Option(None, min=1, help="CPU intra-op threads (default: chosen for the machine)."),
+    lora: list[str] = typer.Option(
+        None,
+        "--lora",
+        help="FILE[:WEIGHT] SDXL LoRA (kohya or diffusers .safetensors), merged at WEIGHT (default 1); repeatable.",
+    ),
 ) -> None:
     """Generate images from text, sampled exactly as ComfyUI would."""
     from bigasp import progress
@@ -167,8 +172,11 @@ def generate(
     precheck(prompts, flags, device)
     dtypes = parse_dtype(dtype), parse_dtype(vae_dtype)
     check_out_dir(out)
+    from bigasp.sample.lora import apply_loras, parse_lora
+
+    loras = [parse_lora(text) for text in lora or []]
     thread_defaults.apply(device, model, threads=threads)
-    m = load_model(model, preset=arch)
+    m = apply_loras(load_model(model, preset=arch), loras)
     settings = build_settings(m.kind, preset, **flags)
     gen = Generator(m, device, dtypes[0], vae_dtype=dtypes[1])
     images = gen.generate(prompts, settings)
