@@ -172,3 +172,10 @@ def test_cli_generate_with_lora_changes_the_image(tmp_path):
 
     assert np.array_equal(px("plain"), px("zero"))
     assert np.abs(px("plain") - px("lora")).max() > 0
+    from bigasp.sample import read_png_metadata
+
+    png = next((tmp_path / "lora").glob("*.png"))
+    meta = read_png_metadata(png)
+    assert meta["model"]["loras"] == [{"file": str(lora), "weight": 1.0}, {"file": str(lora), "weight": 0.5}]
+    assert 'LoRA: "k: 1, k: 0.5"' in Image.open(png).text["parameters"]
+    assert "loras" not in read_png_metadata(next((tmp_path / "plain").glob("*.png")))["model"]

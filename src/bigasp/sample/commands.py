@@ -178,7 +178,7 @@ def generate(
     thread_defaults.apply(device, model, threads=threads)
     m = apply_loras(load_model(model, preset=arch), loras)
     settings = build_settings(m.kind, preset, **flags)
-    gen = Generator(m, device, dtypes[0], vae_dtype=dtypes[1])
+    gen = Generator(m, device, dtypes[0], vae_dtype=dtypes[1], loras=[(str(x.path), x.weight) for x in loras])
     images = gen.generate(prompts, settings)
     for k, im in enumerate(images):
         p, j = divmod(k, settings.batch)

@@ -276,7 +276,10 @@ class Generator:
         dtype: torch.dtype | None = None,
         *,
         vae_dtype: torch.dtype = torch.float32,
+        loras: Sequence[tuple[str, float]] = (),
     ) -> None:
+        """`loras`: (file, weight) of the LoRAs already merged into `model`, for the PNG metadata."""
+        self.loras = [(str(f), float(w)) for f, w in loras]
         missing = [c for c in SDXL.COMPONENTS if getattr(model, c) is None]
         if missing:
             raise ConfigError(
@@ -405,7 +408,9 @@ class Generator:
         out = []
         for p, ims in zip(prompts, images, strict=True):
             for j, im in enumerate(ims):
-                im.info.update(png_metadata(p, settings, kind, self.model.source, batch_index=j))
+                im.info.update(
+                    png_metadata(p, settings, kind, self.model.source, batch_index=j, loras=self.loras)
+                )
                 out.append(im)
         return out
 
@@ -417,7 +422,14 @@ SCHEDULE_NAMES = SCHEDULER_DISPLAY
 JSON_KEY = "bigasp"
 
 
-def parameters_text(prompt: str, s: GenerateSettings, kind: ModelKind, source: str, batch_index: int) -> str:
+def parameters_text(
+    prompt: str,
+    s: GenerateSettings,
+    kind: ModelKind,
+    source: str,
+    batch_index: int,
+    loras: Sequence[tuple[str, float]] = (),
+) -> str:
     """A1111's `parameters` format: prompt, `Negative prompt:` line, `Key: value` line."""
     fields = [
         ("Steps", s.steps),
@@ -435,23 +447,33 @@ def parameters_text(prompt: str, s: GenerateSettings, kind: ModelKind, source: s
     fields += [("Prediction", kind.prediction)]
     if kind.prediction == "flow":
         fields.append(("Shift", kind.shift))
+    if loras:
+        fields.append(("LoRA", '"' + ", ".join(f"{Path(f).stem}: {w:g}" for f, w in loras) + '"'))
     fields += [("Emphasis", s.syntax), ("Version", f"bigasp {_version()}")]
     line = ", ".join(f"{k}: {v}" for k, v in fields)
     return f"{prompt}\nNegative prompt: {s.negative}\n{line}"
 
 
 def png_metadata(
-    prompt: str, s: GenerateSettings, kind: ModelKind, source: str, batch_index: int = 0
+    prompt: str,
+    s: GenerateSettings,
+    kind: ModelKind,
+    source: str,
+    batch_index: int = 0,
+    loras: Sequence[tuple[str, float]] = (),
 ) -> dict:
+    model: dict[str, Any] = {"source": source, "kind": kind.to_json()}
+    if loras:
+        model["loras"] = [{"file": f, "weight": w} for f, w in loras]
     payload = {
         "prompt": prompt,
         "settings": s.model_dump(mode="json"),
-        "model": {"source": source, "kind": kind.to_json()},
+        "model": model,
         "batch_index": batch_index,
         "version": _version(),
     }
     return {
-        "parameters": parameters_text(prompt, s, kind, source, batch_index),
+        "parameters": parameters_text(prompt, s, kind, source, batch_index, loras),
         JSON_KEY: json.dumps(payload, sort_keys=True),
     }
 
