@@ -163,7 +163,7 @@ def test_shape_mismatch_names_the_key_and_suggests_preset(distinct_model, tmp_pa
     tensors["model.diffusion_model.out.2.weight"] = torch.zeros(8, 32, 3, 3)
     path = tmp_path / "odd.safetensors"
     save_file(tensors, str(path))
-    with pytest.raises(ModelLoadError, match="--preset") as err:
+    with pytest.raises(ModelLoadError, match="--arch") as err:
         load_single_file(path, ["unet"])
     assert "model.diffusion_model.out.2.weight" in str(err.value)
     with pytest.raises(ModelLoadError, match="does not match preset 'tiny'"):
@@ -339,7 +339,7 @@ def test_presets_with_equal_shapes_but_different_configs_are_ambiguous(tiny_file
         "_config_sans_meta",
         lambda p, c: {**real_config("tiny", c), **twin_config} if p == twin else real_config(p, c),
     )
-    with pytest.raises(ModelLoadError, match=r"fits several presets.*tiny-twin.*--preset"):
+    with pytest.raises(ModelLoadError, match=r"fits several presets.*tiny-twin.*--arch"):
         load_single_file(tiny_file, ["unet"])
     assert load_single_file(tiny_file, ["unet"], preset="tiny").unet is not None
 

@@ -93,6 +93,11 @@ def atomic_path(final: str | os.PathLike, *, durable: bool = True) -> Iterator[P
         if durable:
             fsync_file(tmp)
         os.replace(tmp, final)
+    except OSError as err:
+        # The temp file is gone once we leave: name the file the user asked for instead.
+        if tmp.name in str(err.filename) or tmp.name in str(err.filename2):
+            raise type(err)(err.errno, f"{err.strerror} (writing {final})", str(final)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

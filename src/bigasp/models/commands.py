@@ -14,7 +14,10 @@ def info(
     model: str = typer.Argument(
         ..., help="Preset name (tiny, sdxl-base), diffusers folder or single .safetensors."
     ),
-    preset: str = typer.Option(None, help="Architecture preset of a single file, if it cannot be inferred."),
+    arch: str = typer.Option(
+        None, "--arch", help="Architecture preset of a single file, if it cannot be inferred."
+    ),
+    preset: str = typer.Option(None, "--preset", hidden=True, help="Deprecated spelling of --arch."),
 ) -> None:
     """Print the model kind and each component's parameter count.
 
@@ -33,7 +36,11 @@ def info(
     from bigasp.models.presets import PRESETS, build_preset
 
     # A preset is only shapes: build it on the meta device so `info sdxl-base` needs no 14 GB.
-    m = build_preset(model, device="meta") if model in PRESETS else load_model(model, preset=preset)
+    m = (
+        build_preset(model, device="meta")
+        if model in PRESETS
+        else load_model(model, preset=_arch(arch, preset))
+    )
     out = {"source": m.source, "kind": m.kind.to_json(), "components": {}}
     for name, mod in m.modules().items():
         params = sum(p.numel() for p in mod.parameters())
@@ -57,7 +64,26 @@ def _with_kind(m, prediction: str | None, shift: float | None):
 
 _PREDICTION_HELP = "Record the model kind: eps or flow (default: from the source, else eps)."
 _SHIFT_HELP = "Record the flow shift (default: from the source, else 1.0)."
-_PRESET_HELP = "Architecture preset of a single file, if it cannot be inferred."
+_ARCH_HELP = "Architecture preset of a single file, if it cannot be inferred."
+
+
+def _arch(arch: str | None, preset: str | None) -> str | None:
+    """--arch names the architecture; --preset, its old spelling here, is accepted with a warning
+    (in `generate`/`watch` --preset is the sampler-settings preset)."""
+    import logging
+
+    if preset is None:
+        return arch
+    from bigasp.errors import ConfigError
+
+    if arch is not None and arch != preset:
+        raise ConfigError(f"--preset {preset!r} and --arch {arch!r} disagree; pass only --arch")
+    logging.getLogger(__name__).warning(
+        "--preset is deprecated in `bigasp model` commands: use --arch %s (--preset means the "
+        "sampler-settings preset in generate/watch)",
+        preset,
+    )
+    return preset
 
 
 @model_app.command("save")
@@ -66,14 +92,15 @@ def save(
     out: str = typer.Argument(..., help="Destination diffusers folder."),
     prediction: str = typer.Option(None, help=_PREDICTION_HELP),
     shift: float = typer.Option(None, help=_SHIFT_HELP),
-    preset: str = typer.Option(None, help=_PRESET_HELP),
+    arch: str = typer.Option(None, "--arch", help=_ARCH_HELP),
+    preset: str = typer.Option(None, "--preset", hidden=True, help="Deprecated spelling of --arch."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it already holds files."),
 ) -> None:
     """Save any model source as a diffusers folder with its model kind recorded."""
     from bigasp.models.io import load_model, save_diffusers_folder
 
     _refuse_existing(out, force)
-    m = _with_kind(load_model(model, preset=preset), prediction, shift)
+    m = _with_kind(load_model(model, preset=_arch(arch, preset)), prediction, shift)
     path = _replace_folder(out, lambda tmp: save_diffusers_folder(m, tmp))
     typer.echo(f"saved {path} ({m.kind.prediction}, shift {m.kind.shift})")
 
@@ -121,7 +148,8 @@ def export(
     out: str = typer.Argument(..., help="Destination single file, e.g. my_model.safetensors."),
     prediction: str = typer.Option(None, help=_PREDICTION_HELP),
     shift: float = typer.Option(None, help=_SHIFT_HELP),
-    preset: str = typer.Option(None, help=_PRESET_HELP),
+    arch: str = typer.Option(None, "--arch", help=_ARCH_HELP),
+    preset: str = typer.Option(None, "--preset", hidden=True, help="Deprecated spelling of --arch."),
     dtype: str = typer.Option(
         "fp16", "--dtype", help="Tensor dtype of the file: fp16 (as SDXL files are shared), bf16 or fp32."
     ),
@@ -148,7 +176,7 @@ def export(
     from bigasp.models.single_file import save_single_file
 
     _refuse_existing(out, force)
-    m = _with_kind(load_model(model, preset=preset), prediction, shift)
+    m = _with_kind(load_model(model, preset=_arch(arch, preset)), prediction, shift)
     path = save_single_file(m, out, dtype=EXPORT_DTYPES[dtype])
     typer.echo(f"exported {path} ({m.kind.prediction}, shift {m.kind.shift}, {dtype})")
     if workflow and m.kind.prediction == "flow":

@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from bigasp import progress
 from bigasp.errors import ModelLoadError
 from bigasp.fsutil import usual_mode
 from bigasp.models.components import SDXL, ModelKind
@@ -98,6 +99,7 @@ def load_model(
     """
     components = tuple(components)
     spec_str = str(spec)
+    progress.quiet_libraries()
     if spec_str in PRESETS:
         return build_preset(spec_str, components, seed=seed, kind=kind)
     path = Path(spec_str).expanduser()
@@ -124,7 +126,7 @@ def load_model(
 
 def load_diffusers_folder(path: Path, components: Iterable[str], *, kind: ModelKind | None = None) -> SDXL:
     model = SDXL(kind=kind or ModelKind.load(path) or ModelKind(), source=str(path))
-    for comp in components:
+    for comp in progress.bar(components, desc=f"loading {path.name}", unit="part"):
         sub = path / comp
         if not sub.is_dir():
             hint = incomplete_checkpoint(path)
@@ -164,6 +166,7 @@ def save_diffusers_folder(
     """
     from bigasp.text.tokenizer import tokenizer_dir, write_slow_tokenizer_files
 
+    progress.quiet_libraries()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     index: dict[str, object] = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.31.0"}

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from bigasp import progress
 from bigasp.errors import ModelLoadError
 from bigasp.fsutil import atomic_path
 from bigasp.models.components import SDXL, ModelKind
@@ -286,11 +287,12 @@ def save_single_file(model: SDXL, path: str | os.PathLike, *, dtype: torch.dtype
     if not model.modules():
         raise ModelLoadError("nothing to export: the model holds no components")
     out.parent.mkdir(parents=True, exist_ok=True)
+    state = ldm_state_dict(model)
     tensors = {
         k: v.detach()
         .to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
         .contiguous()
-        for k, v in ldm_state_dict(model).items()
+        for k, v in progress.bar(state.items(), desc=f"exporting {out.name}", total=len(state), unit="tensor")
     }
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=file_metadata(model))
@@ -356,13 +358,13 @@ def infer_preset(
         if len(configs) > 1:
             raise ModelLoadError(
                 f"{source or 'the file'} fits several presets with different configs "
-                f"({', '.join(matches)}); pass --preset to choose one."
+                f"({', '.join(matches)}); pass --arch to choose one."
             )
         return matches[0]
     raise ModelLoadError(
         f"cannot tell which SDXL architecture {source or 'the file'} is: it matches no preset\n"
         + "\n".join(report)
-        + f"\nIf it is a standard SDXL checkpoint, pass --preset sdxl-base (presets: {', '.join(PRESETS)})."
+        + f"\nIf it is a standard SDXL checkpoint, pass --arch sdxl-base (presets: {', '.join(PRESETS)})."
     )
 
 
@@ -459,7 +461,7 @@ def load_single_file(
                 raise ModelLoadError(
                     f"{path} does not match preset {preset!r} ({len(problems)} problem(s)):\n  "
                     + "\n  ".join(problems[:5])
-                    + "\nOmit --preset to let bigasp infer the architecture."
+                    + "\nOmit --arch to let bigasp infer the architecture."
                 )
         recorded = kind_from_metadata(metadata, str(path))
         if kind is not None and recorded is not None and kind != recorded:
@@ -467,7 +469,7 @@ def load_single_file(
         model = SDXL(kind=kind or recorded or ModelKind(), source=str(path))
         with tempfile.TemporaryDirectory(prefix="bigasp-config-") as cfg_dir:
             _write_configs(Path(cfg_dir), preset, components)
-            for comp in components:
+            for comp in progress.bar(components, desc=f"loading {path.name}", unit="part"):
                 wanted = _expected_shapes(preset, comp)
                 sd = {k: f.get_tensor(k) for k in wanted}
                 module = _diffusers_loader(comp)(sd, str(Path(cfg_dir, comp)))

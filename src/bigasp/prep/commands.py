@@ -64,6 +64,12 @@ def ingest_cmd(
     retry_rejects: bool = typer.Option(
         None, "--retry-rejects", help="Examine every earlier reject again, even if nothing changed."
     ),
+    txt_tags: str = typer.Option(
+        None, help="Read NAME.txt as: caption (default), tags (comma-separated list) or auto (see docs)."
+    ),
+    kohya_repeats: str = typer.Option(
+        None, help="kohya N_name folders -> source name + repeats: auto (default), on or off."
+    ),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -85,6 +91,8 @@ def ingest_cmd(
             max_file_size=max_file_size,
             prune=prune,
             retry_rejects=retry_rejects,
+            txt_tags=txt_tags,
+            kohya_repeats=kohya_repeats,
             progress=progress,
         ),
     )

@@ -66,6 +66,18 @@ class IngestConfig(Section):
         description="Examine again every earlier reject of the scanned sources, even if neither the file, its "
         "sidecars nor the settings its reason depends on changed.",
     )
+    txt_tags: Literal["caption", "tags", "auto"] = Field(
+        "caption",
+        description="How `name.txt` sidecars are read: caption; tags (a comma-separated tag list, as "
+        "kohya's WD14 tagger writes); auto = tags when the text is one line of at least 3 comma-separated "
+        "items of at most 4 words and 48 characters each with no sentence ending (. ! ?), else a caption.",
+    )
+    kohya_repeats: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="kohya `N_name` subfolders of a source folder: the image's source = name (unless a "
+        "sidecar sets one) and `repeats` = N in `extra`. auto = when every subfolder of the source folder "
+        "is named N_name; on = for every N_name subfolder; off = never.",
+    )
     progress: bool = Field(True, description="Show a progress bar with images/s.")
 
 

@@ -40,6 +40,7 @@ from bigasp.buckets import BucketConfig, BucketSet
 from bigasp.errors import DataError
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
+from bigasp.prep.kohya import folder_repeats, reading_key
 from bigasp.prep.sidecar import parse_sidecars
 from bigasp.prep.sources import CHUNK, LIST_EXT, Item, printable, resolve_source, scan
 from bigasp.store import layout
@@ -123,6 +124,14 @@ class IngestSummary:
         }
 
 
+def item_key(item: Item, cfg: IngestConfig) -> str:
+    """What must stay equal for an earlier result of `item` to be reused: its files' change key and
+    how they are read (the .txt as tags, kohya folder repeats)."""
+    return reading_key(
+        item.change_key, cfg.txt_tags, folder_repeats(item.path, item.origin, cfg.kohya_repeats)
+    )
+
+
 def _reject_row(item: Item, reason: str, detail: str, cfg: IngestConfig) -> dict[str, Any]:
     return {
         "path": item.path,
@@ -133,7 +142,7 @@ def _reject_row(item: Item, reason: str, detail: str, cfg: IngestConfig) -> dict
         "id": None,
         "stage": "ingest",
         "origin": item.origin,
-        "change_key": item.change_key,
+        "change_key": item_key(item, cfg),
         "settings": reason_settings(reason, cfg),
     }
 
@@ -222,7 +231,7 @@ def _examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, di
             f"{info.width}x{info.height} is smaller than its bucket {b.width}x{b.height} (--allow-upscale keeps it)",
         )
     try:
-        txt, js = _sidecar(item.txt), _sidecar(item.json)
+        txt, js, caption = _sidecar(item.txt), _sidecar(item.json), _sidecar(item.caption)
     except OSError as err:
         raise Reject("bad_sidecar", f"cannot read sidecar: {err}") from None
     ann = parse_sidecars(
@@ -230,11 +239,18 @@ def _examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, di
         js,
         txt_name=printable(item.txt.file) if item.txt else "",
         json_name=printable(item.json.file) if item.json else "",
+        caption=caption,
+        caption_name=printable(item.caption.file) if item.caption else "",
+        txt_tags=cfg.txt_tags,
     )
+    group = folder_repeats(item.path, item.origin, cfg.kohya_repeats)
+    if group is not None:
+        ann.source = ann.source if ann.source is not None else group[0]
+        ann.extra.setdefault("repeats", group[1])
     row = {
         "path": item.path,
         "origin": item.origin,
-        "change_key": item.change_key,
+        "change_key": item_key(item, cfg),
         "id": iid,
         "tar_offset": item.data.offset,
         "file_size": item.data.size,
@@ -598,7 +614,7 @@ def ingest(
                 summary.scanned += 1
                 d = _digest(item.path)
                 seen.add(d)
-                key = item.change_key
+                key = item_key(item, cfg)
                 if (d in known.accepted and known.accepted[d] == key) or (
                     d in known.rejected and unchanged_reject(known.rejected[d], key)
                 ):

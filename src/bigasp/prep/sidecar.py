@@ -1,4 +1,5 @@
-"""Sidecar metadata next to an image: `name.txt` (a caption) and `name.json`.
+"""Sidecar metadata next to an image: `name.txt` (a caption, or a tag list), kohya's
+`name.caption` (a caption) and `name.json`.
 
 JSON keys we interpret (all optional): `caption` (string or list), `captions` (list), `tags`
 (list or comma-separated string), `score` (integer 0..9), `source` (string), `watermark`
@@ -94,15 +95,32 @@ def _text(value: str, key: str, name: str) -> str:
 
 
 def parse_sidecars(
-    txt: bytes | None, js: bytes | None, *, txt_name: str = "", json_name: str = ""
+    txt: bytes | None,
+    js: bytes | None,
+    *,
+    txt_name: str = "",
+    json_name: str = "",
+    caption: bytes | None = None,
+    caption_name: str = "",
+    txt_tags: str = "caption",
 ) -> Annotations:
+    """`txt_tags`: how `name.txt` is read: caption, tags (a comma-separated tag list) or auto
+    (tags when `kohya.looks_like_tags`). kohya's `name.caption` is always a caption."""
+    from bigasp.prep.kohya import looks_like_tags, split_tags
+
     out = Annotations()
-    if txt is not None:
+    for raw_text, name, as_tags in ((txt, txt_name, txt_tags), (caption, caption_name, "caption")):
+        if raw_text is None:
+            continue
         try:
-            text = txt.decode("utf-8-sig").strip()
+            text = raw_text.decode("utf-8-sig").strip()
         except UnicodeDecodeError as err:
-            raise _bad(txt_name, f"not UTF-8 text ({err})") from None
-        if text:
+            raise _bad(name, f"not UTF-8 text ({err})") from None
+        if not text:
+            continue
+        if as_tags == "tags" or (as_tags == "auto" and looks_like_tags(text)):
+            out.tags = split_tags(text)
+        else:
             out.captions.append(text)
     if js is None:
         return out

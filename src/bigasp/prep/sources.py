@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bigasp.errors import DataError
 
-SIDECAR_EXT = (".txt", ".json")
+SIDECAR_EXT = (".txt", ".json", ".caption")  # .caption: kohya's caption files
 LIST_EXT = (".txt", ".lst", ".list")
 CHUNK = 1 << 20
 
@@ -97,6 +97,7 @@ class Item:
     error: str = ""  # why, when missing or problem
     origin: str = ""  # the ingest source (folder, tar or list) this item was found through
     problem: str = ""  # a reject reason found while scanning (not_a_file, bad_filename, truncated ...)
+    caption: Ref | None = None  # kohya's `name.caption` sidecar, read like `name.txt`
 
     @functools.cached_property
     def change_key(self) -> str:
@@ -105,6 +106,8 @@ class Item:
         parts = [self.data.size, self.mtime, self.data.offset, self.missing, self.problem]
         for s in (self.txt, self.json):
             parts += [None, None] if s is None else [s.size, s.mtime]
+        if self.caption is not None:  # only then: keys of datasets without .caption files stay as they were
+            parts += [self.caption.size, self.caption.mtime]
         return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
 
 
@@ -218,6 +221,7 @@ def scan_folder(root: Path, origin: str = "") -> Iterator[Item]:
                 side.get(".txt"),
                 side.get(".json"),
                 origin=origin,
+                caption=side.get(".caption"),
             )
 
 
@@ -308,6 +312,7 @@ def scan_tar(path: Path, origin: str = "") -> Iterator[Item]:
             side.get(".txt"),
             side.get(".json"),
             origin=origin,
+            caption=side.get(".caption"),
         )
     if stopped:
         yield _problem(
@@ -357,7 +362,13 @@ def _single(p: Path, origin: str) -> Item:
         except OSError:
             continue
     return Item(
-        str(p), Ref(str(p), None, st.st_size), st.st_mtime, side.get(".txt"), side.get(".json"), origin=origin
+        str(p),
+        Ref(str(p), None, st.st_size),
+        st.st_mtime,
+        side.get(".txt"),
+        side.get(".json"),
+        origin=origin,
+        caption=side.get(".caption"),
     )
 
 

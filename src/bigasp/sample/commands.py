@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+PROGRESS_HELP = "Per-step progress bars on stderr (default: on a terminal only)."
 PRESET_HELP = "Settings preset: auto (by model kind), bigasp-v2.5 (flow) or bigasp-v2 (eps)."
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -121,8 +122,13 @@ def generate(
     steps: int = typer.Option(None, help="Sampling steps."),
     cfg: float = typer.Option(None, help="CFG scale (1 = no negative pass)."),
     pag: float = typer.Option(None, help="PAG scale (0 = off)."),
-    sampler: str = typer.Option(None, help="euler | dpmpp_2m | dpmpp_2m_sde | dpmpp_3m_sde"),
-    scheduler: str = typer.Option(None, help="normal | simple | sgm_uniform | beta | karras | exponential"),
+    sampler: str = typer.Option(
+        None,
+        help="euler | dpmpp_2m | dpmpp_2m_sde | dpmpp_3m_sde (A1111 names like 'DPM++ 2M SDE' work too).",
+    ),
+    scheduler: str = typer.Option(
+        None, help="normal | simple | sgm_uniform | beta | karras | exponential (any case, 'SGM Uniform')."
+    ),
     shift: float = typer.Option(None, help="Flow shift (ComfyUI ModelSamplingSD3); default from the model."),
     prediction: str = typer.Option(None, help="Override model kind: eps or flow."),
     size: str = typer.Option(None, help="WIDTHxHEIGHT, multiples of 8 (64 recommended); default 832x1216."),
@@ -141,9 +147,20 @@ def generate(
     ),
     vae_dtype: str = typer.Option("fp32", help="VAE decode precision (fp32 avoids SDXL VAE NaNs)."),
     arch: str = typer.Option(None, help="Architecture preset of a single file, if it cannot be inferred."),
+    show_progress: bool = typer.Option(None, "--progress/--no-progress", help=PROGRESS_HELP),
+    threads: int = typer.Option(None, min=1, help="CPU intra-op threads (default: chosen for the machine)."),
+    lora: list[str] = typer.Option(
+        None,
+        "--lora",
+        help="FILE[:WEIGHT] SDXL LoRA (kohya or diffusers .safetensors), merged at WEIGHT (default 1); repeatable.",
+    ),
 ) -> None:
     """Generate images from text, sampled exactly as ComfyUI would."""
+    from bigasp import progress
+    from bigasp import threads as thread_defaults
     from bigasp.models.io import load_model
+
+    progress.configure(show_progress)
     from bigasp.sample.generate import Generator, save_png
 
     flags = dict(
@@ -155,9 +172,13 @@ def generate(
     precheck(prompts, flags, device)
     dtypes = parse_dtype(dtype), parse_dtype(vae_dtype)
     check_out_dir(out)
-    m = load_model(model, preset=arch)
+    from bigasp.sample.lora import apply_loras, parse_lora
+
+    loras = [parse_lora(text) for text in lora or []]
+    thread_defaults.apply(device, model, threads=threads)
+    m = apply_loras(load_model(model, preset=arch), loras)
     settings = build_settings(m.kind, preset, **flags)
-    gen = Generator(m, device, dtypes[0], vae_dtype=dtypes[1])
+    gen = Generator(m, device, dtypes[0], vae_dtype=dtypes[1], loras=[(str(x.path), x.weight) for x in loras])
     images = gen.generate(prompts, settings)
     for k, im in enumerate(images):
         p, j = divmod(k, settings.batch)
@@ -191,8 +212,12 @@ def watch(
     size: str = typer.Option(None, help="WIDTHxHEIGHT."),
     device: str = typer.Option(None, help="cuda | cpu."),
     dtype: str = typer.Option(None, help="fp32 | fp16 | bf16."),
+    show_progress: bool = typer.Option(None, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """Sample new complete checkpoints of a training run into a side-by-side HTML gallery."""
+    from bigasp import progress
+
+    progress.configure(show_progress)
     from bigasp.errors import ConfigError
     from bigasp.sample.generate import check_device
     from bigasp.sample.prompts import parse

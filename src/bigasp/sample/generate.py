@@ -25,8 +25,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from bigasp import progress
 from bigasp.config import Section
 from bigasp.errors import BigaspError, ConfigError
 from bigasp.fsutil import atomic_path
@@ -34,6 +35,7 @@ from bigasp.models.components import SDXL, ModelKind
 from bigasp.sample.embeddings import EmbeddingLibrary
 from bigasp.sample.guidance import Conditioning, GuidedDenoiser, perturbed_attention
 from bigasp.sample.model_sampling import max_denoise, model_sampling
+from bigasp.sample.names import SAMPLER_DISPLAY, SCHEDULER_DISPLAY, normalize_sampler, normalize_scheduler
 from bigasp.sample.prompts import encode_weighted, prompt_chunks
 from bigasp.sample.samplers import (
     STOCHASTIC,
@@ -91,8 +93,13 @@ class GenerateSettings(Section):
         allow_inf_nan=False,
         description="Perturbed-Attention Guidance scale; 0 disables it.",
     )
-    sampler: SamplerName = Field("euler", description="ComfyUI sampler name.")
-    scheduler: SchedulerName = Field("beta", description="ComfyUI scheduler name.")
+    sampler: SamplerName = Field(
+        "euler", description="ComfyUI sampler name; A1111 spellings (`DPM++ 2M SDE`, `Euler`) are accepted."
+    )
+    scheduler: SchedulerName = Field(
+        "beta",
+        description="ComfyUI scheduler name; A1111 schedule types (`Karras`, `SGM Uniform`) are accepted.",
+    )
     shift: float | None = Field(
         None,
         gt=0,
@@ -134,6 +141,16 @@ class GenerateSettings(Section):
         description="SDE noise: torchsde's Brownian tree seeded with `seed` (ComfyUI's default), or "
         "i.i.d. normal. Either way one prompt's images never depend on the other prompts in a call.",
     )
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _sampler_spelling(cls, value: Any) -> Any:
+        return normalize_sampler(value) if isinstance(value, str) else value
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_spelling(cls, value: Any) -> Any:
+        return normalize_scheduler(value) if isinstance(value, str) else value
 
     def check(self) -> None:
         """Raise a ConfigError for settings that cannot produce an image."""
@@ -259,7 +276,10 @@ class Generator:
         dtype: torch.dtype | None = None,
         *,
         vae_dtype: torch.dtype = torch.float32,
+        loras: Sequence[tuple[str, float]] = (),
     ) -> None:
+        """`loras`: (file, weight) of the LoRAs already merged into `model`, for the PNG metadata."""
+        self.loras = [(str(f), float(w)) for f, w in loras]
         missing = [c for c in SDXL.COMPONENTS if getattr(model, c) is None]
         if missing:
             raise ConfigError(
@@ -335,9 +355,15 @@ class Generator:
         if settings.sampler in STOCHASTIC:
             noise_sampler = sde_noise(x, sig, settings, len(prompts))
         pag = perturbed_attention(self.model.unet, denoiser.state) if settings.pag > 0 else nullcontext()
-        with pag:
+        with pag, progress.bar(desc=f"sampling {n} image(s)", total=len(sig) - 1) as steps:
+
+            def step_done(i: int, s: float, x_i: torch.Tensor, denoised: torch.Tensor) -> None:
+                steps.update(1)
+                if callback is not None:
+                    callback(i, s, x_i, denoised)
+
             out = run_sampler(
-                settings.sampler, denoiser, x, sig, ms=ms, noise_sampler=noise_sampler, callback=callback
+                settings.sampler, denoiser, x, sig, ms=ms, noise_sampler=noise_sampler, callback=step_done
             )
         self.last_unet_calls = denoiser.unet_calls
         # inverse_noise_scaling at sigma 0 is the identity for both kinds.
@@ -382,31 +408,28 @@ class Generator:
         out = []
         for p, ims in zip(prompts, images, strict=True):
             for j, im in enumerate(ims):
-                im.info.update(png_metadata(p, settings, kind, self.model.source, batch_index=j))
+                im.info.update(
+                    png_metadata(p, settings, kind, self.model.source, batch_index=j, loras=self.loras)
+                )
                 out.append(im)
         return out
 
 
 # -- PNG metadata --------------------------------------------------------------------------
 
-SAMPLER_NAMES = {
-    "euler": "Euler",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_3m_sde": "DPM++ 3M SDE",
-}
-SCHEDULE_NAMES = {
-    "normal": "Normal",
-    "simple": "Simple",
-    "sgm_uniform": "SGM Uniform",
-    "beta": "Beta",
-    "karras": "Karras",
-    "exponential": "Exponential",
-}
+SAMPLER_NAMES = SAMPLER_DISPLAY
+SCHEDULE_NAMES = SCHEDULER_DISPLAY
 JSON_KEY = "bigasp"
 
 
-def parameters_text(prompt: str, s: GenerateSettings, kind: ModelKind, source: str, batch_index: int) -> str:
+def parameters_text(
+    prompt: str,
+    s: GenerateSettings,
+    kind: ModelKind,
+    source: str,
+    batch_index: int,
+    loras: Sequence[tuple[str, float]] = (),
+) -> str:
     """A1111's `parameters` format: prompt, `Negative prompt:` line, `Key: value` line."""
     fields = [
         ("Steps", s.steps),
@@ -424,23 +447,33 @@ def parameters_text(prompt: str, s: GenerateSettings, kind: ModelKind, source: s
     fields += [("Prediction", kind.prediction)]
     if kind.prediction == "flow":
         fields.append(("Shift", kind.shift))
+    if loras:
+        fields.append(("LoRA", '"' + ", ".join(f"{Path(f).stem}: {w:g}" for f, w in loras) + '"'))
     fields += [("Emphasis", s.syntax), ("Version", f"bigasp {_version()}")]
     line = ", ".join(f"{k}: {v}" for k, v in fields)
     return f"{prompt}\nNegative prompt: {s.negative}\n{line}"
 
 
 def png_metadata(
-    prompt: str, s: GenerateSettings, kind: ModelKind, source: str, batch_index: int = 0
+    prompt: str,
+    s: GenerateSettings,
+    kind: ModelKind,
+    source: str,
+    batch_index: int = 0,
+    loras: Sequence[tuple[str, float]] = (),
 ) -> dict:
+    model: dict[str, Any] = {"source": source, "kind": kind.to_json()}
+    if loras:
+        model["loras"] = [{"file": f, "weight": w} for f, w in loras]
     payload = {
         "prompt": prompt,
         "settings": s.model_dump(mode="json"),
-        "model": {"source": source, "kind": kind.to_json()},
+        "model": model,
         "batch_index": batch_index,
         "version": _version(),
     }
     return {
-        "parameters": parameters_text(prompt, s, kind, source, batch_index),
+        "parameters": parameters_text(prompt, s, kind, source, batch_index, loras),
         JSON_KEY: json.dumps(payload, sort_keys=True),
     }
 

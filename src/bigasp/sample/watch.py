@@ -227,7 +227,9 @@ class Watcher:
             try:
                 written.append(self.process(ckpt))
             except (BigaspError, OSError) as err:
-                log.warning("skipping %s for now: %s", ckpt.name, err)
+                # An OSError names a file in the temp folder removed just below: say what failed.
+                reason = f"{err.strerror} (writing samples)" if ".tmp-" in str(err) else err
+                log.warning("skipping %s for now: %s", ckpt.name, reason)
                 shutil.rmtree(self.samples_dir / f".tmp-{ckpt.name}", ignore_errors=True)
         if written or not (self.samples_dir / GALLERY_FILE).exists():
             self.write_gallery()

@@ -41,6 +41,9 @@ def register(app: typer.Typer) -> None:
         print_config: bool = typer.Option(
             False, "--print-config", help="Print the resolved config as TOML and exit."
         ),
+        threads: int = typer.Option(
+            None, "--threads", min=1, help="CPU intra-op threads (default: chosen for the machine and model)."
+        ),
     ) -> None:
         from bigasp.config import dump_toml, load_config
         from bigasp.train.config import RunConfig
@@ -50,7 +53,22 @@ def register(app: typer.Typer) -> None:
             typer.echo(dump_toml(cfg.model_dump(mode="json")))
             return
         from bigasp.train.distributed import shutdown
+        from bigasp.train.preflight import check_sources
         from bigasp.train.trainer import train
+
+        check_sources(cfg, resume=resume)  # before any model loads
+        from bigasp import threads as thread_defaults
+
+        explicit_workers = "num_workers" in cfg.data.model_fields_set
+        plan = thread_defaults.apply(
+            cfg.train.device,
+            cfg.model.source,
+            threads=threads,
+            workers=cfg.data.num_workers if explicit_workers else None,
+            override_hint="--threads and data.num_workers",
+            with_workers=True,
+        )
+        cfg.data.num_workers = plan.workers
 
         try:
             result = train(cfg, resume=resume, stop_at=stop_at, overwrite=overwrite)

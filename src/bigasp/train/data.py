@@ -887,7 +887,7 @@ class TrainLoader:
             if self.position == 0:
                 dropped = plan.leftover_samples + plan.tail_dropped(0, w) * plan.device_batch_size
                 self.stats.dropped_per_epoch[plan.epoch] = dropped
-                log.info(
+                log.debug(
                     "epoch %d: %d batches of %d per rank; %d image(s) dropped this epoch (%d in incomplete "
                     "bucket batches, %d batch(es) at the end not divisible by world size %d)",
                     plan.epoch,
@@ -929,7 +929,7 @@ class TrainLoader:
         hist = ", ".join(
             f"{c} chunk(s) {n / s.batches:.0%}" for c, n in sorted(s.chunk_hist.items(), reverse=True)
         )
-        log.info(
+        log.debug(
             "epoch %d done on rank %d: %d batches so far (%s); chunk estimate missed in %.1f%% of batches and "
             "%.1f%% of samples; %d prompt(s) truncated",
             self.epoch,

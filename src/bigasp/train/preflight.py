@@ -8,6 +8,7 @@ worse, train without error on latents the model cannot decode.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from bigasp.errors import DataError
 
@@ -110,3 +111,26 @@ def _model_scaling(model, cfg) -> float | None:
         return float(json.loads(path.read_text())["scaling_factor"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def check_sources(cfg, *, resume: str | None = None) -> None:
+    """`data.dataset` opens as a dataset and `model.source` exists, checked before any model
+    loads (minutes for SDXL) and reported under the config key to fix."""
+    from bigasp.errors import BigaspError, ConfigError
+    from bigasp.models.io import describe_missing
+    from bigasp.models.presets import PRESETS
+    from bigasp.store import layout
+    from bigasp.store.manifest import read_dataset_json
+
+    if not cfg.data.dataset:
+        raise ConfigError(
+            "data.dataset is not set: point it at a folder written by `bigasp ingest`/`bigasp encode`"
+        )
+    try:
+        fs, root = layout.url_to_fs(cfg.data.dataset)
+        read_dataset_json(fs, root)
+    except (BigaspError, OSError, ValueError) as err:
+        raise ConfigError(f"data.dataset = {cfg.data.dataset!r}: {err}") from None
+    source = str(cfg.model.source)
+    if resume is None and source not in PRESETS and not Path(source).expanduser().exists():
+        raise ConfigError(f"model.source = {source!r}: {describe_missing(source)}")
