@@ -163,3 +163,27 @@ def test_dataset_batches_shows_the_mix(small, capsys):
     assert "mix by source" in out
     line = next(x for x in out.splitlines() if x.strip().startswith("render"))
     assert "50.0%" in line  # render's planned share: weight 2 of 4
+
+
+def test_kohya_folder_repeats_recorded_at_ingest_become_source_repeats():
+    """Ingest records kohya `N_name` folders as source = name and `repeats` = N in `extra`; with no
+    [data.mix] set, those images appear N times per epoch, and an explicit mix overrides them."""
+    import pyarrow as pa
+
+    from bigasp.train.mixing import MixConfig, build_mix
+    from bigasp.train.sampler import build_row_buckets
+
+    table = pa.table({
+        "source": ["cats"] * 4 + ["dogs"] * 2 + [None] * 3,
+        "extra": ['{"repeats": 3}'] * 4 + ['{"repeats": 10, "x": 1}'] * 2 + ["{}"] * 3,
+    })  # fmt: skip
+    rows = np.arange(len(table))
+    buckets = build_row_buckets(rows, np.full(9, 64), np.full(9, 64), np.ones(9, np.int64))
+    mix = build_mix(table, buckets, MixConfig())
+    assert dict(zip(mix.names, mix.counts().tolist(), strict=True)) == {"": 3, "cats": 12, "dogs": 20}
+    assert build_mix(table, buckets, MixConfig(ingest_repeats=False)) is None
+    explicit = build_mix(table, buckets, MixConfig(repeats={"cats": 1}))
+    assert dict(zip(explicit.names, explicit.counts().tolist(), strict=True))["dogs"] == 2
+    clash = table.set_column(1, "extra", pa.array(['{"repeats": 3}'] * 3 + ['{"repeats": 2}'] + ["{}"] * 5))
+    with pytest.raises(ConfigError, match="different kohya repeats"):
+        build_mix(clash, buckets, MixConfig())

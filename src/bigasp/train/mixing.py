@@ -50,6 +50,11 @@ class MixConfig(Section):
         description="Times each image of a group appears per epoch (kohya's N_ folder prefix); fractions "
         "take a fresh random part each epoch. Unnamed groups: 1.",
     )
+    ingest_repeats: bool = Field(
+        True,
+        description="With neither weights nor repeats set: use the repeats ingest recorded from kohya "
+        "`N_name` folders (the images' `repeats` in `extra`, their `source` = name) as per-source repeats.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MixConfig:
@@ -144,10 +149,38 @@ class Mix:
         ]
 
 
+def recorded_repeats(table: pa.Table) -> dict[str, float]:
+    """Per-source repeats that ingest recorded from kohya `N_name` folders (`extra.repeats`)."""
+    if "extra" not in table.column_names or "source" not in table.column_names:
+        return {}
+    extra = pc.fill_null(table.column("extra").cast(pa.string()), "")
+    found = pc.extract_regex(extra, r'"repeats":\s*(?P<n>[0-9]+)')
+    hit = pc.is_valid(found)
+    if not pc.any(hit).as_py():
+        return {}
+    n = pc.struct_field(found.filter(hit), "n").to_numpy(zero_copy_only=False).astype(np.float64)
+    sources = pc.fill_null(table.column("source").filter(hit).cast(pa.string()), "").to_pylist()
+    out: dict[str, float] = {}
+    for src, r in zip(sources, n, strict=True):
+        if out.setdefault(src, r) != r:
+            raise ConfigError(
+                f"images of source {src!r} were ingested with different kohya repeats ({out[src]:g} and {r:g}); "
+                "set data.mix.repeats for it explicitly"
+            )
+    return out
+
+
 def build_mix(table: pa.Table, buckets: RowBuckets, cfg: MixConfig) -> Mix | None:
     """Resolve `[data.mix]` against the training split (`buckets.rows` index `table`); None = no mixing."""
     if not cfg.enabled:
-        return None
+        recorded = recorded_repeats(table) if cfg.ingest_repeats and cfg.by == "source" else {}
+        if not recorded:
+            return None
+        names, codes = group_labels(table, "source")
+        present = {names[c] for c in np.unique(codes[buckets.rows]).tolist()}
+        cfg = cfg.model_copy(update={"repeats": {k: v for k, v in recorded.items() if k in present}})
+        if not cfg.repeats:
+            return None
     names, codes = group_labels(table, cfg.by)
     row_codes = codes[buckets.rows]
     present = sorted(set(np.unique(row_codes).tolist()), key=lambda c: names[c])
