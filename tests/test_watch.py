@@ -142,3 +142,32 @@ def test_cli_watch_once(tmp_path, tiny_model):
           "--steps", "2", "--device", "cpu"])  # fmt: skip
     assert (run / "samples" / "step-000000000007" / "p000-seed3.png").is_file()
     assert (run / "samples" / "index.html").is_file()
+
+
+def test_watch_ema_samples_the_averaged_weights_into_their_own_gallery(tmp_path, tiny_model):
+    from bigasp.cli import main
+    from bigasp.models import build_preset
+    from bigasp.models.io import save_diffusers_folder
+    from bigasp.sample import read_png_metadata
+
+    run = tmp_path / "run"
+    ck = make_checkpoint(run / "checkpoints", 7, model=tiny_model)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    args = ["watch", str(run), "--prompts", str(prompts), "--seeds", "3", "--once", "--size", "64x64",
+            "--steps", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
+    w = Watcher(run, ["a cat"], [3], ema=True, device="cpu")
+    with pytest.raises(Exception, match="no EMA weights"):
+        w.load(w.pending()[0])
+    save_diffusers_folder(build_preset("tiny", seed=1), ck / "ema")  # other weights than model/
+    main([*args, "--ema"])
+    main(args)
+    ema_png = run / "samples-ema" / "step-000000000007" / "p000-seed3.png"
+    raw_png = run / "samples" / "step-000000000007" / "p000-seed3.png"
+    assert ema_png.is_file() and raw_png.is_file()
+    assert read_png_metadata(ema_png)["prompt"] == "a cat"
+    import numpy as np
+    from PIL import Image
+
+    ema_px, raw_px = (np.asarray(Image.open(p)) for p in (ema_png, raw_png))
+    assert not np.array_equal(ema_px, raw_px)  # the averaged weights were the ones sampled

@@ -198,6 +198,11 @@ def watch(
     ),
     interval: float = typer.Option(60.0, help="Seconds between polls."),
     once: bool = typer.Option(False, "--once", help="Process what is there now and exit (tests, cron)."),
+    ema: bool = typer.Option(
+        False,
+        "--ema",
+        help="Sample each checkpoint's EMA weights (CKPT/ema; gallery in RUN_DIR/samples-ema).",
+    ),
     out: Path = typer.Option(None, help="Samples folder (default RUN_DIR/samples)."),
     base: str = typer.Option(None, help="Model supplying components a checkpoint lacks (e.g. the VAE)."),
     preset: str = typer.Option("auto", help=PRESET_HELP),
@@ -246,6 +251,7 @@ def watch(
         device=device,
         dtype=parse_dtype(dtype),
         settings_for=lambda model: build_settings(model.kind, preset, **flags),
+        ema=ema,
     )
     if once:
         for path in watcher.run_once():

@@ -100,8 +100,10 @@ class Watcher:
         device: str | None = None,
         dtype=None,
         settings_for: Callable[[SDXL], object] | None = None,
+        ema: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.ema = ema  # sample each checkpoint's EMA weights (CKPT/ema) instead of CKPT/model
         self.prompts, self.seeds = list(prompts), list(seeds)
         if not self.seeds:
             raise ConfigError("watch needs at least one seed")
@@ -109,7 +111,9 @@ class Watcher:
         self.settings_for = settings_for
         ck = checkpoints_dir(self.run_dir)
         default_out = ck.parent if ck != self.run_dir else self.run_dir
-        self.samples_dir = Path(out_dir) if out_dir is not None else default_out / "samples"
+        # EMA grids get their own gallery: one page never mixes raw and averaged weights
+        default_name = "samples-ema" if ema else "samples"
+        self.samples_dir = Path(out_dir) if out_dir is not None else default_out / default_name
         if every < 1:
             raise ConfigError(f"--every must be >= 1 (1 = every checkpoint), got {every}")
         self.every, self.every_samples = every, every_samples
@@ -166,7 +170,11 @@ class Watcher:
     def load(self, ckpt: Checkpoint) -> SDXL:
         from bigasp.models.io import load_model
 
-        folder = ckpt.path / "model"
+        folder = ckpt.path / ("ema" if self.ema else "model")
+        if self.ema and not folder.is_dir():
+            raise ModelLoadError(
+                f"{ckpt.path} has no EMA weights (ema/); train with [ema] enabled = true, or drop --ema"
+            )
         present = [c for c in SDXL.COMPONENTS if (folder / c).is_dir()]
         model = load_model(folder, present)
         missing = [c for c in SDXL.COMPONENTS if c not in present]
