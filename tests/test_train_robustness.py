@@ -263,3 +263,33 @@ def test_optimizer_state_of_the_wrong_shape_or_sign_is_rejected(tmp_path):
     state["exp_avg_sq"] = -torch.ones(2, 3)
     with pytest.raises(ck.CheckpointError, match=r"'exp_avg_sq' .* is negative"):
         ck.check_optimizer_state(opt, tmp_path / "x")
+
+
+def test_ctrl_c_checkpoints_then_exits_130(tmp_path):
+    """Ctrl-C (SIGINT) to the installed `bigasp train`: the step in progress finishes, a checkpoint
+    is saved and named, and the exit status is 130 (interrupted), not 0 (finished)."""
+    import signal
+
+    ds = write_synthetic_latent_dataset(tmp_path / "ds", n=12, seed=0)
+    cfg = make_cfg(tmp_path / "run", ds, train={"max_samples": 100_000}, logging={"every": 4})
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(dump_toml(cfg.model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [str(BIGASP), "train", str(cfg_path)], cwd=tmp_path, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("train/loss")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        pytest.fail("bigasp train did not stop after Ctrl-C")
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped by signal" in out and "last checkpoint" in out and "--resume auto" in err
+    assert any((tmp_path / "run" / "checkpoints").glob("step-*/checkpoint.json"))

@@ -83,3 +83,8 @@ def register(app: typer.Typer) -> None:
             + (f", last checkpoint {result.last_checkpoint}" if result.last_checkpoint else "")
             + (" (stopped by signal)" if result.stopped_by_signal else "")
         )
+        import signal
+
+        if result.stop_signal == signal.SIGINT:  # Ctrl-C: saved above, but the run did not finish
+            typer.echo("interrupted: continue with `bigasp train CONFIG --resume auto`", err=True)
+            raise typer.Exit(130)

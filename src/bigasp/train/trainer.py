@@ -68,6 +68,7 @@ class TrainResult:
     step: int
     skipped_steps: int
     stopped_by_signal: bool = False
+    stop_signal: int | None = None  # the signal this process received (None: another rank's, or none)
     last_checkpoint: Path | None = None
     validation: list[dict[str, Any]] = field(default_factory=list)
 
@@ -207,6 +208,7 @@ class StopFlag:
 
     def __init__(self, enabled: bool):
         self.set = False
+        self.signum: int | None = None  # the first signal received (SIGINT: the CLI exits 130)
         self._old: dict[int, Any] = {}
         if enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -216,6 +218,7 @@ class StopFlag:
         if self.set and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.set = True
+        self.signum = self.signum or signum
         log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
 
     def restore(self) -> None:
@@ -547,6 +550,7 @@ class Trainer:
                     self.last_saved_at = st.samples_seen
                 if outcome.stop_now:
                     result.stopped_by_signal = True
+                    result.stop_signal = stop.signum
                     log.warning("stopped by signal at %d samples", st.samples_seen)
                     break
                 if sliced:
