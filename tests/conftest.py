@@ -18,6 +18,15 @@ from postgres_server import postgres_server, postgres_url  # noqa: F401  (fixtur
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Back to one thread after every test: commands run in-process (train, generate) pick their own
+    thread count for the machine, which must not leak into the tests that follow."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

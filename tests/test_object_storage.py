@@ -43,14 +43,6 @@ TINY = BucketConfig(step=16, min_area=48 * 64, max_area=64 * 64)
 SRC = Path(__file__).parents[1] / "src"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on a free local port; yields the fsspec storage_options that reach it."""

@@ -31,16 +31,6 @@ from bigasp.train.trainer import TrainingDiverged, train
 from train_helpers import free_port, make_cfg, weights, weights_at_init
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are far too small to gain from intra-op threads; on a shared 2-core box
-    a second OpenMP thread only waits for a core (runs got 3-5x slower with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
     # 12 rows: 1 held out for validation (10% cap), 11 train rows = 5 device batches of 2 per epoch

@@ -28,14 +28,6 @@ SOURCES = ("photo",) * 6 + ("anime",) * 3 + ("render",)
 WEIGHTS = {"photo": 0.2, "anime": 0.3, "render": 0.5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> Path:
     return write_synthetic_latent_dataset(tmp_path_factory.mktemp("big") / "ds", n=4000, sources=SOURCES)

@@ -28,14 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIGASP = Path(sys.executable).with_name("bigasp")  # the installed console script of this venv
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_synthetic_latent_dataset(tmp_path_factory.mktemp("data") / "ds", n=12, seed=0)

@@ -27,10 +27,10 @@ from bigasp.annotate.config import STAGES, AnnotateConfig
 from bigasp.annotate.decode import DecodeDataset, Job, collate, manifest_jobs
 from bigasp.annotate.models import resolve_device
 from bigasp.errors import BigaspError, ConfigError, DataError
-from bigasp.prep.encode import dist_env
 from bigasp.store import annotations as store
 from bigasp.store import layout
 from bigasp.store.manifest import read_dataset_json, read_manifest
+from bigasp.workshare import dist_env, gather_summary, summary_group
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def annotate(dataset: str | os.PathLike, cfg: AnnotateConfig) -> AnnotateSummary
     if len(manifest) == 0:
         raise DataError(f"{root}/{layout.MANIFEST} is missing or has no images; run `bigasp ingest` first")
     rank, world, local_rank = dist_env()
-    pg = _init_group(world)
+    pg = summary_group(world)
     device = resolve_device(cfg.device, local_rank)
     summary = AnnotateSummary(rank=rank, world_size=world, stages={s: StageSummary() for s in stages})
     session = uuid.uuid4().hex[:8]
@@ -362,30 +362,5 @@ def annotate(dataset: str | os.PathLike, cfg: AnnotateConfig) -> AnnotateSummary
         _caption_pass(root, manifest, {j.id: j for j in jobs}, cfg, device, summary, session, rank, world)
     summary.seconds = time.perf_counter() - t0
     if pg:
-        summary = _gather(summary)
+        summary = gather_summary(summary)
     return summary
-
-
-def _init_group(world: int) -> bool:
-    """A gloo group only to merge the summaries at the end; the work split needs none."""
-    import torch.distributed as dist
-
-    if world <= 1 or "MASTER_ADDR" not in os.environ or not dist.is_available():
-        return False
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return True
-
-
-def _gather(summary: AnnotateSummary) -> AnnotateSummary:
-    import torch.distributed as dist
-
-    parts: list[AnnotateSummary | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, summary)
-    total = AnnotateSummary(rank=summary.rank, world_size=summary.world_size)
-    for p in parts:
-        if p is not None:
-            total.merge(p)
-    dist.barrier()
-    dist.destroy_process_group()
-    return total

@@ -39,18 +39,9 @@ from bigasp.prep.sources import Ref
 from bigasp.store import layout
 from bigasp.store.manifest import REJECTS_SCHEMA, read_dataset_json, read_index, read_manifest, read_rejects
 from bigasp.store.shard import RecordMeta, ShardWriter, list_shards, rebuild_missing_indexes
+from bigasp.workshare import dist_env, gather_summary, summary_group
 
 log = logging.getLogger(__name__)
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun, or SLURM when launched by `srun` alone."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
 
 
 def load_vae(spec: str):
@@ -414,7 +405,7 @@ def _encode(root: str | Path, cfg: EncodeConfig) -> EncodeSummary:
     fs, rootp = layout.url_to_fs(str(root), cfg.storage_options)
     meta = read_dataset_json(fs, rootp)
     rank, world, local_rank = dist_env()
-    pg = _init_group(world)
+    pg = summary_group(world)
     bcfg = cfg.buckets or BucketConfig(**meta.get("buckets", {}))
     buckets = BucketSet(bcfg.buckets())
     session = uuid.uuid4().hex[:8]
@@ -537,7 +528,7 @@ def _encode(root: str | Path, cfg: EncodeConfig) -> EncodeSummary:
             )
     summary.seconds = time.perf_counter() - t0
     if pg:
-        summary = _gather(summary)
+        summary = gather_summary(summary)
     return summary
 
 
@@ -558,28 +549,3 @@ def _reject(job: Job, reason: str, detail: str) -> dict[str, Any]:
         "id": job.id,
         "stage": "encode",
     }
-
-
-def _init_group(world: int) -> bool:
-    """A gloo group only to merge the summaries at the end; the work split needs none."""
-    import torch.distributed as dist
-
-    if world <= 1 or "MASTER_ADDR" not in os.environ or not dist.is_available():
-        return False
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return True
-
-
-def _gather(summary: EncodeSummary) -> EncodeSummary:
-    import torch.distributed as dist
-
-    parts: list[EncodeSummary | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, summary)
-    total = EncodeSummary(rank=summary.rank, world_size=summary.world_size)
-    for p in parts:
-        if p is not None:
-            total.merge(p)
-    dist.barrier()
-    dist.destroy_process_group()
-    return total
