@@ -119,12 +119,19 @@ class Stages:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
         self.mark(name, params)
 
-    def cli(self, *args: str) -> None:
+    def cli(self, *args: str, quiet: bool = False) -> None:
+        """Run one stage through the real CLI; `quiet` hides its stdout (e.g. the paths of images
+        written into a temp folder that is renamed right after, which would name files that no
+        longer exist)."""
+        import contextlib
+        import io
+
         from bigasp.cli import main
 
         self.echo("[demo] $ bigasp " + " ".join(_quote(a) for a in args))
         try:
-            main(list(args))
+            with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+                main(list(args))
         except SystemExit as err:
             if err.code not in (0, None):
                 raise BigaspError(
@@ -202,11 +209,12 @@ def run_demo(
     def make_base() -> None:
         tmp = out / ".base-model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        st.cli("model", "save", preset, str(tmp), "--prediction", "flow", "--shift", "1.0")
+        st.cli("model", "save", preset, str(tmp), "--prediction", "flow", "--shift", "1.0", quiet=True)
         shutil.rmtree(tmp / "vae")
         shutil.copytree(DEMO_VAE_DIR, tmp / "vae")
         shutil.rmtree(base, ignore_errors=True)
         os.replace(tmp, base)
+        st.echo(f"[demo] starting model (the demo preset with the trained demo VAE): {base}")
 
     st.run("base-model", {"vae": _dir_digest(DEMO_VAE_DIR), "preset": preset}, make_base)
 
@@ -277,9 +285,10 @@ def run_demo(
         shutil.rmtree(tmp, ignore_errors=True)
         st.cli("generate", *prompts, "--model", str(final / "model"), "--preset", "bigasp-v2.5",
                "--size", "64x64", "--steps", str(plan.steps), "--seed", str(seed),
-               "--batch", str(plan.images_per_prompt), "--device", "cpu", "--out", str(tmp))  # fmt: skip
+               "--batch", str(plan.images_per_prompt), "--device", "cpu", "--out", str(tmp), quiet=True)  # fmt: skip
         shutil.rmtree(grid_dir, ignore_errors=True)
         os.replace(tmp, grid_dir)
+        st.echo(f"[demo] {len(list(grid_dir.glob('*.png')))} images in {grid_dir}")
 
     st.run("generate", gen_params, generate)
 
