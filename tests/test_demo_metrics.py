@@ -59,3 +59,26 @@ def test_sharpness_orders_blur_levels():
     assert gap.ratio > 4
     flat = Image.new("RGB", (32, 32), (10, 20, 30))
     assert metrics.sharpness(flat) == 0.0
+
+
+def test_loss_plot_reads_resumed_metrics_and_draws_a_png(tmp_path):
+    """The demo's loss curve: a resumed run's repeated point counts once, the figures start and
+    end where the metrics do, and the PNG is a real image (drawn with matplotlib's labelled axes)."""
+    import json
+    from types import SimpleNamespace
+
+    from bigasp.demo.report import read_losses, write_loss_plot
+
+    rows = [{"samples": 0, "val/loss": 2.0, "stable/loss": 1.9}, {"samples": 100, "val/loss": 1.0},
+            {"samples": 100, "val/loss": 0.9, "stable/loss": 0.8}, {"samples": 200, "val/loss": 0.5}]  # fmt: skip
+    metrics_file = tmp_path / "metrics.jsonl"
+    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_losses(metrics_file)["val"] == [(0, 2.0), (100, 0.9), (200, 0.5)]
+    result = SimpleNamespace(
+        val_loss_start=None, val_loss_end=None, stable_loss_start=None, stable_loss_end=None
+    )
+    png = write_loss_plot(tmp_path / "loss.png", metrics_file, result)
+    assert (result.val_loss_start, result.val_loss_end, result.stable_loss_end) == (2.0, 0.5, 0.8)
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] >= 400 and im.size[1] >= 250
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp file left

@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from bigasp.demo import metrics
+from bigasp.fsutil import atomic_path
 
 
 def measure(
@@ -87,47 +88,29 @@ def write_loss_plot(path: Path, metrics_file: Path, result: Any | None = None) -
         result.val_loss_start, result.val_loss_end = series["val"][0][1], series["val"][-1][1]
         if series["stable"]:
             result.stable_loss_start, result.stable_loss_end = series["stable"][0][1], series["stable"][-1][1]
-    w, h, left, right, top, bottom = 480, 300, 56, 16, 28, 40
-    img = Image.new("RGB", (w, h), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    pts = [p for s in series.values() for p in s]
-    x_max = max(x for x, _ in pts) or 1
-    y_lo = min(y for _, y in pts)
-    y_hi = max(y for _, y in pts)
-    pad = (y_hi - y_lo) * 0.08 or 0.05
-    y_lo, y_hi = y_lo - pad, y_hi + pad
+    import matplotlib
 
-    def xy(x: float, y: float) -> tuple[float, float]:
-        return (left + (w - left - right) * x / x_max, top + (h - top - bottom) * (y_hi - y) / (y_hi - y_lo))
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    d.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
-    for k in range(5):
-        yv = y_lo + (y_hi - y_lo) * k / 4
-        _, yy = xy(0, yv)
-        d.line([left - 4, yy, left, yy], fill=(0, 0, 0))
-        d.text((4, yy - 6), f"{yv:.3f}", fill=(0, 0, 0))
-        xv = x_max * k / 4
-        xx, _ = xy(xv, y_lo)
-        d.line([xx, h - bottom, xx, h - bottom + 4], fill=(0, 0, 0))
-        d.text((xx - 14, h - bottom + 6), f"{xv:,.0f}", fill=(0, 0, 0))
-    d.text((w // 2 - 40, h - 16), "samples seen", fill=(0, 0, 0))
-    d.text((left, 8), "flow loss (fixed noise & t)", fill=(0, 0, 0))
-    colours = {"val": (200, 40, 40), "stable": (40, 90, 200)}
-    for k, (name, s) in enumerate(series.items()):
-        if not s:
-            continue
-        line = [xy(x, y) for x, y in s]
-        if len(line) > 1:
-            d.line(line, fill=colours[name], width=2)
-        for x, y in line:
-            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colours[name])
-        lx = w - right - 150 + 80 * k
-        d.line([lx, 14, lx + 14, 14], fill=colours[name], width=2)
-        d.text((lx + 18, 8), "validation" if name == "val" else "stable", fill=(0, 0, 0))
+    fig, ax = plt.subplots(figsize=(5.6, 3.4), dpi=100)
+    colours = {"val": "#c83c3c", "stable": "#285ac8"}
+    for name, s in series.items():
+        if s:
+            xs, ys = zip(*s, strict=True)
+            label = "validation" if name == "val" else "stable"
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5, color=colours[name], label=label)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("flow loss (fixed noise and t)")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    fig.tight_layout()  # room for every label and the last tick
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path, durable=False) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
     return path
 
 
