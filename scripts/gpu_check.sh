@@ -61,7 +61,7 @@ bench() {  # bench LIMIT_S NAME ARGS... : one bench in its own process, JSON to 
 timeout 120 $PY -m pytest -q -m gpu tests -p no:cacheprovider >"$OUT/pytest.txt" 2>&1
 echo "gpu tests rc=$? (details in pytest.txt)"; tail -3 "$OUT/pytest.txt"
 
-SDXL="--preset sdxl-base --device cuda"
+SDXL="--arch sdxl-base --device cuda"
 # In priority order (later ones are skipped if the budget runs out).
 # Train step, UNet + TE1, 1024², 231 tokens (bigASP recipe). No-GC max batch on 80 GB is ~5 (reference §5).
 bench 120 train_b4_bf16 train $SDXL --res 1024x1024 --device-batch 4 --precision bf16 --tokens 231 --iters 8

@@ -249,9 +249,9 @@ def test_realistic_prompts_are_deterministic_and_long():
 
 def test_command_line_and_row_roundtrip():
     cmd = command_line(
-        "train", {"preset": "tiny", "compile": False, "fsdp": True, "train_te1": False, "json_out": "x"}
+        "train", {"arch": "tiny", "compile": False, "fsdp": True, "train_te1": False, "json_out": "x"}
     )
-    assert cmd == "bigasp bench train --preset tiny --fsdp --frozen-te1"
+    assert cmd == "bigasp bench train --arch tiny --fsdp --frozen-te1"
     r = BenchResult(
         "train",
         {},

@@ -1,7 +1,7 @@
 """`bigasp bench ...`: throughput benchmarks. Each prints one pasteable table row; `--json` writes all fields.
 
 Defaults are the tiny preset on CPU so every bench runs anywhere in seconds; pass
-`--preset sdxl-base --device cuda` (and SDXL sizes) for the real numbers.
+`--arch sdxl-base --device cuda` (and SDXL sizes) for the real numbers.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def _command(name: str, params: dict[str, Any]) -> str:
 
 @bench_app.command("train")
 def train(
-    preset: str = typer.Option("tiny", help="Model preset (tiny, sdxl-base)."),
+    arch: str = typer.Option(
+        "tiny", "--arch", "--preset", help="Architecture preset (tiny, sdxl-base); --preset: old spelling."
+    ),
     res: str = typer.Option("64x64", help="Image resolution HEIGHTxWIDTH in pixels (latent = /8)."),
     device_batch: int = typer.Option(4, help="Images per device per step."),
     precision: str = typer.Option("bf16", help="bf16 | fp16 (autocast over fp32 master weights) | fp32."),
@@ -71,7 +73,7 @@ def train(
     h, w = parse_res(res)
     dev = resolve_device(device)
     cfg = TrainBenchConfig(
-        preset=preset,
+        preset=arch,
         height=h,
         width=w,
         device_batch=device_batch,
@@ -96,7 +98,9 @@ def train(
 
 @bench_app.command("encode")
 def encode(
-    preset: str = typer.Option("tiny", help="Model preset (tiny, sdxl-base)."),
+    arch: str = typer.Option(
+        "tiny", "--arch", "--preset", help="Architecture preset (tiny, sdxl-base); --preset: old spelling."
+    ),
     res: str = typer.Option("256x256", help="Image resolution HEIGHTxWIDTH."),
     batch: int = typer.Option(2, help="Images per encode call."),
     precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (whole VAE in that dtype)."),
@@ -117,7 +121,7 @@ def encode(
     dev = resolve_device(device)
     params["device"] = str(dev)
     result = run_encode_bench(
-        preset=preset,
+        preset=arch,
         height=h,
         width=w,
         batch=batch,
@@ -153,7 +157,9 @@ def tokenize(
 
 @bench_app.command("sample")
 def sample(
-    preset: str = typer.Option("tiny", help="Model preset (tiny, sdxl-base)."),
+    arch: str = typer.Option(
+        "tiny", "--arch", "--preset", help="Architecture preset (tiny, sdxl-base); --preset: old spelling."
+    ),
     res: str = typer.Option("64x64", help="Image resolution HEIGHTxWIDTH."),
     precision: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32."),
     batches: str = typer.Option("1,4", help="Comma-separated batch sizes."),
@@ -183,7 +189,7 @@ def sample(
         raise ConfigError(f"--steps {steps}: need 1 <= n1 < n2")
     params.update(device=str(dev), precision=precision)
     result = run_sample_bench(
-        preset=preset,
+        preset=arch,
         height=h,
         width=w,
         precision=precision,
