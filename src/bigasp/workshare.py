@@ -22,14 +22,29 @@ def dist_env() -> tuple[int, int, int]:
 
 
 def summary_group(world: int) -> bool:
-    """Start the gloo group that `gather_summary` uses; False when there is nothing to gather."""
+    """Start the gloo group that `gather_summary` uses; False when there is nothing to gather.
+
+    If the stage fails before `gather_summary` ends the group, an exit handler ends it while the
+    interpreter is still whole: gloo threads left running into interpreter teardown abort the
+    process ("terminate called without an active exception") and hide the real error.
+    """
+    import atexit
+
     import torch.distributed as dist
 
     if world <= 1 or "MASTER_ADDR" not in os.environ or not dist.is_available():
         return False
     if not dist.is_initialized():
         dist.init_process_group("gloo")
+        atexit.register(_end_group)
     return True
+
+
+def _end_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class Summary(Protocol):

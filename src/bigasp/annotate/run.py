@@ -350,6 +350,9 @@ def annotate(dataset: str | os.PathLike, cfg: AnnotateConfig) -> AnnotateSummary
     if len(manifest) == 0:
         raise DataError(f"{root}/{layout.MANIFEST} is missing or has no images; run `bigasp ingest` first")
     rank, world, local_rank = dist_env()
+    from bigasp import progress
+
+    progress.quiet_libraries()  # transformers' own loading bars would interleave with bigasp's
     pg = summary_group(world)
     device = resolve_device(cfg.device, local_rank)
     summary = AnnotateSummary(rank=rank, world_size=world, stages={s: StageSummary() for s in stages})
