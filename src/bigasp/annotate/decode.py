@@ -18,7 +18,7 @@ import pyarrow as pa
 from PIL import Image
 
 from bigasp.prep.images import TRANSPOSE, Reject, pixel_limit, to_rgb
-from bigasp.prep.ingest import content_id
+from bigasp.prep.ingest import read_ingested
 from bigasp.prep.sources import Ref
 
 JOB_COLUMNS = ("id", "path", "tar_offset", "file_size", "orientation")
@@ -86,14 +86,7 @@ class DecodeDataset:
         job = self.jobs[i]
         try:
             with pixel_limit(self.max_pixels):
-                try:
-                    data = job.ref.read()
-                except OSError as err:
-                    raise Reject("unreadable", str(err)) from None
-                if self.check_id and content_id(data) != job.id:
-                    raise Reject(
-                        "changed_since_ingest", "file bytes no longer match the manifest id; re-run ingest"
-                    )
+                data = read_ingested(job.ref, job.id if self.check_id else None)
                 try:
                     im = decode_image(data, job.orientation, draft_to=self.draft_to)
                 except Exception as err:

@@ -34,7 +34,7 @@ from bigasp.buckets import Bucket, BucketConfig, BucketSet, Placement, place
 from bigasp.errors import ConfigError, DataError, ModelLoadError
 from bigasp.prep.config import EncodeConfig
 from bigasp.prep.images import Reject, load_for_bucket, pixel_limit
-from bigasp.prep.ingest import content_id
+from bigasp.prep.ingest import read_ingested
 from bigasp.prep.sources import Ref
 from bigasp.store import layout
 from bigasp.store.manifest import REJECTS_SCHEMA, read_dataset_json, read_index, read_manifest, read_rejects
@@ -160,14 +160,7 @@ class DecodeDataset:
         job = self.jobs[i]
         try:
             with pixel_limit(self.max_pixels):
-                try:
-                    data = job.ref.read()
-                except OSError as err:
-                    raise Reject("unreadable", str(err)) from None
-                if content_id(data) != job.id:
-                    raise Reject(
-                        "changed_since_ingest", "file bytes no longer match the manifest id; re-run ingest"
-                    )
+                data = read_ingested(job.ref, job.id)
                 try:
                     arr = load_for_bucket(
                         data, job.placement, orientation=job.orientation, draft_margin=self.draft_margin

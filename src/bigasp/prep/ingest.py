@@ -42,7 +42,7 @@ from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
 from bigasp.prep.kohya import folder_repeats, reading_key
 from bigasp.prep.sidecar import parse_sidecars
-from bigasp.prep.sources import CHUNK, LIST_EXT, Item, printable, resolve_source, scan
+from bigasp.prep.sources import CHUNK, LIST_EXT, Item, Ref, printable, resolve_source, scan
 from bigasp.store import layout
 from bigasp.store.manifest import (
     MANIFEST_SCHEMA,
@@ -73,6 +73,18 @@ REASON_SETTINGS: dict[str, tuple[str, ...]] = {
 def content_id(data: bytes) -> str:
     """Stable image id: blake2b-128 of the file bytes (same photo under two names = one id)."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def read_ingested(ref: Ref, image_id: str | None) -> bytes:
+    """An ingested image's bytes, checked against its id (the content hash) unless `image_id` is
+    None; shared by every stage that re-reads the photos (encode, annotate)."""
+    try:
+        data = ref.read()
+    except OSError as err:
+        raise Reject("unreadable", str(err)) from None
+    if image_id is not None and content_id(data) != image_id:
+        raise Reject("changed_since_ingest", "file bytes no longer match the manifest id; re-run ingest")
+    return data
 
 
 def reason_settings(reason: str, cfg: IngestConfig) -> str:
