@@ -144,6 +144,37 @@ def load_config(model: type[T], path: str | Path | None, overrides: Iterable[str
     return validate(model, data, str(path) if path is not None else "<defaults>", override_origins(overrides))
 
 
+def load_stage_config(
+    model: type[T],
+    section: str,
+    path: str | Path | None,
+    overrides: Iterable[str] = (),
+    flags: Mapping[str, Any] | None = None,
+    flag_names: Mapping[str, str] | None = None,
+) -> T:
+    """A stage's config (ingest, encode, annotate ...): the file's `[section]` table (or the whole
+    file when it has none), then `--set` overrides, then the command's own flags (dotted keys;
+    None or [] = not given). An invalid value blames the flag or override that set it.
+    `flag_names` spells a flag whose name is not the key's (default `--embed-model` for
+    `embed.model`)."""
+    overrides = list(overrides)
+    data = read_toml(path) if path else {}
+    data = data.get(section, data) if isinstance(data.get(section), dict) else data
+    data = apply_overrides(data, overrides)
+    origins = override_origins(overrides)
+    for key, value in (flags or {}).items():
+        if value is None or value == []:
+            continue
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        name = (flag_names or {}).get(key) or "--" + key.replace(".", "-").replace("_", "-")
+        origins[key] = f"{name} {value}"
+    return validate(model, data, str(path) if path else "command-line flags", origins)
+
+
 def dump_toml(data: Mapping[str, Any]) -> str:
     """Serialise plain config data to TOML with tomli-w; `None` (TOML has no null) is dropped.
 

@@ -34,20 +34,10 @@ annotate_app = typer.Typer(
 
 
 def _load(model, section: str, config: str | None, sets: list[str], flags: dict[str, Any]):
-    from bigasp.config import apply_overrides, read_toml, validate
+    from bigasp.config import load_stage_config
 
-    data = read_toml(config) if config else {}
-    data = data.get(section, data) if isinstance(data.get(section), dict) else data
-    data = apply_overrides(data, sets or [])
-    for key, value in flags.items():
-        if value is None or value == []:
-            continue
-        *parents, leaf = key.split(".")
-        d = data
-        for p in parents:
-            d = d.setdefault(p, {})
-        d[leaf] = value
-    return validate(model, data, config or "command-line flags")
+    names = {"stages": "--stage", "caption.prompt_set": "--prompt-set"}
+    return load_stage_config(model, section, config, sets, flags, names)
 
 
 @annotate_app.command("run")

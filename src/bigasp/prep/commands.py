@@ -17,18 +17,9 @@ SET_HELP = "Override a config key, e.g. --set buckets.step=16 (repeatable)."
 
 
 def _load(model, section: str, config: str | None, sets: list[str], flags: dict[str, Any]):
-    from bigasp.config import apply_overrides, override_origins, read_toml, validate
+    from bigasp.config import load_stage_config
 
-    data = read_toml(config) if config else {}
-    data = data.get(section, data) if isinstance(data.get(section), dict) else data
-    data = apply_overrides(data, sets or [])
-    given = {k: v for k, v in flags.items() if v is not None}
-    data.update(given)
-    origins = {
-        **override_origins(sets or []),
-        **{k: f"--{k.replace('_', '-')} {v}" for k, v in given.items()},
-    }
-    return validate(model, data, config or "command-line flags", origins)
+    return load_stage_config(model, section, config, sets, flags)
 
 
 def _print_counts(title: str, counts: dict[str, int]) -> None:
