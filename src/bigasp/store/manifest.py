@@ -166,10 +166,17 @@ def read_rejects(fs, root: str) -> pa.Table:
     return pa.concat_tables(tables) if tables else empty(REJECTS_SCHEMA)
 
 
-def read_index(fs, root: str) -> pa.Table:
-    """All committed latent index files, one row per (id, variant) (first shard name wins),
-    sorted by id then variant; `variant` is never null (older files: 0)."""
-    paths = sorted(p for p in fs.glob(f"{root}/{layout.INDEX_DIR}/*.parquet") if layout.visible(p))
+def index_files(fs, root: str) -> list[str]:
+    """Names (not paths) of the committed latent index files, sorted: one per published shard."""
+    return sorted(
+        p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/{layout.INDEX_DIR}/*.parquet") if layout.visible(p)
+    )
+
+
+def read_index(fs, root: str, names: list[str] | None = None) -> pa.Table:
+    """All committed latent index files (or just the files `names`), one row per (id, variant)
+    (first shard name wins), sorted by id then variant; `variant` is never null (older files: 0)."""
+    paths = [f"{root}/{layout.INDEX_DIR}/{n}" for n in (index_files(fs, root) if names is None else names)]
     if not paths:
         return empty(INDEX_SCHEMA)
     table = pa.concat_tables(conform(layout.read_parquet(fs, p), INDEX_SCHEMA) for p in paths)

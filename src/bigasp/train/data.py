@@ -58,7 +58,13 @@ class DataConfig(Section):
         42, description="Run seed: split, epoch order and prompts all derive from it (bigASP: 42)."
     )
     device_batch_size: int = Field(4, ge=1, description="Samples per rank per micro-step.")
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank (0 = main process).")
+    num_workers: int = Field(
+        2,
+        ge=0,
+        description="DataLoader worker processes per rank (0 = main process). `bigasp train` picks a count for "
+        "the machine unless this is set (GPU: up to 4, leaving 2 cores; CPU: 0 or 1) and says so at start-up; "
+        "2 is the value for code that builds a loader directly.",
+    )
     prefetch_factor: int = Field(2, ge=1, description="Batches each worker prepares ahead (num_workers > 0).")
     pin_memory: bool = Field(
         True, description="Pin batches in page-locked memory (only when CUDA is available)."
@@ -113,6 +119,23 @@ class DataConfig(Section):
         True,
         description="At each epoch start, re-read the latent index and train on the variant generations "
         "complete by then (an encoder may keep adding them); recorded in the checkpoint for exact resume.",
+    )
+    stream: bool = Field(
+        False,
+        description="Start training while `bigasp encode` is still writing this dataset: the first pass (epoch 0) "
+        "trains on shards as they are published, in recorded waves, and waits when it runs ahead of the "
+        "encoder; from epoch 1 the whole dataset is planned as usual (see docs/training.md).",
+    )
+    stream_poll_s: float = Field(
+        10.0,
+        gt=0,
+        description="Streaming: seconds between looks for new shards while waiting on the encoder.",
+    )
+    stream_timeout_s: float = Field(
+        3600.0,
+        ge=0,
+        description="Streaming: stop with an error after this many seconds of waiting without a new shard "
+        "while images still lack latents (a dead encoder); 0 = wait forever.",
     )
     read_retries: int = Field(
         3, ge=0, description="Object storage: re-fetches of a missing or corrupt record before the error."
@@ -1019,8 +1042,9 @@ class Prefetcher:
             nxt = end
 
 
-def open_dataset(cfg: DataConfig):
-    """The `LatentDataset` of `[data]`, with the object-storage options (cache, retries) applied."""
+def open_dataset(cfg: DataConfig, *, streaming: bool = False):
+    """The `LatentDataset` of `[data]`, with the object-storage options (cache, retries) applied;
+    `streaming`: opened empty, for a run whose first pass follows the encoder (train/stream.py)."""
     from bigasp.store import LatentDataset
 
     opts = dict(cfg.storage_options)
@@ -1033,6 +1057,7 @@ def open_dataset(cfg: DataConfig):
         cache_dir=cfg.cache_dir or None,
         cache_bytes=int(cfg.cache_gb * 2**30),
         retries=cfg.read_retries,
+        streaming=streaming,
     )
 
 

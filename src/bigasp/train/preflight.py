@@ -32,8 +32,9 @@ def check_has_latents(dataset) -> None:
 REMOTE_HEADER_SAMPLE = 64  # shard headers read on object storage (one request each)
 
 
-def check_dataset(dataset, model, cfg) -> None:
-    """The dataset has latents, all of one encoding, made by this model's VAE at its scaling."""
+def check_dataset(dataset, model, cfg, shards: list[str] | None = None) -> None:
+    """The dataset has latents, all of one encoding, made by this model's VAE at its scaling.
+    `shards`: check only these (a streaming run checks each wave's new shards)."""
     check_has_latents(dataset)
     if not hasattr(dataset, "shard_headers"):
         return  # a wrapped or in-memory dataset (tests): nothing recorded to compare
@@ -41,7 +42,7 @@ def check_dataset(dataset, model, cfg) -> None:
 
     limit = None if getattr(dataset, "_local", True) else REMOTE_HEADER_SAMPLE
     found: dict[tuple, list[str]] = {}
-    for name, header in dataset.shard_headers(limit).items():
+    for name, header in dataset.shard_headers(limit, names=shards).items():
         enc = encoding_of(header)
         found.setdefault(tuple(enc[k] for k in ENCODING_KEYS), []).append(name)
     if len(found) > 1:

@@ -152,12 +152,17 @@ class EpochPlan:
         return max(0, self.n_batches - position) % world_size
 
 
-def plan_epoch(buckets: RowBuckets, *, seed: int, epoch: int, device_batch_size: int) -> EpochPlan:
-    """The shuffled batch list of one epoch (pure function of buckets, seed, epoch, batch size)."""
+def plan_epoch(
+    buckets: RowBuckets, *, seed: int, epoch: int, device_batch_size: int, wave: int = 0
+) -> EpochPlan:
+    """The shuffled batch list of one epoch (pure function of buckets, seed, epoch, batch size).
+
+    `wave` > 0 keys the plan of one wave of a streaming first pass (train/stream.py) apart from
+    the others; 0 is the ordinary epoch plan."""
     b = int(device_batch_size)
     if b < 1:
         raise ValueError("device_batch_size must be >= 1")
-    rng = prompt_rng(seed, epoch, 0, domain=b"epoch-order")
+    rng = prompt_rng(seed, epoch, wave, domain=b"epoch-order")
     n = len(buckets.rows)
     perm = rng.permutation(n)
     within = np.argsort(buckets.keys[perm], kind="stable")  # radix sort on int16

@@ -34,12 +34,14 @@ def write_synthetic_latent_dataset(
     original: tuple[int, int] | None = None,
     crop: tuple[int, int] = (0, 0),
     sources: tuple[str, ...] = (),
+    shard_size: int | None = None,
 ) -> Path:
     """Write `n` images of one `height` x `width` bucket (latent 4 x h/8 x w/8) to `root`.
 
     `original` = (height, width) of the (pretend) source image, default twice the bucket;
     `crop` = (top, left) of the bucket crop: SDXL's size conditioning for every image.
     `sources`: image i's manifest `source` is `sources[i % len(sources)]` (none when empty).
+    `shard_size`: images per shard (default: one shard), as an encoder publishing shard by shard.
     """
     orig_h, orig_w = original if original is not None else (height * 2, width * 2)
     from bigasp.store import RecordMeta, ShardWriter, layout
@@ -49,9 +51,14 @@ def write_synthetic_latent_dataset(
     root.mkdir(parents=True, exist_ok=True)
     init_dataset(root)
     rng = np.random.default_rng(seed)
-    writer = ShardWriter(root, "synthetic-000", height, width)
+    per = shard_size or max(n, 1)
+    writer = None
     rows = []
     for i in range(n):
+        if i % per == 0:
+            if writer is not None:
+                writer.close()
+            writer = ShardWriter(root, f"synthetic-{i // per:03d}", height, width)
         colour = i % len(COLOURS)
         lat = _pattern(colour, height // 8, width // 8) + 0.1 * rng.standard_normal(
             (4, height // 8, width // 8)
@@ -72,6 +79,7 @@ def write_synthetic_latent_dataset(
                 "extra": "{}",
             }
         )
-    writer.close()
+    if writer is not None:
+        writer.close()
     layout.atomic_write_parquet(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), root / layout.MANIFEST)
     return root

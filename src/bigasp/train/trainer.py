@@ -50,6 +50,7 @@ from bigasp.train.ema import EMA, EMA_DIR
 from bigasp.train.objectives import Objective, ObjectiveConfig
 from bigasp.train.optim import build_optimizer, set_lr
 from bigasp.train.schedule import lr_multiplier
+from bigasp.train.stream import StreamingLoader, StreamStopped
 from bigasp.train.tracking import Tracker, truncate_jsonl
 from bigasp.train.validation import evaluate
 
@@ -416,21 +417,36 @@ class Trainer:
     def build_data(self, dataset, saved: dict[str, Any] | None) -> None:
         """The dataset, its train/validation split and this rank's planned loader."""
         cfg = self.cfg
+        threshold = saved["trainer"].get("split_threshold") if saved else None
+        # A run that started streaming keeps streaming semantics (rows in the order taken in) for life.
+        streaming = bool(saved["trainer"]["loader"][0].get("stream")) if saved else cfg.data.stream
+        if saved and cfg.data.stream and not streaming:
+            log.warning("data.stream is ignored: the resumed run did not start streaming")
         if dataset is None:
             from bigasp.train.data import open_dataset
 
-            dataset = open_dataset(cfg.data)
-            preflight.check_dataset(dataset, self.model, cfg)
+            dataset = open_dataset(cfg.data, streaming=streaming)
+            if not streaming:
+                preflight.check_dataset(dataset, self.model, cfg)
         self.dataset = dataset
+        if streaming:
+            self.loader = StreamingLoader(
+                dataset, cfg.data, rank=self.rank, world_size=self.world, seed=self.seed,
+                device_batch_size=cfg.data.device_batch_size, threshold=threshold,
+                check=lambda shards: preflight.check_dataset(dataset, self.model, cfg, shards=shards),
+            )  # fmt: skip
+            return
         # A resumed run keeps its split cutoff: images added since are assigned by it, old ones keep their side.
-        self.split = split_dataset(
-            dataset, cfg.data, seed=self.seed,
-            threshold=saved["trainer"].get("split_threshold") if saved else None,
-        )  # fmt: skip
+        split = split_dataset(dataset, cfg.data, seed=self.seed, threshold=threshold)
         self.loader = TrainLoader(
             dataset, cfg.data, rank=self.rank, world_size=self.world, seed=self.seed,
-            device_batch_size=cfg.data.device_batch_size, split=self.split,
+            device_batch_size=cfg.data.device_batch_size, split=split,
         )  # fmt: skip
+
+    @property
+    def split(self):
+        """Validation / stable / train rows (a streaming run's grow as images are taken in)."""
+        return self.loader.split
 
     def build_logging(self) -> None:
         """Metric sinks, the optional batch log, the FLOP counter."""
@@ -530,12 +546,23 @@ class Trainer:
         stop = StopFlag(cfg.checkpoint.on_signal)
         if not self.restored and cfg.validation.at_start and cfg.validation.every:
             self.validate()
+        if hasattr(self.loader, "stop_check"):  # a streaming run may wait for the encoder: stop there too
+            self.loader.stop_check = lambda: stop.set
         self.batches = iter(self.loader)
         self.last_saved_at = st.samples_seen if self.restored else -1
         try:
             while st.samples_seen < t.max_samples:
                 step_start = time.perf_counter()
-                outcome = self.train_step(stop)
+                try:
+                    outcome = self.train_step(stop)
+                except StreamStopped:  # signalled while waiting for the encoder, before this step began
+                    if cfg.checkpoint.on_signal and self.last_saved_at != st.samples_seen:
+                        result.last_checkpoint = self.save("signal")
+                    result.stopped_by_signal, result.stop_signal = True, stop.signum
+                    log.warning(
+                        "stopped by signal at %d samples (while waiting for the encoder)", st.samples_seen
+                    )
+                    break
                 self.update_ema()
                 self.log_step(outcome, time.perf_counter() - step_start)
                 if self.batch_log is not None:
@@ -576,6 +603,8 @@ class Trainer:
         return bool(every) and now // every != (now - bs) // every
 
     def next_batch(self, micro: int):
+        if hasattr(self.loader, "interruptible"):  # only between steps is a stop while waiting safe to save
+            self.loader.interruptible = micro == 0
         try:
             return next(self.batches)
         except BigaspError:  # a bad shard or record: keep the finished steps if that is safe
@@ -739,6 +768,8 @@ class Trainer:
         out: dict[str, Any] = {}
         start = time.perf_counter()
         for name, rows in sets:
+            if isinstance(self.loader, StreamingLoader):  # the sets grow as images are taken in
+                out[f"{name}/images"] = len(rows)
             if len(rows) == 0:
                 continue
             batches = eval_batches(

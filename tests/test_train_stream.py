@@ -1,0 +1,250 @@
+"""Training while the encoder still writes the dataset: the streaming first pass.
+
+Shards are "published" here the way `bigasp encode` publishes them: the shard file is complete
+and its index file appears. The publisher is driven by the loader's own wait decisions (the
+`exchange` hook that, in a multi-rank run, broadcasts rank 0's decision), so the waves are
+deterministic and a resume can be compared batch for batch with the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bigasp.store import LatentDataset, layout
+from bigasp.train.data import DataConfig
+from bigasp.train.stream import StreamingLoader
+from bigasp.train.synthetic import write_synthetic_latent_dataset
+
+
+class Publisher:
+    """Holds a dataset's index files back and publishes them one (or more) at a time."""
+
+    def __init__(self, root: Path, first: int):
+        self.index = root / layout.INDEX_DIR
+        self.held = root / "held-back"
+        self.held.mkdir()
+        self.names = sorted(p.name for p in self.index.glob("*.parquet"))
+        for n in self.names:
+            (self.index / n).rename(self.held / n)
+        self.count = 0
+        self.publish(first)
+
+    def publish(self, k: int = 1) -> None:
+        for n in self.names[self.count : self.count + k]:
+            (self.held / n).rename(self.index / n)
+        self.count = min(len(self.names), self.count + k)
+
+    def rewind(self, count: int) -> None:
+        """Un-publish back to `count` files (to replay the same publication sequence)."""
+        for n in self.names[count : self.count]:
+            (self.index / n).rename(self.held / n)
+        self.count = count
+
+    def exchange(self, decision):
+        if decision[0] == "wait":  # the loader found nothing new: the encoder finishes one more shard
+            self.publish(1)
+        return decision
+
+
+def _cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(
+        **{
+            "dataset": str(root),
+            "seed": 3,
+            "device_batch_size": 2,
+            "num_workers": 0,
+            "validation_size": 4,
+            "stable_size": 4,
+            "stream": True,
+            "stream_poll_s": 0.01,
+            "stream_timeout_s": 60,
+            **kw,
+        }
+    )
+
+
+def _loader(root: Path, pub: Publisher, **kw) -> StreamingLoader:
+    return StreamingLoader(LatentDataset(str(root), streaming=True), _cfg(root, **kw), exchange=pub.exchange)
+
+
+@pytest.fixture
+def streamed(tmp_path):
+    root = write_synthetic_latent_dataset(tmp_path / "ds", n=60, seed=0, shard_size=6)  # 10 shards
+    return root, Publisher(root, first=2)
+
+
+def test_first_pass_trains_published_images_once_in_waves_then_the_whole_dataset(streamed):
+    root, pub = streamed
+    loader = _loader(root, pub, device_batch_size=4)  # 6 images a shard: most waves leave a remainder
+    it = iter(loader)
+    epoch0, published_at = [], []
+    b = next(it)
+    while b.epoch == 0:
+        epoch0.append(b)
+        published_at.append(len(loader.dataset))
+        b = next(it)
+    assert pub.count == 10 and loader.done and loader.waits >= 8  # it waited for every later shard
+    assert loader.waves[0] == pub.names[:2] and [len(w) for w in loader.waves[1:]] == [1] * 8
+    ds = loader.dataset
+    assert ds.index_files_taken == pub.names and len(ds) == 60
+    rows0 = np.concatenate([x.indices.numpy() for x in epoch0])
+    split = loader.split
+    assert len(split.validation) == 4 and len(split.stable) == 4  # cutoff from the manifest: exactly as asked
+    assert len(set(rows0.tolist())) == len(rows0)  # no image twice in the pass
+    assert set(rows0.tolist()) <= set(split.train.tolist())  # never a held-out image
+    assert (
+        len(split.train) - len(rows0) < 2 * 3
+    )  # only the pool's remainder (< a batch per bucket) is dropped
+    # every batch holds images already published when it was planned, read with their own latents
+    full = LatentDataset(str(root))
+    by_id = {full.table.column("id")[i].as_py(): i for i in range(len(full))}
+    for x, n in zip(epoch0, published_at, strict=True):
+        assert int(x.indices.max()) < n
+        for j, r in enumerate(x.indices.tolist()):
+            assert torch.equal(x.latents[j], full.read_latent(by_id[ds.table.column("id")[r].as_py()]))
+    # rows are appended wave by wave, sorted by id within a wave: the first wave holds shards 0-1
+    assert ds.table.column("id").to_pylist()[:12] == [f"img{i:05d}" for i in range(12)]
+    # epoch 1 plans the whole training split as an ordinary epoch
+    epoch1 = [b] + [next(it) for _ in range(loader.batches_per_epoch() - 1)]
+    rows1 = np.concatenate([x.indices.numpy() for x in epoch1])
+    assert all(x.epoch == 1 for x in epoch1) and set(rows1.tolist()) <= set(split.train.tolist())
+    assert len(rows1) == len(set(rows1.tolist())) >= len(split.train) - 4 * loader.buckets.n_buckets
+    assert next(it).epoch == 2
+
+
+def test_resume_mid_pass_and_after_it_replays_the_waves_exactly(streamed):
+    root, pub = streamed
+    loader = _loader(root, pub)
+    it = iter(loader)
+    batches, states, counts = [], [], []
+    while True:
+        states.append(loader.state_dict())
+        counts.append(pub.count)
+        b = next(it)
+        batches.append(b)
+        if b.epoch == 1 and len(batches) > 3 and batches[-4].epoch == 1:
+            break
+    cuts = [k for k in range(len(batches)) if states[k]["stream"]["waves"] and states[k]["epoch"] == 0]
+    mid = cuts[len(cuts) // 2]
+    after = next(k for k in range(len(batches)) if states[k]["epoch"] == 1 and k > 0)
+    assert len(states[mid]["stream"]["waves"]) > 2 and not states[mid]["stream"]["done"]
+    assert states[after]["stream"]["done"]
+    for cut in (mid, after):
+        pub.rewind(counts[cut])  # the encoder had published this much when the checkpoint was written
+        fresh = _loader(root, pub)
+        fresh.load_state_dict(states[cut])
+        resumed = iter(fresh)
+        for want in batches[cut:]:
+            got = next(resumed)
+            assert (got.epoch, got.position) == (want.epoch, want.position)
+            assert torch.equal(got.indices, want.indices) and got.prompts == want.prompts
+            assert torch.equal(got.latents, want.latents) and torch.equal(got.crop, want.crop)
+        assert fresh.waves == loader.waves[: len(fresh.waves)]
+
+
+def test_two_ranks_take_the_same_waves_and_split_one_global_batch_sequence(streamed):
+    root, pub = streamed
+    single = _loader(root, pub)
+    it = iter(single)
+    want = []
+    while (b := next(it)).epoch == 0:
+        want.append(b)
+    pub.rewind(2)
+
+    # two ranks in threads; `exchange` broadcasts rank 0's decision as the process group would
+    box: list = [None]
+    barrier = threading.Barrier(2)
+
+    def exchange(rank):
+        def go(decision):
+            if rank == 0:
+                box[0] = pub.exchange(decision)
+            barrier.wait()
+            out = box[0]
+            barrier.wait()
+            return out
+
+        return go
+
+    got: dict[int, list] = {0: [], 1: []}
+    loaders = {}
+
+    def run(rank):
+        lo = StreamingLoader(
+            LatentDataset(str(root), streaming=True),
+            _cfg(root),
+            rank=rank,
+            world_size=2,
+            exchange=exchange(rank),
+        )
+        loaders[rank] = lo
+        for b in lo:
+            if b.epoch > 0:
+                break
+            got[rank].append(b)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert loaders[0].waves == loaders[1].waves == single.waves
+    assert len(got[0]) == len(got[1])
+    merged = {b.position: b for r in (0, 1) for b in got[r]}
+    assert sorted(merged) == list(range(len(merged)))
+    for b in want[: len(merged)]:  # the same global batch list as one rank (bar an odd tail)
+        assert torch.equal(merged[b.position].indices, b.indices) and merged[b.position].prompts == b.prompts
+    assert len(want) - len(merged) in (0, 1)
+
+
+def test_a_dead_encoder_times_out_with_a_clear_error(tmp_path):
+    root = write_synthetic_latent_dataset(tmp_path / "ds", n=24, seed=0, shard_size=6)
+    pub = Publisher(root, first=1)
+    loader = StreamingLoader(
+        LatentDataset(str(root), streaming=True),
+        _cfg(root, stream_timeout_s=0.2, validation_size=0, stable_size=0),
+    )
+    from bigasp.errors import DataError
+
+    with pytest.raises(
+        DataError, match=r"no new shard for 0 s while 18 ingested image\(s\) still have no latent"
+    ):
+        for _ in loader:
+            pass
+    assert pub.count == 1
+
+
+def test_encode_rejects_complete_the_pass(streamed):
+    import pyarrow as pa
+
+    from bigasp.store.manifest import REJECTS_SCHEMA
+
+    root, pub = streamed
+    pub.rewind(0)
+    pub.publish(9)  # the last shard's images were rejected by the encoder instead
+    (pub.held / pub.names[9]).unlink()
+    rej = [
+        {"path": f"/synthetic/img{i:05d}.png", "reason": "decode", "detail": "x", "file_size": 1, "mtime": None,
+         "id": f"img{i:05d}", "stage": "encode"}
+        for i in range(54, 60)
+    ]  # fmt: skip
+    (root / layout.ENCODE_REJECTS_DIR).mkdir(parents=True, exist_ok=True)
+    layout.atomic_write_parquet(
+        pa.Table.from_pylist(rej, schema=REJECTS_SCHEMA), root / layout.ENCODE_REJECTS_DIR / "r.parquet"
+    )
+    loader = StreamingLoader(LatentDataset(str(root), streaming=True), _cfg(root, stream_timeout_s=5))
+    it = iter(loader)
+    while next(it).epoch == 0:
+        pass
+    assert (
+        loader.done
+        and loader.waits == 0
+        and len(loader.dataset) == 54
+        and loader.dataset.missing_latents() == 0
+    )
