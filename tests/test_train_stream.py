@@ -248,3 +248,66 @@ def test_encode_rejects_complete_the_pass(streamed):
         and len(loader.dataset) == 54
         and loader.dataset.missing_latents() == 0
     )
+
+
+def test_train_waits_for_the_encoder_stops_cleanly_on_sigterm_and_resumes_when_shards_arrive(tmp_path):
+    """A real `bigasp train` subprocess on a dataset half published: it trains what is there,
+    waits, checkpoints on SIGTERM while waiting, and a resume takes the rest in as a new wave."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bigasp.config import dump_toml
+    from bigasp.train import checkpoint as ck
+    from train_helpers import make_cfg
+
+    repo = Path(__file__).resolve().parents[1]
+    root = write_synthetic_latent_dataset(tmp_path / "ds", n=24, seed=2, shard_size=6)
+    pub = Publisher(root, first=2)
+    cfg = make_cfg(
+        tmp_path / "run", root,
+        data={"stream": True, "stream_poll_s": 0.2},
+        train={"batch_size": 2, "max_samples": 40, "warmup_samples": 4},
+        validation={"every": 8},
+    )  # fmt: skip
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(dump_toml(cfg.model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
+
+    def train(*args: str, log_name: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bigasp.cli", "train", str(cfg_path), *args],
+            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / log_name).open("w"), text=True,
+        )  # fmt: skip
+
+    proc = train(log_name="first.log")
+    deadline = time.monotonic() + 120
+    while "waiting for the encoder" not in (tmp_path / "first.log").read_text():
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the run never waited for the encoder"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    (ckpt,) = ck.list_complete_checkpoints(cfg.run_dir)
+    meta = ck.read_meta(ckpt)
+    assert meta["reason"] == "signal" and 0 < meta["samples_seen"] < 40
+    state = json.loads((ckpt / "state" / "trainer.json").read_text())["loader"][0]
+    assert state["epoch"] == 0 and state["stream"]["waves"] == [pub.names[:2]] and not state["stream"]["done"]
+
+    pub.publish(2)  # the encoder finishes
+    resumed = train("--resume", "auto", log_name="second.log")
+    assert resumed.wait(timeout=120) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    last = ck.list_complete_checkpoints(cfg.run_dir)[-1]
+    assert ck.read_meta(last)["samples_seen"] == 40
+    final = json.loads((last / "state" / "trainer.json").read_text())["loader"][0]["stream"]
+    assert final["waves"] == [pub.names[:2], pub.names[2:]] and final["done"]
+    records = [json.loads(x) for x in (Path(cfg.run_dir) / "batches.rank0.jsonl").read_text().splitlines()]
+    first_pass = [r for rec in records if rec["epoch"] == 0 for r in rec["rows"]]
+    assert len(first_pass) == len(set(first_pass)) >= 16  # each image at most once in the pass
+    assert any(rec["epoch"] >= 1 for rec in records)
+    metrics = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    sizes = [m["val/images"] for m in metrics if "val/images" in m]
+    assert sizes[-1] == 2 and sizes == sorted(sizes)  # the held-out set fills up as shards arrive (2 of 24)
