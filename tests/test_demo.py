@@ -49,3 +49,24 @@ def test_quick_demo_learns_end_to_end(tmp_path: Path, capsys):
     again = json.loads((out / "summary.json").read_text())
     assert set(again["reused"]) >= {"ingest", "encode", "report", "train", "generate", "watch"}
     assert again["colour_adherence"] == summary["colour_adherence"]
+
+
+@pytest.mark.slow
+def test_stream_demo_encodes_and_trains_together(tmp_path: Path):
+    """`bigasp demo --stream` at a smaller size: the encoder runs in the background while the run
+    streams its first pass; every stage still leaves its product, and a re-run reuses them."""
+    from bigasp.demo.run import DemoPlan, run_demo
+
+    plan = DemoPlan(photos=128, max_samples=960, validate_every=480, images_per_prompt=1, steps=4)
+    out = tmp_path / "demo"
+    result = run_demo(out, plan=plan, stream=True, echo=lambda _: None)
+    assert result.stream_waves is not None and result.stream_waves >= 1
+    final = Path(result.paths["final_checkpoint"])
+    state = json.loads((final / "state" / "trainer.json").read_text())["loader"][0]
+    assert state["stream"]["done"] and state["epoch"] >= 1
+    taken = [f for wave in state["stream"]["waves"] for f in wave]
+    published = sorted(p.name for p in (out / "dataset" / "latents" / "index").glob("*.parquet"))
+    assert sorted(taken) == published and len(published) >= 4  # shards of at most 32 latents
+    assert Path(result.paths["dataset_report"]).exists() and Path(result.paths["grid_image"]).exists()
+    again = run_demo(out, plan=plan, stream=True, echo=lambda _: None)
+    assert set(again.reused) >= {"ingest", "encode", "report", "train", "generate", "watch"}

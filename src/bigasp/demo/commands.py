@@ -15,6 +15,12 @@ def demo(
         Path("demo-out"), "--out", help="Output folder (re-running reuses finished stages)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seeds the photos, crops, training data order and sampling."),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="Start encode and train together: the encoder publishes small shards in the background and "
+        "training streams its first pass from them, waiting when it runs ahead.",
+    ),
     force: bool = typer.Option(
         False,
         "--force",
@@ -33,7 +39,7 @@ def demo(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = run_demo(out, quick=quick, seed=seed, echo=typer.echo, force=force)
+        result = run_demo(out, quick=quick, seed=seed, echo=typer.echo, force=force, stream=stream)
     finally:
         torch.set_num_threads(threads)  # callers in the same process (tests) keep their setting
     typer.echo(format_report(result))

@@ -129,6 +129,10 @@ def format_report(result: Any) -> str:
         f"(Laplacian variance, ratio {result.sharpness_ratio:.2f}x)",
         f"  validation loss  : {result.val_loss_start:.4f} -> {result.val_loss_end:.4f} ({val_drop:.0%} lower)",
     ]
+    if getattr(result, "stream_waves", None) is not None:
+        lines.append(
+            f"  streaming start  : encode and train ran together; the first pass took in {result.stream_waves} wave(s) of shards"
+        )
     if result.stable_loss_start is not None:
         lines.append(f"  stable train loss: {result.stable_loss_start:.4f} -> {result.stable_loss_end:.4f}")
     lines += [

@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +31,10 @@ from bigasp.demo import synthetic
 from bigasp.errors import BigaspError
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+
+STREAM_SHARD_SIZE = 32  # --stream: the encoder publishes a shard per 32 photos, so the run sees waves
+STREAM_POLL_S = 0.5
 
 
 def find_config(name: str) -> Path:
@@ -79,6 +85,7 @@ class DemoResult:
     stable_loss_end: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
+    stream_waves: int | None = None  # --stream: waves of published shards the first pass took in
 
     @property
     def sharpness_ratio(self) -> float:
@@ -177,12 +184,14 @@ def run_demo(
     train_overrides: Sequence[str] = (),
     preset: str = "demo",
     force: bool = False,
+    stream: bool = False,
 ) -> DemoResult:
     """Run (or finish) the demo in `out`; returns the figures and where everything is.
 
     `train_overrides` are extra `key=value` settings for `bigasp train` (e.g. to try a longer run);
     `preset` is the model preset the starting model is built from. `out` must be new, empty or an
-    earlier demo's folder, unless `force`.
+    earlier demo's folder, unless `force`. `stream`: encode and train start together (the encoder
+    in the background, publishing small shards; training streams its first pass, waiting on it).
     """
     from bigasp.demo.vae import DEMO_VAE_DIR
 
@@ -227,12 +236,19 @@ def run_demo(
             "encode", str(dataset), "--vae", str(DEMO_VAE_DIR), "--config", str(data_cfg), "--seed", str(seed)
         )
 
-    st.run("encode", {"vae": _dir_digest(DEMO_VAE_DIR), "seed": seed, "n": plan.photos}, encode)
-
-    # 4b. Dataset report: tags, caption n-grams, scores, buckets, chunk counts (HTML + plots).
+    encode_params = {"vae": _dir_digest(DEMO_VAE_DIR), "seed": seed, "n": plan.photos} | (
+        {"stream": True} if stream else {}
+    )
+    if not stream:
+        st.run("encode", encode_params, encode)
     report_dir = out / "dataset-report"
-    st.run("report", {"n": plan.photos, "seed": seed},
-           lambda: st.cli("dataset", "report", str(dataset), "--out", str(report_dir), "--no-progress"))  # fmt: skip
+
+    def report() -> None:  # 4b. Dataset report: tags, caption n-grams, scores, buckets, chunk counts.
+        st.run("report", {"n": plan.photos, "seed": seed},
+               lambda: st.cli("dataset", "report", str(dataset), "--out", str(report_dir), "--no-progress"))  # fmt: skip
+
+    if not stream:
+        report()
 
     # 5. Train half, then resume to the end (shows checkpoint + exact resume on the way).
     overrides = [
@@ -245,6 +261,7 @@ def run_demo(
         f"checkpoint.every={plan.max_samples // 2}",
         f"checkpoint.keep_every={plan.max_samples // 2}",
         f"logging.every={plan.validate_every}",
+        *(["data.stream=true", f"data.stream_poll_s={STREAM_POLL_S}"] if stream else []),
         *train_overrides,
     ]
     train_params = {
@@ -272,7 +289,33 @@ def run_demo(
         if run_dir.exists() and not same:
             shutil.rmtree(run_dir)
         started.write_text(json.dumps({"key": st.key(train_params)}) + "\n")
-    st.run("train", train_params, train)
+    if stream:  # encode in the background, publishing small shards, while training streams them in
+
+        def encode_and_train() -> None:
+            if (st.marks / "encode.json").is_file():
+                shutil.rmtree(dataset / "latents", ignore_errors=True)
+            args = ["encode", str(dataset), "--vae", str(DEMO_VAE_DIR), "--config", str(data_cfg),
+                    "--seed", str(seed), "--set", f"shard_size={STREAM_SHARD_SIZE}"]  # fmt: skip
+            echo("[demo] $ bigasp " + " ".join(_quote(a) for a in args) + " &   (in the background)")
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny tensors: one thread each (see `bigasp demo`)
+            encoder = subprocess.Popen(
+                [sys.executable, "-m", "bigasp.cli", *args], stdout=subprocess.DEVNULL, env=env
+            )
+            try:
+                st.run("train", train_params, train)
+            finally:
+                if encoder.wait() != 0:
+                    raise BigaspError(f"demo stage `bigasp encode` failed (exit {encoder.returncode})")
+            st.mark("encode", encode_params)
+
+        if st.done("encode", encode_params):  # the encode finished in an earlier run: nothing to wait for
+            st.run("encode", encode_params, lambda: None)
+            st.run("train", train_params, train)
+        else:
+            encode_and_train()
+        report()
+    else:
+        st.run("train", train_params, train)
     final = _final_checkpoint(run_dir, plan.max_samples)
 
     # 6. Generate the grid with the v2.5-style sampler (euler + beta, CFG + PAG preset).
@@ -303,6 +346,9 @@ def run_demo(
     from bigasp.demo.report import measure, write_grid_image, write_loss_plot
 
     result = DemoResult(out=str(out), seed=seed, quick=quick)
+    if stream:
+        loader = json.loads((final / "state" / "trainer.json").read_text())["loader"][0]["stream"]
+        result.stream_waves = len(loader["waves"])
     images = _grid_images(grid_dir, seed, len(prompts), plan.images_per_prompt)
     measure(result, images, labels)
     grid_png = write_grid_image(out / "grid.png", images, labels)

@@ -285,7 +285,7 @@ class StreamingLoader(TrainLoader):
             if not logged:
                 log.info(
                     "waiting for the encoder: %d ingested image(s) have no latent yet (%d taken in); "
-                    "polling every %.0f s",
+                    "polling every %g s",
                     decision[1],
                     len(self.dataset),
                     self.cfg.stream_poll_s,

@@ -805,7 +805,8 @@ class Trainer:
                 st.samples_seen,
                 ", ".join(
                     f"{k}{self.loss_labels.get(k, '')} {v:.5f}" for k, v in out.items() if k.endswith("/loss")
-                ),
+                )
+                or "no held-out image taken in yet (streaming)",
             )
         st.validation.append(
             {"samples": st.samples_seen, **{k: v for k, v in out.items() if k.endswith("/loss")}}
