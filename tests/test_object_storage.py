@@ -296,3 +296,55 @@ def test_local_s3_server_of_the_bench_delays_every_request(s3):
         t = time.perf_counter()
         assert fs.cat_file("lat/a") == b"x"
         assert time.perf_counter() - t >= 0.08
+
+
+def test_streaming_first_pass_from_a_bucket_equals_the_local_one(tmp_path, s3):
+    """The encoder publishes index objects one at a time into the bucket while the run streams:
+    the waves, batches and latents are those of the same publication on a local disk."""
+    import shutil
+
+    from bigasp.train.stream import StreamingLoader
+
+    local = write_synthetic_latent_dataset(tmp_path / "ds", n=24, seed=4, shard_size=4)
+    names = sorted(p.name for p in (local / layout.INDEX_DIR).glob("*.parquet"))
+    held = tmp_path / "held"
+    shutil.copytree(local / layout.INDEX_DIR, held)
+    url = f"s3://{BUCKET}/streaming"
+    upload(local, url, s3)
+    fs = fs_of(s3)
+    for n in names:
+        fs.rm(f"{BUCKET}/streaming/{layout.INDEX_DIR}/{n}")
+        (local / layout.INDEX_DIR / n).unlink()
+
+    def run(dataset_url: str, publish) -> tuple[list, list]:
+        count = [0]
+
+        def exchange(decision):
+            if decision[0] == "wait":
+                publish(names[count[0]])
+                count[0] += 1
+            return decision
+
+        cfg = DataConfig(
+            dataset=dataset_url, seed=2, device_batch_size=2, num_workers=0, validation_size=2, stable_size=2,
+            stream=True, stream_poll_s=0.01, storage_options=s3 if dataset_url.startswith("s3") else {},
+            cache_dir=str(tmp_path / "cache"),
+        )  # fmt: skip
+        loader = StreamingLoader(open_dataset(cfg, streaming=True), cfg, exchange=exchange)
+        out = []
+        for b in loader:
+            if b.epoch > 0:
+                break
+            out.append(b)
+        return out, loader.waves
+
+    remote, remote_waves = run(
+        url, lambda n: fs.put(str(held / n), f"{BUCKET}/streaming/{layout.INDEX_DIR}/{n}")
+    )
+    here, local_waves = run(str(local), lambda n: shutil.copy(held / n, local / layout.INDEX_DIR / n))
+    assert remote_waves == local_waves and len(remote_waves) == len(names)
+    assert len(remote) == len(here) > 0
+    for a, b in zip(remote, here, strict=True):
+        assert (
+            torch.equal(a.indices, b.indices) and a.prompts == b.prompts and torch.equal(a.latents, b.latents)
+        )
