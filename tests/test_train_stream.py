@@ -311,3 +311,63 @@ def test_train_waits_for_the_encoder_stops_cleanly_on_sigterm_and_resumes_when_s
     metrics = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     sizes = [m["val/images"] for m in metrics if "val/images" in m]
     assert sizes[-1] == 2 and sizes == sorted(sizes)  # the held-out set fills up as shards arrive (2 of 24)
+
+
+def _rank(rank: int, world: int, port: int, cfg_json: str) -> None:
+    import os
+
+    from bigasp.train.config import RunConfig
+    from bigasp.train.distributed import shutdown
+    from bigasp.train.trainer import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    try:
+        train(RunConfig.model_validate_json(cfg_json))
+    finally:
+        shutdown()
+
+
+def test_two_gloo_ranks_agree_on_every_wave_while_shards_arrive(tmp_path):
+    """Real trainer, 2 gloo processes; shards are published on a timer (timing-dependent waves):
+    rank 0's choice is broadcast, so both ranks record the same waves and split the same batches."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from bigasp.train import checkpoint as ck
+    from train_helpers import free_port, make_cfg
+
+    root = write_synthetic_latent_dataset(tmp_path / "ds", n=24, seed=2, shard_size=6)
+    pub = Publisher(root, first=1)
+    cfg = make_cfg(
+        tmp_path / "run", root, data={"stream": True, "stream_poll_s": 0.1}, train={"max_samples": 28},
+    )  # fmt: skip
+    stop = threading.Event()
+
+    def encoder():
+        while pub.count < len(pub.names) and not stop.wait(1.0):
+            pub.publish(1)
+
+    t = threading.Thread(target=encoder, daemon=True)
+    t.start()
+    try:
+        mp.start_processes(_rank, args=(2, free_port(), cfg.model_dump_json()), nprocs=2, start_method="fork")
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    last = ck.list_complete_checkpoints(cfg.run_dir)[-1]
+    loaders = json.loads((last / "state" / "trainer.json").read_text())["loader"]
+    assert len(loaders) == 2 and loaders[0]["stream"] == loaders[1]["stream"]
+    assert loaders[0]["stream"]["done"] and [f for w in loaders[0]["stream"]["waves"] for f in w] == pub.names
+    assert len(loaders[0]["stream"]["waves"]) >= 2  # a shard a second: the run caught up and waited
+    rows = {}
+    for r in (0, 1):
+        for line in (Path(cfg.run_dir) / f"batches.rank{r}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            rows.setdefault(rec["epoch"], []).append((rec["position"], tuple(rec["rows"])))
+    first = sorted(rows[0])
+    assert [p for p, _ in first] == list(range(len(first)))  # ranks took alternate global batches
+    flat = [r for _, rs in first for r in rs]
+    assert len(flat) == len(set(flat))
