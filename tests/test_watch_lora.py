@@ -117,3 +117,28 @@ def test_a_bad_lora_stops_before_any_checkpoint_is_sampled(tmp_path, capsys):
     with pytest.raises(LoraError, match=r"junk\.safetensors"):
         w.run_once()
     assert not (run / "samples").exists() or not any((run / "samples").iterdir())
+
+
+def test_a_gallery_mixing_lora_settings_is_flagged(tmp_path, caplog, loras):
+    samples = tmp_path / "run" / "samples"
+    for name, record in (
+        ("step-000000000100", []),
+        ("step-000000000200", [{"file": "x.safetensors", "weight": 1.0}]),
+    ):
+        (samples / name).mkdir(parents=True)
+        (samples / name / "done.json").write_text(
+            json.dumps({"samples_seen": int(name[5:]), "loras": record})
+        )
+    specs = [LoraSpec(f, w) for f, w in loras]
+    want = [{"file": str(f), "weight": w} for f, w in loras]
+    (samples / "step-000000000300").mkdir()
+    (samples / "step-000000000300" / "done.json").write_text(json.dumps({"samples_seen": 300, "loras": want}))
+    with caplog.at_level("WARNING"):
+        Watcher(tmp_path / "run", ["a cat"], [0], loras=specs).warn_if_mixed()
+    assert "2 checkpoint(s) sampled with other LoRAs" in caplog.text and "--out" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Watcher(tmp_path / "run", ["a cat"], [0], out_dir=tmp_path / "new", loras=specs).warn_if_mixed()
+    assert caplog.text == ""
+    page = Watcher(tmp_path / "run", ["a cat"], [0]).write_gallery().read_text()
+    assert page.count("LoRA ") == 2 and "LoRA x: 1" in page and "LoRA style: 0.8, detail: 0.5" in page
