@@ -1,8 +1,9 @@
 """Exports people can use: `model export --dtype`, header-only `model info`, the ComfyUI workflow of a flow export.
 
 The workflow is validated against ComfyUI's own node definitions (class names, required inputs with
-their types, widget ranges and choices, output types), recorded from ComfyUI's source in
-tests/data/comfyui_nodes.json.
+their types and order, widget ranges and choices, output types), recorded from ComfyUI's source in
+tests/data/comfyui_nodes.json; its canvas (UI) form also against the ComfyUI frontend's workflow
+schema, recorded with the frontend's own default workflow in tests/data/comfyui_workflow_schema.json.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from jsonschema import Draft202012Validator, ValidationError
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from typer.testing import CliRunner
 
 from bigasp.cli import app
 from bigasp.errors import ModelLoadError
-from bigasp.models.comfyui import api_workflow, workflow_paths
+from bigasp.models.comfyui import api_workflow, ui_workflow, workflow_paths
 from bigasp.models.components import ModelKind
 from bigasp.models.file_header import read_header, single_file_info
 from bigasp.models.io import load_model
@@ -33,6 +35,7 @@ from bigasp.sample.generate import GenerateSettings
 REPO = Path(__file__).resolve().parents[1]
 BIGASP = REPO / ".venv" / "bin" / "bigasp"
 COMFY = json.loads((Path(__file__).parent / "data" / "comfyui_nodes.json").read_text())["nodes"]
+UI = json.loads((Path(__file__).parent / "data" / "comfyui_workflow_schema.json").read_text())
 WIDGETS = {"INT", "FLOAT", "STRING", "COMBO", "FILENAME"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -57,23 +60,108 @@ def validate_comfy_api(graph: dict, ckpt_name: str) -> None:
                 assert 0 <= idx < len(outputs) and outputs[idx] == kind, (
                     f"{where}: wants {kind}, gets {value}"
                 )
-            elif kind == "FILENAME":
-                assert value == ckpt_name, f"{where}: {value!r}"
-            elif kind == "STRING":
-                assert isinstance(value, str), where
-            elif kind == "COMBO":
-                assert value in want["choices"], f"{where}: {value!r} is not a ComfyUI choice"
             else:
-                py = int if kind == "INT" else (int, float)
-                assert isinstance(value, py) and not isinstance(value, bool), (
-                    f"{where}: {value!r} is not {kind}"
-                )
-                assert want["min"] <= value <= want["max"], (
-                    f"{where}: {value} outside [{want['min']}, {want['max']}]"
-                )
-                if kind == "INT" and "step" in want:
-                    assert (value - want["min"]) % want["step"] == 0, f"{where}: {value} off the step grid"
+                check_widget(where, want, value, ckpt_name)
     assert any(COMFY[n["class_type"]].get("output_node") for n in graph.values()), "no output node"
+
+
+def check_widget(where: str, want: dict, value, ckpt_name: str) -> None:
+    """One widget value against its recorded input definition."""
+    kind = want["type"]
+    if kind == "FILENAME":
+        assert value == ckpt_name, f"{where}: {value!r}"
+    elif kind == "STRING":
+        assert isinstance(value, str), f"{where}: {value!r} is not a STRING"
+    elif kind == "COMBO":
+        assert value in want["choices"], f"{where}: {value!r} is not a ComfyUI choice"
+    else:
+        py = int if kind == "INT" else (int, float)
+        assert isinstance(value, py) and not isinstance(value, bool), f"{where}: {value!r} is not {kind}"
+        assert want["min"] <= value <= want["max"], f"{where}: {value} outside [{want['min']}, {want['max']}]"
+        if kind == "INT" and "step" in want:
+            assert (value - want["min"]) % want["step"] == 0, f"{where}: {value} off the step grid"
+
+
+def _split_inputs(cls: str) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """A node's (link inputs, widget inputs), each in ComfyUI's input order."""
+    spec = COMFY[cls]["required"].items()
+    return [(n, w) for n, w in spec if w["type"] not in WIDGETS], [
+        (n, w) for n, w in spec if w["type"] in WIDGETS
+    ]
+
+
+def validate_comfy_ui(ui: dict, ckpt_name: str, control_values=tuple(UI["control_values"])) -> None:
+    """Raise AssertionError (or jsonschema's ValidationError) unless `ui` is a canvas workflow the
+    ComfyUI frontend accepts and ComfyUI can run: schema 0.4, every node known, every widget value
+    where the node's widget order puts it, every link joining an output to an input of its type."""
+    Draft202012Validator(UI["schema"]).validate(ui)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"]), "duplicate node ids"
+    links = {link[0]: link for link in ui["links"]}
+    assert len(links) == len(ui["links"]), "duplicate link ids"
+    assert ui["last_node_id"] >= max(nodes) and ui["last_link_id"] >= max(links, default=0)
+    for node in ui["nodes"]:
+        cls, where = node["type"], f"node {node['id']} ({node['type']})"
+        assert cls in COMFY, f"{where}: unknown ComfyUI node"
+        link_inputs, widget_inputs = _split_inputs(cls)
+        inputs = node.get("inputs", [])
+        assert [(i["name"], i["type"]) for i in inputs] == [(n, w["type"]) for n, w in link_inputs], (
+            f"{where}: input slots {inputs}"
+        )
+        for slot, i in enumerate(inputs):
+            link = links.get(i.get("link"))
+            assert link is not None, f"{where}.{i['name']}: not connected"
+            assert (link[3], link[4], link[5]) == (node["id"], slot, i["type"]), (
+                f"{where}.{i['name']}: {link}"
+            )
+        for slot, out in enumerate(node.get("outputs", [])):
+            assert out["type"] == COMFY[cls]["outputs"][slot] and out.get("slot_index", slot) == slot, where
+            for link_id in out.get("links") or []:
+                assert links[link_id][1:3] == [node["id"], slot], f"{where} output {slot}: link {link_id}"
+        if "widgets_values" not in node:
+            continue  # the canvas keeps the defaults
+        values = list(node["widgets_values"])
+        for name, want in widget_inputs:
+            assert values, f"{where}: no value for widget {name}"
+            check_widget(f"{where}.{name}", want, values.pop(0), ckpt_name)
+            if want.get("control_after_generate"):
+                assert values and values[0] in control_values, f"{where}: no control value after {name}"
+                values.pop(0)
+        assert not values, f"{where}: extra widget values {values}"
+    for link_id, origin, origin_slot, target, _, kind in ui["links"]:
+        assert origin in nodes and target in nodes, f"link {link_id}: missing node"
+        assert COMFY[nodes[origin]["type"]]["outputs"][origin_slot] == kind, (
+            f"link {link_id}: not a {kind} output"
+        )
+        assert any(i.get("link") == link_id for i in nodes[target].get("inputs", [])), (
+            f"link {link_id}: dangling"
+        )
+    assert any(COMFY[n["type"]].get("output_node") for n in ui["nodes"]), "no output node"
+
+
+def api_from_ui(ui: dict) -> dict:
+    """The API graph a canvas workflow stands for, read with the recorded node definitions."""
+    links = {link[0]: link for link in ui["links"]}
+    graph = {}
+    for node in sorted(ui["nodes"], key=lambda n: n["id"]):
+        _, widget_inputs = _split_inputs(node["type"])
+        by_name = {i["name"]: links[i["link"]] for i in node["inputs"]}
+        values = list(node["widgets_values"])
+        widgets = {}
+        for name, want in widget_inputs:
+            widgets[name] = values.pop(0)
+            if want.get("control_after_generate"):
+                values.pop(0)
+        inputs = {
+            name: [str(by_name[name][1]), by_name[name][2]] if name in by_name else widgets[name]
+            for name in COMFY[node["type"]]["required"]
+        }
+        graph[str(node["id"])] = {
+            "class_type": node["type"],
+            "inputs": inputs,
+            "_meta": {"title": node.get("title", node["type"])},
+        }
+    return graph
 
 
 def _node(graph: dict, cls: str) -> dict:
@@ -140,6 +228,70 @@ def test_no_pag_and_eps_variants_stay_valid():
     assert _node(eps, "KSampler")["sampler_name"] == "dpmpp_2m_sde"  # v2 card
 
 
+VARIANTS = {
+    "flow-shift-1": (ModelKind("flow", 1.0), None),
+    "flow-shift-6": (ModelKind("flow", 6.0), None),
+    "flow-no-pag": (ModelKind("flow", 3.0), GenerateSettings.from_preset("bigasp-v2.5", pag=0.0, cfg=5.0)),
+    "eps": (ModelKind("eps"), None),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ui_workflow_is_valid_and_says_what_the_api_workflow_says(variant):
+    kind, settings = VARIANTS[variant]
+    api = api_workflow("m.safetensors", kind, settings)
+    ui = ui_workflow(api)
+    validate_comfy_api(api, "m.safetensors")
+    validate_comfy_ui(ui, "m.safetensors")
+    assert api_from_ui(ui) == api  # read back with ComfyUI's own input order: the same graph
+    assert ui["version"] == 0.4 and ui["last_node_id"] == len(api) and ui["last_link_id"] == len(ui["links"])
+    (ks,) = [n for n in ui["nodes"] if n["type"] == "KSampler"]
+    assert ks["widgets_values"][1] == "fixed"  # the seed stays the workflow's, not re-rolled per run
+    # the same shape as the KSampler of the ComfyUI frontend's own default workflow
+    (ref,) = [n for n in UI["default_graph"]["nodes"] if n["type"] == "KSampler"]
+    assert [(i["name"], i["type"]) for i in ks["inputs"]] == [(i["name"], i["type"]) for i in ref["inputs"]]
+    assert [type(v) is str for v in ks["widgets_values"]] == [
+        type(v) is str or isinstance(v, bool) for v in ref["widgets_values"]
+    ]
+    boxes = [(*n["pos"], *n["size"]) for n in ui["nodes"]]  # laid out without overlaps
+    for a in range(len(boxes)):
+        for b in range(a):
+            (x0, y0, w0, h0), (x1, y1, w1, h1) = boxes[a], boxes[b]
+            assert x0 >= x1 + w1 or x1 >= x0 + w0 or y0 >= y1 + h1 or y1 >= y0 + h0, (a, b)
+
+
+def test_the_ui_validator_accepts_comfyuis_default_workflow_and_rejects_breakage():
+    ref = UI["default_graph"]
+    validate_comfy_ui(ref, "v1-5-pruned-emaonly-fp16.safetensors", (*UI["control_values"], True))
+    good = ui_workflow(api_workflow("m.safetensors", ModelKind("flow", 1.0)))
+
+    def node(g, cls):
+        return next(n for n in g["nodes"] if n["type"] == cls)
+
+    def swap(values, i, j):
+        values[i], values[j] = values[j], values[i]
+
+    for breakage in (
+        lambda g: node(g, "KSampler")["widgets_values"].pop(1),  # no control_after_generate value
+        lambda g: swap(node(g, "KSampler")["widgets_values"], 4, 5),  # sampler <-> scheduler
+        lambda g: swap(node(g, "KSampler")["widgets_values"], 0, 2),  # seed <-> steps: an INT off place
+        lambda g: node(g, "KSampler")["widgets_values"].__setitem__(1, "random"),
+        lambda g: swap(node(g, "KSampler")["inputs"], 1, 2),  # slots no longer in ComfyUI's order
+        lambda g: g["links"][0].__setitem__(5, "CLIP"),  # a MODEL link typed CLIP
+        lambda g: g["links"][0].__setitem__(2, 1),  # from the loader's CLIP output into a MODEL input
+        lambda g: node(g, "EmptyLatentImage")["widgets_values"].append(1),
+        lambda g: node(g, "VAEDecode").pop("order"),  # required by the frontend's schema
+        lambda g: node(g, "VAEDecode").__setitem__("pos", [0]),
+        lambda g: g.pop("last_link_id"),
+        lambda g: g.update(version="0.4"),
+        lambda g: node(g, "SaveImage").__setitem__("type", "SaveImageWebsocket"),
+    ):
+        bad = json.loads(json.dumps(good))
+        breakage(bad)
+        with pytest.raises((AssertionError, ValidationError)):
+            validate_comfy_ui(bad, "m.safetensors")
+
+
 def test_cli_export_flow_bf16_with_workflow_and_header_info(tmp_path):
     """The installed command: dtype, file mode, workflow beside the file, and `model info` on it."""
     out = tmp_path / "my_flow.safetensors"
@@ -168,14 +320,25 @@ def test_cli_export_flow_bf16_with_workflow_and_header_info(tmp_path):
     with safe_open(str(out), "pt") as f:
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
     assert dtypes == {"BF16"}
-    api, png = workflow_paths(out)
-    assert (api.name, png.name) == ("my_flow.workflow-api.json", "my_flow.workflow.png")
+    api, ui, png = workflow_paths(out)
+    assert (api.name, ui.name, png.name) == (
+        "my_flow.workflow-api.json",
+        "my_flow.workflow.json",
+        "my_flow.workflow.png",
+    )
+    assert f"wrote {ui}" in res.stdout
     graph = json.loads(api.read_text())
     validate_comfy_api(graph, "my_flow.safetensors")
     assert _node(graph, "ModelSamplingSD3")["shift"] == 3.0
-    with Image.open(png) as im:  # ComfyUI's canvas reads the API graph from the PNG's "prompt" text chunk
+    canvas = json.loads(ui.read_text())
+    validate_comfy_ui(canvas, "my_flow.safetensors")
+    assert api_from_ui(canvas) == graph
+    with Image.open(
+        png
+    ) as im:  # as ComfyUI's SaveImage writes: API graph in "prompt", canvas graph in "workflow"
         assert json.loads(im.info["prompt"]) == graph
-    for p in (api, png):
+        assert json.loads(im.info["workflow"]) == canvas
+    for p in (api, ui, png):
         assert stat.S_IMODE(p.stat().st_mode) == 0o644
 
     info = subprocess.run(

@@ -156,8 +156,9 @@ def export(
     workflow: bool = typer.Option(
         True,
         "--workflow/--no-workflow",
-        help="For a flow model, also write a ComfyUI workflow beside the file (NAME.workflow-api.json "
-        "and NAME.workflow.png) with ModelSamplingSD3 and the card's sampler settings.",
+        help="For a flow model, also write a ComfyUI workflow beside the file (NAME.workflow.json to drag "
+        "onto the canvas, NAME.workflow-api.json for /prompt, and NAME.workflow.png carrying both) with "
+        "ModelSamplingSD3 and the card's sampler settings.",
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:

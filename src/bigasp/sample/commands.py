@@ -218,6 +218,11 @@ def watch(
     device: str = typer.Option(None, help="cuda | cpu."),
     dtype: str = typer.Option(None, help="fp32 | fp16 | bf16."),
     show_progress: bool = typer.Option(None, "--progress/--no-progress", help=PROGRESS_HELP),
+    lora: list[str] = typer.Option(
+        None,
+        "--lora",
+        help="FILE[:WEIGHT] SDXL LoRA merged into every checkpoint sampled (as generate --lora); repeatable.",
+    ),
 ) -> None:
     """Sample new complete checkpoints of a training run into a side-by-side HTML gallery."""
     from bigasp import progress
@@ -225,10 +230,12 @@ def watch(
     progress.configure(show_progress)
     from bigasp.errors import ConfigError
     from bigasp.sample.generate import check_device
+    from bigasp.sample.lora import parse_lora
     from bigasp.sample.prompts import parse
     from bigasp.sample.watch import Watcher, read_prompts
 
     check_device(device)
+    loras = [parse_lora(text) for text in lora or []]  # a bad path stops here, before any sampling
     prompt_list = read_prompts(prompts)
     for text in prompt_list:
         parse(text)
@@ -252,7 +259,9 @@ def watch(
         dtype=parse_dtype(dtype),
         settings_for=lambda model: build_settings(model.kind, preset, **flags),
         ema=ema,
+        loras=loras,
     )
+    watcher.warn_if_mixed()
     if once:
         for path in watcher.run_once():
             typer.echo(str(path))

@@ -22,6 +22,11 @@ from bigasp.models.components import SDXL
 log = logging.getLogger(__name__)
 
 
+class LoraError(ConfigError):
+    """A LoRA that cannot be merged into the model: the same for every checkpoint of a run, so the
+    watcher stops on it instead of skipping checkpoint after checkpoint."""
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     path: Path
@@ -46,6 +51,11 @@ def parse_lora(text: str) -> LoraSpec:
     if p.suffix != ".safetensors":
         raise ConfigError(f"--lora {text!r}: bigasp reads only .safetensors LoRAs (never pickle files)")
     return LoraSpec(p, weight)
+
+
+def lora_record(specs: list[LoraSpec]) -> list[tuple[str, float]]:
+    """(file, weight) pairs as the PNG metadata and the watcher's done markers record them."""
+    return [(str(s.path), s.weight) for s in specs]
 
 
 def _host(model: SDXL):
@@ -86,7 +96,7 @@ def apply_loras(model: SDXL, specs: list[LoraSpec]) -> SDXL:
     try:
         import peft  # noqa: F401
     except ImportError:
-        raise ConfigError("--lora needs the peft package: pip install peft") from None
+        raise LoraError("--lora needs the peft package: pip install peft") from None
     from safetensors import SafetensorError
 
     host = _host(model)
@@ -98,11 +108,11 @@ def apply_loras(model: SDXL, specs: list[LoraSpec]) -> SDXL:
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 host.load_lora_weights(str(spec.path), adapter_name=name)
         except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as err:
-            raise ConfigError(
+            raise LoraError(
                 f"--lora {spec.path}: not an SDXL LoRA this model can load ({type(err).__name__}: {err})"
             ) from None
         if not _has_adapter(model, name):
-            raise ConfigError(f"--lora {spec.path}: none of its keys matches a layer of this model")
+            raise LoraError(f"--lora {spec.path}: none of its keys matches a layer of this model")
         names.append(name)
         log.info("LoRA %s at weight %g", spec.path.name, spec.weight)
     host.set_adapters(names, adapter_weights=[s.weight for s in specs])

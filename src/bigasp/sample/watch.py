@@ -7,10 +7,15 @@ never read), renders a fixed grid (prompts × seeds) for each selected checkpoin
 side by side. A checkpoint's folder is generated under a temp name with its `done.json`
 written last, then renamed into place: after a crash or restart, finished checkpoints are
 skipped and half-finished ones are redone from scratch.
+
+With `loras`, every checkpoint is loaded fresh and the LoRAs merged into it once, exactly as
+`bigasp generate --lora` does for one model; components borrowed from `--base` are copied
+before the merge, so nothing merged into one checkpoint reaches the next.
 """
 
 from __future__ import annotations
 
+import copy
 import html
 import json
 import logging
@@ -24,6 +29,7 @@ from pathlib import Path
 from bigasp.errors import BigaspError, ConfigError, ModelLoadError
 from bigasp.fsutil import atomic_write_text
 from bigasp.models.components import SDXL
+from bigasp.sample.lora import LoraError, LoraSpec, apply_loras, lora_record
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +107,11 @@ class Watcher:
         dtype=None,
         settings_for: Callable[[SDXL], object] | None = None,
         ema: bool = False,
+        loras: Sequence[LoraSpec] = (),
     ) -> None:
         self.run_dir = Path(run_dir)
         self.ema = ema  # sample each checkpoint's EMA weights (CKPT/ema) instead of CKPT/model
+        self.loras = list(loras)  # merged into every checkpoint, each at its weight
         self.prompts, self.seeds = list(prompts), list(seeds)
         if not self.seeds:
             raise ConfigError("watch needs at least one seed")
@@ -122,8 +130,8 @@ class Watcher:
 
     # -- bookkeeping ------------------------------------------------------------------------
 
-    def done(self) -> dict[str, int]:
-        """Finished checkpoint names -> samples seen, from their done markers."""
+    def markers(self) -> dict[str, dict]:
+        """Finished checkpoint names -> their done markers (samples seen, settings, LoRAs)."""
         out = {}
         if not self.samples_dir.is_dir():
             return out
@@ -132,10 +140,16 @@ class Watcher:
             if d.name.startswith(".") or not marker.is_file():
                 continue
             try:
-                out[d.name] = int(json.loads(marker.read_text())["samples_seen"])
-            except (OSError, ValueError, KeyError):
+                data = json.loads(marker.read_text())
+                data["samples_seen"] = int(data["samples_seen"])
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
+            out[d.name] = data
         return out
+
+    def done(self) -> dict[str, int]:
+        """Finished checkpoint names -> samples seen, from their done markers."""
+        return {name: m["samples_seen"] for name, m in self.markers().items()}
 
     def pending(self) -> list[Checkpoint]:
         """Complete checkpoints not yet sampled, thinned by `every` and `every_samples`.
@@ -187,8 +201,14 @@ class Watcher:
             if self._base_model is None:
                 self._base_model = load_model(self.base, missing)
             for c in missing:
-                setattr(model, c, getattr(self._base_model, c))
+                shared = getattr(self._base_model, c)
+                # a LoRA merges into the UNet and text encoders in place: merge into a copy
+                setattr(model, c, copy.deepcopy(shared) if self.loras and c != "vae" else shared)
         return model
+
+    def prepare(self, ckpt: Checkpoint) -> SDXL:
+        """The checkpoint's model, loaded fresh, with the LoRAs merged once."""
+        return apply_loras(self.load(ckpt), self.loras)
 
     def process(self, ckpt: Checkpoint) -> Path:
         from bigasp.sample.generate import GenerateSettings, Generator, preset_for, save_png
@@ -200,12 +220,12 @@ class Watcher:
         if final.exists():
             shutil.rmtree(final)  # no done marker (or we would not be here)
         tmp.mkdir(parents=True)
-        model = self.load(ckpt)
+        model = self.prepare(ckpt)
         if self.settings_for is not None:
             settings = self.settings_for(model)
         else:
             settings = self.settings or GenerateSettings.from_preset(preset_for(model.kind))
-        gen = Generator(model, self.device, self.dtype)
+        gen = Generator(model, self.device, self.dtype, loras=lora_record(self.loras))
         t0 = time.perf_counter()
         for seed in self.seeds:
             s = settings.model_copy(update={"seed": seed, "batch": 1})
@@ -219,6 +239,7 @@ class Watcher:
             "prompts": self.prompts,
             "seeds": self.seeds,
             "settings": settings.model_dump(mode="json"),
+            "loras": [{"file": f, "weight": w} for f, w in lora_record(self.loras)],
             "seconds": round(time.perf_counter() - t0, 3),
         }
         atomic_write_text(tmp / DONE_FILE, json.dumps(marker, indent=2) + "\n")
@@ -234,6 +255,10 @@ class Watcher:
                 continue  # pruned by the trainer since listing
             try:
                 written.append(self.process(ckpt))
+            except LoraError:
+                # the same for every checkpoint: stop rather than skip them all, one by one
+                shutil.rmtree(self.samples_dir / f".tmp-{ckpt.name}", ignore_errors=True)
+                raise
             except (BigaspError, OSError) as err:
                 # An OSError names a file in the temp folder removed just below: say what failed.
                 reason = f"{err.strerror} (writing samples)" if ".tmp-" in str(err) else err
@@ -242,6 +267,19 @@ class Watcher:
         if written or not (self.samples_dir / GALLERY_FILE).exists():
             self.write_gallery()
         return written
+
+    def warn_if_mixed(self) -> None:
+        """Say so when this gallery already holds checkpoints sampled with other LoRAs."""
+        want = [{"file": f, "weight": w} for f, w in lora_record(self.loras)]
+        other = sorted(n for n, m in self.markers().items() if m.get("loras", []) != want)
+        if other:
+            log.warning(
+                "%s already holds %d checkpoint(s) sampled with other LoRAs (e.g. %s); their columns "
+                "say which; pass --out for a gallery of this setting alone",
+                self.samples_dir,
+                len(other),
+                other[0],
+            )
 
     def run(self, interval: float = 60.0) -> None:
         log.info(
@@ -257,8 +295,12 @@ class Watcher:
     def write_gallery(self) -> Path:
         """Static HTML: one row per (prompt, seed), one column per sampled checkpoint."""
         self.samples_dir.mkdir(parents=True, exist_ok=True)
-        done = sorted(self.done().items(), key=lambda kv: (kv[1], kv[0]))
-        head = "".join(f"<th>{html.escape(name)}<br>{samples:,} samples</th>" for name, samples in done)
+        markers = self.markers()
+        done = sorted(((n, m["samples_seen"]) for n, m in markers.items()), key=lambda kv: (kv[1], kv[0]))
+        head = "".join(
+            f"<th>{html.escape(name)}<br>{samples:,} samples{_lora_label(markers[name])}</th>"
+            for name, samples in done
+        )
         rows = []
         for i, prompt in enumerate(self.prompts):
             for seed in self.seeds:
@@ -281,3 +323,12 @@ class Watcher:
             f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table></body></html>\n"
         )
         return atomic_write_text(self.samples_dir / GALLERY_FILE, page, durable=False)
+
+
+def _lora_label(marker: dict) -> str:
+    """The column header's LoRA line (name: weight, as A1111's `LoRA` field), if any."""
+    loras = marker.get("loras") or []
+    if not loras:
+        return ""
+    names = ", ".join(f"{Path(x['file']).stem}: {float(x['weight']):g}" for x in loras)
+    return f"<br><small>LoRA {html.escape(names)}</small>"
