@@ -34,12 +34,16 @@ def write_synthetic_latent_dataset(
     original: tuple[int, int] | None = None,
     crop: tuple[int, int] = (0, 0),
     sources: tuple[str, ...] = (),
+    id_prefix: str = "img",
+    header: dict | None = None,
 ) -> Path:
     """Write `n` images of one `height` x `width` bucket (latent 4 x h/8 x w/8) to `root`.
 
     `original` = (height, width) of the (pretend) source image, default twice the bucket;
     `crop` = (top, left) of the bucket crop: SDXL's size conditioning for every image.
     `sources`: image i's manifest `source` is `sources[i % len(sources)]` (none when empty).
+    `id_prefix`: image i's id is `{id_prefix}{i:05d}` (datasets written with one prefix share ids).
+    `header`: extra shard header fields, e.g. the encoding (`vae_id`, `scaling_factor`, ...) encode records.
     """
     orig_h, orig_w = original if original is not None else (height * 2, width * 2)
     from bigasp.store import RecordMeta, ShardWriter, layout
@@ -49,14 +53,14 @@ def write_synthetic_latent_dataset(
     root.mkdir(parents=True, exist_ok=True)
     init_dataset(root)
     rng = np.random.default_rng(seed)
-    writer = ShardWriter(root, "synthetic-000", height, width)
+    writer = ShardWriter(root, "synthetic-000", height, width, header=header)
     rows = []
     for i in range(n):
         colour = i % len(COLOURS)
         lat = _pattern(colour, height // 8, width // 8) + 0.1 * rng.standard_normal(
             (4, height // 8, width // 8)
         )
-        iid = f"img{i:05d}"
+        iid = f"{id_prefix}{i:05d}"
         writer.add(lat.astype(np.float16), RecordMeta(iid, orig_h, orig_w, crop[0], crop[1]))
         name = COLOURS[colour]
         rows.append(
