@@ -262,6 +262,7 @@ def test_one_dataset_in_a_bucket_and_one_local_train_as_two_local(tmp_path, pair
         "dataset": [str(pair[0]), bucket],
         "cache_dir": str(tmp_path / "cache"),
         "prefetch_batches": 2,
+        "num_workers": 1,  # a forked worker makes its own S3 client
         **MIX,
     }
     cut = make_cfg(tmp_path / "cut", pair[0], data=data)
