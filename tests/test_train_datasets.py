@@ -68,8 +68,10 @@ def test_rows_concatenate_in_order_and_reads_go_to_their_dataset(pair):
     assert torch.equal(clone.read_latent(30), anime.read_latent(6))
     with pytest.raises(IndexError):
         ds.read_latent(36)
-    # a single path is one LatentDataset, as before
+    # a single path is one LatentDataset, as before; grouped by dataset, a MultiDataset of one
     assert isinstance(open_dataset(validate(DataConfig, {"dataset": str(pair[0])})), LatentDataset)
+    one = open_dataset(validate(DataConfig, {"dataset": str(pair[0]), "mix": {"by": "dataset"}}))
+    assert isinstance(one, MultiDataset) and one.names == ["photo"] and len(one) == 24
 
 
 def test_dataset_names_default_to_folders_and_are_told_apart():
