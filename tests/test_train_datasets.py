@@ -165,6 +165,10 @@ def test_training_from_two_datasets_resumes_bitwise(tmp_path, pair):
         r for line in (tmp_path / "full" / "batches.rank0.jsonl").open() for r in json.loads(line)["rows"]
     ]
     assert min(rows) < 24 <= max(rows)  # trained on both datasets
+    # the list is part of the run: resuming with it reordered is refused, before any step
+    swapped = make_cfg(tmp_path / "cut", pair[0], data={**data, "dataset": [str(pair[1]), str(pair[0])]})
+    with pytest.raises(DataError, match=r"saved training on the datasets \['photo', 'anime'\] in that order"):
+        train(swapped, resume="auto")
 
 
 def test_datasets_that_disagree_on_the_encoding_are_refused(tmp_path, pair):

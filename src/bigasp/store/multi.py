@@ -242,3 +242,17 @@ def check_same_encoding(
                     continue
                 raise DataError(message)
         seen.append((name, m, enc))
+
+
+def check_resumed_names(saved: list[str] | None, dataset) -> None:
+    """A resumed run lists the datasets it was saved with, in the same order: the rows, the split
+    and the epoch order follow the list, so another list would silently train another order."""
+    if saved is None:
+        return  # saved by a run on one dataset
+    now = list(getattr(dataset, "names", None) or [])
+    if list(saved) != now:
+        raise DataError(
+            f"this run was saved training on the datasets {list(saved)} in that order, but data.dataset now "
+            f"gives {now}: list the same datasets in the same order to resume (rows, split and epoch order "
+            "follow the list), or start a new run"
+        )

@@ -421,6 +421,10 @@ class Trainer:
 
             dataset = open_dataset(cfg.data)
             preflight.check_dataset(dataset, self.model, cfg)
+        if saved:
+            from bigasp.store.multi import check_resumed_names
+
+            check_resumed_names(saved["trainer"].get("datasets"), dataset)
         self.dataset = dataset
         # A resumed run keeps its split cutoff: images added since are assigned by it, old ones keep their side.
         self.split = split_dataset(
@@ -799,6 +803,7 @@ class Trainer:
             "accumulation": self.accumulation,
             "validation": st.validation,
             "split_threshold": self.split.threshold,
+            **({"datasets": list(self.dataset.names)} if hasattr(self.dataset, "names") else {}),
             **({"ema": {"updates": self.ema.updates}} if self.ema is not None else {}),
         }
 
