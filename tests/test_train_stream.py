@@ -374,3 +374,16 @@ def test_two_gloo_ranks_agree_on_every_wave_while_shards_arrive(tmp_path):
     assert [p for p, _ in first] == list(range(len(first)))  # ranks took alternate global batches
     flat = [r for _, rs in first for r in rs]
     assert len(flat) == len(set(flat))
+
+
+def test_streaming_follows_one_dataset_and_says_so_for_a_list(tmp_path):
+    from bigasp.errors import ConfigError
+    from bigasp.train.data import open_dataset
+
+    a = write_synthetic_latent_dataset(tmp_path / "a", n=6, seed=0)
+    b = write_synthetic_latent_dataset(tmp_path / "b", n=6, seed=1, id_prefix="b")
+    cfg = DataConfig(dataset=[str(a), str(b)], stream=True)
+    with pytest.raises(ConfigError, match="data.stream follows one dataset's encoder"):
+        open_dataset(cfg, streaming=True)
+    one = open_dataset(DataConfig(dataset=str(a), stream=True), streaming=True)
+    assert one.streaming and len(one) == 0 and one.n_images == 6

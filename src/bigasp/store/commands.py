@@ -23,17 +23,39 @@ def _human(n: int) -> str:
 
 @dataset_app.command("info")
 def info(
-    dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    dataset: list[str] | None = typer.Argument(
+        None,
+        help="Dataset directories or fsspec URLs. Default: data.dataset of --config.",
+        show_default=False,
+    ),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="Run config: describe each dataset its [data] trains on."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON (a list for several)."),
 ) -> None:
-    """Images, rejects by reason, bucket histogram and bytes on disk."""
+    """Images, rejects by reason, bucket histogram and bytes on disk (of each dataset)."""
     from bigasp.store.info import dataset_info
+    from bigasp.train.data_commands import data_config_for
+    from bigasp.train.datasets import dataset_specs
 
-    d = dataset_info(dataset)
+    cfg = data_config_for(dataset, config)
+    specs = dataset_specs(cfg)
+    infos = [dataset_info(s.url, s.storage_options) | {"name": s.name} for s in specs]
     if as_json:
-        typer.echo(json.dumps(d, indent=2))
+        typer.echo(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
         return
-    typer.echo(f"dataset {d['root']} (format {d['format_version']})")
+    for d in infos:
+        _print_info(d, named=len(infos) > 1)
+    if len(infos) > 1:
+        typer.echo(
+            f"{len(infos)} datasets trained as one: {sum(d['latents'] for d in infos)} latents "
+            f"({', '.join(str(d['name']) + ' ' + str(d['latents']) for d in infos)})"
+        )
+
+
+def _print_info(d: dict, *, named: bool) -> None:
+    name = f", name {d['name']}" if named else ""
+    typer.echo(f"dataset {d['root']} (format {d['format_version']}{name})")
     typer.echo(f"  images     {d['images']}")
     typer.echo(f"  latents    {d['latents']}   not yet encoded {d['not_encoded']}")
     records = max(d["latent_records"], 1)

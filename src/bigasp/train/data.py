@@ -36,6 +36,7 @@ from bigasp.text.synthesis import (
     expected_quality_tokens,
     synthesize,
 )
+from bigasp.train.datasets import DatasetEntry
 from bigasp.train.mixing import COPY_SHIFT, ROW_MASK, MixConfig, build_mix
 from bigasp.train.sampler import (
     EpochPlan,
@@ -53,7 +54,12 @@ log = logging.getLogger(__name__)
 class DataConfig(Section):
     """`[data]`: where training data comes from and how batches are formed."""
 
-    dataset: str = Field("", description="Dataset directory (or fsspec URL) written by `bigasp encode`.")
+    dataset: str | list[str | DatasetEntry] = Field(
+        "",
+        description="Dataset directory (or fsspec URL) written by `bigasp encode`, or a list of them to train "
+        "on several at once (rows in list order); an item may be a table {path, name, storage_options}. "
+        "See bigasp.train.datasets.",
+    )
     seed: int = Field(
         42, description="Run seed: split, epoch order and prompts all derive from it (bigASP: 42)."
     )
@@ -93,12 +99,14 @@ class DataConfig(Section):
         True,
         description="Refuse to train when the dataset's latents were made by a VAE with other weights than the "
         "model's (recorded per shard by `bigasp encode`). Set false for a compatible variant, e.g. the SDXL "
-        "fp16-fix VAE. A different scaling factor is always an error.",
+        "fp16-fix VAE. A different scaling factor is always an error. With several datasets, also whether they "
+        "may differ in VAE among themselves.",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec options for a dataset on object storage (s3://...), e.g. {endpoint_url = ..., "
-        "key = ..., secret = ...}; empty = credentials from the usual AWS_* variables (or ~/.aws).",
+        "key = ..., secret = ...}; empty = credentials from the usual AWS_* variables (or ~/.aws). Applies to "
+        "every dataset of a list that sets no storage_options of its own.",
     )
     cache_dir: str = Field(
         "",
@@ -106,7 +114,10 @@ class DataConfig(Section):
         "~/.cache/bigasp/latents. Unused for a local dataset.",
     )
     cache_gb: float = Field(
-        50.0, ge=0, description="Size limit of that cache in GiB; least recently used latents are evicted."
+        50.0,
+        ge=0,
+        description="Size limit of that cache in GiB; least recently used latents are evicted. Several datasets "
+        "on object storage share it equally.",
     )
     prefetch_batches: int = Field(
         64,
@@ -144,7 +155,7 @@ class DataConfig(Section):
         default_factory=PromptConfig, description="Prompt synthesis ([data.prompt])."
     )
     mix: MixConfig = Field(
-        default_factory=MixConfig, description="Per-source/folder weights or repeats ([data.mix])."
+        default_factory=MixConfig, description="Per-source/folder/dataset weights or repeats ([data.mix])."
     )
 
 
@@ -1043,22 +1054,12 @@ class Prefetcher:
 
 
 def open_dataset(cfg: DataConfig, *, streaming: bool = False):
-    """The `LatentDataset` of `[data]`, with the object-storage options (cache, retries) applied;
-    `streaming`: opened empty, for a run whose first pass follows the encoder (train/stream.py)."""
-    from bigasp.store import LatentDataset
+    """The `LatentDataset` of `[data]` (a `MultiDataset` for a list of datasets), with the
+    object-storage options (cache, retries) applied; see `bigasp.train.datasets`. `streaming`:
+    opened empty, for a run whose first pass follows the encoder (train/stream.py)."""
+    from bigasp.train.datasets import open_datasets
 
-    opts = dict(cfg.storage_options)
-    if cfg.dataset.startswith(("s3://", "s3a://")) and "config_kwargs" not in opts:
-        # botocore keeps 10 connections by default, which would cap the reads in flight at 10
-        opts["config_kwargs"] = {"max_pool_connections": max(cfg.read_concurrency, 10)}
-    return LatentDataset(
-        cfg.dataset,
-        storage_options=opts,
-        cache_dir=cfg.cache_dir or None,
-        cache_bytes=int(cfg.cache_gb * 2**30),
-        retries=cfg.read_retries,
-        streaming=streaming,
-    )
+    return open_datasets(cfg, streaming=streaming)
 
 
 # ---------------------------------------------------------------------------------------------

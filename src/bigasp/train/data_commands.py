@@ -35,21 +35,40 @@ def load_data_config(path: str | None, overrides: list[str] | None = None):
     return validate(DataConfig, raw, source)
 
 
-def _loader(dataset: str, config: str | None, overrides: list[str], world_size: int, batch: int | None):
-    from bigasp.store import LatentDataset
-    from bigasp.train.data import TrainLoader
+def data_config_for(datasets: list[str] | None, config: str | None, overrides: list[str] | None = None):
+    """`[data]` of `--config` with DATASET arguments, when given, in place of its `data.dataset`."""
+    from bigasp.errors import ConfigError
 
     cfg = load_data_config(config, overrides)
-    ds = LatentDataset(dataset)
+    if datasets:
+        cfg = cfg.model_copy(update={"dataset": datasets[0] if len(datasets) == 1 else list(datasets)})
+    if not cfg.dataset:
+        raise ConfigError(
+            "no dataset: give DATASET (one or more), or --config RUN.toml whose data.dataset is set"
+        )
+    return cfg
+
+
+def _loader(
+    datasets: list[str] | None, config: str | None, overrides: list[str], world_size: int, batch: int | None
+):
+    from bigasp.train.data import TrainLoader, open_dataset
+
+    cfg = data_config_for(datasets, config, overrides)
+    ds = open_dataset(cfg)
     return TrainLoader(ds, cfg, rank=0, world_size=world_size, seed=cfg.seed, device_batch_size=batch)
 
 
 _SET_HELP = "Override a [data] key, e.g. --set prompt.tag_prob=0.5 (repeatable)."
+_DATASETS_HELP = (
+    "Dataset directories or fsspec URLs (several: trained as one, in this order). "
+    "Default: data.dataset of --config."
+)
 
 
 @dataset_app.command("preview")
 def preview(
-    dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
+    dataset: list[str] | None = typer.Argument(None, help=_DATASETS_HELP, show_default=False),
     n: int = typer.Option(20, "--n", min=1, help="How many prompts to print."),
     epoch: int = typer.Option(0, "--epoch", help="Epoch whose order and prompt keys to use."),
     config: str | None = typer.Option(None, "--config", "-c", help="Run config (its [data] table is used)."),
@@ -66,6 +85,7 @@ def preview(
     plan = loader.plan(epoch)
     table = loader.dataset.table
     ids = table.column("id")
+    names = table.column("dataset") if "dataset" in table.column_names else None  # several datasets
     shown = 0
     for p in range(plan.n_batches):
         rows = plan.batch_rows(p)
@@ -80,7 +100,8 @@ def preview(
             token_estimates=loader.token_estimates,
         )
         for r, prompt in zip(rows.tolist(), prompts, strict=True):
-            typer.echo(f"[{r} {ids[r].as_py()} {loader.buckets.describe(bucket)}] {prompt!r}")
+            where = f"{names[r].as_py()}:{ids[r].as_py()}" if names is not None else ids[r].as_py()
+            typer.echo(f"[{r} {where} {loader.buckets.describe(bucket)}] {prompt!r}")
             shown += 1
             if shown >= n:
                 return
@@ -123,6 +144,9 @@ def batch_report(loader, epochs: int = 1, max_batches: int = 2000) -> dict[str, 
         "world_size": w,
         "epochs": [],
     }
+    describe = getattr(loader.dataset, "describe", None)
+    if describe is not None:  # several datasets: each one's name, URL and rows in the combined table
+        out["datasets"] = describe()
     for e in range(epochs):
         plan = loader.plan(e)
         steps = plan.steps_from(0, w)
@@ -197,7 +221,7 @@ def batch_report(loader, epochs: int = 1, max_batches: int = 2000) -> dict[str, 
 
 @dataset_app.command("batches")
 def batches(
-    dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
+    dataset: list[str] | None = typer.Argument(None, help=_DATASETS_HELP, show_default=False),
     config: str | None = typer.Option(None, "--config", "-c", help="Run config (its [data] table is used)."),
     overrides: list[str] = typer.Option([], "--set", help=_SET_HELP),
     epochs: int = typer.Option(1, "--epochs", help="Epochs to plan (drops differ per epoch)."),
@@ -220,6 +244,10 @@ def batches(
         f"train {r['train_rows']} rows (validation {r['validation_rows']}, score-0 excluded "
         f"{r['excluded_score_zero']}); device batch {r['device_batch_size']} x world {r['world_size']}"
     )
+    for d in r.get("datasets", []):
+        typer.echo(
+            f"  dataset {d['name']:<16} {d['latents']:>9} latents  rows {d['rows'][0]}-{d['rows'][1] - 1}  {d['dataset']}"
+        )
     for e in r["epochs"]:
         typer.echo(
             f"epoch {e['epoch']}: {e['steps']} steps, {e['batches']} batches, dropped {e['dropped_samples']} "

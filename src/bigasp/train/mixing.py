@@ -1,7 +1,8 @@
-"""Dataset mixing: how often each source (or folder) of the training split appears per epoch.
+"""Dataset mixing: how often each source, folder or dataset of the training split appears per epoch.
 
 bigASP v2.5 mixed photo and anime sources in set proportions; kohya users give a folder
-`N_name` to repeat its images N times. Both are one thing here: a per-group **repeat factor**
+`N_name` to repeat its images N times, or list several dataset subsets (here: several datasets in
+`data.dataset`, grouped with `by = "dataset"`). All are one thing here: a per-group **repeat factor**
 `r` (from `[data.mix] repeats`, or derived from `weights` so each group's share of an epoch is
 its weight). Each epoch takes every image of the group `floor(r)` times plus a random
 `round(frac(r) * n)` of them once more, drawn without replacement by a generator keyed by
@@ -35,10 +36,11 @@ __all__ = ["COPY_SHIFT", "ROW_MASK", "Mix", "MixConfig", "build_mix", "group_lab
 class MixConfig(Section):
     """`[data.mix]`: per-group weights or repeats (unset = every image once per epoch)."""
 
-    by: Literal["source", "folder"] = Field(
+    by: Literal["source", "folder", "dataset"] = Field(
         "source",
-        description="What a group is: the manifest's `source` column (sidecar `source`, empty = ''), or the "
-        "folder an image was ingested from (its path without the file name; a tar member's tar file).",
+        description="What a group is: the manifest's `source` column (sidecar `source`, empty = ''), the "
+        "folder an image was ingested from (its path without the file name; a tar member's tar file), or "
+        "the dataset of `data.dataset` it comes from (named by its `name` or folder name).",
     )
     weights: dict[str, float] = Field(
         default_factory=dict,
@@ -75,7 +77,19 @@ class MixConfig(Section):
 
 def group_labels(table: pa.Table, by: str) -> tuple[list[str], np.ndarray]:
     """(group names, per-row group code) for every row of the dataset table."""
-    if by == "source":
+    if by == "dataset":
+        if "dataset" not in table.column_names:
+            raise ConfigError(
+                "data.mix.by = 'dataset' groups the datasets of data.dataset, but this dataset was opened "
+                "without their names; open it with bigasp.train.data.open_dataset"
+            )
+        col = table.column("dataset").combine_chunks()
+        if pa.types.is_dictionary(col.type):  # MultiDataset's column: the names, in configured order
+            return [str(x) for x in col.dictionary.to_pylist()], col.indices.to_numpy(
+                zero_copy_only=False
+            ).astype(np.int64)
+        col = pc.fill_null(col.cast(pa.string()), "")
+    elif by == "source":
         col = table.column("source") if "source" in table.column_names else pa.nulls(len(table), pa.string())
         col = pc.fill_null(col.cast(pa.string()), "")
     else:

@@ -33,8 +33,14 @@ REMOTE_HEADER_SAMPLE = 64  # shard headers read on object storage (one request e
 
 
 def check_dataset(dataset, model, cfg, shards: list[str] | None = None) -> None:
-    """The dataset has latents, all of one encoding, made by this model's VAE at its scaling.
-    `shards`: check only these (a streaming run checks each wave's new shards)."""
+    """The dataset has latents, all of one encoding, made by this model's VAE at its scaling (each
+    dataset of a `MultiDataset`). `shards`: check only these (a streaming run checks each wave's
+    new shards)."""
+    members = getattr(dataset, "members", None)
+    if members is not None:
+        for member in members:
+            check_dataset(member, model, cfg)
+        return
     check_has_latents(dataset)
     if not hasattr(dataset, "shard_headers"):
         return  # a wrapped or in-memory dataset (tests): nothing recorded to compare
@@ -122,16 +128,14 @@ def check_sources(cfg, *, resume: str | None = None) -> None:
     from bigasp.models.presets import PRESETS
     from bigasp.store import layout
     from bigasp.store.manifest import read_dataset_json
+    from bigasp.train.datasets import dataset_specs
 
-    if not cfg.data.dataset:
-        raise ConfigError(
-            "data.dataset is not set: point it at a folder written by `bigasp ingest`/`bigasp encode`"
-        )
-    try:
-        fs, root = layout.url_to_fs(cfg.data.dataset)
-        read_dataset_json(fs, root)
-    except (BigaspError, OSError, ValueError) as err:
-        raise ConfigError(f"data.dataset = {cfg.data.dataset!r}: {err}") from None
+    for spec in dataset_specs(cfg.data):  # every dataset of a list, with its own fsspec options
+        try:
+            fs, root = layout.url_to_fs(spec.url, spec.storage_options)
+            read_dataset_json(fs, root)
+        except (BigaspError, OSError, ValueError) as err:
+            raise ConfigError(f"{spec.key} = {spec.url!r}: {err}") from None
     source = str(cfg.model.source)
     if resume is None and source not in PRESETS and not Path(source).expanduser().exists():
         raise ConfigError(f"model.source = {source!r}: {describe_missing(source)}")

@@ -35,6 +35,8 @@ def write_synthetic_latent_dataset(
     crop: tuple[int, int] = (0, 0),
     sources: tuple[str, ...] = (),
     shard_size: int | None = None,
+    id_prefix: str = "img",
+    header: dict | None = None,
 ) -> Path:
     """Write `n` images of one `height` x `width` bucket (latent 4 x h/8 x w/8) to `root`.
 
@@ -42,6 +44,8 @@ def write_synthetic_latent_dataset(
     `crop` = (top, left) of the bucket crop: SDXL's size conditioning for every image.
     `sources`: image i's manifest `source` is `sources[i % len(sources)]` (none when empty).
     `shard_size`: images per shard (default: one shard), as an encoder publishing shard by shard.
+    `id_prefix`: image i's id is `{id_prefix}{i:05d}` (datasets written with one prefix share ids).
+    `header`: extra shard header fields, e.g. the encoding (`vae_id`, `scaling_factor`, ...) encode records.
     """
     orig_h, orig_w = original if original is not None else (height * 2, width * 2)
     from bigasp.store import RecordMeta, ShardWriter, layout
@@ -58,12 +62,12 @@ def write_synthetic_latent_dataset(
         if i % per == 0:
             if writer is not None:
                 writer.close()
-            writer = ShardWriter(root, f"synthetic-{i // per:03d}", height, width)
+            writer = ShardWriter(root, f"synthetic-{i // per:03d}", height, width, header=header)
         colour = i % len(COLOURS)
         lat = _pattern(colour, height // 8, width // 8) + 0.1 * rng.standard_normal(
             (4, height // 8, width // 8)
         )
-        iid = f"img{i:05d}"
+        iid = f"{id_prefix}{i:05d}"
         writer.add(lat.astype(np.float16), RecordMeta(iid, orig_h, orig_w, crop[0], crop[1]))
         name = COLOURS[colour]
         rows.append(

@@ -428,6 +428,10 @@ class Trainer:
             dataset = open_dataset(cfg.data, streaming=streaming)
             if not streaming:
                 preflight.check_dataset(dataset, self.model, cfg)
+        if saved:
+            from bigasp.store.multi import check_resumed_names
+
+            check_resumed_names(saved["trainer"].get("datasets"), dataset)
         self.dataset = dataset
         if streaming:
             self.loader = StreamingLoader(
@@ -831,6 +835,7 @@ class Trainer:
             "accumulation": self.accumulation,
             "validation": st.validation,
             "split_threshold": self.split.threshold,
+            **({"datasets": list(self.dataset.names)} if hasattr(self.dataset, "names") else {}),
             **({"ema": {"updates": self.ema.updates}} if self.ema is not None else {}),
         }
 
