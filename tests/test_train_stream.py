@@ -387,3 +387,12 @@ def test_streaming_follows_one_dataset_and_says_so_for_a_list(tmp_path):
         open_dataset(cfg, streaming=True)
     one = open_dataset(DataConfig(dataset=str(a), stream=True), streaming=True)
     assert one.streaming and len(one) == 0 and one.n_images == 6
+
+
+def test_dataset_batches_says_a_streaming_first_pass_is_not_planned_ahead(tmp_path, capsys):
+    from bigasp.cli import main
+
+    root = write_synthetic_latent_dataset(tmp_path / "ds", n=24, seed=0)
+    main(["dataset", "batches", str(root), "--set", "stream=true", "--set", "device_batch_size=2"])
+    out = capsys.readouterr()
+    assert "data.stream is set" in out.err and "batch" in out.out

@@ -55,6 +55,12 @@ def _loader(
     from bigasp.train.data import TrainLoader, open_dataset
 
     cfg = data_config_for(datasets, config, overrides)
+    if cfg.stream:  # the streaming first pass depends on when shards are published: not plannable here
+        typer.echo(
+            "note: data.stream is set; shown is the order of a run started on the dataset as it is now "
+            "(a streaming run's first pass follows the encoder in recorded waves, its rows in the order taken in)",
+            err=True,
+        )
     ds = open_dataset(cfg)
     return TrainLoader(ds, cfg, rank=0, world_size=world_size, seed=cfg.seed, device_batch_size=batch)
 
