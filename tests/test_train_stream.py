@@ -383,7 +383,7 @@ def test_streaming_follows_one_dataset_and_says_so_for_a_list(tmp_path):
     a = write_synthetic_latent_dataset(tmp_path / "a", n=6, seed=0)
     b = write_synthetic_latent_dataset(tmp_path / "b", n=6, seed=1, id_prefix="b")
     cfg = DataConfig(dataset=[str(a), str(b)], stream=True)
-    with pytest.raises(ConfigError, match="data.stream follows one dataset's encoder"):
+    with pytest.raises(ConfigError, match=r"data\.stream follows one dataset's encoder"):
         open_dataset(cfg, streaming=True)
     one = open_dataset(DataConfig(dataset=str(a), stream=True), streaming=True)
     assert one.streaming and len(one) == 0 and one.n_images == 6
