@@ -26,7 +26,7 @@ from bigasp.train.data import DataConfig, TrainLoader, id_hashes, open_dataset
 from bigasp.train.datasets import dataset_specs
 from bigasp.train.synthetic import write_synthetic_latent_dataset
 from bigasp.train.trainer import train
-from train_helpers import make_cfg, weights
+from train_helpers import first_planned_rows, make_cfg, weights
 
 ENC = {"vae_id": "vae-a", "scaling_factor": 0.13025, "seed": 0, "latent": "sample"}
 
@@ -95,13 +95,7 @@ def test_dataset_names_default_to_folders_and_are_told_apart():
 
 def first_samples_by_dataset(loader: TrainLoader, n: int) -> np.ndarray:
     member = loader.dataset.member_of_rows()
-    rows: list[np.ndarray] = []
-    epoch = 0
-    while sum(len(r) for r in rows) < n:
-        plan = loader.plan(epoch)
-        rows.append(plan.trained_rows(plan.n_batches))
-        epoch += 1
-    return np.bincount(member[np.concatenate(rows)[:n]], minlength=2)
+    return np.bincount(member[first_planned_rows(loader, n)], minlength=2)
 
 
 def test_weights_by_dataset_give_the_configured_proportions_chi_square(big):

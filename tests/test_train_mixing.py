@@ -21,7 +21,7 @@ from bigasp.store import LatentDataset
 from bigasp.train.data import DataConfig, TrainLoader
 from bigasp.train.synthetic import write_synthetic_latent_dataset
 from bigasp.train.trainer import train
-from train_helpers import make_cfg, weights
+from train_helpers import first_planned_rows, make_cfg, weights
 
 # 10 rows per cycle: 6 photo, 3 anime, 1 render
 SOURCES = ("photo",) * 6 + ("anime",) * 3 + ("render",)
@@ -47,13 +47,7 @@ def data_cfg(dataset: Path, **mix) -> DataConfig:
 def first_samples_by_source(loader: TrainLoader, n: int) -> np.ndarray:
     """Per source, how many of the first `n` planned training samples (rank 0 of 1) came from it."""
     source = np.array(loader.dataset.table.column("source").to_pylist())
-    rows: list[np.ndarray] = []
-    epoch = 0
-    while sum(len(r) for r in rows) < n:
-        plan = loader.plan(epoch)
-        rows.append(plan.trained_rows(plan.n_batches))
-        epoch += 1
-    taken = source[np.concatenate(rows)[:n]]
+    taken = source[first_planned_rows(loader, n)]
     return np.array([(taken == s).sum() for s in WEIGHTS])
 
 

@@ -66,3 +66,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def first_planned_rows(loader, n: int):
+    """Rows of the first `n` planned training samples (rank 0 of 1), over as many epochs as needed."""
+    import numpy as np
+
+    rows: list = []
+    epoch = 0
+    while sum(len(r) for r in rows) < n:
+        plan = loader.plan(epoch)
+        rows.append(plan.trained_rows(plan.n_batches))
+        epoch += 1
+    return np.concatenate(rows)[:n]

@@ -758,18 +758,7 @@ class TrainLoader:
         device_batch_size: int | None = None,
         split: Split | None = None,
     ):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"invalid rank {rank} for world size {world_size}")
-        self.dataset = dataset
-        self.cfg = cfg
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = cfg.seed if seed is None else int(seed)
-        self.device_batch_size = (
-            cfg.device_batch_size if device_batch_size is None else int(device_batch_size)
-        )
-        if self.device_batch_size < 1:
-            raise ConfigError(f"device_batch_size must be >= 1 (got {self.device_batch_size})")
+        self._init_position(dataset, cfg, rank, world_size, seed, device_batch_size)
         self.split = split if split is not None else split_dataset(dataset, cfg, seed=self.seed)
         table = dataset.table
         self.token_estimates = row_token_estimates(table, cfg.prompt)
@@ -779,13 +768,25 @@ class TrainLoader:
         widths = table.column("bucket_width").to_numpy(zero_copy_only=False)[train]
         self.buckets = build_row_buckets(train, heights, widths, chunks)
         self.mix = build_mix(table, self.buckets, cfg.mix)
+        self._report_buckets()
+
+    def _init_position(self, dataset, cfg: DataConfig, rank, world_size, seed, device_batch_size) -> None:
+        """Who this loader is (rank, seed, batch size) and where it starts: epoch 0, batch 0."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"invalid rank {rank} for world size {world_size}")
+        self.dataset, self.cfg, self.rank, self.world_size = dataset, cfg, rank, world_size
+        self.seed = cfg.seed if seed is None else int(seed)
+        self.device_batch_size = (
+            cfg.device_batch_size if device_batch_size is None else int(device_batch_size)
+        )
+        if self.device_batch_size < 1:
+            raise ConfigError(f"device_batch_size must be >= 1 (got {self.device_batch_size})")
         self.aliases = load_aliases(cfg)
         self.epoch = 0
         self.position = 0
         self._generations: tuple[int, int | None] | None = None  # (epoch, variant generations it uses)
         self.stats = LoaderStats()
         self._plan: EpochPlan | None = None
-        self._report_buckets()
 
     def _report_buckets(self) -> None:
         b = self.device_batch_size

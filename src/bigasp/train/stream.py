@@ -42,14 +42,12 @@ from bigasp.train.data import (
     Batch,
     BatchItem,
     DataConfig,
-    LoaderStats,
     Prefetcher,
     Split,
     TrainLoader,
     _BatchSource,
     _iterate,
     id_hashes,
-    load_aliases,
     row_chunk_estimates,
     row_token_estimates,
     split_dataset,
@@ -121,30 +119,17 @@ class StreamingLoader(TrainLoader):
         exchange: Callable[[Any], Any] | None = None,
         check: Callable[[list[str]], None] | None = None,
     ):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"invalid rank {rank} for world size {world_size}")
         if not getattr(dataset, "streaming", False):
             raise ValueError("StreamingLoader needs a LatentDataset opened with streaming=True")
         if len(dataset) and not dataset.index_files_taken:
             raise ValueError("the streaming dataset must start empty (rows are taken in by waves)")
-        self.dataset, self.cfg, self.rank, self.world_size = dataset, cfg, rank, world_size
-        self.seed = cfg.seed if seed is None else int(seed)
-        self.device_batch_size = (
-            cfg.device_batch_size if device_batch_size is None else int(device_batch_size)
-        )
-        if self.device_batch_size < 1:
-            raise ConfigError(f"device_batch_size must be >= 1 (got {self.device_batch_size})")
+        self._init_position(dataset, cfg, rank, world_size, seed, device_batch_size)
         self.exchange = exchange or (lambda obj: _broadcast(obj, world_size))
         self.check = check  # called with each wave's new shard names (VAE identity, scaling)
         self._checked: set[str] = set()
         self.threshold = (
             manifest_threshold(dataset, cfg, seed=self.seed) if threshold is None else int(threshold)
         )
-        self.aliases = load_aliases(cfg)
-        self.epoch, self.position = 0, 0
-        self._generations: tuple[int, int | None] | None = None
-        self.stats = LoaderStats()
-        self._plan = None
         self.buckets = None  # the whole dataset's, once the pass is over
         self.mix = None
         # per row, appended wave by wave
