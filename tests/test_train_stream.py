@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bigasp.store import LatentDataset, layout
+from bigasp.store.streaming import StreamingLatentDataset
 from bigasp.train.data import DataConfig
 from bigasp.train.stream import StreamingLoader
 from bigasp.train.synthetic import write_synthetic_latent_dataset
@@ -69,7 +70,7 @@ def _cfg(root: Path, **kw) -> DataConfig:
 
 
 def _loader(root: Path, pub: Publisher, **kw) -> StreamingLoader:
-    return StreamingLoader(LatentDataset(str(root), streaming=True), _cfg(root, **kw), exchange=pub.exchange)
+    return StreamingLoader(StreamingLatentDataset(str(root)), _cfg(root, **kw), exchange=pub.exchange)
 
 
 @pytest.fixture
@@ -176,7 +177,7 @@ def test_two_ranks_take_the_same_waves_and_split_one_global_batch_sequence(strea
 
     def run(rank):
         lo = StreamingLoader(
-            LatentDataset(str(root), streaming=True),
+            StreamingLatentDataset(str(root)),
             _cfg(root),
             rank=rank,
             world_size=2,
@@ -207,7 +208,7 @@ def test_a_dead_encoder_times_out_with_a_clear_error(tmp_path):
     root = write_synthetic_latent_dataset(tmp_path / "ds", n=24, seed=0, shard_size=6)
     pub = Publisher(root, first=1)
     loader = StreamingLoader(
-        LatentDataset(str(root), streaming=True),
+        StreamingLatentDataset(str(root)),
         _cfg(root, stream_timeout_s=0.2, validation_size=0, stable_size=0),
     )
     from bigasp.errors import DataError
@@ -238,7 +239,7 @@ def test_encode_rejects_complete_the_pass(streamed):
     layout.atomic_write_parquet(
         pa.Table.from_pylist(rej, schema=REJECTS_SCHEMA), root / layout.ENCODE_REJECTS_DIR / "r.parquet"
     )
-    loader = StreamingLoader(LatentDataset(str(root), streaming=True), _cfg(root, stream_timeout_s=5))
+    loader = StreamingLoader(StreamingLatentDataset(str(root)), _cfg(root, stream_timeout_s=5))
     it = iter(loader)
     while next(it).epoch == 0:
         pass
@@ -396,3 +397,59 @@ def test_dataset_batches_says_a_streaming_first_pass_is_not_planned_ahead(tmp_pa
     main(["dataset", "batches", str(root), "--set", "stream=true", "--set", "device_batch_size=2"])
     out = capsys.readouterr()
     assert "data.stream is set" in out.err and "batch" in out.out
+
+
+def test_variants_arriving_before_and_after_their_image_join_its_row(tmp_path):
+    """An encoder with --variants writes variant shards in any order: a variant published before
+    its image's variant 0 waits, then joins the row; epoch 1 trains on every variant as a
+    finished dataset would, and a shard listing an image twice keeps the first one taken."""
+    from bigasp.store import RecordMeta, ShardWriter
+    from bigasp.train.data import pick_variants
+
+    root = write_synthetic_latent_dataset(tmp_path / "ds", n=24, seed=1, shard_size=6)
+    full = LatentDataset(str(root))
+    for v, rows in ((1, range(24)), (2, range(0, 12))):  # generation 2 of half the images only
+        w = ShardWriter(root, f"var-{v}", 64, 64)
+        for i in rows:
+            row = full.table.slice(i, 1).to_pylist()[0]
+            meta = RecordMeta(row["id"], row["original_height"], row["original_width"], v, 2 * v, variant=v)
+            w.add((full.read_latent_numpy(i) + v).astype(np.float16), meta)
+        w.close()
+    ref = LatentDataset(str(root))
+    assert ref.n_variants.tolist() == [3] * 12 + [2] * 12
+    pub = Publisher(root, first=0)
+    order = ["var-1.parquet", "synthetic-000.parquet", "var-2.parquet"]  # variants 1, 2 come first
+    pub.names = order + [n for n in pub.names if n not in order]
+    pub.publish(2)
+    loader = StreamingLoader(StreamingLatentDataset(str(root)), _cfg(root, validation_size=0, stable_size=0),
+                             exchange=pub.exchange)  # fmt: skip
+    it = iter(loader)
+    while (b := next(it)).epoch == 0:
+        assert all(torch.equal(b.latents[j], ref.read_latent(_ref_row(ref, loader, r))) for j, r in
+                   enumerate(b.indices.tolist()))  # fmt: skip
+    ds = loader.dataset
+    by_id = {ds.table.column("id")[r].as_py(): r for r in range(len(ds))}
+    assert sorted(ds.n_variants.tolist()) == sorted(ref.n_variants.tolist())
+    for i in range(len(ref)):
+        r = by_id[ref.table.column("id")[i].as_py()]
+        assert ds.n_variants[r] == ref.n_variants[i]
+        for v in range(int(ref.n_variants[i])):
+            assert torch.equal(ds.read_latent(r, v), ref.read_latent(i, v)) and ds.crop_of(
+                r, v
+            ) == ref.crop_of(i, v)
+    assert loader.generations(1) == 2  # generation 2 is complete for half the images only
+    epoch1 = [b] + [next(it) for _ in range(loader.batches_per_epoch() - 1)]
+    for x in epoch1:  # epoch 1 trains a variant of every image, as a finished dataset would
+        rows = x.indices.numpy()
+        picks = pick_variants(np.minimum(ds.n_variants[rows], 2), rows, seed=3, epoch=1)
+        for j, (r, v) in enumerate(zip(rows.tolist(), picks.tolist(), strict=True)):
+            assert torch.equal(x.latents[j], ds.read_latent(r, v)) and tuple(
+                x.crop[j].tolist()
+            ) == ds.crop_of(r, v)
+    assert {int(v) for x in epoch1 for v in (x.crop[:, 0] > 0).tolist()} == {0, 1}
+    assert ds.verify() == []
+
+
+def _ref_row(ref, loader, r: int) -> int:
+    iid = loader.dataset.table.column("id")[r].as_py()
+    return ref.table.column("id").to_pylist().index(iid)

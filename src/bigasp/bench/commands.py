@@ -293,6 +293,24 @@ def plan(
     _finish(result, json_out)
 
 
+@bench_app.command("stream")
+def stream(
+    images: int = typer.Option(1_000_000, help="Images in the synthetic manifest."),
+    files: int = typer.Option(250, help="Index files (= waves: one shard published per wave)."),
+    device_batch: int = typer.Option(16, help="Device batch size."),
+    seed: int = typer.Option(0),
+    json_out: str = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Streaming first pass bookkeeping: ms per wave (first vs last waves) and the replay on resume."""
+    params = dict(locals())  # first: only the command options
+    from bigasp.bench.stream import run_stream_bench
+
+    result = run_stream_bench(
+        images=images, files=files, device_batch=device_batch, seed=seed, command=_command("stream", params)
+    )
+    _finish(result, json_out)
+
+
 @bench_app.command("ingest")
 def ingest(
     images: int = typer.Option(2000, help="Small JPEGs generated and scanned."),

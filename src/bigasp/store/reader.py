@@ -70,8 +70,9 @@ def read_index_ids(index: pa.Table) -> pa.Array:
 class LatentDataset:
     """Images that have a latent, sorted by id, with O(1) checksummed access to each latent.
 
-    `streaming=True` opens it empty for a run that starts while `bigasp encode` is still writing:
-    `grow(index files)` appends the images published since, in the order they are taken in."""
+    `StreamingLatentDataset` (store/streaming.py) is the one that grows while an encoder writes."""
+
+    streaming = False
 
     def __init__(
         self,
@@ -82,30 +83,29 @@ class LatentDataset:
         cache_bytes: int = 50 * 2**30,
         retries: int = 3,
         retry_wait: float = 0.5,
-        streaming: bool = False,
     ):
+        fs = self._open(root, storage_options)
+        manifest = read_manifest(fs, self.root)
+        self.n_images = len(manifest)  # ingested, with or without a latent
+        index = read_index(fs, self.root).select(["id", *INDEX_COLUMNS, "variant"])
+        recs = index.filter(pc.is_in(index.column("id"), value_set=manifest.column("id")))
+        self._set_records(recs)
+        self.table: pa.Table = join_latents(manifest, recs.take(pa.array(self._first)))
+        self.n_orphan_latents = len(read_index_ids(index)) - len(self.table)  # not in the manifest
+        self._setup_reads(cache_dir, cache_bytes, retries, retry_wait)
+
+    def _open(self, root, storage_options) -> Any:
+        """Filesystem, root and dataset.json; returns the filesystem."""
         self.root_url = str(root)
         self.storage_options = dict(storage_options or {})
         fs, self.root = layout.url_to_fs(self.root_url, self.storage_options)
         self._fs_obj, self._fs_pid = fs, os.getpid()
         self.meta = read_dataset_json(fs, self.root)
-        manifest = read_manifest(fs, self.root)
-        self.n_images = len(manifest)  # ingested, with or without a latent
-        # Streaming (see `grow`): rows start empty and are appended as index files are taken in.
-        self.streaming = bool(streaming)
-        self.index_files_taken: list[str] = []
-        if self.streaming:
-            self.manifest = manifest
-            self._index = read_index(fs, self.root, []).select(["id", *INDEX_COLUMNS, "variant"])
-            self._set_records(self._index)
-            self.table = join_latents(manifest, self._index)
-            self.n_orphan_latents = 0
-        else:
-            index = read_index(fs, self.root).select(["id", *INDEX_COLUMNS, "variant"])
-            recs = index.filter(pc.is_in(index.column("id"), value_set=manifest.column("id")))
-            self._set_records(recs)
-            self.table = join_latents(manifest, recs.take(pa.array(self._first)))
-            self.n_orphan_latents = len(read_index_ids(index)) - len(self.table)  # not in the manifest
+        return fs
+
+    def _setup_reads(self, cache_dir, cache_bytes: int, retries: int, retry_wait: float) -> None:
+        """Retries, the local cache for object storage, lazily opened shard handles."""
+        fs = self._fs_obj
         self._local = layout.is_local(fs)
         self.retries, self.retry_wait = int(retries), float(retry_wait)
         self.cache = None
@@ -125,80 +125,6 @@ class LatentDataset:
             self._fs_pid = os.getpid()
         return self._fs_obj
 
-    # -- streaming: a dataset whose encode is still running ----------------------------------------
-    def published_index_files(self) -> list[str]:
-        """Index files committed now (one per published shard), sorted; listings are not cached."""
-        from bigasp.store.manifest import index_files
-
-        with contextlib.suppress(Exception):  # object stores cache listings: see new index files
-            self.fs.invalidate_cache(f"{self.root}/{layout.INDEX_DIR}")
-        return index_files(self.fs, self.root)
-
-    def grow(self, names: list[str]) -> np.ndarray:
-        """Take in the index files `names`: images whose first latent (variant 0) they hold become
-        new rows, appended after the existing ones (sorted by id among themselves); other variants
-        join their image's row. Rows never move, so everything keyed by row stays valid while the
-        dataset grows. Returns the new rows' indices."""
-        if not self.streaming:
-            raise RuntimeError("grow() needs a dataset opened with streaming=True")
-        try:
-            new = read_index(self.fs, self.root, list(names)).select(["id", *INDEX_COLUMNS, "variant"])
-        except FileNotFoundError as err:
-            raise DataError(
-                f"{self.root}/{layout.INDEX_DIR}: an index file this run trained on is gone ({err}); restore it "
-                "(with its shard) to resume exactly"
-            ) from None
-        self.index_files_taken.extend(names)
-        # (id, variant) already taken in an earlier file keeps its record: the first file taken wins
-        both = pa.concat_tables([self._index, new.cast(self._index.schema)])
-        both = both.append_column("_seq", pa.array(np.arange(len(both), dtype=np.int64)))
-        both = both.sort_by([("id", "ascending"), ("variant", "ascending"), ("_seq", "ascending")])
-        ids, var = both.column("id"), both.column("variant")
-        if len(both) > 1:
-            first = pc.or_(
-                pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)),
-                pc.not_equal(var.slice(1), var.slice(0, len(var) - 1)),
-            )
-            both = both.filter(pa.concat_arrays([pa.array([True]), first.combine_chunks()]))
-        self._index = both.drop_columns(["_seq"]).combine_chunks()
-        fresh = self._index.filter(
-            pc.and_(
-                pc.equal(self._index.column("variant"), 0),
-                pc.and_(
-                    pc.is_in(self._index.column("id"), value_set=self.manifest.column("id")),
-                    pc.invert(pc.is_in(self._index.column("id"), value_set=self.table.column("id"))),
-                ),
-            )
-        )
-        start = len(self.table)
-        if len(fresh):
-            self.table = pa.concat_tables([self.table, join_latents(self.manifest, fresh)]).combine_chunks()
-        self._set_records(self._records_by_row(self._index))
-        return np.arange(start, len(self.table), dtype=np.int64)
-
-    def missing_latents(self) -> int:
-        """Ingested images with neither a latent taken in nor an encode reject: what a streaming
-        run still waits for (0 = the encode is complete)."""
-        from bigasp.store.manifest import read_rejects
-
-        with contextlib.suppress(Exception):
-            self.fs.invalidate_cache(f"{self.root}/{layout.ENCODE_REJECTS_DIR}")
-        rej = read_rejects(self.fs, self.root)
-        if "stage" in rej.column_names:
-            rej = rej.filter(pc.equal(rej.column("stage"), "encode"))
-        ids = self.manifest.column("id")
-        have = pc.or_(
-            pc.is_in(ids, value_set=self.table.column("id")),
-            pc.is_in(ids, value_set=rej.column("id").combine_chunks().cast(pa.string())),
-        )
-        return len(ids) - int(pc.sum(have.cast(pa.int64())).as_py() or 0) if len(ids) else 0
-
-    def _records_by_row(self, index: pa.Table) -> pa.Table:
-        """The records of this dataset's rows, ordered by (row, variant) as `_set_records` needs."""
-        row = pc.index_in(index.column("id"), value_set=self.table.column("id"))
-        recs = index.append_column("_row", row).filter(pc.is_valid(row))
-        return recs.sort_by([("_row", "ascending"), ("variant", "ascending")]).drop_columns(["_row"])
-
     def complete_generations(self) -> int:
         """Variants every row has (0 .. n-1): the generations a finished `encode --variants n` made."""
         return int(self.n_variants.min()) if len(self) else 0
@@ -210,7 +136,7 @@ class LatentDataset:
         with contextlib.suppress(Exception):  # object stores cache listings: see new index files
             self.fs.invalidate_cache(f"{self.root}/{layout.INDEX_DIR}")
         index = read_index(self.fs, self.root).select(["id", *INDEX_COLUMNS, "variant"])
-        recs = self._records_by_row(index)
+        recs = index.filter(pc.is_in(index.column("id"), value_set=self.table.column("id")))
         if len(read_index_ids(recs)) != len(self.table):
             raise DataError(
                 f"{self.root}: latents listed when the dataset was opened are gone from the index"

@@ -269,7 +269,7 @@ def tokens_per_byte(texts: pa.Array, sample: int = CALIBRATION_SAMPLE) -> float:
     return sum(len(ids) for ids in tokenize(picked)) / n_bytes
 
 
-def row_token_estimates(table: pa.Table, prompt: PromptConfig) -> np.ndarray:
+def row_token_estimates(table: pa.Table, prompt: PromptConfig, ratio: float | None = None) -> np.ndarray:
     """Estimated content tokens of each row's prompt, int32, without tokenising every row.
 
     Uses an `n_tokens` column when the dataset has one (int, or list = per caption, averaged).
@@ -278,7 +278,8 @@ def row_token_estimates(table: pa.Table, prompt: PromptConfig) -> np.ndarray:
     over the row's captions. Tokenising or regex-scanning 13M captions would take minutes; the
     per-row error only shifts prompts near a 75-token boundary, and the loader and
     `bigasp dataset batches` report how often the estimate misses. Rows without a caption get
-    a tag prompt of about min(#tags, tag_count_mean) tags at `tokens_per_tag` each.
+    a tag prompt of about min(#tags, tag_count_mean) tags at `tokens_per_tag` each. `ratio`:
+    a tokens-per-byte ratio calibrated before (the streaming pass calibrates once).
     """
     n = len(table)
     names = table.column_names
@@ -293,7 +294,9 @@ def row_token_estimates(table: pa.Table, prompt: PromptConfig) -> np.ndarray:
         caps = table.column("captions").combine_chunks()
         flat = pc.list_flatten(caps)
         n_bytes = pc.fill_null(pc.binary_length(flat), 0).to_numpy(zero_copy_only=False).astype(np.float64)
-        est = _list_mean(caps, n_bytes * tokens_per_byte(flat)).astype(np.float64)
+        est = _list_mean(caps, n_bytes * (tokens_per_byte(flat) if ratio is None else ratio)).astype(
+            np.float64
+        )
         has_caption = pc.fill_null(pc.list_value_length(caps), 0).to_numpy(zero_copy_only=False) > 0
     if "tags" in names and n and not has_caption.all():
         n_tags = pc.fill_null(pc.list_value_length(table.column("tags").combine_chunks()), 0)

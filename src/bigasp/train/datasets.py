@@ -108,6 +108,7 @@ def open_datasets(cfg, *, streaming: bool = False):
     dataset opened empty for a streaming first pass (one dataset only)."""
     from bigasp.store import LatentDataset
     from bigasp.store.multi import MultiDataset
+    from bigasp.store.streaming import StreamingLatentDataset
 
     specs = dataset_specs(cfg)
     if streaming and (is_multi(cfg.dataset) or cfg.mix.by == "dataset"):
@@ -123,13 +124,12 @@ def open_datasets(cfg, *, streaming: bool = False):
         if spec.url.startswith(("s3://", "s3a://")) and "config_kwargs" not in opts:
             # botocore keeps 10 connections by default, which would cap the reads in flight at 10
             opts["config_kwargs"] = {"max_pool_connections": max(cfg.read_concurrency, 10)}
-        return LatentDataset(
+        return (StreamingLatentDataset if streaming else LatentDataset)(
             spec.url,
             storage_options=opts,
             cache_dir=cfg.cache_dir or None,
             cache_bytes=cache_bytes,
             retries=cfg.read_retries,
-            streaming=streaming,
         )
 
     if not is_multi(cfg.dataset) and cfg.mix.by != "dataset":

@@ -38,7 +38,9 @@ import numpy as np
 import pyarrow.compute as pc
 
 from bigasp.errors import ConfigError, DataError
+from bigasp.store.streaming import Grow
 from bigasp.train.data import (
+    CALIBRATION_SAMPLE,
     Batch,
     BatchItem,
     DataConfig,
@@ -51,6 +53,7 @@ from bigasp.train.data import (
     row_chunk_estimates,
     row_token_estimates,
     split_dataset,
+    tokens_per_byte,
 )
 from bigasp.train.mixing import build_mix
 from bigasp.train.sampler import SamplerState, build_row_buckets, plan_epoch
@@ -100,7 +103,7 @@ class _StreamItems:
 class StreamingLoader(TrainLoader):
     """`TrainLoader` whose epoch 0 follows a dataset still being encoded (see the module notes).
 
-    `dataset` must be a `LatentDataset` opened with `streaming=True`. `threshold`: the saved
+    `dataset` must be a `StreamingLatentDataset` (store/streaming.py). `threshold`: the saved
     validation cutoff of a resumed run (default: computed from the manifest). `exchange`: rank
     0's value to every rank (default: a broadcast in the trainer's process group). `check`: run
     on each wave's new shards before they train (the trainer's VAE/scaling preflight).
@@ -120,7 +123,7 @@ class StreamingLoader(TrainLoader):
         check: Callable[[list[str]], None] | None = None,
     ):
         if not getattr(dataset, "streaming", False):
-            raise ValueError("StreamingLoader needs a LatentDataset opened with streaming=True")
+            raise ValueError("StreamingLoader needs a StreamingLatentDataset")
         if len(dataset) and not dataset.index_files_taken:
             raise ValueError("the streaming dataset must start empty (rows are taken in by waves)")
         self._init_position(dataset, cfg, rank, world_size, seed, device_batch_size)
@@ -133,12 +136,14 @@ class StreamingLoader(TrainLoader):
         self.buckets = None  # the whole dataset's, once the pass is over
         self.mix = None
         # per row, appended wave by wave
-        self.token_estimates = np.zeros(0, np.int32)
-        self._chunks = np.zeros(0, np.int64)
-        self._hash = np.zeros(0, np.uint64)
-        self._usable = np.zeros(0, bool)
-        self._bh = np.zeros(0, np.int64)
-        self._bw = np.zeros(0, np.int64)
+        self._per_row = {
+            "tokens": Grow(np.int32),
+            "chunks": Grow(np.int64),
+            "hash": Grow(np.uint64),
+            "usable": Grow(bool),
+            "bh": Grow(np.int64),
+            "bw": Grow(np.int64),
+        }
         # epoch 0's planned batches, wave by wave
         self.waves: list[list[str]] = []
         self.done = False
@@ -147,11 +152,21 @@ class StreamingLoader(TrainLoader):
         self._cum = np.zeros(1, np.int64)  # batches planned before each wave
         self._pool = np.zeros(0, np.int64)
         self._split: Split | None = None
+        self._tokens_per_byte: float | None = None
         self.stop_check: Callable[[], bool] | None = None  # set by the trainer: stop while waiting?
         self.interruptible = True  # the trainer clears it inside an accumulation (no safe save there)
         self.waits = 0  # times the loader found nothing new and waited (for logs and tests)
         if cfg.mix.enabled:
             log.info("data.mix applies from epoch 1: the streaming first pass trains each image once")
+
+    @property
+    def token_estimates(self) -> np.ndarray:
+        """Estimated caption tokens per row taken in (the base class reads it after the pass)."""
+        return self._per_row["tokens"].view
+
+    @token_estimates.setter
+    def token_estimates(self, _value) -> None:
+        raise AttributeError("a streaming loader's token estimates follow the rows taken in")
 
     # -- the pass -------------------------------------------------------------------------------
     @property
@@ -176,29 +191,22 @@ class StreamingLoader(TrainLoader):
         wave = len(self.waves)
         if len(rows):
             tbl = self.dataset.table.slice(int(rows[0]), len(rows))
-            est = row_token_estimates(tbl, cfg.prompt)
-            self.token_estimates = np.concatenate([self.token_estimates, est.astype(np.int32)])
-            self._chunks = np.concatenate(
-                [
-                    self._chunks,
-                    row_chunk_estimates(tbl, cfg, est).astype(np.int64)
-                    if cfg.chunk_bucketing
-                    else np.zeros(len(rows), np.int64),
-                ]
-            )
+            est = row_token_estimates(tbl, cfg.prompt, self._calibrate(tbl))
+            chunks = row_chunk_estimates(tbl, cfg, est) if cfg.chunk_bucketing else np.zeros(len(rows))
             hashes = id_hashes(tbl.column("id"), seed=seed)
             usable = np.ones(len(rows), bool)
             if cfg.exclude_score_zero and "score" in tbl.column_names:
                 usable = pc.fill_null(tbl.column("score"), -1).to_numpy(zero_copy_only=False) != 0
-            self._hash = np.concatenate([self._hash, hashes])
-            self._usable = np.concatenate([self._usable, usable])
-            self._bh = np.concatenate([self._bh, tbl.column("bucket_height").to_numpy(zero_copy_only=False)])
-            self._bw = np.concatenate([self._bw, tbl.column("bucket_width").to_numpy(zero_copy_only=False)])
+            col = lambda name: tbl.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+            for name, values in (("tokens", est), ("chunks", chunks), ("hash", hashes), ("usable", usable),
+                                 ("bh", col("bucket_height")), ("bw", col("bucket_width"))):  # fmt: skip
+                self._per_row[name].append(values)
             held = hashes <= np.uint64(self.threshold) if self.threshold >= 0 else np.zeros(len(rows), bool)
             self._pool = np.concatenate([self._pool, rows[usable & ~held]])
             self._split = None
         pool, b = self._pool, self.device_batch_size
-        buckets = build_row_buckets(pool, self._bh[pool], self._bw[pool], self._chunks[pool])
+        bh, bw, chunks = (self._per_row[k].view for k in ("bh", "bw", "chunks"))
+        buckets = build_row_buckets(pool, bh[pool], bw[pool], chunks[pool])
         plan = plan_epoch(buckets, seed=seed, epoch=0, device_batch_size=b, wave=wave)
         at = plan.batch_starts[:, None] + np.arange(b, dtype=np.int64)
         taken = np.zeros(len(plan.order), bool)
@@ -218,6 +226,17 @@ class StreamingLoader(TrainLoader):
             len(self._pool),
         )
         return plan.n_batches
+
+    def _calibrate(self, tbl) -> float | None:
+        """Tokens per caption byte: measured on each wave until one holds a full calibration
+        sample, then fixed (tokenising a sample per one-shard wave would add up over thousands)."""
+        if self._tokens_per_byte is not None or "captions" not in tbl.column_names:
+            return self._tokens_per_byte
+        flat = pc.list_flatten(tbl.column("captions").combine_chunks())
+        ratio = tokens_per_byte(flat)
+        if len(flat) >= CALIBRATION_SAMPLE:
+            self._tokens_per_byte = ratio
+        return ratio
 
     def _look(self, last_new: float) -> tuple:
         """Rank 0's decision: ("wave", files) | ("done",) | ("wait", missing) | ("stop",) | ("timeout", missing)."""
@@ -280,9 +299,12 @@ class StreamingLoader(TrainLoader):
 
     def _finish(self) -> None:
         """After the pass: the whole dataset (rows in the order taken in) for epochs 1, 2, ..."""
+        self.dataset.compact()
         train = self.split.train
-        chunks = self._chunks[train] if self.cfg.chunk_bucketing else None
-        self.buckets = build_row_buckets(train, self._bh[train], self._bw[train], chunks)
+        bh, bw, chunks = (self._per_row[k].view for k in ("bh", "bw", "chunks"))
+        self.buckets = build_row_buckets(
+            train, bh[train], bw[train], chunks[train] if self.cfg.chunk_bucketing else None
+        )
         self.mix = build_mix(self.dataset.table, self.buckets, self.cfg.mix)
         self._report_buckets()
 
@@ -291,17 +313,16 @@ class StreamingLoader(TrainLoader):
     def split(self) -> Split:
         """Validation / stable / train rows among the images taken in so far (fixed cutoff)."""
         if self._split is None:
-            rows = np.arange(len(self._hash), dtype=np.int64)
-            held = (
-                self._hash <= np.uint64(self.threshold) if self.threshold >= 0 else np.zeros(len(rows), bool)
-            )
-            train = rows[self._usable & ~held]
-            ranked = train[np.argsort(self._hash[train], kind="stable")]
+            hashes, usable = self._per_row["hash"].view, self._per_row["usable"].view
+            rows = np.arange(len(hashes), dtype=np.int64)
+            held = hashes <= np.uint64(self.threshold) if self.threshold >= 0 else np.zeros(len(rows), bool)
+            train = rows[usable & ~held]
+            ranked = train[np.argsort(hashes[train], kind="stable")]
             self._split = Split(
                 train=train,
-                validation=rows[self._usable & held],
+                validation=rows[usable & held],
                 stable=np.sort(ranked[: min(self.cfg.stable_size, len(train))]),
-                excluded=int((~self._usable).sum()),
+                excluded=int((~usable).sum()),
                 threshold=self.threshold,
             )
         return self._split
