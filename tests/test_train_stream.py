@@ -453,3 +453,25 @@ def test_variants_arriving_before_and_after_their_image_join_its_row(tmp_path):
 def _ref_row(ref, loader, r: int) -> int:
     iid = loader.dataset.table.column("id")[r].as_py()
     return ref.table.column("id").to_pylist().index(iid)
+
+
+def test_manifest_lookup_agrees_with_arrow_and_survives_hash_collisions(tmp_path):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    root = write_synthetic_latent_dataset(tmp_path / "ds", n=300, seed=0)
+    ds = StreamingLatentDataset(str(root))
+    manifest_ids = ds.manifest.column("id")
+    ids = pa.array([f"img{i:05d}" for i in range(0, 400, 7)] + ["not-ingested"])
+    want = pc.fill_null(pc.index_in(ids, value_set=manifest_ids), -1).to_numpy(zero_copy_only=False)
+    assert (ds.manifest_positions(ids) == want).all() and (want == -1).sum() == 16
+    # every id's hash made equal: each binary search lands on one candidate, the id check catches it
+    ds._keys_sorted = np.zeros_like(ds._keys_sorted)
+    from bigasp.store import streaming
+
+    real = streaming.id_keys
+    streaming.id_keys = lambda a: np.zeros(len(a), np.uint64)
+    try:
+        assert (ds.manifest_positions(ids) == want).all()
+    finally:
+        streaming.id_keys = real
