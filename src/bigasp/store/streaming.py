@@ -35,8 +35,8 @@ MAX_VARIANTS = 32  # per image; variant v is bit v of a per-image mask
 class Grow:
     """A numpy column that appends in amortised O(len(values)); `.view` is its filled part."""
 
-    def __init__(self, dtype):
-        self._buf = np.zeros(1024, dtype=dtype)
+    def __init__(self, dtype, capacity: int = 1024):
+        self._buf = np.zeros(max(int(capacity), 1), dtype=dtype)
         self.n = 0
 
     def append(self, values) -> None:
@@ -71,16 +71,16 @@ def id_keys(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return out
 
 
-_RECORD_COLUMNS = {  # index column -> dtype of its buffer
-    "record": np.int64,
+_RECORD_COLUMNS = {  # index column -> dtype of its buffer (the index file's own types)
+    "record": np.int32,
     "offset": np.int64,
     "length": np.int64,
     "crc32": np.int64,
-    "bucket_height": np.int64,
-    "bucket_width": np.int64,
-    "crop_top": np.int64,
-    "crop_left": np.int64,
-    "variant": np.int64,
+    "bucket_height": np.int32,
+    "bucket_width": np.int32,
+    "crop_top": np.int32,
+    "crop_left": np.int32,
+    "variant": np.int32,
 }
 
 
@@ -112,9 +112,10 @@ class StreamingLatentDataset(LatentDataset):
         self._row_of = np.full(len(self.manifest), -1, np.int64)  # manifest position -> row
         self._var_mask = np.zeros(len(self.manifest), np.uint32)  # manifest position -> variants held
         self._pending: dict[int, list[int]] = {}  # manifest position (no row yet) -> its records
-        self._mpos = Grow(np.int64)  # row -> manifest position
-        self._first_g = Grow(np.int64)  # row -> record of its variant 0
-        self._n_var = Grow(np.int32)
+        rows = len(self.manifest)  # at most one row per ingested image: no regrowth
+        self._mpos = Grow(np.int64, rows)  # row -> manifest position
+        self._first_g = Grow(np.int64, rows)  # row -> record of its variant 0
+        self._n_var = Grow(np.int32, rows)
         self._cols = {name: Grow(dtype) for name, dtype in _RECORD_COLUMNS.items()}
         self._rec_row = Grow(np.int64)  # record -> row (-1 while its image has no row yet)
         self._rec_shard = Grow(np.int32)
@@ -155,7 +156,7 @@ class StreamingLatentDataset(LatentDataset):
             return int(self._first[i])
         if self._vlookup is None:
             rows = self._rec_row.view
-            keys = rows * MAX_VARIANTS + self._variant
+            keys = rows * MAX_VARIANTS + self._variant.astype(np.int64)
             order = np.argsort(keys, kind="stable")
             self._vlookup = (keys[order], order)
         keys, order = self._vlookup

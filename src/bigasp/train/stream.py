@@ -136,13 +136,14 @@ class StreamingLoader(TrainLoader):
         self.buckets = None  # the whole dataset's, once the pass is over
         self.mix = None
         # per row, appended wave by wave
+        n = dataset.n_images  # at most one row per ingested image: preallocated, never regrown
         self._per_row = {
-            "tokens": Grow(np.int32),
-            "chunks": Grow(np.int64),
-            "hash": Grow(np.uint64),
-            "usable": Grow(bool),
-            "bh": Grow(np.int64),
-            "bw": Grow(np.int64),
+            "tokens": Grow(np.int32, n),
+            "chunks": Grow(np.int8, n),
+            "hash": Grow(np.uint64, n),
+            "usable": Grow(bool, n),
+            "bh": Grow(np.int32, n),
+            "bw": Grow(np.int32, n),
         }
         # epoch 0's planned batches, wave by wave
         self.waves: list[list[str]] = []
