@@ -109,7 +109,11 @@ class AnnotateConfig(Section):
     tags: TagsConfig = Field(default_factory=TagsConfig)
     watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
-    device: str = Field("auto", description="auto = cuda:LOCAL_RANK when CUDA is available, else cpu.")
+    device: str = Field(
+        "auto",
+        description="auto = cuda:LOCAL_RANK when CUDA is available, else cpu; cuda = cuda:LOCAL_RANK; cuda:N; cpu. "
+        "A device this machine lacks is refused before any model loads.",
+    )
     num_workers: int = Field(4, ge=0, description="DataLoader processes that decode images and build inputs.")
     batch_size: int = Field(64, gt=0, description="Images decoded per loader batch of the image pass.")
     part_size: int = Field(

@@ -48,14 +48,6 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def resolve_device(device: str, local_rank: int = 0):
-    import torch
-
-    if device != "auto":
-        return torch.device(device)
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def dtype_kwargs(dtype) -> dict:
     """`from_pretrained` precision argument: `dtype` in transformers 5, `torch_dtype` before; loading
     straight into the run precision keeps an 8B captioner at 16 GB of host memory, not 32."""

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from bigasp.annotate.config import STAGES, AnnotateConfig
 from bigasp.annotate.decode import DecodeDataset, Job, collate, manifest_jobs
-from bigasp.annotate.models import resolve_device
+from bigasp.devices import resolve
 from bigasp.errors import BigaspError, ConfigError, DataError
 from bigasp.store import annotations as store
 from bigasp.store import layout
@@ -354,7 +354,7 @@ def annotate(dataset: str | os.PathLike, cfg: AnnotateConfig) -> AnnotateSummary
 
     progress.quiet_libraries()  # transformers' own loading bars would interleave with bigasp's
     pg = summary_group(world)
-    device = resolve_device(cfg.device, local_rank)
+    device = resolve(cfg.device, local_rank=local_rank, setting="annotate.device")
     summary = AnnotateSummary(rank=rank, world_size=world, stages={s: StageSummary() for s in stages})
     session = uuid.uuid4().hex[:8]
     jobs = manifest_jobs(manifest)

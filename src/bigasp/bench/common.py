@@ -48,15 +48,10 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` -> cuda when present; an explicit cuda request without a GPU is a user error."""
-    from bigasp.errors import ConfigError
+    """`auto` -> cuda when present; a device this machine lacks is a user error (`bigasp.devices`)."""
+    from bigasp.devices import resolve
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    return dev
+    return resolve(device, setting="--device")
 
 
 def synchronize(device: torch.device) -> None:

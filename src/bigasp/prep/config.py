@@ -104,7 +104,11 @@ class EncodeConfig(Section):
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="VAE compute precision. fp32 default: the SDXL VAE overflows in fp16."
     )
-    device: str = Field("auto", description="auto = cuda:LOCAL_RANK when CUDA is available, else cpu.")
+    device: str = Field(
+        "auto",
+        description="auto = cuda:LOCAL_RANK when CUDA is available, else cpu; cuda = cuda:LOCAL_RANK; cuda:N; cpu. "
+        "A device this machine lacks is refused before any model loads.",
+    )
     batch_size: int = Field(16, gt=0, description="Images per VAE batch (all from one bucket).")
     num_workers: int = Field(4, ge=0, description="DataLoader processes decoding and resizing images.")
     shard_size: int = Field(2048, gt=0, description="Latents per shard file (one bucket per shard).")

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bigasp.buckets import Bucket, BucketConfig, BucketSet, Placement, place
+from bigasp.devices import resolve
 from bigasp.errors import ConfigError, DataError, ModelLoadError
 from bigasp.prep.config import EncodeConfig
 from bigasp.prep.images import Reject, load_for_bucket, pixel_limit
@@ -314,14 +315,6 @@ class EncodeSummary:
         self.encode_seconds = max(self.encode_seconds, other.encode_seconds)
 
 
-def _device(cfg: EncodeConfig, local_rank: int):
-    import torch
-
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def encode_batch(vae, pixels, noise, scaling: float, device, dtype) -> np.ndarray:
     """uint8 [B,3,H,W] -> fp16 latents [B,C,H/8,W/8] (numpy; may hold non-finite values).
 
@@ -398,6 +391,7 @@ def _encode(root: str | Path, cfg: EncodeConfig) -> EncodeSummary:
     fs, rootp = layout.url_to_fs(str(root), cfg.storage_options)
     meta = read_dataset_json(fs, rootp)
     rank, world, local_rank = dist_env()
+    device = resolve(cfg.device, local_rank=local_rank, setting="encode.device")  # before any model loads
     pg = summary_group(world)
     bcfg = cfg.buckets or BucketConfig(**meta.get("buckets", {}))
     buckets = BucketSet(bcfg.buckets())
@@ -437,7 +431,6 @@ def _encode(root: str | Path, cfg: EncodeConfig) -> EncodeSummary:
     check_same_encoding(root, encoding, cfg.storage_options)
 
     if todo:
-        device = _device(cfg, local_rank)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
         vae = vae.to(device)
         if next(vae.parameters()).dtype != dtype:

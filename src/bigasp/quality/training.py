@@ -27,7 +27,9 @@ def batches(n: int, batch_size: int, seed: int, name: str) -> Iterator[np.ndarra
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from bigasp.devices import resolve
+
+    return resolve("auto")
 
 
 def fit(

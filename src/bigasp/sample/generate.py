@@ -221,28 +221,11 @@ def _folder(path: str | None) -> Path | None:
     return None if path is None else Path(path)
 
 
-def auto_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def check_device(name: str | None) -> None:
     """Refuse a device this machine does not have, before anything is loaded."""
-    if name is None:
-        return
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return
-    if dev.type != "cuda":
-        raise ConfigError(f"--device {name!r} is not supported; use cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--device {name!r}: no CUDA GPU is available here; use --device cpu")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(
-            f"--device {name!r}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0..); pick one of them"
-        )
+    from bigasp.devices import resolve
+
+    resolve(name, setting="--device")
 
 
 def to_pil(pixels: torch.Tensor) -> list:
@@ -285,7 +268,9 @@ class Generator:
             raise ConfigError(
                 f"generation needs all SDXL components; {model.source or 'model'} lacks {missing}"
             )
-        self.device = torch.device(device or auto_device())
+        from bigasp.devices import resolve
+
+        self.device = resolve(device, setting="--device")
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.model, self.dtype, self.vae_dtype = model, dtype, vae_dtype

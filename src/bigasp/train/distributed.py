@@ -61,18 +61,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
     `device`: "auto" (CUDA if available), "cuda" or "cpu". Each rank uses cuda:LOCAL_RANK.
     """
+    from bigasp.devices import resolve
+
     rank, world, local = read_env()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device = 'cuda' but no CUDA GPU is visible; use 'cpu' or 'auto'")
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    elif device == "cpu":
-        dev = torch.device("cpu")
-    else:
-        raise ConfigError(f"train.device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    dev = resolve(device, local_rank=local, setting="train.device")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
