@@ -475,3 +475,76 @@ def test_manifest_lookup_agrees_with_arrow_and_survives_hash_collisions(tmp_path
         assert (ds.manifest_positions(ids) == want).all()
     finally:
         streaming.id_keys = real
+
+
+def test_a_later_wave_from_another_vae_stops_the_run_and_keeps_the_steps_trained(tmp_path):
+    """Each wave's new shards get the start-up check: a shard scaled for another VAE arriving
+    mid-pass stops the run with the check's message, after a checkpoint of the steps trained."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bigasp.errors import DataError
+    from bigasp.store import RecordMeta, ShardWriter
+    from bigasp.store.manifest import MANIFEST_SCHEMA
+    from bigasp.train import checkpoint as ck
+    from bigasp.train.trainer import train
+    from train_helpers import make_cfg
+
+    root = write_synthetic_latent_dataset(tmp_path / "ds", n=24, seed=2, shard_size=12)
+    manifest = pq.read_table(root / layout.MANIFEST)
+    extra = manifest.slice(0, 6).to_pylist()
+    w = ShardWriter(root, "other-vae", 64, 64, header={"scaling_factor": 0.5})
+    full = LatentDataset(str(root))
+    for k, row in enumerate(extra):
+        row["id"] = f"late{k:03d}"
+        w.add(full.read_latent_numpy(k), RecordMeta(row["id"], row["height"], row["width"], 0, 0))
+    w.close()
+    layout.atomic_write_parquet(
+        pa.concat_tables([manifest, pa.Table.from_pylist(extra, schema=MANIFEST_SCHEMA)]),
+        root / layout.MANIFEST,
+    )
+    pub = Publisher(root, first=0)
+    pub.names = [*sorted(n for n in pub.names if n.startswith("synthetic")), "other-vae.parquet"]
+    pub.publish(2)
+    cfg = make_cfg(tmp_path / "run", root, data={"stream": True, "stream_poll_s": 0.05},
+                   train={"batch_size": 2, "max_samples": 400})  # fmt: skip
+    log = Path(cfg.run_dir) / "batches.rank0.jsonl"
+    stop = threading.Event()
+
+    def encoder():  # the other VAE's shard arrives once training is under way
+        while not (log.exists() and log.stat().st_size) and not stop.wait(0.05):
+            pass
+        pub.publish(1)
+
+    t = threading.Thread(target=encoder, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(DataError, match=r"latents were scaled by 0\.5 but the model's VAE"):
+            train(cfg)
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    (last,) = ck.list_complete_checkpoints(cfg.run_dir)
+    assert ck.read_meta(last)["reason"] == "data_error"
+    state = json.loads((last / "state" / "trainer.json").read_text())["loader"][0]["stream"]
+    assert state["waves"] == [pub.names[:2]]  # the refused wave is not recorded
+
+
+def test_resume_names_a_recorded_index_file_that_is_gone(streamed):
+    from bigasp.errors import DataError
+
+    root, pub = streamed
+    loader = _loader(root, pub)
+    it = iter(loader)
+    while len(loader.waves) < 3:
+        next(it)
+    state = loader.state_dict()
+    gone = state["stream"]["waves"][1][0]
+    (root / layout.INDEX_DIR / gone).unlink()
+    fresh = _loader(root, pub)
+    with pytest.raises(
+        DataError, match=r"an index file this run trained on is gone .*" + gone.replace(".", r"\.")
+    ):
+        fresh.load_state_dict(state)

@@ -123,6 +123,7 @@ class StreamingLatentDataset(LatentDataset):
         self.shards: list[str] = []
         self._shard_pos: dict[str, int] = {}
         self._vlookup: tuple[np.ndarray, np.ndarray] | None = None  # sorted (row*32+v) keys, records
+        self._staged: tuple[list[str], pa.Table] | None = None  # index files read, not yet taken in
         empty = self.manifest.slice(0, 0)
         for name in INDEX_COLUMNS:
             empty = empty.append_column(INDEX_SCHEMA.field(name), pa.array([], INDEX_SCHEMA.field(name).type))
@@ -179,11 +180,19 @@ class StreamingLatentDataset(LatentDataset):
             self.fs.invalidate_cache(f"{self.root}/{layout.INDEX_DIR}")
         return index_files(self.fs, self.root)
 
+    def shards_in(self, names: list[str]) -> list[str]:
+        """The shards the index files `names` list (read once: `grow(names)` reuses the read)."""
+        return pc.unique(self._read_index_files(names).column("shard")).to_pylist()
+
     def _read_index_files(self, names: list[str]) -> pa.Table:
         from bigasp.store.manifest import read_index
 
+        if self._staged is not None and self._staged[0] == list(names):
+            return self._staged[1]
         try:
-            return read_index(self.fs, self.root, list(names)).select(["id", *INDEX_COLUMNS, "variant"])
+            table = read_index(self.fs, self.root, list(names)).select(["id", *INDEX_COLUMNS, "variant"])
+            self._staged = (list(names), table)
+            return table
         except FileNotFoundError as err:
             raise DataError(
                 f"{self.root}/{layout.INDEX_DIR}: an index file this run trained on is gone ({err}); restore it "
@@ -227,6 +236,7 @@ class StreamingLatentDataset(LatentDataset):
     def _take(self, names: list[str], *, new_rows: bool) -> np.ndarray:
         names = list(names)
         index = self._read_index_files(names)
+        self._staged = None
         self.index_files_taken.extend(names)
         self._taken.update(names)
         start = len(self)

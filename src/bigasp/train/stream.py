@@ -183,12 +183,12 @@ class StreamingLoader(TrainLoader):
     def take_wave(self, names: Sequence[str]) -> int:
         """Take in index files `names` as the next wave and plan it; returns batches planned."""
         cfg, seed = self.cfg, self.seed
-        rows = self.dataset.grow(list(names))
-        self.waves.append(list(names))
-        fresh = [n for n in self.dataset.shards if n not in self._checked]
-        if self.check is not None and fresh and len(self.dataset):
+        fresh = [n for n in self.dataset.shards_in(list(names)) if n not in self._checked]
+        if self.check is not None and fresh:  # refused shards are neither taken in nor recorded
             self.check(fresh)
         self._checked.update(fresh)
+        rows = self.dataset.grow(list(names))
+        self.waves.append(list(names))
         wave = len(self.waves)
         if len(rows):
             tbl = self.dataset.table.slice(int(rows[0]), len(rows))
