@@ -548,3 +548,24 @@ def test_resume_names_a_recorded_index_file_that_is_gone(streamed):
         DataError, match=r"an index file this run trained on is gone .*" + gone.replace(".", r"\.")
     ):
         fresh.load_state_dict(state)
+
+
+def test_mixing_applies_from_epoch_1_of_a_streaming_run(tmp_path):
+    root = write_synthetic_latent_dataset(
+        tmp_path / "ds", n=48, seed=0, shard_size=8, sources=("photo", "anime")
+    )
+    pub = Publisher(root, first=2)
+    loader = _loader(
+        root, pub, validation_size=0, stable_size=0, mix={"by": "source", "repeats": {"anime": 3}}
+    )
+    it = iter(loader)
+    first = []
+    while (b := next(it)).epoch == 0:
+        first += b.indices.tolist()
+    source = loader.dataset.table.column("source").to_pylist()
+    assert sorted(first) == list(range(48)) and loader.mix.names == ["anime", "photo"]
+    later = b.indices.tolist() + [
+        r for _ in range(loader.batches_per_epoch() - 1) for r in next(it).indices.tolist()
+    ]
+    counts = {s: sum(source[r] == s for r in later) for s in ("photo", "anime")}
+    assert counts == {"photo": 24, "anime": 72}  # epoch 1: each anime image three times

@@ -8,9 +8,10 @@ valid while the dataset grows. Other variants join their image's row whenever th
 When the encoder is slower than training, every wave is one shard: a 13M-image dataset is
 thousands of `grow` calls, and a resume replays all of them before its first step. So a call
 costs what the new files hold, never what the dataset holds so far: record columns live in
-amortised-growth numpy buffers, the table grows by appended chunks, and ids are looked up in the
-(fixed) manifest through a sorted array of 64-bit id hashes instead of a hash join of the whole
-dataset (`bigasp bench stream` measures it; docs/PERFORMANCE.md).
+amortised-growth numpy buffers, the table is a view of the manifest (`RowTable`: row -> manifest
+position, no copy), and ids are looked up in the (fixed) manifest through a sorted array of
+64-bit id hashes instead of a hash join of the whole dataset (`bigasp bench stream` measures it;
+docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -78,10 +79,68 @@ _RECORD_COLUMNS = {  # index column -> dtype of its buffer (the index file's own
     "crc32": np.int64,
     "bucket_height": np.int32,
     "bucket_width": np.int32,
+    "original_height": np.int32,
+    "original_width": np.int32,
     "crop_top": np.int32,
     "crop_left": np.int32,
     "variant": np.int32,
 }
+
+
+class RowTable:
+    """The dataset table of a `StreamingLatentDataset`, without a copy of the manifest: row r is
+    manifest row `mpos[r]` with the index columns of its variant-0 record. It answers the table
+    calls the training data path makes (`column_names`, `select`, `take`, `slice`, `column`,
+    `len`); each returns a real `pa.Table` / array built for just the rows asked for."""
+
+    def __init__(self, ds: StreamingLatentDataset, names: list[str] | None = None):
+        self._ds = ds
+        self.column_names = list(names) if names is not None else [*ds.manifest.column_names, *INDEX_COLUMNS]
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self._ds)
+
+    def select(self, names) -> RowTable:
+        missing = [n for n in names if n not in self.column_names]
+        if missing:
+            raise KeyError(f"no column(s) {missing} in the dataset table")
+        return RowTable(self._ds, list(names))
+
+    def take(self, indices) -> pa.Table:
+        if isinstance(indices, pa.Array | pa.ChunkedArray):
+            indices = indices.to_numpy(zero_copy_only=False)
+        idx = np.asarray(indices, dtype=np.int64)
+        n = len(self._ds)
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"row index out of range for a dataset of {n} rows")
+        ds = self._ds
+        kept = [c for c in self.column_names if c not in INDEX_COLUMNS]
+        out = ds.manifest.select(kept).take(pa.array(ds._mpos.view[idx]))
+        recs = ds._first[idx]
+        for name in (c for c in self.column_names if c in INDEX_COLUMNS):
+            field = INDEX_SCHEMA.field(name)
+            if name == "shard":
+                values = pa.array([ds.shards[k] for k in ds._shard_idx[recs].tolist()], pa.string())
+            elif name == "compression":
+                values = pa.array(np.where(ds._zstd[recs], "zstd", "none"), pa.string())
+            else:
+                values = pa.array(ds._cols[name].view[recs]).cast(field.type)
+            out = out.append_column(field, values)
+        return out.select(self.column_names)
+
+    def slice(self, offset: int = 0, length: int | None = None) -> pa.Table:
+        end = len(self) if length is None else min(len(self), offset + length)
+        return self.take(np.arange(offset, end, dtype=np.int64))
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        return self.select([name]).slice(0).column(name)
+
+    def to_table(self) -> pa.Table:
+        return self.slice(0)
 
 
 class StreamingLatentDataset(LatentDataset):
@@ -124,10 +183,7 @@ class StreamingLatentDataset(LatentDataset):
         self._shard_pos: dict[str, int] = {}
         self._vlookup: tuple[np.ndarray, np.ndarray] | None = None  # sorted (row*32+v) keys, records
         self._staged: tuple[list[str], pa.Table] | None = None  # index files read, not yet taken in
-        empty = self.manifest.slice(0, 0)
-        for name in INDEX_COLUMNS:
-            empty = empty.append_column(INDEX_SCHEMA.field(name), pa.array([], INDEX_SCHEMA.field(name).type))
-        self.table = empty
+        self.table = RowTable(self)
         self._publish_views()
         self._setup_reads(cache_dir, cache_bytes, retries, retry_wait)
 
@@ -294,13 +350,6 @@ class StreamingLatentDataset(LatentDataset):
         if len(new_at):
             self._first_g.append(rec_ids[new_at])
             self._n_var.append(np.zeros(len(new_at), np.int32))
-            table = self.manifest.take(pa.array(mpos[new_at]))
-            v0 = index.take(pa.array(new_at))
-            for name in INDEX_COLUMNS:
-                table = table.append_column(
-                    INDEX_SCHEMA.field(name), v0.column(name).cast(INDEX_SCHEMA.field(name).type)
-                )
-            self.table = pa.concat_tables([self.table, table.select(self.table.column_names)])
             for p in mpos[new_at]:
                 for r in self._pending.pop(int(p), []):
                     rec_row[r] = self._row_of[p]
@@ -325,10 +374,9 @@ class StreamingLatentDataset(LatentDataset):
         return self.n_images - len(self) - rejected_without_row
 
     def compact(self) -> None:
-        """After the pass (no new rows from now on): one chunk per column, which later `take`s
-        read faster, and of the manifest only the ids (to place variants published later)."""
-        self.table = self.table.combine_chunks()
-        self.manifest = self.manifest.select(["id"])
+        """After the pass (no new rows from now on): the manifest in one chunk per column, which
+        the `take`s of every later batch read faster."""
+        self.manifest = self.manifest.combine_chunks()
 
     def __repr__(self) -> str:
         return f"StreamingLatentDataset({self.root_url!r}, {len(self)} latents taken in from {len(self.shards)} shards)"
