@@ -344,14 +344,13 @@ class StreamingLatentDataset(LatentDataset):
         self._rec_shard.append(np.array([self._shard_pos[s] for s in shard_col], np.int32))
         self._rec_zstd.append(pc.equal(index.column("compression"), "zstd").to_numpy(zero_copy_only=False))
         rec_row = self._rec_row.view
-        for k, p in enumerate(mpos):  # records of images that have no row yet wait for it
-            if rec_row[rec_ids[k]] < 0:
-                self._pending.setdefault(int(p), []).append(int(rec_ids[k]))
+        for k in np.flatnonzero(rec_row[rec_ids] < 0).tolist():  # records whose image has no row yet wait
+            self._pending.setdefault(int(mpos[k]), []).append(int(rec_ids[k]))
         if len(new_at):
             self._first_g.append(rec_ids[new_at])
             self._n_var.append(np.zeros(len(new_at), np.int32))
-            for p in mpos[new_at]:
-                for r in self._pending.pop(int(p), []):
+            for p in mpos[new_at].tolist() if self._pending else ():
+                for r in self._pending.pop(p, []):
                     rec_row[r] = self._row_of[p]
         # variants held in a row from 0 up (a gap waits for the missing generation)
         touched = np.unique(self._row_of[mpos])

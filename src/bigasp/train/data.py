@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -790,6 +790,9 @@ class TrainLoader:
         self._generations: tuple[int, int | None] | None = None  # (epoch, variant generations it uses)
         self.stats = LoaderStats()
         self._plan: EpochPlan | None = None
+        # Only a streaming loader ever waits (for an encoder); the trainer sets these on any loader.
+        self.stop_check: Callable[[], bool] | None = None  # stop while waiting?
+        self.interruptible = True  # false inside a gradient accumulation (no consistent point to save)
 
     def _report_buckets(self) -> None:
         b = self.device_batch_size
@@ -941,24 +944,28 @@ class TrainLoader:
                     self.epoch, self.position = self.epoch + 1, 0
                     continue
                 raise DataError("an epoch planned no batch for this rank; the training split is too small")
-            gens = self.generations(plan.epoch)
-            source = _BatchSource(
-                self.dataset, self.cfg, self.seed, self.aliases, self.token_estimates, items, gens
-            )
-            ahead = Prefetcher.for_loader(self.dataset, items, self.cfg, self.seed, gens)
-            try:
-                for k, batch in enumerate(_iterate(source, self.cfg, ahead.start if ahead else None)):
-                    if ahead is not None:
-                        ahead.consumed(k + 1)
-                    self.position = batch.position - self.rank + w
-                    self.stats.add(batch, self.cfg.max_chunks)
-                    yield batch
-            finally:
-                if ahead is not None:
-                    ahead.stop()
+            yield from self._run(items, self.generations(plan.epoch))
             self._log_stats()
             self.epoch += 1
             self.position = 0
+
+    def _run(self, items: Sequence[BatchItem], generations: int | None) -> Iterator[Batch]:
+        """This rank's batches `items` (read with at most `generations` variants), with the records
+        fetched ahead from object storage, advancing the position as each batch is handed out."""
+        source = _BatchSource(
+            self.dataset, self.cfg, self.seed, self.aliases, self.token_estimates, items, generations
+        )
+        ahead = Prefetcher.for_loader(self.dataset, items, self.cfg, self.seed, generations)
+        try:
+            for k, batch in enumerate(_iterate(source, self.cfg, ahead.start if ahead else None)):
+                if ahead is not None:
+                    ahead.consumed(k + 1)
+                self.position = batch.position - self.rank + self.world_size
+                self.stats.add(batch, self.cfg.max_chunks)
+                yield batch
+        finally:
+            if ahead is not None:
+                ahead.stop()
 
     def _log_stats(self) -> None:
         s = self.stats

@@ -44,11 +44,8 @@ from bigasp.train.data import (
     Batch,
     BatchItem,
     DataConfig,
-    Prefetcher,
     Split,
     TrainLoader,
-    _BatchSource,
-    _iterate,
     id_hashes,
     row_chunk_estimates,
     row_token_estimates,
@@ -154,8 +151,6 @@ class StreamingLoader(TrainLoader):
         self._pool = np.zeros(0, np.int64)
         self._split: Split | None = None
         self._tokens_per_byte: float | None = None
-        self.stop_check: Callable[[], bool] | None = None  # set by the trainer: stop while waiting?
-        self.interruptible = True  # the trainer clears it inside an accumulation (no safe save there)
         self.waits = 0  # times the loader found nothing new and waited (for logs and tests)
         if cfg.mix.enabled:
             log.info("data.mix applies from epoch 1: the streaming first pass trains each image once")
@@ -341,21 +336,7 @@ class StreamingLoader(TrainLoader):
                 continue
             steps = (self.planned - self.position) // w
             positions = self.position + self.rank + w * np.arange(steps, dtype=np.int64)
-            items = _StreamItems(self, positions)
-            source = _BatchSource(
-                self.dataset, self.cfg, self.seed, self.aliases, self.token_estimates, items, 1
-            )
-            ahead = Prefetcher.for_loader(self.dataset, items, self.cfg, self.seed, 1)
-            try:
-                for k, batch in enumerate(_iterate(source, self.cfg, ahead.start if ahead else None)):
-                    if ahead is not None:
-                        ahead.consumed(k + 1)
-                    self.position = batch.position - self.rank + w
-                    self.stats.add(batch, self.cfg.max_chunks)
-                    yield batch
-            finally:
-                if ahead is not None:
-                    ahead.stop()
+            yield from self._run(_StreamItems(self, positions), 1)
         if self.epoch == 0:
             self._finish()
             self.epoch, self.position = 1, 0

@@ -550,8 +550,7 @@ class Trainer:
         stop = StopFlag(cfg.checkpoint.on_signal)
         if not self.restored and cfg.validation.at_start and cfg.validation.every:
             self.validate()
-        if hasattr(self.loader, "stop_check"):  # a streaming run may wait for the encoder: stop there too
-            self.loader.stop_check = lambda: stop.set
+        self.loader.stop_check = lambda: stop.set  # a streaming run may wait for the encoder: stop there too
         self.batches = iter(self.loader)
         self.last_saved_at = st.samples_seen if self.restored else -1
         try:
@@ -607,8 +606,7 @@ class Trainer:
         return bool(every) and now // every != (now - bs) // every
 
     def next_batch(self, micro: int):
-        if hasattr(self.loader, "interruptible"):  # only between steps is a stop while waiting safe to save
-            self.loader.interruptible = micro == 0
+        self.loader.interruptible = micro == 0  # only between steps is a stop while waiting safe to save
         try:
             return next(self.batches)
         except BigaspError:  # a bad shard or record: keep the finished steps if that is safe
