@@ -4,7 +4,6 @@ resumed run's average is bitwise the uninterrupted one's, and CKPT/ema/ loads as
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bigasp.models.io import load_model
 from bigasp.train import checkpoint as ck
-from bigasp.train.config import RunConfig
-from bigasp.train.distributed import shutdown
 from bigasp.train.ema import EMA
 from bigasp.train.synthetic import write_synthetic_latent_dataset
 from bigasp.train.trainer import train
-from train_helpers import free_port, make_cfg
+from train_helpers import ddp_worker, free_port, make_cfg
 
 
 @pytest.fixture(scope="module")
@@ -122,27 +119,12 @@ def test_ema_on_cpu_in_bf16_keeps_bf16_values(tmp_path, data):
         assert torch.equal(v, v.bfloat16().float()), k  # ...holding bf16 values exactly
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg_json: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    try:
-        train(RunConfig.model_validate_json(cfg_json))
-    finally:
-        shutdown()
-
-
 def test_ddp_ema_on_rank_zero_matches_one_process(tmp_path, data):
     ema = {**EMA_CFG, "start": 0, "every": 0}
     one = train(make_cfg(tmp_path / "one", data, ema=ema, train={"max_samples": 8}))
     multi = make_cfg(tmp_path / "two", data, ema=ema, train={"max_samples": 8})
     mp.start_processes(
-        _ddp_worker, args=(2, free_port(), multi.model_dump_json()), nprocs=2, start_method="fork", join=True
+        ddp_worker, args=(2, free_port(), multi.model_dump_json()), nprocs=2, start_method="fork", join=True
     )
     two = ck.list_complete_checkpoints(multi.run_dir)[-1]
     assert ck.read_meta(two)["world_size"] == 2 and (two / "ema").is_dir()

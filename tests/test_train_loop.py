@@ -22,13 +22,11 @@ from bigasp.config import dump_toml
 from bigasp.errors import BigaspError
 from bigasp.store import LatentDataset
 from bigasp.train import checkpoint as ck
-from bigasp.train.config import RunConfig
 from bigasp.train.data import TrainLoader
-from bigasp.train.distributed import shutdown
 from bigasp.train.synthetic import write_synthetic_latent_dataset
 from bigasp.train.tracking import read_metrics
 from bigasp.train.trainer import TrainingDiverged, train
-from train_helpers import free_port, make_cfg, weights, weights_at_init
+from train_helpers import ddp_worker, free_port, make_cfg, weights, weights_at_init
 
 
 @pytest.fixture(scope="module")
@@ -166,22 +164,6 @@ def test_abort_after_consecutive_nonfinite_steps(tmp_path, small_data):
     assert read_metrics(cfg.run_dir)[-1]["train/skipped_steps"] == 2
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg_json: str) -> None:
-    """One torchrun-style rank: the same environment variables torchrun sets, then the real trainer."""
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    try:
-        train(RunConfig.model_validate_json(cfg_json))
-    finally:
-        shutdown()
-
-
 def test_ddp_two_gloo_processes_match_one_process(tmp_path, medium_data):
     common = dict(
         train={"max_samples": 12},
@@ -197,7 +179,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, medium_data):
     # 2 gloo processes (forked, so no second import of torch): device batch 2 x 1 x 2 ranks
     multi = make_cfg(tmp_path / "two", medium_data, **common)
     mp.start_processes(
-        _ddp_worker, args=(2, free_port(), multi.model_dump_json()), nprocs=2, start_method="fork", join=True
+        ddp_worker, args=(2, free_port(), multi.model_dump_json()), nprocs=2, start_method="fork", join=True
     )
     two = ck.list_complete_checkpoints(multi.run_dir)[-1]
     assert one.name == two.name == "step-000000000012"

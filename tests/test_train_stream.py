@@ -314,22 +314,6 @@ def test_train_waits_for_the_encoder_stops_cleanly_on_sigterm_and_resumes_when_s
     assert sizes[-1] == 2 and sizes == sorted(sizes)  # the held-out set fills up as shards arrive (2 of 24)
 
 
-def _rank(rank: int, world: int, port: int, cfg_json: str) -> None:
-    import os
-
-    from bigasp.train.config import RunConfig
-    from bigasp.train.distributed import shutdown
-    from bigasp.train.trainer import train
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
-    torch.set_num_threads(1)
-    try:
-        train(RunConfig.model_validate_json(cfg_json))
-    finally:
-        shutdown()
-
-
 def test_two_gloo_ranks_agree_on_every_wave_while_shards_arrive(tmp_path):
     """Real trainer, 2 gloo processes; shards are published on a timer (timing-dependent waves):
     rank 0's choice is broadcast, so both ranks record the same waves and split the same batches."""
@@ -338,7 +322,7 @@ def test_two_gloo_ranks_agree_on_every_wave_while_shards_arrive(tmp_path):
     import torch.multiprocessing as mp
 
     from bigasp.train import checkpoint as ck
-    from train_helpers import free_port, make_cfg
+    from train_helpers import ddp_worker, free_port, make_cfg
 
     root = write_synthetic_latent_dataset(tmp_path / "ds", n=24, seed=2, shard_size=6)
     pub = Publisher(root, first=1)
@@ -357,7 +341,9 @@ def test_two_gloo_ranks_agree_on_every_wave_while_shards_arrive(tmp_path):
     t = threading.Thread(target=encoder, daemon=True)
     t.start()
     try:
-        mp.start_processes(_rank, args=(2, free_port(), cfg.model_dump_json()), nprocs=2, start_method="fork")
+        mp.start_processes(
+            ddp_worker, args=(2, free_port(), cfg.model_dump_json()), nprocs=2, start_method="fork"
+        )
     finally:
         stop.set()
         t.join(timeout=10)

@@ -79,3 +79,27 @@ def first_planned_rows(loader, n: int):
         rows.append(plan.trained_rows(plan.n_batches))
         epoch += 1
     return np.concatenate(rows)[:n]
+
+
+def ddp_worker(rank: int, world: int, port: int, cfg_json: str) -> None:
+    """One torchrun-style rank: the environment variables torchrun sets, then the real trainer.
+    Start with `torch.multiprocessing.start_processes(ddp_worker, args=(world, port, cfg_json),
+    nprocs=world, start_method="fork")`."""
+    import os
+
+    from bigasp.train.config import RunConfig
+    from bigasp.train.distributed import shutdown
+    from bigasp.train.trainer import train
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    try:
+        train(RunConfig.model_validate_json(cfg_json))
+    finally:
+        shutdown()
