@@ -70,6 +70,18 @@ def write_bench_dataset(
     return root
 
 
+def _config(latent: tuple[int, int], images: int, batch: int, workers: int, batches: int) -> dict:
+    """The settings both load benches (local and object storage) report."""
+    return {
+        "latent_height": latent[0],
+        "latent_width": latent[1],
+        "images": images,
+        "batch": batch,
+        "workers": workers,
+        "batches": batches,
+    }
+
+
 def run_load_bench(
     *,
     latent: tuple[int, int],
@@ -137,14 +149,7 @@ def run_load_bench(
     }
     return BenchResult(
         bench="load",
-        config={
-            "latent_height": latent[0],
-            "latent_width": latent[1],
-            "images": images,
-            "batch": batch,
-            "workers": workers,
-            "batches": batches,
-        },
+        config=_config(latent, images, batch, workers, batches),
         metrics=metrics,
         headline=[
             ("samples_per_s_per_worker", "samples/s/worker"),
@@ -232,12 +237,7 @@ def _run_url_bench(
     return BenchResult(
         bench="load",
         config={
-            "latent_height": latent[0],
-            "latent_width": latent[1],
-            "images": images,
-            "batch": batch,
-            "workers": workers,
-            "batches": batches,
+            **_config(latent, images, batch, workers, batches),
             "url": url,
             "prefetch_batches": prefetch,
             "read_concurrency": concurrency,
