@@ -274,10 +274,8 @@ class StreamingLatentDataset(LatentDataset):
             )
             if not same.all():
                 wrong = np.flatnonzero(hit)[~same]
-                found = pc.index_in(ids.take(pa.array(wrong)), value_set=manifest_ids).to_numpy(
-                    zero_copy_only=False
-                )
-                pos[wrong] = np.where(np.isnan(found.astype(float)), -1, np.nan_to_num(found.astype(float)))
+                found = pc.fill_null(pc.index_in(ids.take(pa.array(wrong)), value_set=manifest_ids), -1)
+                pos[wrong] = found.to_numpy(zero_copy_only=False)
         return pos.astype(np.int64)
 
     def grow(self, names: list[str]) -> np.ndarray:
