@@ -24,7 +24,7 @@ from bigasp.fsutil import atomic_write_text
 from bigasp.quality import elo
 from bigasp.quality.config import PairwiseConfig, RankConfig, ScorerConfig
 from bigasp.quality.keys import key64, rng
-from bigasp.quality.models import file_digest, load_model, save_model
+from bigasp.quality.models import check_embedding_size, file_digest, load_model, save_model
 from bigasp.quality.ratings import RatingStore, labels
 from bigasp.store import layout
 from bigasp.store.annotations import read_embeddings
@@ -181,6 +181,7 @@ def rank(
         model, _ = load_model(classifier, "quality-classifier")
         model = model.to(device())
         emb = read_embeddings(root, embed_key)
+        check_embedding_size(model, classifier, emb.vectors, emb.model_key)
         ids = _sample_ids(emb.ids, cfg.images, cfg.seed)
         if len(ids) < 2:
             raise DataError(f"{root}: the tournament needs at least 2 images with embeddings")
@@ -312,6 +313,7 @@ def score(
     digest = file_digest(scorer)
     key = f"bigasp-scorer-{digest[:12]}"
     emb = read_embeddings(root, embed_key)
+    check_embedding_size(model, scorer, emb.vectors, emb.model_key)
     done = scoring.scored_ids(root, key)
     todo = np.array([i not in done for i in emb.ids], bool)
     provenance = {
@@ -325,19 +327,45 @@ def score(
     ids = list(emb.ids[todo])
     written: list[Path] = []
     if ids:
-        scores, probs = predict(model, emb.vectors[todo], batch)
+        scores, probs = predict(model, emb.vectors[todo], batch, ids=ids, source=str(scorer))
         written = scoring.write_scores(root, key, ids, scores, probs, provenance)
     report: dict[str, Any] = {"model_key": key, "scored": len(ids), "already_scored": int((~todo).sum()),
                               "parts": [str(p) for p in written]}  # fmt: skip
+    _, all_scores = scoring.read_scores(root, key) if ids or manifest else ([], np.zeros(0, np.int8))
+    bins = int(meta["bins"])
+    histogram = np.bincount(all_scores.astype(int), minlength=bins).tolist()
+    warning = one_bin_warning(histogram, scorer)
+    if warning:
+        log.warning("%s", warning)
+        report["warning"] = warning
     if manifest:
         from bigasp.annotate.config import MergeConfig
         from bigasp.annotate.merge import merge
 
-        _, all_scores = scoring.read_scores(root, key)
         cfg = MergeConfig(precedence=precedence, columns=["score"], models={scoring.STAGE: key})
         merged = merge(str(root), cfg)["columns"]["score"]
         report["manifest_rows"] = merged["from_annotations"]
-        report["histogram"] = np.bincount(
-            all_scores.astype(int), minlength=int(meta.get("bins", 10))
-        ).tolist()
+        report["histogram"] = histogram
     return report
+
+
+ONE_BIN_SHARE = 0.95  # a healthy scorer spreads images over several bins; 95% in one is a broken model
+ONE_BIN_MIN_IMAGES = 20  # below this, one bin holding everything can be chance
+
+
+def one_bin_warning(histogram: list[int], scorer: Path) -> str | None:
+    """A loud warning when one score holds (nearly) every image, above all score 0, which training skips."""
+    total = sum(histogram)
+    if total < ONE_BIN_MIN_IMAGES:
+        return None
+    top = int(np.argmax(histogram))
+    if histogram[top] < ONE_BIN_SHARE * total:
+        return None
+    msg = (
+        f"WARNING: {histogram[top]} of {total} images ({histogram[top] / total:.0%}) got score {top} from "
+        f"{scorer}: the scorer does not tell images apart; check its report ({scorer.with_suffix('.json')}) "
+        "and the ranking's bins before training on these scores"
+    )
+    if top == 0:
+        msg += " (images with score 0 are left out of training: data.exclude_score_zero)"
+    return msg

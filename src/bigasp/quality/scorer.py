@@ -26,16 +26,37 @@ class ScorerResult:
 
 
 @torch.no_grad()
-def predict(model: ScoreClassifier, vectors: np.ndarray, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """(score int8 [N], probabilities float32 [N, bins]) for fp16/fp32 embeddings."""
+def predict(
+    model: ScoreClassifier, vectors: np.ndarray, batch: int = 8192, *, ids=None, source: str = "the scorer"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(score int8 [N], probabilities float32 [N, bins]) for fp16/fp32 embeddings.
+
+    Every batch is checked: NaN/Inf embeddings or outputs are a DataError, never a score (the
+    argmax of NaN is bin 0, and score 0 is left out of training).
+    """
     model = model.eval()
     dev = next(model.parameters()).device
     probs = []
     for s in range(0, len(vectors), batch):
         x = torch.from_numpy(np.asarray(vectors[s : s + batch], np.float32)).to(dev)
-        probs.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
+        _refuse_non_finite(x, s, ids, "embeddings", "re-embed them with `bigasp annotate --stage embed`")
+        p = torch.softmax(model(x).float(), dim=1)
+        _refuse_non_finite(p, s, ids, f"outputs of {source}", "the model is damaged; refit it with "
+                           "`bigasp quality fit-scorer DATASET`")  # fmt: skip
+        probs.append(p.cpu().numpy())
     p = np.concatenate(probs) if probs else np.zeros((0, model.bins), np.float32)
     return p.argmax(1).astype(np.int8), p
+
+
+def _refuse_non_finite(t: torch.Tensor, start: int, ids, what: str, fix: str) -> None:
+    rows = ~torch.isfinite(t).all(dim=1)
+    if bool(rows.any()):
+        first = start + int(torch.nonzero(rows)[0, 0])
+        name = f"image {ids[first]}" if ids is not None else f"row {first}"
+        raise DataError(
+            f"NaN/Inf {what} for {int(rows.sum())} image(s) of the batch from row {start} (first: {name}); "
+            f"nothing of this run was written: {fix}"
+        )
 
 
 def _metrics(model: ScoreClassifier, x: np.ndarray, bins: np.ndarray) -> dict[str, Any]:
@@ -73,6 +94,11 @@ def train_scorer(
         seed=cfg.seed, name="scorer",
     )  # fmt: skip
     model = model.cpu()
+    if not all(bool(torch.isfinite(v).all()) for v in model.state_dict().values()):
+        raise DataError(
+            "scorer training diverged (NaN/Inf weights); nothing was written: "
+            f"lower scorer.lr (now {cfg.lr}, e.g. --set lr={cfg.lr / 10:g}) and fit again"
+        )
     return ScorerResult(
         model,
         _metrics(model, x[~is_test], bins[~is_test]),

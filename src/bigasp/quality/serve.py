@@ -34,10 +34,11 @@ def build_arena(
             raise DataError(
                 f"{dataset}: a classifier needs the dataset's embeddings; run `bigasp annotate` first"
             )
-        from bigasp.quality.models import load_model
+        from bigasp.quality.models import check_embedding_size, load_model
         from bigasp.quality.pairwise import judge_fn
 
         model, _ = load_model(classifier, "quality-classifier")
+        check_embedding_size(model, classifier, emb.vectors, emb.model_key)
         judge = judge_fn(model, emb.lookup(ids))
     flags = None
     if flagged is not None:
