@@ -33,6 +33,15 @@ def tiny_clip(path: Path) -> Path:
     return path
 
 
+def photo_dataset(tmp: Path, n: int) -> Path:
+    """n demo photos ingested in place (no embeddings): enough for an arena."""
+    photos = tmp / "photos"
+    write_photos(photos, n, seed=0, broken=False)
+    root = tmp / "dataset"
+    cli(["ingest", str(photos), "--out", str(root), "--config", str(REPO / "configs" / "demo-data.toml")])
+    return root
+
+
 def demo_dataset(tmp: Path, n: int = 24, *, clip: Path | None = None) -> tuple[Path, Path, dict[str, int]]:
     """(dataset root, clip folder, demo sidecar score by id) with every image embedded by the tiny CLIP."""
     import torch

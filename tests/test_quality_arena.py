@@ -62,6 +62,7 @@ def test_rate_by_click_and_keyboard_tie_undo_reload(served, page, tmp_path):
         return page.evaluate("[pair.left.id, pair.right.id]")
 
     def rate(action, expect_status):
+        page.wait_for_function("ready()")  # the page takes a judgement only once both images show
         shown.append(current())
         action()
         page.wait_for_function(
@@ -80,7 +81,7 @@ def test_rate_by_click_and_keyboard_tie_undo_reload(served, page, tmp_path):
     assert [r[2] for r in _rows(arena)] == ["left", "right"]
 
     page.reload()  # a reload shows a new pair and keeps the rater name
-    page.wait_for_function("pair !== null && document.getElementById('right').complete")
+    page.wait_for_function("ready()")
     assert page.input_value("#rater") == "alice"
     page.click("#btn-undo")  # the new page has nothing of its own to undo
     page.wait_for_function("document.getElementById('status').textContent === 'nothing to undo'")

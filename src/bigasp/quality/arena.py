@@ -4,18 +4,29 @@ Flask because bigASP's own arena is Flask and the app is a handful of synchronou
 over SQLite; waitress because it is a maintained multi-threaded server with no C parts.
 Images are addressed only by their slot in the pool (`/image/<int>`), so no request path
 ever reaches the filesystem; ratings name pool ids and are checked against the pool.
+
+Guard rails, because the arena is reachable from any web page the rater's browser opens: the
+Host header must be a loopback name, the --host value or a name the user allowed (a page on
+another site that rebinds its DNS name to 127.0.0.1 still sends its own name); request bodies
+are capped at MAX_BODY (waitress refuses a longer Content-Length before reading it); a body
+that is not a JSON object of the expected types is a 400 with a message; undo needs the secret
+returned with the rating (an HMAC of rating id and rater under a per-server key), so one rater
+cannot undo another's judgement by sending their name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import hmac
 import io
 import ipaddress
+import json
 import logging
+import secrets
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +38,49 @@ from bigasp.quality.ratings import OUTCOMES, RatingStore
 log = logging.getLogger(__name__)
 TOKEN_COOKIE = "bigasp_arena_token"
 MAX_RATER = 64
+MAX_BODY = 64 * 1024  # the arena's requests are JSON objects of a few hundred bytes
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _host_name(header: str) -> str:
+    """The name part of a Host header (`name`, `name:port`, `[v6]:port`), lower-case, no trailing dot."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        h = h[1 : h.find("]")] if "]" in h else ""
+    elif h.count(":") == 1:
+        h = h.rsplit(":", 1)[0]
+    return h.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """Which Host headers the arena answers (DNS rebinding: a foreign page sends its own name).
+
+    Loopback names and addresses, the address it listens on, and `allowed` names always pass;
+    when it listens on every interface (0.0.0.0 / ::), so does any IP address: a browser that
+    opens http://192.168.1.5:5034 sends that address, which no other site can make it send.
+    """
+
+    bind: str = "127.0.0.1"
+    allowed: tuple[str, ...] = ()
+
+    def allows(self, header: str | None) -> bool:
+        name = _host_name(header or "")
+        if not name:
+            return False
+        if is_loopback(name) or name == _host_name(self.bind):
+            return True
+        if name in {_host_name(a) for a in self.allowed}:
+            return True
+        return self.bind in WILDCARDS and _is_ip(name)
 
 
 @dataclass(eq=False)  # hashed by identity: image_bytes caches per arena
@@ -39,9 +93,16 @@ class Arena:
     judge: Any = None  # judge(first_idx, second_idx) -> P(first better) over pool indices
     token: str | None = None
     max_side: int = 1024
+    hosts: HostPolicy = field(default_factory=HostPolicy)
+    undo_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
     def __post_init__(self) -> None:
         self.slot = {p.id: k for k, p in enumerate(self.pool)}
+
+    def undo_token(self, rating_id: int, rater: str) -> str:
+        """The secret that lets only the page that made a rating undo it (valid for this server run)."""
+        msg = f"{rating_id}\0{rater}".encode()
+        return hmac.new(self.undo_key, msg, hashlib.sha256).hexdigest()[:32]
 
     def progress(self, rater: str | None) -> dict[str, int]:
         rated = self.store.rated_pairs()
@@ -61,6 +122,16 @@ class Arena:
         return buf.getvalue()
 
 
+def _json_object(request) -> dict[str, Any] | None:
+    """The body as a JSON object, or None for anything else (not JSON, an array, nested too deep)."""
+    raw = request.get_data(cache=False)  # bounded by MAX_CONTENT_LENGTH: longer is a 413
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
 def _rater(value: Any) -> str | None:
     if not isinstance(value, str):
         return None
@@ -70,8 +141,28 @@ def _rater(value: Any) -> str | None:
 
 def create_app(arena: Arena):
     from flask import Flask, Response, jsonify, make_response, request
+    from werkzeug.exceptions import RequestEntityTooLarge
 
     app = Flask("bigasp-arena")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_err):
+        return jsonify(
+            error=f"request body over {MAX_BODY // 1024} KiB; the arena takes small JSON objects"
+        ), 413
+
+    @app.before_request
+    def _check_host():
+        host = request.environ.get("HTTP_HOST")
+        if arena.hosts.allows(host):
+            return None
+        log.warning("refused a request for Host %r (not this arena's name)", host)
+        return Response(
+            f"forbidden: this arena does not answer to the name {host!r}; open it by a loopback "
+            "address or the --host address, or start it with --allow-host NAME\n",
+            403, mimetype="text/plain",
+        )  # fmt: skip
 
     @app.before_request
     def _check_token():
@@ -92,9 +183,8 @@ def create_app(arena: Arena):
     def _headers(resp):
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["Referrer-Policy"] = "no-referrer"
-        resp.headers["Cache-Control"] = (
-            "private, max-age=3600" if request.path.startswith("/image/") else "no-store"
-        )
+        cached = request.path.startswith("/image/") and resp.status_code == 200
+        resp.headers["Cache-Control"] = "private, max-age=3600" if cached else "no-store"
         return resp
 
     @app.get("/")
@@ -113,7 +203,7 @@ def create_app(arena: Arena):
         picked = arena.picker.pick(mode)
         rater = _rater(request.args.get("rater"))
         if picked is None:
-            return jsonify(done=True, progress=arena.progress(rater))
+            return jsonify(done=True, unreadable=len(arena.picker.excluded), progress=arena.progress(rater))
         i, j = picked
         out: dict[str, Any] = {
             "left": {"id": arena.pool[i].id, "url": f"/image/{i}"},
@@ -126,25 +216,35 @@ def create_app(arena: Arena):
 
     @app.post("/api/rate")
     def rate():
-        body = request.get_json(silent=True) or {}
+        body = _json_object(request)
+        if body is None:
+            return jsonify(error=NOT_AN_OBJECT.format("left, right, outcome, rater")), 400
         rater = _rater(body.get("rater"))
         left, right, outcome = body.get("left"), body.get("right"), body.get("outcome")
         if rater is None:
             return jsonify(error="enter a rater name (1-64 printable characters)"), 400
-        if outcome not in OUTCOMES:
+        if not isinstance(outcome, str) or outcome not in OUTCOMES:
             return jsonify(error=f"outcome must be one of {', '.join(OUTCOMES)}"), 400
-        if left not in arena.slot or right not in arena.slot or left == right:
-            return jsonify(error="both images must be two different images of the pool"), 400
+        if not all(isinstance(v, str) and v in arena.slot for v in (left, right)) or left == right:
+            return jsonify(error="left and right must be the ids of two different images of the pool"), 400
         rid = arena.store.add(left, right, outcome, rater=rater, source="human")
-        return jsonify(rating_id=rid, progress=arena.progress(rater))
+        return jsonify(rating_id=rid, undo_token=arena.undo_token(rid, rater), progress=arena.progress(rater))
 
     @app.post("/api/undo")
     def undo():
-        body = request.get_json(silent=True) or {}
+        body = _json_object(request)
+        if body is None:
+            return jsonify(error=NOT_AN_OBJECT.format("rating_id, undo_token, rater")), 400
         rater = _rater(body.get("rater"))
-        rid = body.get("rating_id")
-        if rater is None or not isinstance(rid, int):
-            return jsonify(error="undo needs the rater and the rating_id to undo"), 400
+        rid, secret = body.get("rating_id"), body.get("undo_token")
+        if rater is None or isinstance(rid, bool) or not isinstance(rid, int) or not 0 < rid < 2**63:
+            return jsonify(error="undo needs the rater and the rating_id (a positive whole number)"), 400
+        if not isinstance(secret, str) or not hmac.compare_digest(
+            secret.encode(), arena.undo_token(rid, rater).encode()
+        ):
+            return jsonify(
+                error="only the page that made a rating can undo it (wrong or missing undo_token)"
+            ), 403
         return jsonify(undone=arena.store.undo(rid, rater=rater), progress=arena.progress(rater))
 
     @app.get("/api/progress")
@@ -155,9 +255,22 @@ def create_app(arena: Arena):
     def image(slot: int):
         if not 0 <= slot < len(arena.pool):
             return Response("no such image\n", 404, mimetype="text/plain")
-        return Response(arena.image_bytes(slot), mimetype="image/jpeg")
+        try:
+            data = arena.image_bytes(slot)
+        except Exception as err:  # a file deleted or damaged since ingest: skip it, keep serving
+            p = arena.pool[slot]
+            arena.picker.exclude(slot)
+            log.warning("pool image %s (%s) cannot be read, left out of new pairs: %s", p.id, p.ref.file, err)
+            return Response(
+                f"image {p.id} can no longer be read ({type(err).__name__}); it is left out of new pairs\n",
+                404, mimetype="text/plain",
+            )  # fmt: skip
+        return Response(data, mimetype="image/jpeg")
 
     return app
+
+
+NOT_AN_OBJECT = "the request body must be a JSON object with {}"
 
 
 def _modes(arena: Arena) -> list[str]:
@@ -187,7 +300,9 @@ def make_server(app, host: str = "127.0.0.1", port: int = 5034, threads: int = 8
             "the arena listens on %s, not only this machine: anyone who can reach it can see the pool "
             "images and rate%s", host, "" if token else " (set --token to require a shared secret)",
         )  # fmt: skip
-    return create_server(app, host=host, port=port, threads=threads, ident="bigasp-arena")
+    return create_server(
+        app, host=host, port=port, threads=threads, ident="bigasp-arena", max_request_body_size=MAX_BODY
+    )
 
 
 PAGE = """<!doctype html>
@@ -236,7 +351,8 @@ PAGE = """<!doctype html>
 <script>
 const MODES = "__MODES__".split(",");
 const $ = (id) => document.getElementById(id);
-let pair = null, busy = false, undoStack = [];
+let pair = null, busy = false, undoStack = [], loaded = {left: false, right: false}, failures = 0;
+const MAX_FAILURES = 20;  // images failing one after another: stop fetching and say so
 const modeSel = $("mode");
 for (const m of MODES) { const o = document.createElement("option"); o.value = o.textContent = m; modeSel.appendChild(o); }
 $("rater").value = localStorage.getItem("arena-rater") || "";
@@ -250,30 +366,56 @@ function status(text, bad) { const s = $("status"); s.textContent = text; s.styl
 function showProgress(p) {
   $("progress").textContent = `ratings: ${p.total} · yours: ${p.mine} · unrated pairs in pool (${p.pool} images): ${p.pairs_left}`;
 }
+// A pair can be judged only once both of its images are on screen; one that fails is skipped.
+function ready() { return pair !== null && loaded.left && loaded.right; }
+for (const side of ["left", "right"]) {
+  $(side).addEventListener("load", () => {
+    if (!pair || $(side).src !== new URL(pair[side].url, location.href).href) return;
+    loaded[side] = true;
+    if (ready()) failures = 0;
+  });
+  $(side).addEventListener("error", () => {
+    if (!pair || $(side).src !== new URL(pair[side].url, location.href).href) return;
+    pair = null;
+    failures += 1;
+    if (failures >= MAX_FAILURES) { status("images keep failing to load: see the arena's log", true); return; }
+    status(`the ${side} image could not be loaded; showing another pair`, true);
+    next();
+  });
+}
 async function refreshProgress() {
   const r = await fetch(`/api/progress?rater=${encodeURIComponent(rater())}`); showProgress(await r.json());
 }
 async function next() {
   const q = new URLSearchParams({mode: modeSel.value, rater: rater(), predict: $("show-prediction").checked ? "1" : "0"});
+  pair = null; loaded = {left: false, right: false};
   const r = await fetch(`/api/pair?${q}`);
   const d = await r.json();
   if (!r.ok) { status(d.error || "error", true); return; }
   showProgress(d.progress);
-  if (d.done) { pair = null; status("every pair in the pool is rated"); $("left").removeAttribute("src"); $("right").removeAttribute("src"); return; }
+  if (d.done) {
+    $("left").removeAttribute("src"); $("right").removeAttribute("src");
+    if (d.unreadable) status(`no pair left whose images can be read (${d.unreadable} pool image(s) could not be read: see the arena's log)`, true);
+    else status("every pair in the pool is rated");
+    return;
+  }
   pair = d;
   $("left").src = d.left.url; $("right").src = d.right.url;
+  for (const side of ["left", "right"]) if ($(side).complete && $(side).naturalWidth > 0) loaded[side] = true;
   $("prediction").textContent = d.prediction === undefined ? "" : `model: left better with p = ${d.prediction.toFixed(2)}`;
 }
 async function rate(outcome) {
-  if (!pair || busy) return;
+  if (busy) return;
+  if (!ready()) { if (pair) status("wait until both images have loaded", true); return; }
   if (!rater()) { status("enter your name first", true); $("rater").focus(); return; }
   busy = true;
   try {
+    const who = rater();
     const r = await fetch("/api/rate", {method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({left: pair.left.id, right: pair.right.id, outcome, rater: rater()})});
+      body: JSON.stringify({left: pair.left.id, right: pair.right.id, outcome, rater: who})});
     const d = await r.json();
     if (!r.ok) { status(d.error || "error", true); return; }
-    undoStack.push(d.rating_id);
+    undoStack.push({rating_id: d.rating_id, undo_token: d.undo_token, rater: who});
     status(outcome === "tie" ? "recorded: tie" : `recorded: ${outcome} better`);
     await next();
   } finally { busy = false; }
@@ -282,11 +424,10 @@ async function undo() {
   if (busy || !undoStack.length) { status("nothing to undo", true); return; }
   busy = true;
   try {
-    const id = undoStack.pop();
     const r = await fetch("/api/undo", {method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({rating_id: id, rater: rater()})});
+      body: JSON.stringify(undoStack.pop())});
     const d = await r.json();
-    status(d.undone ? "undone" : "could not undo", !d.undone);
+    status(d.undone ? "undone" : (d.error || "could not undo"), !d.undone);
     if (d.progress) showProgress(d.progress);
   } finally { busy = false; }
 }

@@ -55,6 +55,13 @@ def arena_cmd(
         envvar="BIGASP_ARENA_TOKEN",
         help="Shared secret raters must pass once as ?token=...; required in practice with --host.",
     ),
+    allow_host: list[str] = typer.Option(
+        [],
+        "--allow-host",
+        help="Also answer requests addressed to this host name, e.g. arena.example.lan (repeatable). "
+        "Otherwise only loopback names, the --host address and (with --host 0.0.0.0) IP addresses "
+        "are answered, so that other web sites cannot reach the arena by DNS rebinding.",
+    ),
     ratings: str = typer.Option(None, help=RATINGS_HELP),
     classifier: Path = typer.Option(
         None,
@@ -74,7 +81,9 @@ def arena_cmd(
     cfg = _cfg("arena", config, sets)
     arena = build_arena(dataset, cfg, ratings=ratings, classifier=classifier, flagged=flagged,
                         embed_key=embed_key, token=token)  # fmt: skip
-    run_server(arena, host=host, port=port, threads=cfg.threads, echo=typer.echo)
+    run_server(
+        arena, host=host, port=port, threads=cfg.threads, echo=typer.echo, allow_hosts=tuple(allow_host)
+    )
 
 
 @quality_app.command("train")

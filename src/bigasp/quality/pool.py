@@ -77,6 +77,15 @@ class PairPicker:
         self.flagged_confidence = flagged_confidence
         self._draws = 0
         self._lock = threading.Lock()
+        self.excluded: set[int] = set()  # pool slots whose image could not be read
+
+    def exclude(self, slot: int) -> None:
+        """Never pair this image again (its file is gone or damaged)."""
+        with self._lock:
+            self.excluded.add(int(slot))
+
+    def _usable(self, i: int, j: int) -> bool:
+        return i != j and i not in self.excluded and j not in self.excluded
 
     def total_pairs(self) -> int:
         return self.n * (self.n - 1) // 2
@@ -97,7 +106,7 @@ class PairPicker:
         for _ in range(max(200, want * 20)):
             i, j = (int(v) for v in g.choice(self.n, 2, replace=False))
             a, b = self.ids[i], self.ids[j]
-            if (min(a, b), max(a, b)) not in rated:
+            if self._usable(i, j) and (min(a, b), max(a, b)) not in rated:
                 found.append((i, j))
                 if len(found) >= want:
                     return found
@@ -107,7 +116,7 @@ class PairPicker:
         for i in g.permutation(self.n):
             for j in g.permutation(self.n):
                 a, b = self.ids[int(i)], self.ids[int(j)]
-                if i != j and (min(a, b), max(a, b)) not in rated:
+                if self._usable(int(i), int(j)) and (min(a, b), max(a, b)) not in rated:
                     return [(int(i), int(j))]
         return []
 
@@ -138,7 +147,7 @@ class PairPicker:
         for _ in range(self.candidates):
             f, o = int(g.choice(flagged)), int(g.choice(others))
             a, b = self.ids[f], self.ids[o]
-            if (min(a, b), max(a, b)) in rated:
+            if not self._usable(f, o) or (min(a, b), max(a, b)) in rated:
                 continue
             if self.judge is not None:
                 p_flagged_loses = 1.0 - float(self.judge(np.array([f]), np.array([o]))[0])

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bigasp.errors import DataError
-from bigasp.quality.arena import Arena, create_app, make_server
+from bigasp.quality.arena import Arena, HostPolicy, create_app, make_server
 from bigasp.quality.config import ArenaConfig
 from bigasp.quality.pool import PairPicker, load_pool
 from bigasp.quality.ratings import RatingStore
@@ -53,7 +53,17 @@ def build_arena(
     return Arena(pool, store, picker, judge=judge, token=token, max_side=cfg.max_side)
 
 
-def run_server(arena: Arena, *, host: str, port: int, threads: int, echo: Callable[[str], None]) -> None:
+def run_server(
+    arena: Arena,
+    *,
+    host: str,
+    port: int,
+    threads: int,
+    echo: Callable[[str], None],
+    allow_hosts: tuple[str, ...] = (),
+) -> None:
+    """Serve until Ctrl-C; the app answers only to loopback names, `host` and `allow_hosts`."""
+    arena.hosts = HostPolicy(host, tuple(allow_hosts))
     server = make_server(create_app(arena), host, port, threads, token=arena.token is not None)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     suffix = "/?token=<your token>" if arena.token else "/"
