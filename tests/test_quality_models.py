@@ -144,3 +144,19 @@ def test_training_and_judging_on_cuda():
     bins = np.clip(((_quality + 2.5) / 5 * 10).astype(int), 0, 9)
     sc = train_scorer(ids, x, bins, ScorerConfig(samples=2048, batch_size=64), 10)
     assert predict(sc.model.to("cuda"), x)[0].shape == (40,)
+
+
+def test_diverged_scorer_training_and_nan_embeddings_are_errors_not_scores():
+    from bigasp.errors import DataError
+
+    ids, x, _quality, _ = _toy(40)
+    bins = np.arange(40) % 10
+    with pytest.raises(DataError, match=r"diverged .*lower scorer.lr"):
+        train_scorer(ids, x, bins, ScorerConfig(samples=256, batch_size=32, lr=1e30), 10)
+    model = ScoreClassifier(8, 0.0, 10).eval()
+    x = x.copy()
+    x[33, 2] = np.nan
+    with pytest.raises(
+        DataError, match=r"NaN/Inf embeddings for 1 image\(s\) of the batch from row 32 .*i033"
+    ):
+        predict(model, x, batch=16, ids=ids)
