@@ -188,3 +188,31 @@ def test_rank_and_arena_refuse_a_damaged_classifier_too(dataset, tmp_path):
     _write(path, _state(d), {"kind": "quality-classifier", "embedding_size": d})
     _one_line_error(_cli("quality", "rank", str(root), "--classifier", str(path)),
                     str(path), "missing: seq.1.bias", "bigasp quality train")  # fmt: skip
+    from bigasp.quality.config import ArenaConfig
+    from bigasp.quality.serve import build_arena
+
+    with pytest.raises(ModelLoadError, match=r"missing: seq\.1\.bias"):
+        build_arena(root, ArenaConfig(pool=6), ratings=tmp_path / "r.sqlite", classifier=path)
+
+
+def test_a_classifier_with_non_finite_outputs_stops_the_tournament(dataset, tmp_path):
+    """p > 0.5 is False for NaN: without the check every first image would lose each game silently."""
+    from bigasp.quality.models import QualityClassifier
+
+    root, d = dataset
+    model = QualityClassifier(d, 0.0)
+    with torch.no_grad():
+        model.seq[4].weight.fill_(3e38)  # finite weights, overflowing logits
+    path = save_model(model, tmp_path / "classifier.safetensors", {})
+    out = tmp_path / "ranking.parquet"
+    res = _cli(
+        "quality", "rank", str(root), "--classifier", str(path), "--out", str(out), "--set", "rounds=4"
+    )
+    _one_line_error(res, str(path), "NaN/Inf probabilities", "bigasp quality train")
+    assert not out.exists()
+
+
+def test_rank_bins_above_int8_are_a_config_error(dataset, tmp_path):
+    root, _ = dataset
+    res = _cli("quality", "rank", str(root), "--method", "bradley-terry", "--set", "bins=200")
+    assert res.returncode == 2 and "bins" in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]

@@ -51,7 +51,12 @@ class RankConfig(Section):
     rounds: int = Field(8192, gt=0, description="Tournament rounds; each image plays once per round.")
     k: float = Field(10.0, gt=0, description="ELO K factor.")
     start: float = Field(1500.0, description="Starting ELO of every image.")
-    bins: int = Field(10, ge=2, description="Equal-width bins over the rating range (scores 0..bins-1).")
+    bins: int = Field(
+        10,
+        ge=2,
+        le=127,
+        description="Equal-width bins over the rating range (scores 0..bins-1, stored as int8).",
+    )
     bt_alpha: float = Field(0.01, ge=0, description="Bradley–Terry: Gaussian prior strength (choix alpha).")
     batch_pairs: int = Field(65536, gt=0, description="Pairs judged per model call (memory bound).")
     seed: int = Field(0, description="Keys the image sample and each round's derangement.")

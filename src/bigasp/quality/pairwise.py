@@ -123,8 +123,14 @@ def train_pairwise(ex: Examples, cfg: PairwiseConfig) -> PairwiseResult:
     return PairwiseResult(model.cpu(), evaluate(model, tr), evaluate(model, te), losses)
 
 
-def judge_fn(model: QualityClassifier, vectors: np.ndarray, batch_pairs: int = 65536):
-    """`judge(first_idx, second_idx) -> P(first better)` over rows of `vectors` (eval, no dropout)."""
+def judge_fn(
+    model: QualityClassifier, vectors: np.ndarray, batch_pairs: int = 65536, *, source: str = "the classifier"
+):
+    """`judge(first_idx, second_idx) -> P(first better)` over rows of `vectors` (eval, no dropout).
+
+    NaN/Inf probabilities are a DataError: the tournament compares p > 0.5, so NaN would make
+    every first image lose without a word.
+    """
     model = model.eval()
     dev = next(model.parameters()).device
     first_h, second_h = model.halves(torch.from_numpy(np.asarray(vectors, np.float32)).to(dev))
@@ -134,7 +140,13 @@ def judge_fn(model: QualityClassifier, vectors: np.ndarray, batch_pairs: int = 6
         for s in range(0, len(first), batch_pairs):
             i = torch.from_numpy(np.asarray(first[s : s + batch_pairs])).to(dev)
             j = torch.from_numpy(np.asarray(second[s : s + batch_pairs])).to(dev)
-            out.append(model.judge(first_h[i], second_h[j]).float().cpu().numpy())
+            p = model.judge(first_h[i], second_h[j]).float().cpu().numpy()
+            if not np.all(np.isfinite(p)):
+                raise DataError(
+                    f"{source} gives NaN/Inf probabilities for {int(np.sum(~np.isfinite(p)))} pair(s) (damaged "
+                    "model or NaN/Inf embeddings); nothing was written: retrain it with `bigasp quality train DATASET`"
+                )
+            out.append(p)
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     return judge

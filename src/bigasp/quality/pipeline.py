@@ -185,7 +185,7 @@ def rank(
         ids = _sample_ids(emb.ids, cfg.images, cfg.seed)
         if len(ids) < 2:
             raise DataError(f"{root}: the tournament needs at least 2 images with embeddings")
-        judge = judge_fn(model, emb.lookup(ids), cfg.batch_pairs)
+        judge = judge_fn(model, emb.lookup(ids), cfg.batch_pairs, source=str(classifier))
         ratings = elo.tournament(judge, len(ids), rounds=cfg.rounds, k=cfg.k, start=cfg.start, seed=cfg.seed,
                                  on_round=progress)  # fmt: skip
         source: dict[str, Any] = {"classifier": str(classifier), "classifier_sha256": file_digest(classifier)}

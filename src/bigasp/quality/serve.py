@@ -39,7 +39,7 @@ def build_arena(
 
         model, _ = load_model(classifier, "quality-classifier")
         check_embedding_size(model, classifier, emb.vectors, emb.model_key)
-        judge = judge_fn(model, emb.lookup(ids))
+        judge = judge_fn(model, emb.lookup(ids), source=str(classifier))
     flags = None
     if flagged is not None:
         if not Path(flagged).is_file():
