@@ -136,6 +136,12 @@ def test_request_bodies_are_capped(served):
         )
         reply = s.recv(4096)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    # Behind another WSGI server (or a chunked body with no length), the app's own cap answers.
+    arena, _ = served
+    resp = (
+        create_app(arena).test_client().post("/api/rate", data=b"x" * 70_000, content_type="application/json")
+    )
+    assert resp.status_code == 413 and "64 KiB" in resp.get_json()["error"]
 
 
 MALFORMED = [

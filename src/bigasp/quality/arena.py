@@ -141,12 +141,11 @@ def _rater(value: Any) -> str | None:
 
 def create_app(arena: Arena):
     from flask import Flask, Response, jsonify, make_response, request
-    from werkzeug.exceptions import RequestEntityTooLarge
 
     app = Flask("bigasp-arena")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
 
-    @app.errorhandler(RequestEntityTooLarge)
+    @app.errorhandler(413)  # a body over MAX_CONTENT_LENGTH (e.g. chunked, with no length)
     def _too_large(_err):
         return jsonify(
             error=f"request body over {MAX_BODY // 1024} KiB; the arena takes small JSON objects"
