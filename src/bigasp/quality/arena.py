@@ -320,6 +320,7 @@ PAGE = """<!doctype html>
            border: 3px solid transparent; border-radius: 8px; cursor: pointer; background: #0f1114; }
   .frame:hover { border-color: #4f8cff; }
   .frame img { width: 100%; height: 100%; object-fit: contain; }  /* scaled to fit, up or down */
+  .frame img:not([src]) { visibility: hidden; }  /* no pair: no broken-image icon */
   footer { display: flex; gap: .8em; justify-content: center; padding: .6em; background: #202329; align-items: center; }
   button { font-size: 1em; padding: .5em 1.1em; border-radius: 6px; border: 1px solid #3a3f48; background: #2b2f36; color: #e6e6e6; cursor: pointer; }
   button:hover { background: #3a404a; }
