@@ -160,3 +160,13 @@ def test_diverged_scorer_training_and_nan_embeddings_are_errors_not_scores():
         DataError, match=r"NaN/Inf embeddings for 1 image\(s\) of the batch from row 32 .*i033"
     ):
         predict(model, x, batch=16, ids=ids)
+
+
+def test_the_load_check_expects_the_modules_own_tensor_shapes():
+    from bigasp.quality.models import expected_shapes
+
+    for kind, model, bins in (
+        ("quality-classifier", QualityClassifier(12), 0),
+        ("score-classifier", ScoreClassifier(12, bins=7), 7),
+    ):
+        assert expected_shapes(kind, 12, bins) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
