@@ -188,7 +188,7 @@ def checkpoint_name(source: str) -> str:
     that name); any other source (a diffusers folder, a training checkpoint's `model`/`ema`, a
     preset) is named as `bigasp model export SOURCE NAME.safetensors` would be exported by the
     user: after the folder, or the checkpoint folder for `model`/`ema`."""
-    path = Path(source or "model")
+    path = Path((source or "model").removeprefix("preset:"))
     if path.suffix in CHECKPOINT_SUFFIXES:
         return path.name
     if path.name in ("model", "ema") and path.parent.name:
