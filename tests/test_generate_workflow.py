@@ -132,3 +132,6 @@ def test_watch_pngs_carry_the_graph_of_their_checkpoint(tmp_path):
     assert _nodes(graph, "KSampler")[0]["seed"] == 5
     assert _nodes(graph, "ModelSamplingSD3")[0]["shift"] == 3.0
     assert [(n["strength_model"], n["strength_clip"]) for n in _nodes(graph, "LoraLoader")] == [(0.5, 1.0)]
+    record = [{"file": str(lora), "weight": 0.5, "weight_clip": 1.0}]
+    assert json.loads((folder / "done.json").read_text())["loras"] == record
+    assert "LoRA k: 0.5:1" in (w.samples_dir / "index.html").read_text()
