@@ -459,3 +459,13 @@ def test_bad_files_name_the_file(tmp_path, content, message):
     with pytest.raises(ModelLoadError, match=message) as err:
         single_file_info(path)
     assert str(path) in str(err.value)
+
+
+def test_docs_say_what_a_dragged_in_workflow_needs_and_gives():
+    """Where the checkpoint must be (else ComfyUI's "Value not in list") and how close the image is."""
+    docs = {n: (REPO / "docs" / n).read_text() for n in ("models.md", "generation.md")}
+    for name, text in docs.items():
+        flat = " ".join(text.split())
+        assert "directly in" in flat or "directly into" in flat, name
+        assert '"Value not in list"' in flat, name
+        assert "up to float rounding (at most one 8-bit level in a few pixels)" in flat, name
