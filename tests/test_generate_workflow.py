@@ -100,14 +100,18 @@ def test_syntax_none_escapes_parentheses_for_comfyui(gen):
         ("a cat", {"sampler": "dpmpp_2m_sde", "noise": "iid"}, "--noise iid"),
         ("cat, " * 37 + "(big red hat:1.3) dog", {"chunking": "bigasp"}, "--chunking bigasp"),
         ("a embedding:x cat", {"syntax": "none"}, "--syntax none"),
+        ("a cat", {"cfg": -1.0}, "below ComfyUI's KSampler minimum"),
+        ("a cat", {"shift": 150.0}, "above ComfyUI's ModelSamplingSD3 maximum"),
+        ("a cat", {"width": 8}, "below ComfyUI's minimum side"),
     ],
 )
 def test_settings_comfyui_cannot_reproduce_leave_the_chunks_out_with_a_warning(
     gen, caplog, prompt, overrides, reason
 ):
     s = GenerateSettings.from_preset("bigasp-v2.5", **overrides)
+    kind = ModelKind("flow", s.shift or 1.0)
     with caplog.at_level(logging.WARNING):
-        assert gen.comfy_workflow(prompt, s, ModelKind("flow", 1.0)) == {}
+        assert gen.comfy_workflow(prompt, s, kind) == {}
     assert "no ComfyUI workflow written into the PNG" in caplog.text and reason in caplog.text
 
 

@@ -222,6 +222,24 @@ def comfy_text(text: str, syntax: str) -> tuple[str | None, str]:
     return text, ""
 
 
+# Limits of the ComfyUI widgets bigasp's own ranges exceed (KSampler.cfg, ModelSamplingSD3.shift,
+# EmptyLatentImage.width/height in nodes.py / nodes_model_advanced.py): ComfyUI refuses such a graph.
+COMFY_CFG_MIN = 0.0
+COMFY_SHIFT_MAX = 100.0
+COMFY_SIDE_MIN = 16
+
+
+def out_of_comfy_range(settings: Any, kind: ModelKind) -> str:
+    """Why ComfyUI would refuse this image's graph ("" when it accepts it)."""
+    if settings.cfg < COMFY_CFG_MIN:
+        return f"CFG {settings.cfg:g} is below ComfyUI's KSampler minimum {COMFY_CFG_MIN:g}"
+    if kind.prediction == "flow" and kind.shift > COMFY_SHIFT_MAX:
+        return f"shift {kind.shift:g} is above ComfyUI's ModelSamplingSD3 maximum {COMFY_SHIFT_MAX:g}"
+    if min(settings.width, settings.height) < COMFY_SIDE_MIN:
+        return f"size {settings.width}x{settings.height} is below ComfyUI's minimum side {COMFY_SIDE_MIN}"
+    return ""
+
+
 def image_workflow(
     prompt: str,
     settings: Any,
@@ -237,6 +255,9 @@ def image_workflow(
     negative, why_neg = comfy_text(settings.negative, settings.syntax)
     if text is None or negative is None:
         return why or why_neg
+    out_of_range = out_of_comfy_range(settings, kind)
+    if out_of_range:
+        return out_of_range
     graph = api_workflow(checkpoint_name(source), kind, settings, text, loras, negative=negative)
     return graph, ui_workflow(graph)
 
