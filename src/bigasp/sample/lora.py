@@ -102,6 +102,8 @@ def check_lora_file(path: Path) -> None:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
                 t = f.get_tensor(key)
+                if t.is_floating_point() and t.element_size() == 1:
+                    t = t.float()  # float8: isfinite has no kernel for it
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     bad = int((~torch.isfinite(t)).sum())
                     raise LoraError(
@@ -170,7 +172,12 @@ def apply_loras(model: SDXL, specs: list[LoraSpec]) -> SDXL:
             raise LoraError(f"--lora {spec.path}: none of its keys matches a layer of this model")
         names.append(name)
         log.info("LoRA %s at weight %g (text encoders %g)", spec.path.name, spec.weight, spec.clip)
-    weights = [{"unet": s.weight, "text_encoder": s.clip, "text_encoder_2": s.clip} for s in specs]
+    # Per component, and only for the components an adapter has (diffusers warns about the others).
+    present = host.get_list_adapters()
+    weights = [
+        {c: s.weight if c == "unet" else s.clip for c, found in present.items() if name in found}
+        for name, s in zip(names, specs, strict=True)
+    ]
     host.set_adapters(names, adapter_weights=weights)
     host.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], adapter_names=names)
     host.unload_lora_weights()
