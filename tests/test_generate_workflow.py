@@ -18,8 +18,6 @@ from PIL import Image
 
 from bigasp.models import ModelKind, build_preset
 from bigasp.sample import GenerateSettings, Generator
-from bigasp.sample.lora import LoraSpec
-from bigasp.sample.watch import Watcher
 from lora_helpers import write_kohya
 from test_exports import BIGASP, ENV, api_from_ui, validate_comfy_api, validate_comfy_ui
 from test_watch import make_checkpoint
@@ -121,14 +119,19 @@ def test_plain_a1111_and_bigasp_chunking_prompts_keep_their_chunks(gen):
         assert set(gen.comfy_workflow("a cat in snow", s, ModelKind("flow", 1.0))) == {"prompt", "workflow"}
 
 
-def test_watch_pngs_carry_the_graph_of_their_checkpoint(tmp_path):
+def test_cli_watch_pngs_carry_the_graph_of_their_checkpoint(tmp_path):
+    """`bigasp watch --lora FILE:W_MODEL:W_CLIP`, through the installed command."""
     run = tmp_path / "run"
     make_checkpoint(run / "checkpoints", 100, model=build_preset("tiny", seed=0, kind=ModelKind("flow", 3.0)))
     lora = tmp_path / "k.safetensors"
     write_kohya(lora, build_preset("tiny", seed=0), 1, alpha=1.0)
-    s = GenerateSettings.from_preset("bigasp-v2.5", width=64, height=64, steps=2)
-    w = Watcher(run, ["a cat"], [5], settings=s, device="cpu", loras=[LoraSpec(lora, 0.5, 1.0)])
-    (folder,) = w.run_once()
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    cmd = [str(BIGASP), "watch", str(run), "--prompts", str(tmp_path / "prompts.txt"), "--seeds", "5",
+           "--once", "--size", "64x64", "--steps", "2", "--device", "cpu", "--no-progress",
+           "--lora", f"{lora}:0.5:1"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert res.returncode == 0, res.stderr
+    folder = run / "samples" / "step-000000000100"
     graph, ui, _ = _chunks(folder / "p000-seed5.png")
     files = {"checkpoints": ["step-000000000100.safetensors"], "loras": ["k.safetensors"]}
     validate_comfy_api(graph, files)
@@ -138,4 +141,4 @@ def test_watch_pngs_carry_the_graph_of_their_checkpoint(tmp_path):
     assert [(n["strength_model"], n["strength_clip"]) for n in _nodes(graph, "LoraLoader")] == [(0.5, 1.0)]
     record = [{"file": str(lora), "weight": 0.5, "weight_clip": 1.0}]
     assert json.loads((folder / "done.json").read_text())["loras"] == record
-    assert "LoRA k: 0.5:1" in (w.samples_dir / "index.html").read_text()
+    assert "LoRA k: 0.5:1" in (run / "samples" / "index.html").read_text()
