@@ -34,7 +34,7 @@ from bigasp.fsutil import atomic_path
 from bigasp.models.components import SDXL, ModelKind
 from bigasp.sample.embeddings import EmbeddingLibrary
 from bigasp.sample.guidance import Conditioning, GuidedDenoiser, perturbed_attention
-from bigasp.sample.lora import LoraSpec, lora_record
+from bigasp.sample.lora import LoraSpec, lora_record, weights_label
 from bigasp.sample.model_sampling import max_denoise, model_sampling
 from bigasp.sample.names import SAMPLER_DISPLAY, SCHEDULER_DISPLAY, normalize_sampler, normalize_scheduler
 from bigasp.sample.prompts import encode_weighted, prompt_chunks
@@ -262,8 +262,9 @@ class Generator:
         vae_dtype: torch.dtype = torch.float32,
         loras: Sequence[LoraSpec] = (),
     ) -> None:
-        """`loras`: the LoRAs already merged into `model`, for the PNG metadata and workflow."""
-        self.loras = list(loras)
+        """`loras`: the LoRAs already merged into `model`, for the PNG metadata and workflow
+        (`LoraSpec`s, or (file, weight) pairs for one weight on all three modules)."""
+        self.loras = [x if isinstance(x, LoraSpec) else LoraSpec(Path(x[0]), float(x[1])) for x in loras]
         self._warned: set[str] = set()
         missing = [c for c in SDXL.COMPONENTS if getattr(model, c) is None]
         if missing:
@@ -482,8 +483,7 @@ def parameters_text(
 
 
 def _lora_label(spec: LoraSpec) -> str:
-    weights = f"{spec.weight:g}" if spec.clip == spec.weight else f"{spec.weight:g}:{spec.clip:g}"
-    return f"{spec.path.stem}: {weights}"
+    return f"{spec.path.stem}: {weights_label(spec.weight, spec.clip)}"
 
 
 def png_metadata(

@@ -77,6 +77,12 @@ def parse_lora(text: str) -> LoraSpec:
     return LoraSpec(p, weights[0] if weights else 1.0)
 
 
+def weights_label(weight: float, clip: float) -> str:
+    """`W`, or `W_MODEL:W_CLIP` where the text encoders' weight differs: the `--lora` spelling, as
+    the PNG's A1111 `LoRA` field and the watcher's gallery show it."""
+    return f"{weight:g}" if clip == weight else f"{weight:g}:{clip:g}"
+
+
 def lora_record(specs: list[LoraSpec]) -> list[dict]:
     """`{"file", "weight"}` per LoRA (plus `"weight_clip"` when the text encoders' strength differs),
     as the PNG metadata and the watcher's done markers record them."""

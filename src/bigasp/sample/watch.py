@@ -29,7 +29,7 @@ from pathlib import Path
 from bigasp.errors import BigaspError, ConfigError, ModelLoadError
 from bigasp.fsutil import atomic_write_text
 from bigasp.models.components import SDXL
-from bigasp.sample.lora import LoraError, LoraSpec, apply_loras, lora_record
+from bigasp.sample.lora import LoraError, LoraSpec, apply_loras, lora_record, weights_label
 
 log = logging.getLogger(__name__)
 
@@ -330,12 +330,8 @@ def _lora_label(marker: dict) -> str:
     loras = marker.get("loras") or []
     if not loras:
         return ""
-    names = ", ".join(f"{Path(x['file']).stem}: {_weights(x)}" for x in loras)
+    names = ", ".join(
+        f"{Path(x['file']).stem}: {weights_label(float(x['weight']), float(x.get('weight_clip', x['weight'])))}"
+        for x in loras
+    )
     return f"<br><small>LoRA {html.escape(names)}</small>"
-
-
-def _weights(record: dict) -> str:
-    """`W`, or `W_MODEL:W_CLIP` when the text encoders' weight differs (the --lora spelling)."""
-    w = float(record["weight"])
-    clip = float(record.get("weight_clip", w))
-    return f"{w:g}" if clip == w else f"{w:g}:{clip:g}"
