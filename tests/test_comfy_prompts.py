@@ -4,6 +4,14 @@ The expected chunks were produced by running ComfyUI's tokenizer logic (comfy/sd
 token_weights, tokenize_with_weights, load_embed) with transformers' CLIPTokenizer on the
 shipped vocabulary and an embedding folder holding `sub/myemb.safetensors` with 3 vectors:
 content tokens of each 77-token chunk (BOS/EOS/padding left out), an embedding vector as "E<row>".
+
+Where an embedding may start: ComfyUI splits a weighted segment with
+`re.split(' {0}|\\n{0}'.format(self.embedding_identifier), ...)` (Comfy-Org/ComfyUI comfy/sd1_clip.py
+@ a125cd84b054a57729b5eecab930ca9408719832, 2025-10-11, `SDTokenizer.tokenize_with_weights`): only
+after a space, a newline or at a segment start; after a tab `embedding:NAME` is text, tokenized as
+"embedding", ":", "my", "em", "b". (A later revision, Comfy-Org/ComfyUI comfy/sd1_clip.py
+@ 4bd7a4004ab8bf0e516222036dc97733ddf3aa74, splits on `(?<=\\s)`, any whitespace; bigasp follows the
+release checked against a running ComfyUI server, and warns where the two revisions differ.)
 """
 
 from __future__ import annotations
@@ -44,6 +52,12 @@ COMFYUI = {
         CAT * 37,
         [("E0", 1.0), ("E1", 1.0), ("E2", 1.0), (1929, 1.0)],
     ]),
+    "embedding_after_newline": ("a\nembedding:myemb cat", [
+        [(320, 1.0), ("E0", 1.0), ("E1", 1.0), ("E2", 1.0), (2368, 1.0)],
+    ]),
+    "embedding_after_tab_is_text": ("a\tembedding:myemb cat", [
+        [(320, 1.0), (19703, 1.0), (796, 1.0), (281, 1.0), (27551, 1.0), (3996, 1.0), (2368, 1.0)],
+    ]),
     "embedding_mid_word": ("a,embedding:myemb (x embedding:myemb[y]:1.1)", [
         [(320, 1.0), (267, 1.0), (19703, 1.0), (796, 1.0), (281, 1.0), (27551, 1.0), (3996, 1.0), (343, 1.1),
          ("E0", 1.1), ("E1", 1.1), ("E2", 1.1), (314, 1.1), (344, 1.1), (316, 1.1)],
@@ -73,6 +87,12 @@ def as_comfy(chunks):
 def test_chunks_equal_comfyui_tokenize_with_weights(case, library):
     text, expected = COMFYUI[case]
     assert as_comfy(prompt_chunks(text, "comfy", "comfy", library)) == expected
+
+
+def test_embedding_after_a_tab_stays_text_with_a_warning(library, caplog):
+    with caplog.at_level(logging.WARNING):
+        prompt_chunks("a\tembedding:myemb cat", "comfy", "comfy", library)
+    assert "read as text, as ComfyUI does" in caplog.text
 
 
 def test_bigasp_chunking_stays_the_plain_training_split(library):

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from bigasp.cli import app
 from bigasp.errors import ModelLoadError
-from bigasp.models.comfyui import api_workflow, ui_workflow, workflow_paths
+from bigasp.models.comfyui import LoraNode, api_workflow, ui_workflow, workflow_paths
 from bigasp.models.components import ModelKind
 from bigasp.models.file_header import read_header, single_file_info
 from bigasp.models.io import load_model
@@ -65,11 +65,13 @@ def validate_comfy_api(graph: dict, ckpt_name: str) -> None:
     assert any(COMFY[n["class_type"]].get("output_node") for n in graph.values()), "no output node"
 
 
-def check_widget(where: str, want: dict, value, ckpt_name: str) -> None:
-    """One widget value against its recorded input definition."""
+def check_widget(where: str, want: dict, value, ckpt_name) -> None:
+    """One widget value against its recorded input definition. `ckpt_name` is the checkpoint's file
+    name, or {folder: [file names]} for FILENAME inputs of several model folders (checkpoints, loras)."""
     kind = want["type"]
     if kind == "FILENAME":
-        assert value == ckpt_name, f"{where}: {value!r}"
+        files = ckpt_name if isinstance(ckpt_name, dict) else {"checkpoints": [ckpt_name]}
+        assert value in files.get(want["folder"], []), f"{where}: {value!r}"
     elif kind == "STRING":
         assert isinstance(value, str), f"{where}: {value!r} is not a STRING"
     elif kind == "COMBO":
@@ -260,6 +262,23 @@ def test_ui_workflow_is_valid_and_says_what_the_api_workflow_says(variant):
             assert x0 >= x1 + w1 or x1 >= x0 + w0 or y0 >= y1 + h1 or y1 >= y0 + h0, (a, b)
 
 
+TITLE_CHAR_PX = 8  # the frontend's 14 px title font: "ModelSamplingSD3 (flow model: requir" filled 315 px
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_node_title_fits_its_node_on_the_canvas(variant):
+    """The canvas cuts a title wider than its node ("flow model: requir…"): each title, at the
+    frontend's ~8 px per character plus the collapse button's 30 px, fits the node's width."""
+    kind, settings = VARIANTS[variant]
+    loras = [LoraNode("a_rather_long_lora_file_name_v2.safetensors", 0.8, 0.4)]
+    ui = ui_workflow(api_workflow("m.safetensors", kind, settings, loras=loras))
+    for n in ui["nodes"]:
+        assert 30 + TITLE_CHAR_PX * len(n["title"]) <= n["size"][0], (n["title"], n["size"])
+    (flow,) = [n for n in ui["nodes"] if n["type"] == "ModelSamplingSD3"] or [None]
+    if flow is not None:
+        assert "required" in flow["title"]  # still says the node must stay
+
+
 def test_the_ui_validator_accepts_comfyuis_default_workflow_and_rejects_breakage():
     ref = UI["default_graph"]
     validate_comfy_ui(ref, "v1-5-pruned-emaonly-fp16.safetensors", (*UI["control_values"], True))
@@ -440,3 +459,13 @@ def test_bad_files_name_the_file(tmp_path, content, message):
     with pytest.raises(ModelLoadError, match=message) as err:
         single_file_info(path)
     assert str(path) in str(err.value)
+
+
+def test_docs_say_what_a_dragged_in_workflow_needs_and_gives():
+    """Where the checkpoint must be (else ComfyUI's "Value not in list") and how close the image is."""
+    docs = {n: (REPO / "docs" / n).read_text() for n in ("models.md", "generation.md")}
+    for name, text in docs.items():
+        flat = " ".join(text.split())
+        assert "directly in" in flat or "directly into" in flat, name
+        assert '"Value not in list"' in flat, name
+        assert "up to float rounding (at most one 8-bit level in a few pixels)" in flat, name

@@ -17,17 +17,22 @@ The UI graph is derived from the API graph (`ui_workflow`), never built separate
 cannot disagree: same node ids, same titles, each link input a link, each other input a widget
 value in the node's input order.
 
-The graph: CheckpointLoaderSimple(NAME) -> ModelSamplingSD3(shift from the file's metadata) ->
-PerturbedAttentionGuidance -> KSampler, with CLIPTextEncode for both prompts, EmptyLatentImage,
-VAEDecode and SaveImage. Sampler, scheduler, steps, CFG, PAG scale, negative prompt and size are
-those `bigasp generate` uses for a flow model by default (the v2.5 card's), so ComfyUI and
-bigasp produce the same image for the same seed.
+The graph: CheckpointLoaderSimple(NAME) -> [LoraLoader per LoRA] -> ModelSamplingSD3(shift from
+the file's metadata) -> PerturbedAttentionGuidance -> KSampler, with CLIPTextEncode for both
+prompts, EmptyLatentImage, VAEDecode and SaveImage. Sampler, scheduler, steps, CFG, PAG scale,
+negative prompt and size are those `bigasp generate` uses for a flow model by default (the v2.5
+card's), so ComfyUI and bigasp produce the same image for the same seed, up to float rounding.
+
+`bigasp generate` and `watch` write the same two chunks into every PNG they save, built here from
+that image's settings (`image_workflow`), so an image dragged onto ComfyUI loads as the graph
+that reproduces it instead of ComfyUI's A1111 importer's guess.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,6 +50,7 @@ EXAMPLE_PROMPT = (
 # widget whose value is stored in `widgets_values` right after the INT's (API graphs omit it).
 OUTPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "CheckpointLoaderSimple": (("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")),
+    "LoraLoader": (("MODEL", "MODEL"), ("CLIP", "CLIP")),
     "ModelSamplingSD3": (("MODEL", "MODEL"),),
     "PerturbedAttentionGuidance": (("MODEL", "MODEL"),),
     "CLIPTextEncode": (("CONDITIONING", "CONDITIONING"),),
@@ -58,6 +64,7 @@ SEED_CONTROL = "fixed"  # keep the workflow's seed (the canvas default, "randomi
 # Canvas sizes (width, height) as ComfyUI draws these nodes; others get DEFAULT_SIZE.
 SIZES = {
     "CheckpointLoaderSimple": (315, 98),
+    "LoraLoader": (315, 126),
     "ModelSamplingSD3": (315, 58),
     "PerturbedAttentionGuidance": (315, 58),
     "CLIPTextEncode": (425, 180),
@@ -67,6 +74,12 @@ SIZES = {
     "SaveImage": (315, 270),
 }
 DEFAULT_SIZE = (315, 100)
+# The canvas cuts a title that does not fit its node with an ellipsis ("ModelSamplingSD3 (flow
+# model: requir…" in 315 px: 36 characters after the title's left padding, ~7.9 px each in the
+# frontend's 14 px title font). A node is widened to TITLE_PAD + TITLE_CHAR_PX per character.
+TITLE_CHAR_PX = 9
+TITLE_PAD = 40
+FLOW_TITLE = "ModelSamplingSD3 (required)"
 UI_SCHEMA_VERSION = 0.4  # the ComfyUI frontend's workflow schema with links as arrays
 
 
@@ -87,13 +100,33 @@ def workflow_paths(export: str | os.PathLike) -> WorkflowPaths:
     )
 
 
+class LoraNode(NamedTuple):
+    """One LoraLoader: the file name as ComfyUI lists it (models/loras/) and its two strengths."""
+
+    name: str
+    strength_model: float
+    strength_clip: float
+
+
+def node_width(cls: str, title: str) -> int:
+    """The node's canvas width: its usual width, wider where the title would be cut off."""
+    return max(SIZES.get(cls, DEFAULT_SIZE)[0], TITLE_PAD + TITLE_CHAR_PX * len(title))
+
+
 def api_workflow(
-    ckpt_name: str, kind: ModelKind, settings: Any | None = None, prompt: str = EXAMPLE_PROMPT
+    ckpt_name: str,
+    kind: ModelKind,
+    settings: Any | None = None,
+    prompt: str = EXAMPLE_PROMPT,
+    loras: Sequence[LoraNode] = (),
+    negative: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The ComfyUI API-format graph for a checkpoint file named `ckpt_name` (as ComfyUI lists it).
 
     `settings` is a `GenerateSettings`; by default the preset `bigasp generate` picks for `kind`.
     A PAG scale of 0 leaves the PerturbedAttentionGuidance node out (the card's "bypass PAG").
+    `loras` become LoraLoader nodes chained after the checkpoint, in order; `negative` overrides
+    the settings' negative prompt text (the CLIPTextEncode spelling of it).
     """
     from bigasp.sample.generate import GenerateSettings, preset_for
 
@@ -107,14 +140,24 @@ def api_workflow(
 
     ckpt = add("CheckpointLoaderSimple", "Load Checkpoint", ckpt_name=ckpt_name)
     model, clip, vae = ckpt, [ckpt[0], 1], [ckpt[0], 2]
-    if kind.prediction == "flow":
+    for lora in loras:
         model = add(
-            "ModelSamplingSD3", "ModelSamplingSD3 (flow model: required)", model=model, shift=kind.shift
+            "LoraLoader",
+            f"LoRA {Path(lora.name).stem}",
+            model=model,
+            clip=clip,
+            lora_name=lora.name,
+            strength_model=lora.strength_model,
+            strength_clip=lora.strength_clip,
         )
+        clip = [model[0], 1]
+    if kind.prediction == "flow":
+        model = add("ModelSamplingSD3", FLOW_TITLE, model=model, shift=kind.shift)
     if s.pag > 0:
         model = add("PerturbedAttentionGuidance", "PerturbedAttentionGuidance", model=model, scale=s.pag)
     positive = add("CLIPTextEncode", "Positive prompt", text=prompt, clip=clip)
-    negative = add("CLIPTextEncode", "Negative prompt", text=s.negative, clip=clip)
+    negative_text = s.negative if negative is None else negative
+    negative = add("CLIPTextEncode", "Negative prompt", text=negative_text, clip=clip)
     latent = add("EmptyLatentImage", "Empty Latent Image", width=s.width, height=s.height, batch_size=s.batch)
     samples = add(
         "KSampler",
@@ -133,6 +176,90 @@ def api_workflow(
     image = add("VAEDecode", "VAE Decode", samples=samples, vae=vae)
     add("SaveImage", "Save Image", images=image, filename_prefix=Path(ckpt_name).stem)
     return nodes
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".sft")
+
+
+def checkpoint_name(source: str) -> str:
+    """The file name ComfyUI lists for the model bigasp loaded from `source`.
+
+    A single file keeps its name (it must sit directly in ComfyUI's models/checkpoints/ under
+    that name); any other source (a diffusers folder, a training checkpoint's `model`/`ema`, a
+    preset) is named as `bigasp model export SOURCE NAME.safetensors` would be exported by the
+    user: after the folder, or the checkpoint folder for `model`/`ema`."""
+    path = Path((source or "model").removeprefix("preset:"))
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        return path.name
+    if path.name in ("model", "ema") and path.parent.name:
+        stem = path.parent.name + ("-ema" if path.name == "ema" else "")
+    else:
+        stem = path.name or "model"
+    return f"{stem}.safetensors"
+
+
+_COMFY_SPECIAL = ("(", ")", "\\")  # what ComfyUI's weight parser reads in a CLIPTextEncode text
+EMBEDDING_PREFIX = "embedding:"
+
+
+def comfy_text(text: str, syntax: str) -> tuple[str | None, str]:
+    """`text` as ComfyUI's CLIPTextEncode must receive it to encode as bigasp did with `syntax`.
+
+    Returns (text, "") or (None, reason) when ComfyUI has no plain node for it. comfy: as is
+    (weights and `embedding:NAME` are ComfyUI's own syntax). none: parentheses escaped as
+    `\\(`/`\\)` (ComfyUI's literal parentheses), unless the text names an embedding, which
+    ComfyUI would load. a1111: only a text without weights, brackets, escapes, BREAK or
+    embeddings, where the two syntaxes encode alike (A1111's mean-restoring emphasis has no
+    ComfyUI node)."""
+    if syntax == "comfy":
+        return text, ""
+    if syntax == "none":
+        if EMBEDDING_PREFIX in text:
+            return None, "a prompt with `embedding:` under --syntax none (ComfyUI would load the embedding)"
+        return text.replace("(", "\\(").replace(")", "\\)"), ""
+    if any(c in text for c in (*_COMFY_SPECIAL, "[", "]")) or "BREAK" in text or EMBEDDING_PREFIX in text:
+        return None, "A1111 prompt syntax (weights, [ ], BREAK) has no ComfyUI core node"
+    return text, ""
+
+
+# Limits of the ComfyUI widgets bigasp's own ranges exceed (KSampler.cfg, ModelSamplingSD3.shift,
+# EmptyLatentImage.width/height in nodes.py / nodes_model_advanced.py): ComfyUI refuses such a graph.
+COMFY_CFG_MIN = 0.0
+COMFY_SHIFT_MAX = 100.0
+COMFY_SIDE_MIN = 16
+
+
+def out_of_comfy_range(settings: Any, kind: ModelKind) -> str:
+    """Why ComfyUI would refuse this image's graph ("" when it accepts it)."""
+    if settings.cfg < COMFY_CFG_MIN:
+        return f"CFG {settings.cfg:g} is below ComfyUI's KSampler minimum {COMFY_CFG_MIN:g}"
+    if kind.prediction == "flow" and kind.shift > COMFY_SHIFT_MAX:
+        return f"shift {kind.shift:g} is above ComfyUI's ModelSamplingSD3 maximum {COMFY_SHIFT_MAX:g}"
+    if min(settings.width, settings.height) < COMFY_SIDE_MIN:
+        return f"size {settings.width}x{settings.height} is below ComfyUI's minimum side {COMFY_SIDE_MIN}"
+    return ""
+
+
+def image_workflow(
+    prompt: str,
+    settings: Any,
+    kind: ModelKind,
+    source: str,
+    loras: Sequence[LoraNode] = (),
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]] | str:
+    """(API graph, UI graph) that make this image in ComfyUI, or the reason there is none.
+
+    The caller has checked what needs the model (chunking, noise); this checks the prompt syntax.
+    """
+    text, why = comfy_text(prompt, settings.syntax)
+    negative, why_neg = comfy_text(settings.negative, settings.syntax)
+    if text is None or negative is None:
+        return why or why_neg
+    out_of_range = out_of_comfy_range(settings, kind)
+    if out_of_range:
+        return out_of_range
+    graph = api_workflow(checkpoint_name(source), kind, settings, text, loras, negative=negative)
+    return graph, ui_workflow(graph)
 
 
 def _is_link(value: Any) -> bool:
@@ -187,7 +314,7 @@ def ui_workflow(graph: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "type": cls,
                 "title": node["_meta"]["title"],
                 "pos": [0, 0],
-                "size": list(SIZES.get(cls, DEFAULT_SIZE)),
+                "size": [node_width(cls, node["_meta"]["title"]), SIZES.get(cls, DEFAULT_SIZE)[1]],
                 "flags": {},
                 "order": order,
                 "mode": 0,

@@ -152,7 +152,9 @@ def generate(
     lora: list[str] = typer.Option(
         None,
         "--lora",
-        help="FILE[:WEIGHT] SDXL LoRA (kohya or diffusers .safetensors), merged at WEIGHT (default 1); repeatable.",
+        help="FILE[:WEIGHT[:CLIP_WEIGHT]] SDXL LoRA (kohya or diffusers .safetensors), merged at WEIGHT "
+        "(default 1) into the UNet and at CLIP_WEIGHT (default WEIGHT) into the text encoders, as "
+        "ComfyUI's LoraLoader strength_model/strength_clip; repeatable.",
     ),
 ) -> None:
     """Generate images from text, sampled exactly as ComfyUI would."""
@@ -178,7 +180,7 @@ def generate(
     thread_defaults.apply(device, model, threads=threads)
     m = apply_loras(load_model(model, preset=arch), loras)
     settings = build_settings(m.kind, preset, **flags)
-    gen = Generator(m, device, dtypes[0], vae_dtype=dtypes[1], loras=[(str(x.path), x.weight) for x in loras])
+    gen = Generator(m, device, dtypes[0], vae_dtype=dtypes[1], loras=loras)
     images = gen.generate(prompts, settings)
     for k, im in enumerate(images):
         p, j = divmod(k, settings.batch)
@@ -221,7 +223,8 @@ def watch(
     lora: list[str] = typer.Option(
         None,
         "--lora",
-        help="FILE[:WEIGHT] SDXL LoRA merged into every checkpoint sampled (as generate --lora); repeatable.",
+        help="FILE[:WEIGHT[:CLIP_WEIGHT]] SDXL LoRA merged into every checkpoint sampled (as generate "
+        "--lora); repeatable.",
     ),
 ) -> None:
     """Sample new complete checkpoints of a training run into a side-by-side HTML gallery."""

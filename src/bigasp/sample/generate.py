@@ -34,6 +34,7 @@ from bigasp.fsutil import atomic_path
 from bigasp.models.components import SDXL, ModelKind
 from bigasp.sample.embeddings import EmbeddingLibrary
 from bigasp.sample.guidance import Conditioning, GuidedDenoiser, perturbed_attention
+from bigasp.sample.lora import LoraSpec, lora_record, weights_label
 from bigasp.sample.model_sampling import max_denoise, model_sampling
 from bigasp.sample.names import SAMPLER_DISPLAY, SCHEDULER_DISPLAY, normalize_sampler, normalize_scheduler
 from bigasp.sample.prompts import encode_weighted, prompt_chunks
@@ -259,10 +260,12 @@ class Generator:
         dtype: torch.dtype | None = None,
         *,
         vae_dtype: torch.dtype = torch.float32,
-        loras: Sequence[tuple[str, float]] = (),
+        loras: Sequence[LoraSpec] = (),
     ) -> None:
-        """`loras`: (file, weight) of the LoRAs already merged into `model`, for the PNG metadata."""
-        self.loras = [(str(f), float(w)) for f, w in loras]
+        """`loras`: the LoRAs already merged into `model`, for the PNG metadata and workflow
+        (`LoraSpec`s, or (file, weight) pairs for one weight on all three modules)."""
+        self.loras = [x if isinstance(x, LoraSpec) else LoraSpec(Path(x[0]), float(x[1])) for x in loras]
+        self._warned: set[str] = set()
         missing = [c for c in SDXL.COMPONENTS if getattr(model, c) is None]
         if missing:
             raise ConfigError(
@@ -392,12 +395,47 @@ class Generator:
                 images[i] = batch_images[k * settings.batch : (k + 1) * settings.batch]
         out = []
         for p, ims in zip(prompts, images, strict=True):
+            workflow = self.comfy_workflow(p, settings, kind)
             for j, im in enumerate(ims):
                 im.info.update(
                     png_metadata(p, settings, kind, self.model.source, batch_index=j, loras=self.loras)
                 )
+                im.info.update(workflow)
                 out.append(im)
         return out
+
+    def comfy_workflow(self, prompt: str, settings: GenerateSettings, kind: ModelKind) -> dict[str, str]:
+        """ComfyUI's `prompt` (API graph) and `workflow` (canvas graph) PNG chunks for this image.
+
+        Where ComfyUI's plain nodes cannot make the same image (A1111 emphasis, bigasp's chunk
+        split where it differs from ComfyUI's, i.i.d. SDE noise), no chunks and one warning: a
+        wrong graph dragged in would sample silently differently."""
+        from bigasp.models.comfyui import LoraNode, image_workflow
+
+        why = ""
+        if settings.sampler in STOCHASTIC and settings.noise != "brownian":
+            why = "--noise iid (ComfyUI's SDE samplers use the Brownian tree)"
+        elif settings.chunking != "comfy":
+            lib = self.embeddings(settings)
+            if any(
+                prompt_chunks(t, settings.syntax, "comfy", lib)
+                != prompt_chunks(t, settings.syntax, "bigasp", lib)
+                for t in (prompt, settings.negative)
+            ):
+                why = "--chunking bigasp splits this prompt where ComfyUI would not"
+        loras = [LoraNode(s.path.name, s.weight, s.clip) for s in self.loras]
+        result = why or image_workflow(prompt, settings, kind, self.model.source, loras)
+        if isinstance(result, str):
+            if result not in self._warned:
+                self._warned.add(result)
+                log.warning(
+                    "no ComfyUI workflow written into the PNG: %s; the PNG keeps its A1111 parameters "
+                    "and bigasp settings",
+                    result,
+                )
+            return {}
+        graph, ui = result
+        return {COMFY_API_KEY: json.dumps(graph), COMFY_UI_KEY: json.dumps(ui)}
 
 
 # -- PNG metadata --------------------------------------------------------------------------
@@ -405,6 +443,8 @@ class Generator:
 SAMPLER_NAMES = SAMPLER_DISPLAY
 SCHEDULE_NAMES = SCHEDULER_DISPLAY
 JSON_KEY = "bigasp"
+COMFY_API_KEY = "prompt"  # ComfyUI's SaveImage: the API graph ...
+COMFY_UI_KEY = "workflow"  # ... and the canvas graph, which the canvas loads on drop
 
 
 def parameters_text(
@@ -413,9 +453,12 @@ def parameters_text(
     kind: ModelKind,
     source: str,
     batch_index: int,
-    loras: Sequence[tuple[str, float]] = (),
+    loras: Sequence[LoraSpec] = (),
 ) -> str:
-    """A1111's `parameters` format: prompt, `Negative prompt:` line, `Key: value` line."""
+    """A1111's `parameters` format: prompt, `Negative prompt:` line, `Key: value` line.
+
+    A LoRA reads `NAME: WEIGHT`, or `NAME: W_MODEL:W_CLIP` when the text encoders' weight differs
+    (the `--lora` spelling)."""
     fields = [
         ("Steps", s.steps),
         ("Sampler", SAMPLER_NAMES[s.sampler]),
@@ -433,10 +476,14 @@ def parameters_text(
     if kind.prediction == "flow":
         fields.append(("Shift", kind.shift))
     if loras:
-        fields.append(("LoRA", '"' + ", ".join(f"{Path(f).stem}: {w:g}" for f, w in loras) + '"'))
+        fields.append(("LoRA", '"' + ", ".join(_lora_label(x) for x in loras) + '"'))
     fields += [("Emphasis", s.syntax), ("Version", f"bigasp {_version()}")]
     line = ", ".join(f"{k}: {v}" for k, v in fields)
     return f"{prompt}\nNegative prompt: {s.negative}\n{line}"
+
+
+def _lora_label(spec: LoraSpec) -> str:
+    return f"{spec.path.stem}: {weights_label(spec.weight, spec.clip)}"
 
 
 def png_metadata(
@@ -445,11 +492,11 @@ def png_metadata(
     kind: ModelKind,
     source: str,
     batch_index: int = 0,
-    loras: Sequence[tuple[str, float]] = (),
+    loras: Sequence[LoraSpec] = (),
 ) -> dict:
     model: dict[str, Any] = {"source": source, "kind": kind.to_json()}
     if loras:
-        model["loras"] = [{"file": f, "weight": w} for f, w in loras]
+        model["loras"] = lora_record(list(loras))
     payload = {
         "prompt": prompt,
         "settings": s.model_dump(mode="json"),
@@ -470,13 +517,13 @@ def _version() -> str:
 
 
 def save_png(image, path: str | Path) -> Path:
-    """Write a PNG with its `parameters` and JSON text chunks; atomic (temp + rename)."""
+    """Write a PNG with its `parameters`, JSON and ComfyUI text chunks; atomic (temp + rename)."""
     from PIL.PngImagePlugin import PngInfo
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
-    for key in ("parameters", JSON_KEY):
+    for key in ("parameters", JSON_KEY, COMFY_API_KEY, COMFY_UI_KEY):
         if key in image.info:
             info.add_text(key, image.info[key])
     with atomic_path(path, durable=False) as tmp:

@@ -4,7 +4,8 @@ diffusers' `StableDiffusionXLLoraLoaderMixin` reads both the kohya layout (`lora
 `lora_te1_*`, `lora_te2_*` with `.alpha`, the files shared on Civitai) and diffusers/peft's own
 (`unet.*.lora_A/lora_B`), converting kohya's SGM block names with the UNet's config. Each file
 becomes a named adapter; `set_adapters` gives each its weight and `fuse_lora` merges them all
-(W += Σ weightᵢ · (alphaᵢ / rankᵢ) · upᵢ @ downᵢ), after which the adapter layers are removed, so
+(W += Σ weightᵢ · (alphaᵢ / rankᵢ) · upᵢ @ downᵢ; the UNet's and the text encoders' weights may
+differ, as ComfyUI's LoraLoader strength_model/strength_clip), after which the adapter layers are removed, so
 sampling runs on plain modules at full speed and bigasp's attention hooks (PAG) see the usual
 layers.
 """
@@ -29,33 +30,94 @@ class LoraError(ConfigError):
 
 @dataclass(frozen=True)
 class LoraSpec:
+    """A LoRA file and its strengths: `weight` for the UNet, `clip_weight` for both text encoders
+    (None = the same as `weight`), as ComfyUI's LoraLoader has strength_model and strength_clip."""
+
     path: Path
     weight: float = 1.0
+    clip_weight: float | None = None
+
+    @property
+    def clip(self) -> float:
+        """The text encoders' strength."""
+        return self.weight if self.clip_weight is None else self.clip_weight
 
 
-def parse_lora(text: str) -> LoraSpec:
-    """`FILE` or `FILE:WEIGHT` (the weight after the last colon, if it is a number)."""
-    path, weight = text, 1.0
+def _strip_weight(text: str) -> tuple[str, float | None]:
+    """`HEAD:NUMBER` -> (HEAD, NUMBER); anything else -> (text, None)."""
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
-            weight = float(tail)
-            path = head
+            return head, float(tail)
         except ValueError:
             pass
+    return text, None
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """`FILE`, `FILE:WEIGHT` or `FILE:W_MODEL:W_CLIP` (the weights after the last colons, if numbers).
+
+    One weight applies to the UNet and both text encoders; with two, the first is the UNet's
+    (ComfyUI's strength_model) and the second the text encoders' (strength_clip)."""
+    path, last = _strip_weight(text)
+    weights = [] if last is None else [last]
+    if last is not None:
+        head, first = _strip_weight(path)
+        if first is not None:
+            path, weights = head, [first, last]
     p = Path(path).expanduser()
-    if weight != weight or abs(weight) > 100:
-        raise ConfigError(f"--lora {text!r}: the weight must be a finite number within ±100")
+    if any(w != w or abs(w) > 100 for w in weights):
+        raise ConfigError(f"--lora {text!r}: the weights must be finite numbers within ±100")
     if not p.is_file():
         raise ConfigError(f"--lora {text!r}: {p} does not exist (expected a LoRA .safetensors file)")
     if p.suffix != ".safetensors":
         raise ConfigError(f"--lora {text!r}: bigasp reads only .safetensors LoRAs (never pickle files)")
-    return LoraSpec(p, weight)
+    if len(weights) == 2:
+        return LoraSpec(p, weights[0], None if weights[1] == weights[0] else weights[1])
+    return LoraSpec(p, weights[0] if weights else 1.0)
 
 
-def lora_record(specs: list[LoraSpec]) -> list[tuple[str, float]]:
-    """(file, weight) pairs as the PNG metadata and the watcher's done markers record them."""
-    return [(str(s.path), s.weight) for s in specs]
+def weights_label(weight: float, clip: float) -> str:
+    """`W`, or `W_MODEL:W_CLIP` where the text encoders' weight differs: the `--lora` spelling, as
+    the PNG's A1111 `LoRA` field and the watcher's gallery show it."""
+    return f"{weight:g}" if clip == weight else f"{weight:g}:{clip:g}"
+
+
+def lora_record(specs: list[LoraSpec]) -> list[dict]:
+    """`{"file", "weight"}` per LoRA (plus `"weight_clip"` when the text encoders' strength differs),
+    as the PNG metadata and the watcher's done markers record them."""
+    out: list[dict] = []
+    for s in specs:
+        rec: dict = {"file": str(s.path), "weight": s.weight}
+        if s.clip != s.weight:
+            rec["weight_clip"] = s.clip
+        out.append(rec)
+    return out
+
+
+def check_lora_file(path: Path) -> None:
+    """Open the file as safetensors and read every tensor once: a damaged or lying header gets
+    safetensors' own reason (as `--model` does), a NaN/inf weight names the file and the tensor.
+
+    Both would otherwise surface much later and misleadingly: diffusers reports any unreadable
+    file with one generic message, and a non-finite weight as NaN images blamed on cfg/pag."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
+                t = f.get_tensor(key)
+                if t.is_floating_point() and t.element_size() == 1:
+                    t = t.float()  # float8: isfinite has no kernel for it
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise LoraError(
+                        f"--lora {path}: tensor {key!r} holds {bad} NaN/inf value(s) of {t.numel()}; "
+                        "the file is damaged (re-download it, or re-export it from a sound checkpoint)"
+                    )
+    except (SafetensorError, OSError) as err:
+        raise LoraError(f"--lora {path} is not a readable .safetensors file: {err}") from None
 
 
 def _host(model: SDXL):
@@ -102,6 +164,7 @@ def apply_loras(model: SDXL, specs: list[LoraSpec]) -> SDXL:
     host = _host(model)
     names = []
     for k, spec in enumerate(specs):
+        check_lora_file(spec.path)
         name = f"lora{k}"
         try:
             with warnings.catch_warnings():  # several adapters in one model is the point here
@@ -114,8 +177,14 @@ def apply_loras(model: SDXL, specs: list[LoraSpec]) -> SDXL:
         if not _has_adapter(model, name):
             raise LoraError(f"--lora {spec.path}: none of its keys matches a layer of this model")
         names.append(name)
-        log.info("LoRA %s at weight %g", spec.path.name, spec.weight)
-    host.set_adapters(names, adapter_weights=[s.weight for s in specs])
+        log.info("LoRA %s at weight %g (text encoders %g)", spec.path.name, spec.weight, spec.clip)
+    # Per component, and only for the components an adapter has (diffusers warns about the others).
+    present = host.get_list_adapters()
+    weights = [
+        {c: s.weight if c == "unet" else s.clip for c, found in present.items() if name in found}
+        for name, s in zip(names, specs, strict=True)
+    ]
+    host.set_adapters(names, adapter_weights=weights)
     host.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], adapter_names=names)
     host.unload_lora_weights()
     return model

@@ -29,7 +29,7 @@ from pathlib import Path
 from bigasp.errors import BigaspError, ConfigError, ModelLoadError
 from bigasp.fsutil import atomic_write_text
 from bigasp.models.components import SDXL
-from bigasp.sample.lora import LoraError, LoraSpec, apply_loras, lora_record
+from bigasp.sample.lora import LoraError, LoraSpec, apply_loras, lora_record, weights_label
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class Watcher:
             settings = self.settings_for(model)
         else:
             settings = self.settings or GenerateSettings.from_preset(preset_for(model.kind))
-        gen = Generator(model, self.device, self.dtype, loras=lora_record(self.loras))
+        gen = Generator(model, self.device, self.dtype, loras=self.loras)
         t0 = time.perf_counter()
         for seed in self.seeds:
             s = settings.model_copy(update={"seed": seed, "batch": 1})
@@ -239,7 +239,7 @@ class Watcher:
             "prompts": self.prompts,
             "seeds": self.seeds,
             "settings": settings.model_dump(mode="json"),
-            "loras": [{"file": f, "weight": w} for f, w in lora_record(self.loras)],
+            "loras": lora_record(self.loras),
             "seconds": round(time.perf_counter() - t0, 3),
         }
         atomic_write_text(tmp / DONE_FILE, json.dumps(marker, indent=2) + "\n")
@@ -270,7 +270,7 @@ class Watcher:
 
     def warn_if_mixed(self) -> None:
         """Say so when this gallery already holds checkpoints sampled with other LoRAs."""
-        want = [{"file": f, "weight": w} for f, w in lora_record(self.loras)]
+        want = lora_record(self.loras)
         other = sorted(n for n, m in self.markers().items() if m.get("loras", []) != want)
         if other:
             log.warning(
@@ -330,5 +330,8 @@ def _lora_label(marker: dict) -> str:
     loras = marker.get("loras") or []
     if not loras:
         return ""
-    names = ", ".join(f"{Path(x['file']).stem}: {float(x['weight']):g}" for x in loras)
+    names = ", ".join(
+        f"{Path(x['file']).stem}: {weights_label(float(x['weight']), float(x.get('weight_clip', x['weight'])))}"
+        for x in loras
+    )
     return f"<br><small>LoRA {html.escape(names)}</small>"
