@@ -1,4 +1,4 @@
-"""Prompt chunking and `embedding:NAME` exactly as ComfyUI's `SDTokenizer.tokenize_with_weights`.
+r"""Prompt chunking and `embedding:NAME` exactly as ComfyUI's `SDTokenizer.tokenize_with_weights`.
 
 The expected chunks were produced by running ComfyUI's tokenizer logic (comfy/sd1_clip.py:
 token_weights, tokenize_with_weights, load_embed) with transformers' CLIPTokenizer on the
@@ -6,12 +6,11 @@ shipped vocabulary and an embedding folder holding `sub/myemb.safetensors` with 
 content tokens of each 77-token chunk (BOS/EOS/padding left out), an embedding vector as "E<row>".
 
 Where an embedding may start: ComfyUI splits a weighted segment with
-`re.split(' {0}|\\n{0}'.format(self.embedding_identifier), ...)` (Comfy-Org/ComfyUI comfy/sd1_clip.py
-@ a125cd84b054a57729b5eecab930ca9408719832, 2025-10-11, `SDTokenizer.tokenize_with_weights`): only
-after a space, a newline or at a segment start; after a tab `embedding:NAME` is text, tokenized as
-"embedding", ":", "my", "em", "b". (A later revision, Comfy-Org/ComfyUI comfy/sd1_clip.py
-@ 4bd7a4004ab8bf0e516222036dc97733ddf3aa74, splits on `(?<=\\s)`, any whitespace; bigasp follows the
-release checked against a running ComfyUI server, and warns where the two revisions differ.)
+`re.split(r'(?<=\s){}'.format(re.escape(self.embedding_identifier)), ...)` (Comfy-Org/ComfyUI
+comfy/sd1_clip.py @ 443393b48e19da8601fb947eea05b5d57574cc7a and @ 4bd7a4004ab8bf0e516222036dc97733ddf3aa74,
+`SDTokenizer.tokenize_with_weights`): at a segment start or after any whitespace, a tab included.
+(An older revision, @ a125cd84b054a57729b5eecab930ca9408719832 of 2025-10-11, split on a space or a
+newline only; bigasp follows the current one.)
 """
 
 from __future__ import annotations
@@ -55,8 +54,11 @@ COMFYUI = {
     "embedding_after_newline": ("a\nembedding:myemb cat", [
         [(320, 1.0), ("E0", 1.0), ("E1", 1.0), ("E2", 1.0), (2368, 1.0)],
     ]),
-    "embedding_after_tab_is_text": ("a\tembedding:myemb cat", [
-        [(320, 1.0), (19703, 1.0), (796, 1.0), (281, 1.0), (27551, 1.0), (3996, 1.0), (2368, 1.0)],
+    "embedding_after_tab": ("a\tembedding:myemb cat", [
+        [(320, 1.0), ("E0", 1.0), ("E1", 1.0), ("E2", 1.0), (2368, 1.0)],
+    ]),
+    "embedding_after_comma_is_text": ("a,embedding:myemb cat", [
+        [(320, 1.0), (267, 1.0), (19703, 1.0), (796, 1.0), (281, 1.0), (27551, 1.0), (3996, 1.0), (2368, 1.0)],
     ]),
     "embedding_mid_word": ("a,embedding:myemb (x embedding:myemb[y]:1.1)", [
         [(320, 1.0), (267, 1.0), (19703, 1.0), (796, 1.0), (281, 1.0), (27551, 1.0), (3996, 1.0), (343, 1.1),
@@ -87,12 +89,6 @@ def as_comfy(chunks):
 def test_chunks_equal_comfyui_tokenize_with_weights(case, library):
     text, expected = COMFYUI[case]
     assert as_comfy(prompt_chunks(text, "comfy", "comfy", library)) == expected
-
-
-def test_embedding_after_a_tab_stays_text_with_a_warning(library, caplog):
-    with caplog.at_level(logging.WARNING):
-        prompt_chunks("a\tembedding:myemb cat", "comfy", "comfy", library)
-    assert "read as text, as ComfyUI does" in caplog.text
 
 
 def test_bigasp_chunking_stays_the_plain_training_split(library):

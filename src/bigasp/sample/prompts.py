@@ -209,22 +209,15 @@ def parse(text: str, syntax: str = "comfy") -> list[tuple[str, float] | object]:
 
 
 Token = int | EmbeddingVector
-# ComfyUI's tokenizer starts an embedding at the start of a weighted segment or after a space or
-# a newline (comfy/sd1_clip.py splits on ' embedding:' and '\n embedding:'), never after a tab or
-# other whitespace: there `embedding:NAME` stays text.
-_EMBED_SPLIT = re.compile(r"(?<=[ \n])" + re.escape(EMBED_PREFIX))
-_EMBED_AFTER_OTHER_SPACE = re.compile(r"[^\S \n]" + re.escape(EMBED_PREFIX))
+# ComfyUI's tokenizer starts an embedding at the start of a weighted segment or after any
+# whitespace (comfy/sd1_clip.py splits on `(?<=\s)embedding:`); elsewhere `embedding:NAME` is text.
+_EMBED_SPLIT = re.compile(r"(?<=\s)" + re.escape(EMBED_PREFIX))
 
 
 def _embedding_groups(segment: str, library: EmbeddingLibrary) -> list[list[Token]]:
     """ComfyUI's `embedding:` handling of one weighted segment: the segment splits before every
-    `embedding:` that follows a space or a newline; each embedding is a group of its vectors,
+    `embedding:` that follows whitespace; each embedding is a group of its vectors,
     its leftover text a group of tokens; a missing embedding is dropped with a warning."""
-    if _EMBED_AFTER_OTHER_SPACE.search(segment):
-        log.warning(
-            "`embedding:` after a tab (or whitespace other than a space or newline) is read as text, "
-            "as ComfyUI does; put a space before it to load the embedding"
-        )
     pieces = _EMBED_SPLIT.split(segment)
     words = [w for w in [pieces[0], *(EMBED_PREFIX + p for p in pieces[1:])] if w]
     groups: list[list[Token]] = []
