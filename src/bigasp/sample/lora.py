@@ -99,9 +99,22 @@ def apply_loras(model: SDXL, specs: list[LoraSpec]) -> SDXL:
         raise LoraError("--lora needs the peft package: pip install peft") from None
     from safetensors import SafetensorError
 
+    from bigasp.models.adapter_files import is_lycoris, merge_lycoris
+
     host = _host(model)
     names = []
     for k, spec in enumerate(specs):
+        try:
+            lycoris = is_lycoris(spec.path)
+        except (OSError, SafetensorError) as err:
+            raise LoraError(f"--lora {spec.path}: not a readable .safetensors file ({err})") from None
+        if lycoris:  # LoKr/LoHa: diffusers has no loader for these; merged by the kohya-layout formulas
+            try:
+                merge_lycoris(model, spec.path, spec.weight, f"--lora {spec.path}")
+            except ConfigError as err:
+                raise LoraError(str(err)) from None
+            log.info("LyCORIS %s at weight %g", spec.path.name, spec.weight)
+            continue
         name = f"lora{k}"
         try:
             with warnings.catch_warnings():  # several adapters in one model is the point here
@@ -115,7 +128,9 @@ def apply_loras(model: SDXL, specs: list[LoraSpec]) -> SDXL:
             raise LoraError(f"--lora {spec.path}: none of its keys matches a layer of this model")
         names.append(name)
         log.info("LoRA %s at weight %g", spec.path.name, spec.weight)
-    host.set_adapters(names, adapter_weights=[s.weight for s in specs])
-    host.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], adapter_names=names)
-    host.unload_lora_weights()
+    if names:
+        weights = [s.weight for k, s in enumerate(specs) if f"lora{k}" in names]
+        host.set_adapters(names, adapter_weights=weights)
+        host.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], adapter_names=names)
+        host.unload_lora_weights()
     return model
