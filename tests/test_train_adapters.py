@@ -445,6 +445,6 @@ def test_ddp_two_gloo_processes_train_the_adapter_as_one_process(tmp_path, data)
     b = load_file(str(two / "model" / "unet" / "adapter.safetensors"))
     init = live_model(single, None)
     start = {n: p for n, p in init.unet.named_parameters() if p.requires_grad}
-    moved = max(float((a[k] - start[k]).abs().max()) for k in a)
+    moved = max(float((a[k] - start[k].detach()).abs().max()) for k in a)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-4 and moved > 10 * worst, (worst, moved)  # summation order only

@@ -296,6 +296,8 @@ class Trainer:
         self.restored = saved is not None
         if saved is not None:
             self.restore(ckpt_path, saved)
+        else:  # torch's global RNG (adapter dropout) starts from the run's seed; a resume restores it
+            torch.manual_seed((self.seed << 16) + self.rank)
         self.build_logging()
         self.result = TrainResult(self.state.samples_seen, self.state.step, self.state.skipped)
 
@@ -628,7 +630,10 @@ class Trainer:
     def next_batch(self, micro: int):
         self.loader.interruptible = micro == 0  # only between steps is a stop while waiting safe to save
         try:
-            return next(self.batches)
+            # torch's loader draws worker seeds from the global RNG when an epoch's iterator starts;
+            # forked, so that RNG serves the model alone (adapter dropout) and resumes exactly
+            with torch.random.fork_rng(devices=[]):
+                return next(self.batches)
         except BigaspError:  # a bad shard or record: keep the finished steps if that is safe
             seen = self.state.samples_seen
             if micro == 0 and not self.dist.distributed and 0 < seen != self.last_saved_at:
