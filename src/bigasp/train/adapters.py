@@ -74,7 +74,8 @@ def check_adapter_config(cfg: RunConfig) -> None:
     """One-line errors for adapter settings that cannot work (run at config validation, before any
     model loads). Raises ValueError, which the config loader reports with the file's name."""
     m, t = cfg.model, cfg.train
-    set_keys = [k for k in m.model_fields_set if k.startswith("adapter_")]
+    fields = type(m).model_fields
+    set_keys = [k for k in fields if k.startswith("adapter_") and getattr(m, k) != fields[k].default]
     if m.adapter is None:
         if set_keys:
             raise ValueError(
