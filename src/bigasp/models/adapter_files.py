@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from bigasp.errors import ConfigError
+from bigasp.errors import ConfigError, ModelLoadError
 from bigasp.models.single_file import unet_key_to_ldm
 
 KOHYA_FILE = "lora.safetensors"
@@ -161,7 +161,7 @@ def kohya_module_map(model) -> dict[str, tuple[str, torch.nn.Module]]:
             if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d):
                 try:
                     out[kohya_name(comp, name, model.unet)] = (comp, mod)
-                except Exception:  # a layer with no SGM name (none in SDXL) cannot be targeted
+                except ModelLoadError:  # a layer with no SGM name (none in SDXL) cannot be targeted
                     continue
     return out
 
