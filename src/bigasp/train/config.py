@@ -81,7 +81,9 @@ class ModelConfig(Section):
     )
     adapter_rank: int = Field(16, ge=1, description="Adapter rank (kohya network_dim).")
     adapter_alpha: float | None = Field(
-        None, gt=0, description="Adapter alpha (kohya network_alpha): scale alpha / rank; unset = rank (scale 1)."
+        None,
+        gt=0,
+        description="Adapter alpha (kohya network_alpha): scale alpha / rank; unset = rank (scale 1).",
     )
     adapter_dropout: float = Field(
         0.0,
