@@ -448,3 +448,28 @@ def test_ddp_two_gloo_processes_train_the_adapter_as_one_process(tmp_path, data)
     moved = max(float((a[k] - start[k].detach()).abs().max()) for k in a)
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-4 and moved > 10 * worst, (worst, moved)  # summation order only
+
+
+@pytest.mark.slow
+def test_watch_samples_an_adapter_run_on_its_base_as_generate_lora_does(data, tmp_path):
+    """`bigasp watch RUN` of an adapter run loads the recorded base with each checkpoint's
+    lora.safetensors: the same image as `generate --model BASE --lora FILE`."""
+    import numpy as np
+    from PIL import Image
+
+    from bigasp.cli import main
+    from bigasp.models.io import save_diffusers_folder
+
+    fast = ["--size", "64x64", "--steps", "2", "--device", "cpu", "--no-progress"]
+    base = tmp_path / "base"
+    save_diffusers_folder(build_preset("tiny", seed=0), base)
+    cfg = adapter_cfg(tmp_path / "run", data, "lora", model={"source": str(base)}, train={"max_samples": 8})
+    ckpt = train(cfg).last_checkpoint
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    main(["watch", cfg.run_dir, "--prompts", str(prompts), "--seeds", "3", "--once", *fast])
+    main(["generate", "a red circle", "--model", str(base), "--lora", str(ckpt / "model" / "lora.safetensors"),
+          "--seed", "3", "--out", str(tmp_path / "gen"), *fast])  # fmt: skip
+    (png,) = (tmp_path / "gen").glob("*.png")
+    with Image.open(Path(cfg.run_dir) / "samples" / ckpt.name / "p000-seed3.png") as a, Image.open(png) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
