@@ -21,6 +21,12 @@ def demo(
         help="Start encode and train together: the encoder publishes small shards in the background and "
         "training streams its first pass from them, waiting when it runs ahead.",
     ),
+    lora: bool = typer.Option(
+        False,
+        "--lora",
+        help="Train a LoCon adapter on the frozen starting model (configs/demo-lora.toml) instead of the model, "
+        "generate with --lora, and show what the adapter taught the untrained base.",
+    ),
     force: bool = typer.Option(
         False,
         "--force",
@@ -39,7 +45,8 @@ def demo(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = run_demo(out, quick=quick, seed=seed, echo=typer.echo, force=force, stream=stream)
+        result = run_demo(out, quick=quick, seed=seed, echo=typer.echo, force=force, stream=stream,
+                          lora=lora)  # fmt: skip
     finally:
         torch.set_num_threads(threads)  # callers in the same process (tests) keep their setting
     typer.echo(format_report(result))

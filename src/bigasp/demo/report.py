@@ -122,9 +122,12 @@ def format_report(result: Any) -> str:
         "",
         "bigasp demo finished"
         + (" (--quick)" if result.quick else "")
+        + (" (--lora: an adapter on the frozen starting model)" if getattr(result, "lora", False) else "")
         + f" in {result.stage_seconds.get('total', 0):.0f} s",
-        f"  colour adherence : {result.colour_adherence:.0%} (chance {result.colour_chance:.0%})",
-        f"  shape adherence  : {result.shape_adherence:.0%} (chance {result.shape_chance:.0%})",
+        f"  colour adherence : {result.colour_adherence:.0%} (chance {result.colour_chance:.0%})"
+        + _before(result, "base_colour_adherence"),
+        f"  shape adherence  : {result.shape_adherence:.0%} (chance {result.shape_chance:.0%})"
+        + _before(result, "base_shape_adherence"),
         f"  sharpness gap    : score_9 {result.sharpness_high:.0f} vs score_1 {result.sharpness_low:.0f} "
         f"(Laplacian variance, ratio {result.sharpness_ratio:.2f}x)",
         f"  validation loss  : {result.val_loss_start:.4f} -> {result.val_loss_end:.4f} ({val_drop:.0%} lower)",
@@ -142,12 +145,19 @@ def format_report(result: Any) -> str:
         f"  dataset report   : {p['dataset_report']}",
         f"  training run     : {p['run']}  (metrics: {p['metrics']})",
         f"  final checkpoint : {p['final_checkpoint']}/model",
+        *([f"  adapter (kohya)  : {p['adapter']}"] if "adapter" in p else []),
         f"  generated images : {p['generated']}",
         f"  grid             : {p['grid_image']}",
-        f"  gallery (HTML)   : {p['gallery']}",
+        *([f"  gallery (HTML)   : {p['gallery']}"] if "gallery" in p else []),
         f"  loss plot        : {p['loss_plot']}",
         f"  summary          : {p['summary']}",
     ]
     if result.reused:
         lines.append(f"  reused finished stages: {', '.join(result.reused)}")
     return "\n".join(lines)
+
+
+def _before(result: Any, field: str) -> str:
+    """--lora: the starting model's figure beside the adapter's (same prompts and seeds)."""
+    value = getattr(result, field, None)
+    return "" if value is None else f"; the base alone: {value:.0%}"

@@ -6,6 +6,10 @@ photos -> `bigasp ingest` -> `bigasp model save` (+ the shipped demo VAE) -> `bi
 (HTML gallery of every checkpoint) -> figures (colour/shape adherence, sharpness gap) and a
 validation-loss plot.
 
+`--lora` trains a LoCon adapter on the starting model instead (configs/demo-lora.toml: every base
+weight frozen), generates with `bigasp generate --model base-model --lora ADAPTER`, and measures
+the untrained base the same way, so the figures show what the adapter taught it.
+
 Every stage is invoked as `bigasp.cli.main([...])`, exactly what a user would type, so the
 demo exercises the product rather than a private shortcut; the demo's own code only writes
 the photos, assembles the starting model folder and measures the results. Each finished
@@ -86,6 +90,9 @@ class DemoResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
     stream_waves: int | None = None  # --stream: waves of published shards the first pass took in
+    lora: bool = False  # --lora: an adapter trained on the frozen starting model
+    base_colour_adherence: float | None = None  # --lora: the starting model alone, same prompts and seeds
+    base_shape_adherence: float | None = None
 
     @property
     def sharpness_ratio(self) -> float:
@@ -185,6 +192,7 @@ def run_demo(
     preset: str = "demo",
     force: bool = False,
     stream: bool = False,
+    lora: bool = False,
 ) -> DemoResult:
     """Run (or finish) the demo in `out`; returns the figures and where everything is.
 
@@ -192,6 +200,7 @@ def run_demo(
     `preset` is the model preset the starting model is built from. `out` must be new, empty or an
     earlier demo's folder, unless `force`. `stream`: encode and train start together (the encoder
     in the background, publishing small shards; training streams its first pass, waiting on it).
+    `lora`: train a LoCon adapter on the frozen starting model instead of the model itself.
     """
     from bigasp.demo.vae import DEMO_VAE_DIR
 
@@ -201,9 +210,10 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     st = Stages(out, echo)
     data_cfg = find_config("demo-data.toml")
-    train_cfg = find_config("demo.toml")
+    train_cfg = find_config("demo-lora.toml" if lora else "demo.toml")
     photos, dataset, base = out / "photos", out / "dataset", out / "base-model"
-    run_dir, grid_dir = out / "run", out / "grid"
+    tag = "-lora" if lora else ""  # --lora's stages and folders sit beside the full demo's
+    run_dir, grid_dir = out / f"run{tag}", out / f"grid{tag}"
     t_start = time.perf_counter()
 
     # 1. Photos (pure function of seed; rewriting identical files is a no-op).
@@ -282,8 +292,8 @@ def run_demo(
         if not last or read_meta(last[-1])["samples_seen"] < plan.max_samples:
             st.cli("train", str(train_cfg), *overrides, "--resume", "auto")
 
-    started = st.marks / "train.started.json"
-    if not st.done("train", train_params):
+    started = st.marks / f"train{tag}.started.json"
+    if not st.done(f"train{tag}", train_params):
         # Resume an interrupted run only if it was started with the same config; else start over.
         same = started.is_file() and json.loads(started.read_text()).get("key") == st.key(train_params)
         if run_dir.exists() and not same:
@@ -302,7 +312,7 @@ def run_demo(
                 [sys.executable, "-m", "bigasp.cli", *args], stdout=subprocess.DEVNULL, env=env
             )
             try:
-                st.run("train", train_params, train)
+                st.run(f"train{tag}", train_params, train)
             finally:
                 if encoder.wait() != 0:
                     raise BigaspError(f"demo stage `bigasp encode` failed (exit {encoder.returncode})")
@@ -310,49 +320,65 @@ def run_demo(
 
         if st.done("encode", encode_params):  # the encode finished in an earlier run: nothing to wait for
             st.run("encode", encode_params, lambda: None)
-            st.run("train", train_params, train)
+            st.run(f"train{tag}", train_params, train)
         else:
             encode_and_train()
         report()
     else:
-        st.run("train", train_params, train)
+        st.run(f"train{tag}", train_params, train)
     final = _final_checkpoint(run_dir, plan.max_samples)
+    adapter = final / "model" / "lora.safetensors"
 
     # 6. Generate the grid with the v2.5-style sampler (euler + beta, CFG + PAG preset).
     prompts, labels = grid_prompts()
     gen_params = {"ckpt": final.name, "train": train_params, "steps": plan.steps,
                   "n": plan.images_per_prompt, "seed": seed, "prompts": prompts}  # fmt: skip
 
-    def generate() -> None:
-        tmp = out / ".grid.tmp"
+    def generate(into: Path, model: list[str]) -> None:
+        tmp = out / f".{into.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        st.cli("generate", *prompts, "--model", str(final / "model"), "--preset", "bigasp-v2.5",
+        st.cli("generate", *prompts, *model, "--preset", "bigasp-v2.5",
                "--size", "64x64", "--steps", str(plan.steps), "--seed", str(seed),
                "--batch", str(plan.images_per_prompt), "--device", "cpu", "--out", str(tmp), quiet=True)  # fmt: skip
-        shutil.rmtree(grid_dir, ignore_errors=True)
-        os.replace(tmp, grid_dir)
-        st.echo(f"[demo] {len(list(grid_dir.glob('*.png')))} images in {grid_dir}")
+        shutil.rmtree(into, ignore_errors=True)
+        os.replace(tmp, into)
+        st.echo(f"[demo] {len(list(into.glob('*.png')))} images in {into}")
 
-    st.run("generate", gen_params, generate)
+    if lora:  # the base with the adapter merged, as `generate --lora` loads any kohya-layout file
+        st.run("generate-lora", gen_params,
+               lambda: generate(grid_dir, ["--model", str(base), "--lora", str(adapter)]))  # fmt: skip
+        base_grid = out / "grid-base"
+        base_params = {k: v for k, v in gen_params.items() if k not in ("ckpt", "train")}
+        st.run("generate-base", {**base_params, "base": train_params["base"]},
+               lambda: generate(base_grid, ["--model", str(base)]))  # fmt: skip
+    else:
+        st.run("generate", gen_params, lambda: generate(grid_dir, ["--model", str(final / "model")]))
 
-    # 7. Watch-style gallery: every checkpoint (half-way and final) side by side.
-    prompt_file = out / "watch-prompts.txt"
-    prompt_file.write_text("\n".join(prompts[: len(prompts) // 2]) + "\n")
-    st.run("watch", gen_params,
-           lambda: st.cli("watch", str(run_dir), "--prompts", str(prompt_file), "--seeds", str(seed), "--once",
-                          "--size", "64x64", "--steps", str(plan.steps), "--device", "cpu"))  # fmt: skip
+        # 7. Watch-style gallery: every checkpoint (half-way and final) side by side.
+        prompt_file = out / "watch-prompts.txt"
+        prompt_file.write_text("\n".join(prompts[: len(prompts) // 2]) + "\n")
+        st.run("watch", gen_params,
+               lambda: st.cli("watch", str(run_dir), "--prompts", str(prompt_file), "--seeds", str(seed), "--once",
+                              "--size", "64x64", "--steps", str(plan.steps), "--device", "cpu"))  # fmt: skip
 
     # 8. Figures.
     from bigasp.demo.report import measure, write_grid_image, write_loss_plot
 
-    result = DemoResult(out=str(out), seed=seed, quick=quick)
+    result = DemoResult(out=str(out), seed=seed, quick=quick, lora=lora)
+    if lora:
+        before = DemoResult(out=str(out), seed=seed, quick=quick)
+        measure(before, _grid_images(base_grid, seed, len(prompts), plan.images_per_prompt), labels)
+        result.base_colour_adherence, result.base_shape_adherence = (
+            before.colour_adherence,
+            before.shape_adherence,
+        )
     if stream:
         loader = json.loads((final / "state" / "trainer.json").read_text())["loader"][0]["stream"]
         result.stream_waves = len(loader["waves"])
     images = _grid_images(grid_dir, seed, len(prompts), plan.images_per_prompt)
     measure(result, images, labels)
-    grid_png = write_grid_image(out / "grid.png", images, labels)
-    curve = write_loss_plot(out / "validation-loss.png", run_dir / "metrics.jsonl", result)
+    grid_png = write_grid_image(out / f"grid{tag}.png", images, labels)
+    curve = write_loss_plot(out / f"validation-loss{tag}.png", run_dir / "metrics.jsonl", result)
     result.stage_seconds = {**st.seconds, "total": time.perf_counter() - t_start}
     result.reused = st.reused
     result.paths = {
@@ -364,11 +390,11 @@ def run_demo(
         "final_checkpoint": str(final),
         "generated": str(grid_dir),
         "grid_image": str(grid_png),
-        "gallery": str(run_dir / "samples" / "index.html"),
+        **({"adapter": str(adapter)} if lora else {"gallery": str(run_dir / "samples" / "index.html")}),
         "loss_plot": str(curve),
         "metrics": str(run_dir / "metrics.jsonl"),
     }
-    summary = out / "summary.json"
+    summary = out / f"summary{tag}.json"
     summary.write_text(
         json.dumps({**asdict(result), "sharpness_ratio": result.sharpness_ratio}, indent=2) + "\n"
     )

@@ -161,10 +161,19 @@ def apply_loras(model: SDXL, specs: list[LoraSpec]) -> SDXL:
         raise LoraError("--lora needs the peft package: pip install peft") from None
     from safetensors import SafetensorError
 
+    from bigasp.models.adapter_files import is_lycoris, merge_lycoris
+
     host = _host(model)
     names = []
     for k, spec in enumerate(specs):
         check_lora_file(spec.path)
+        if is_lycoris(spec.path):  # LoKr/LoHa: diffusers has no loader for these; merged by the kohya-layout formulas
+            try:
+                merge_lycoris(model, spec.path, spec.weight, f"--lora {spec.path}", clip_weight=spec.clip)
+            except ConfigError as err:
+                raise LoraError(str(err)) from None
+            log.info("LyCORIS %s at weight %g (text encoders %g)", spec.path.name, spec.weight, spec.clip)
+            continue
         name = f"lora{k}"
         try:
             with warnings.catch_warnings():  # several adapters in one model is the point here
@@ -178,13 +187,15 @@ def apply_loras(model: SDXL, specs: list[LoraSpec]) -> SDXL:
             raise LoraError(f"--lora {spec.path}: none of its keys matches a layer of this model")
         names.append(name)
         log.info("LoRA %s at weight %g (text encoders %g)", spec.path.name, spec.weight, spec.clip)
-    # Per component, and only for the components an adapter has (diffusers warns about the others).
-    present = host.get_list_adapters()
-    weights = [
-        {c: s.weight if c == "unet" else s.clip for c, found in present.items() if name in found}
-        for name, s in zip(names, specs, strict=True)
-    ]
-    host.set_adapters(names, adapter_weights=weights)
-    host.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], adapter_names=names)
-    host.unload_lora_weights()
+    if names:
+        # Per component, and only for the components an adapter has (diffusers warns about the others).
+        present = host.get_list_adapters()
+        weights = [
+            {c: s.weight if c == "unet" else s.clip for c, found in present.items() if name in found}
+            for name, s in ((f"lora{k}", s) for k, s in enumerate(specs))
+            if name in names
+        ]
+        host.set_adapters(names, adapter_weights=weights)
+        host.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], adapter_names=names)
+        host.unload_lora_weights()
     return model

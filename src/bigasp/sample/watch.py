@@ -189,6 +189,8 @@ class Watcher:
             raise ModelLoadError(
                 f"{ckpt.path} has no EMA weights (ema/); train with [ema] enabled = true, or drop --ema"
             )
+        if (folder / "adapter.json").is_file():  # an adapter run: its base with this checkpoint's adapter
+            return self.load_adapter(folder)
         present = [c for c in SDXL.COMPONENTS if (folder / c).is_dir()]
         model = load_model(folder, present)
         missing = [c for c in SDXL.COMPONENTS if c not in present]
@@ -205,6 +207,21 @@ class Watcher:
                 # a LoRA merges into the UNet and text encoders in place: merge into a copy
                 setattr(model, c, copy.deepcopy(shared) if self.loras and c != "vae" else shared)
         return model
+
+    def load_adapter(self, folder: Path) -> SDXL:
+        """The base the adapter trained on (--base, else the source it recorded), checked against
+        the recorded identity, with the checkpoint's kohya-layout adapter file merged."""
+        from bigasp.models.io import load_model
+        from bigasp.train import adapters
+
+        meta = adapters.read_meta(folder) or {}
+        base = self.base or meta.get("base", {}).get("source")
+        model = load_model(base, SDXL.COMPONENTS)
+        if adapters.base_identity(model) != meta.get("base", {}).get("identity"):
+            raise LoraError(
+                f"{folder}: its adapter was trained on another base than {base}; pass --base with that base"
+            )
+        return apply_loras(model, [LoraSpec(folder / "lora.safetensors", 1.0)])
 
     def prepare(self, ckpt: Checkpoint) -> SDXL:
         """The checkpoint's model, loaded fresh, with the LoRAs merged once."""

@@ -71,6 +71,33 @@ class ModelConfig(Section):
         "(ComfyUI ModelSamplingSD3 shift); unset = train.flow_shift, the shift the model trains at. "
         "flow only.",
     )
+    adapter: Literal["lora", "locon", "lokr", "loha"] | None = Field(
+        None,
+        description="Train an adapter instead of the weights (docs/training.md, 'Adapters'): lora, locon (LoRA "
+        "on the resnet convs too), lokr (Kronecker product) or loha (Hadamard product), through peft. The "
+        "base stays frozen; train_text_encoder / train_text_encoder_2 say which encoders get an adapter. "
+        "Checkpoints hold the adapter only, also as one kohya/LyCORIS-layout lora.safetensors. Unset = "
+        "full finetune.",
+    )
+    adapter_rank: int = Field(16, ge=1, description="Adapter rank (kohya network_dim).")
+    adapter_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="Adapter alpha (kohya network_alpha): scale alpha / rank; unset = rank (scale 1).",
+    )
+    adapter_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout inside the adapter: on its input for lora/locon, rank dropout for lokr/loha.",
+    )
+    adapter_targets: Literal["attention", "attention_ff", "all"] | None = Field(
+        None,
+        description="Which layers get an adapter. attention: q/k/v/out of every attention; attention_ff: "
+        "every linear of the transformer blocks (+ feed-forward, proj_in/out; kohya's LoRA set); all: also "
+        "the resnet convs, time embedding projections and down/upsamplers (kohya's LoCon set). Text "
+        "encoders: q/k/v/out, + fc1/fc2 unless 'attention'. Unset = 'all' for locon, else attention_ff.",
+    )
 
 
 class TrainConfig(Section):
@@ -277,6 +304,14 @@ class RunConfig(Section):
                 self.train.flow_shift,
                 self.model.sampling_shift,
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_adapter(self) -> RunConfig:
+        """Adapter keys only mean something with model.adapter, and a few settings cannot combine."""
+        from bigasp.train.adapters import check_adapter_config
+
+        check_adapter_config(self)
         return self
 
     def model_kind(self) -> ModelKind:

@@ -32,8 +32,8 @@ from bigasp.flops import TrainFlops
 from bigasp.models.components import SDXL
 from bigasp.models.io import load_model, save_diffusers_folder
 from bigasp.text import TE2_PAD
+from bigasp.train import adapters, parallel, preflight
 from bigasp.train import checkpoint as ckpt_io
-from bigasp.train import parallel, preflight
 from bigasp.train.config import RunConfig, resolve_accumulation
 from bigasp.train.data import TrainLoader, eval_batches, split_dataset
 from bigasp.train.denoiser import Denoiser, time_ids_from
@@ -288,6 +288,7 @@ class Trainer:
         self.build_processes()
         ckpt_path, saved = self.prepare_run_dir(resume)
         self.build_model(ckpt_path)
+        self.write_run_config()  # after build_model: a refused resume leaves the run folder as it was
         self.build_optimizer()
         self.build_ema()
         self.build_data(dataset, saved)
@@ -295,6 +296,8 @@ class Trainer:
         self.restored = saved is not None
         if saved is not None:
             self.restore(ckpt_path, saved)
+        else:  # torch's global RNG (adapter dropout) starts from the run's seed; a resume restores it
+            torch.manual_seed((self.seed << 16) + self.rank)
         self.build_logging()
         self.result = TrainResult(self.state.samples_seen, self.state.step, self.state.skipped)
 
@@ -324,20 +327,39 @@ class Trainer:
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             ckpt_io.clean_stale_temps(run_dir)
-            (run_dir / "config.toml").write_text(dump_toml(self.cfg.model_dump(mode="json")))
         saved = ckpt_io.load_state(ckpt_path) if ckpt_path is not None else None
         return ckpt_path, saved
 
+    def write_run_config(self) -> None:
+        if self.dist.is_main:
+            (self.run_dir / "config.toml").write_text(dump_toml(self.cfg.model_dump(mode="json")))
+
     def build_model(self, ckpt_path: Path | None) -> None:
-        """Load the model (from the checkpoint on resume), freeze/train its parts, wrap DDP/FSDP2."""
+        """Load the model (from the checkpoint on resume), freeze/train its parts, wrap DDP/FSDP2.
+
+        With `model.adapter` the model is the frozen base (always `model.source`) with an adapter
+        injected (`bigasp.train.adapters`); a resume checks the base and loads the adapter's weights."""
         cfg, dist, device = self.cfg, self.dist, self.device
         components = ("unet", "text_encoder", "text_encoder_2", *(("vae",) if cfg.model.save_vae else ()))
-        source = str(ckpt_path / "model") if ckpt_path is not None else cfg.model.source
+        with_adapter = cfg.model.adapter is not None
+        if ckpt_path is not None:
+            adapters.check_resume(ckpt_path, cfg)
+        source = str(ckpt_path / "model") if ckpt_path is not None and not with_adapter else cfg.model.source
         model = load_model(
             source, components, kind=cfg.model_kind(), preset=cfg.model.preset, seed=cfg.model.init_seed
         )
         self.model = model
-        self.frozen_originals = configure_model(model, cfg, device, keep_originals=dist.is_main)
+        self.base_identity: str | None = None
+        if with_adapter:
+            self.base_identity = adapters.base_identity(model)
+            if ckpt_path is not None:
+                adapters.check_base(ckpt_path, cfg, self.base_identity)
+            self.frozen_originals = {}
+            adapters.configure_adapted_model(model, cfg, device)
+            if ckpt_path is not None:
+                adapters.load_state(model, ckpt_path / "model")
+        else:
+            self.frozen_originals = configure_model(model, cfg, device, keep_originals=dist.is_main)
         self.denoiser = Denoiser(model.unet, model.text_encoder, model.text_encoder_2)
         self.net: torch.nn.Module = self.denoiser
         # FSDP2 roots: the UNet (one unit per block) and each trained text encoder. Frozen encoders
@@ -608,7 +630,10 @@ class Trainer:
     def next_batch(self, micro: int):
         self.loader.interruptible = micro == 0  # only between steps is a stop while waiting safe to save
         try:
-            return next(self.batches)
+            # torch's loader draws worker seeds from the global RNG when an epoch's iterator starts;
+            # forked, so that RNG serves the model alone (adapter dropout) and resumes exactly
+            with torch.random.fork_rng(devices=[]):
+                return next(self.batches)
         except BigaspError:  # a bad shard or record: keep the finished steps if that is safe
             seen = self.state.samples_seen
             if micro == 0 and not self.dist.distributed and 0 < seen != self.last_saved_at:
@@ -861,7 +886,15 @@ class Trainer:
         return to_save, opt_state
 
     def write_models(self, to_save: SDXL, folder: Path) -> None:
-        """The checkpoint's model/ folder and, with EMA, a sibling ema/ folder: a complete model too."""
+        """The checkpoint's model/ folder and, with EMA, a sibling ema/ folder: a complete model too.
+        With an adapter: the adapter's folders (its weights, settings, base identity, files to share)."""
+        if self.base_identity is not None:
+            cfg, identity = self.cfg, self.base_identity
+            adapters.write_folder(folder, to_save, cfg, identity, adapters.trainable_state(to_save))
+            if self.ema is not None and self.ema.updates > 0:
+                ema_state = adapters.split_flat(self.ema.shadow)
+                adapters.write_folder(folder.parent / EMA_DIR, to_save, cfg, identity, ema_state)
+            return
         save_diffusers_folder(to_save, folder)
         if self.ema is not None and self.ema.updates > 0:
             averaged = {
