@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from bigasp.buckets import Bucket, BucketConfig, BucketSet, Placement, place
 from bigasp.devices import resolve
 from bigasp.errors import ConfigError, DataError, ModelLoadError
+from bigasp.holdpoint import hold
 from bigasp.prep.config import EncodeConfig
 from bigasp.prep.images import Reject, load_for_bucket, pixel_limit
 from bigasp.prep.ingest import read_ingested
@@ -485,6 +486,7 @@ def _encode(root: str | Path, cfg: EncodeConfig) -> EncodeSummary:
                         summary.per_bucket[p0.bucket.name] += len(keep)
                         summary.encoded += len(keep)
                 bar.update(len(idx) + len(bad))
+                hold("encode.batch")
         except _SinkStopped:
             pass  # its error is raised below
         except KeyboardInterrupt:

@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 
 from bigasp.buckets import BucketConfig, BucketSet
 from bigasp.errors import DataError
+from bigasp.holdpoint import hold
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
 from bigasp.prep.kohya import folder_repeats, reading_key
@@ -684,6 +685,7 @@ def ingest(
                 if pending >= cfg.commit_every:
                     commit()
                     pending = 0
+                    hold("ingest.committed")
         except KeyboardInterrupt:
             bar.close()
             commit()
