@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import tracemalloc
 from pathlib import Path
@@ -248,3 +250,60 @@ def test_damaged_dataset_json_is_one_clear_error(tmp_path, text):
     (out / layout.DATASET_JSON).write_text(text)
     with pytest.raises(BigaspError, match=r"dataset\.json"):
         ingest([src], out, IngestConfig(progress=False))
+
+
+def _bigasp(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("bigasp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def _usage_line(res: subprocess.CompletedProcess) -> str:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    return lines[0]
+
+
+def test_out_that_cannot_be_a_folder_is_exit_2_naming_it(tmp_path):
+    """The installed `bigasp ingest`: --out a file, or under a file, is one line and exit 2; the file is kept."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(jpeg_bytes(seed=1))
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    line = _usage_line(_bigasp("ingest", str(src), "--out", str(f), "--no-progress"))
+    assert line.startswith(f"error: --out must be a folder: {f} is a file"), line
+    line = _usage_line(_bigasp("ingest", str(src), "--out", str(f / "ds"), "--no-progress"))
+    assert line.startswith("error: --out must be a folder bigasp can create:") and str(f / "ds") in line, line
+    assert "Not a directory" in line and f.read_text() == "mine"
+
+
+def test_out_on_a_read_only_file_system_is_exit_2_naming_it(tmp_path):
+    """A read-only mount (as root: permissions do not stop root, a read-only file system does)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(jpeg_bytes(seed=1))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "ds").mkdir()
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+        (ro / "ds").chmod(0o555)
+    elif subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot make a read-only folder here (root, and mounting is not permitted)")
+    try:
+        line = _usage_line(_bigasp("ingest", str(src), "--out", str(ro / "new"), "--no-progress"))
+        assert line.startswith("error: --out must be a folder bigasp can create:") and str(ro / "new") in line
+        if os.geteuid() != 0:  # an existing folder it may not write
+            line = _usage_line(_bigasp("ingest", str(src), "--out", str(ro / "ds"), "--no-progress"))
+            assert (
+                line.startswith("error: --out must be a folder bigasp can write:") and str(ro / "ds") in line
+            )
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)], check=True)
+        else:
+            ro.chmod(0o755)

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bigasp.buckets import BucketConfig, BucketSet
-from bigasp.errors import DataError
+from bigasp.errors import ConfigError, DataError
 from bigasp.holdpoint import hold
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
@@ -565,6 +565,27 @@ def _check_out(sources: list[Path], root: Path) -> None:
             )
 
 
+def _make_out(root: Path) -> None:
+    """Create the dataset folder, or say in one line why `--out` cannot be one."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(
+            f"--out must be a folder: {printable(str(root))} is a file; give a folder for the dataset "
+            "(it is created if missing)"
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"--out must be a folder bigasp can create: {printable(str(root))}: {err.strerror or err}; "
+            "give a writable folder"
+        ) from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--out must be a folder bigasp can write: {printable(str(root))} is not writable "
+            "(permissions or a read-only file system); give a writable folder"
+        )
+
+
 def _scope(sources: list[Path]) -> Callable[[str, str | None], bool]:
     """Whether a recorded (path, origin) belongs to one of this run's sources (so it may be pruned).
 
@@ -601,7 +622,7 @@ def ingest(
                 f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar or a list of paths)"
             )
     _check_out(resolved, root)
-    root.mkdir(parents=True, exist_ok=True)
+    _make_out(root)
     t0 = time.perf_counter()
     summary = IngestSummary()
     with manifest_lock(root, holder="another `bigasp ingest`, `annotate merge` or `quality score`"):
