@@ -46,7 +46,9 @@ from bigasp.prep.sidecar import parse_sidecars
 from bigasp.prep.sources import CHUNK, LIST_EXT, Item, Ref, printable, resolve_source, scan
 from bigasp.store import layout
 from bigasp.store.manifest import (
+    MANIFEST_FIX,
     MANIFEST_SCHEMA,
+    REJECTS_FIX,
     REJECTS_SCHEMA,
     SOURCES,
     SOURCES_SCHEMA,
@@ -396,7 +398,15 @@ def _parts(root: Path, kind: str) -> list[Path]:
 def _read(path: Path, schema: pa.Schema) -> pa.Table:
     import pyarrow.parquet as pq
 
-    return conform(pq.read_table(path), schema)
+    with layout.parquet_reading(path, _FIX.get(path.name, layout.GENERIC_FIX)):
+        return conform(pq.read_table(path), schema)
+
+
+_FIX = {
+    SOURCES: "restore it from a backup, or ingest the sources into a new dataset folder",
+    layout.REJECTS: REJECTS_FIX,
+    layout.MANIFEST: MANIFEST_FIX,
+}
 
 
 def _old_sources(root: Path) -> pa.Table:
@@ -496,11 +506,20 @@ def fold_parts(root: Path, prune: Callable[[str, str | None], bool] | None = Non
 
 
 def _generation(path: Path) -> bytes | None:
+    """The generation token shared by sources.parquet and the manifest written with it; a
+    damaged manifest (that sources.parquet can rebuild) has none, so the next fold rewrites it."""
     import pyarrow.parquet as pq
 
     if not path.exists():
         return None
-    return (pq.read_schema(path).metadata or {}).get(b"bigasp.generation")
+    if path.name == layout.MANIFEST and (path.parent / SOURCES).exists():
+        try:
+            return (pq.read_schema(path).metadata or {}).get(b"bigasp.generation")
+        except pa.ArrowException:
+            log.warning("%s is damaged; rebuilding it from %s", path, path.parent / SOURCES)
+            return b"damaged"
+    with layout.parquet_reading(path, _FIX.get(path.name, layout.GENERIC_FIX)):
+        return (pq.read_schema(path).metadata or {}).get(b"bigasp.generation")
 
 
 def _digest(path: str) -> bytes:

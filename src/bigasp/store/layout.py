@@ -10,6 +10,7 @@ either absent or whole), so latents are written straight to the bucket (`write_p
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -90,8 +91,33 @@ def write_bytes(fs, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def read_parquet(fs, path: str) -> pa.Table:
-    with fs.open(path, "rb") as f:
+GENERIC_FIX = "restore it from a backup, or delete it and re-run the command that wrote it"
+
+
+def index_fix(root: str) -> str:
+    """What to do about a damaged latent index file (encode rebuilds a missing one)."""
+    return (
+        f"delete it and run `bigasp encode {root}` with the same --vae: encode rebuilds a shard's missing "
+        "index from the shard's own footer"
+    )
+
+
+@contextlib.contextmanager
+def parquet_reading(path: str | os.PathLike, fix: str = GENERIC_FIX):
+    """Turn pyarrow's error for a truncated or garbled Parquet file (which names an open stream
+    as `<Buffer>`, not the file) into one line naming the file and the fix."""
+    try:
+        yield
+    except pa.ArrowException as err:
+        reason = " ".join(str(err).split())
+        reason = (
+            reason.split(": ", 1)[-1] if reason.startswith("Could not open Parquet input source") else reason
+        )
+        raise DataError(f"{path} is damaged ({reason[:160]}); {fix}") from None
+
+
+def read_parquet(fs, path: str, fix: str = GENERIC_FIX) -> pa.Table:
+    with parquet_reading(path, fix), fs.open(path, "rb") as f:
         return pq.read_table(f)
 
 

@@ -139,6 +139,15 @@ def read_dataset_json(fs, root: str) -> dict[str, Any]:
     return meta
 
 
+MANIFEST_FIX = (
+    "re-run `bigasp ingest` with the same sources and --out: it rebuilds the manifest from sources.parquet "
+    "(or restore the file from a backup)"
+)
+REJECTS_FIX = (
+    "delete it and re-run `bigasp ingest` (or `bigasp encode`): the rejected files are examined again"
+)
+
+
 def read_manifest(fs, root: str, columns: list[str] | None = None) -> pa.Table:
     """The manifest (or only `columns` of it: encode needs 7 of 16 at 10M+ rows)."""
     path = f"{root}/{layout.MANIFEST}"
@@ -147,7 +156,7 @@ def read_manifest(fs, root: str, columns: list[str] | None = None) -> pa.Table:
         return empty(schema)
     import pyarrow.parquet as pq
 
-    with fs.open(path, "rb") as f:
+    with layout.parquet_reading(path, MANIFEST_FIX), fs.open(path, "rb") as f:
         have = set(pq.read_schema(f).names)
         f.seek(0)
         table = pq.read_table(f, columns=[c for c in schema.names if c in have])
@@ -159,10 +168,10 @@ def read_rejects(fs, root: str) -> pa.Table:
     tables = []
     path = f"{root}/{layout.REJECTS}"
     if fs.exists(path):
-        tables.append(conform(layout.read_parquet(fs, path), REJECTS_SCHEMA))
+        tables.append(conform(layout.read_parquet(fs, path, REJECTS_FIX), REJECTS_SCHEMA))
     for p in sorted(fs.glob(f"{root}/{layout.ENCODE_REJECTS_DIR}/*.parquet")):
         if layout.visible(p):
-            tables.append(conform(layout.read_parquet(fs, p), REJECTS_SCHEMA))
+            tables.append(conform(layout.read_parquet(fs, p, REJECTS_FIX), REJECTS_SCHEMA))
     return pa.concat_tables(tables) if tables else empty(REJECTS_SCHEMA)
 
 
@@ -179,7 +188,8 @@ def read_index(fs, root: str, names: list[str] | None = None) -> pa.Table:
     paths = [f"{root}/{layout.INDEX_DIR}/{n}" for n in (index_files(fs, root) if names is None else names)]
     if not paths:
         return empty(INDEX_SCHEMA)
-    table = pa.concat_tables(conform(layout.read_parquet(fs, p), INDEX_SCHEMA) for p in paths)
+    fix = layout.index_fix(root if layout.is_local(fs) else fs.unstrip_protocol(root))
+    table = pa.concat_tables(conform(layout.read_parquet(fs, p, fix), INDEX_SCHEMA) for p in paths)
     table = table.set_column(
         table.schema.get_field_index("variant"),
         INDEX_SCHEMA.field("variant"),
