@@ -4,6 +4,7 @@ checkpoints name the file and `--resume auto` falls back; a dataset's VAE must m
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -199,6 +200,26 @@ def _json(text: str):
     return lambda p: p.write_text(text)
 
 
+def _group(**values):
+    """Set values in the first saved param group (a hand-edited or damaged optimizer.json)."""
+
+    def edit(p: Path) -> None:
+        opt = json.loads(p.read_text())
+        opt["param_groups"][0].update(values)
+        p.write_text(json.dumps(opt))
+
+    return edit
+
+
+def _header_shape(p: Path) -> None:
+    """Edit one tensor's shape in the safetensors header, keeping the header's length."""
+    raw = p.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + n].replace(b'"shape":[64]', b'"shape":[65]')
+    assert header != raw[8 : 8 + n]
+    p.write_bytes(raw[:8] + header + raw[8 + n :])
+
+
 DAMAGE = [
     ("model/unet/diffusion_pytorch_model.safetensors", _truncate, "truncated or padded"),
     ("state/optimizer.safetensors", _garbage, "truncated or not safetensors"),
@@ -206,10 +227,18 @@ DAMAGE = [
     ("state/trainer.json", _json('{"samples_seen": -3}'), "'samples_seen' is -3"),
     ("state/rng.safetensors", lambda p: p.unlink(), "is missing"),
     ("model", lambda p: shutil.rmtree(p), "is missing: the checkpoint .* is incomplete"),
-]
+    ("state/optimizer.json", _group(lr="0.001"), r"param group 0 'lr' is '0.001', expected a finite number"),
+    ("state/optimizer.json", _group(betas=[5, 5]), r"'betas' is \[5, 5\], expected two numbers in \[0, 1\)"),
+    ("state/optimizer.json", _group(eps=-1e-8), r"'eps' is -1e-08, expected a finite number >= 0"),
+    ("state/optimizer.json", _group(amsgrad="no"), r"'amsgrad' is 'no', expected true or false"),
+    ("model/unet/diffusion_pytorch_model.safetensors", _header_shape,
+     r"tensor 'w' is F32 \(65,\) \(260 bytes\) but its data holds 256 bytes"),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize(("file", "damage", "message"), DAMAGE, ids=[d[0] for d in DAMAGE])
+@pytest.mark.parametrize(
+    ("file", "damage", "message"), DAMAGE, ids=[f"{d[0]}-{k}" for k, d in enumerate(DAMAGE)]
+)
 def test_damaged_checkpoint_names_the_file_and_auto_resume_falls_back(
     tmp_path, caplog, file, damage, message
 ):
