@@ -457,10 +457,37 @@ def save_checkpoint(
             before_commit(tmp)
         os.replace(tmp, final)
         fsync_dir(ckpt_root)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = save_failure(err, final)
+        if failure is not None:
+            raise failure from None
         raise
     return final
+
+
+def write_failure_reason(err: BaseException) -> str | None:
+    """The operating system's reason when a checkpoint write failed on the machine's side (a full
+    disk, a quota, a read-only or lost mount), from an OSError or safetensors' own error; None
+    for anything else (a bug, an interrupt), which keeps its traceback."""
+    if isinstance(err, OSError):
+        return f"{err.strerror or err} (errno {err.errno})" if err.errno else str(err)
+    if type(err).__name__ == "SafetensorError" and "I/O error" in str(err):
+        return str(err).split("I/O error: ", 1)[-1].split(" at path ", 1)[0]  # the path: a temp name
+    return None
+
+
+def save_failure(err: BaseException, final: Path) -> CheckpointError | None:
+    """One line for a failed checkpoint write: which checkpoint, why, what was kept, the fix."""
+    reason = write_failure_reason(err)
+    if reason is None:
+        return None
+    kept = list_complete_checkpoints(final.parent)
+    previous = f"the previous checkpoint {kept[-1]} is kept" if kept else "there is no earlier checkpoint"
+    return CheckpointError(
+        f"saving checkpoint {final} failed ({reason}); no partial checkpoint is left and {previous}: free space "
+        f"on {final.parent} (or lower checkpoint.keep_last), then continue with --resume auto"
+    )
 
 
 def link_components(src: Path, dst: Path, components: list[str]) -> None:
