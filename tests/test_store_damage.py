@@ -116,3 +116,39 @@ def test_truncated_sources_or_rejects_in_ingest_name_the_file(encoded, tmp_path)
             pq.write_table(pq.read_table(ds / "sources.parquet").slice(0, 0), path)
         _truncate(path)
         _one_line(_cli("ingest", str(src), "--out", str(ds), "--no-progress"), str(path), "is damaged")
+
+
+def test_write_failure_of_an_annotation_part_names_it_and_what_is_kept(tmp_path):
+    """A real OS write failure in this process (RLIMIT_FSIZE: the kernel fails writes past it with
+    EFBIG, as a full disk does with ENOSPC): one line naming the part, the parts kept, the fix."""
+    import resource
+
+    import pyarrow as pa
+
+    from bigasp.errors import DataError
+    from bigasp.store import annotations
+
+    def part(seq: int, n: int) -> Path:
+        table = pa.table(
+            {"id": [f"{k:064x}" for k in range(n)], "tags": [f"tag {k} " * 40 for k in range(n)]}
+        )
+        return annotations.write_part(
+            tmp_path, "tags", "m1", table, session="s", rank=0, seq=seq, provenance={}
+        )
+
+    first = part(1, 2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(DataError) as err:
+            part(2, 400)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    msg = str(err.value)
+    path = annotations.stage_dir(tmp_path, "tags", "m1") / annotations.part_name("s", 0, 2)
+    assert msg.startswith(
+        f"writing {path} failed (File too large); the tags parts written before it (1 by this run)"
+    )
+    assert "no partial file is left" in msg and "run the same command again" in msg
+    assert annotations.list_parts(tmp_path, "tags", "m1") == [first]
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp")]

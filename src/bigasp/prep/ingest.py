@@ -505,6 +505,17 @@ def fold_parts(root: Path, prune: Callable[[str, str | None], bool] | None = Non
     return pruned
 
 
+def _fold(root: Path, prune: Callable[[str, str | None], bool] | None = None) -> int:
+    """`fold_parts`, with a failed write (a full disk) said in one line with what is kept."""
+    try:
+        return fold_parts(root, prune)
+    except OSError as err:
+        raise layout.write_failed(
+            err, root, f"the committed parts in {root / layout.PARTS_DIR} and the previous manifest are kept",
+            "run the same `bigasp ingest` command again: it folds the parts in",
+        ) from None  # fmt: skip
+
+
 def _generation(path: Path) -> bytes | None:
     """The generation token shared by sources.parquet and the manifest written with it; a
     damaged manifest (that sources.parquet can rebuild) has none, so the next fold rewrites it."""
@@ -649,7 +660,7 @@ def ingest(
         init_dataset(
             root, {"buckets": cfg.buckets.model_dump(), "ingest": cfg.model_dump(exclude={"buckets"})}
         )
-        fold_parts(root)  # a previous run that died left committed parts: keep them
+        _fold(root)  # a previous run that died left committed parts: keep them
         known = _known(root)
         seen: set[bytes] = set()
         settings_now: dict[str, str] = {}
@@ -679,6 +690,7 @@ def ingest(
         rows: list[dict] = []
         rejects: list[dict] = []
         seq = 0
+        committed = [0]  # images written in parts by this run
 
         def commit() -> None:
             nonlocal seq, rows, rejects
@@ -686,16 +698,23 @@ def ingest(
                 return
             seq += 1
             parts = root / layout.PARTS_DIR
-            if rejects:
-                layout.atomic_write_parquet(
-                    pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
-                    parts / f"rejects-{run}-{seq:06d}.parquet",
-                )
-            if rows:
-                layout.atomic_write_parquet(
-                    pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA),
-                    parts / f"sources-{run}-{seq:06d}.parquet",
-                )
+            try:
+                if rejects:
+                    layout.atomic_write_parquet(
+                        pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
+                        parts / f"rejects-{run}-{seq:06d}.parquet",
+                    )
+                if rows:
+                    layout.atomic_write_parquet(
+                        pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA),
+                        parts / f"sources-{run}-{seq:06d}.parquet",
+                    )
+            except OSError as err:
+                raise layout.write_failed(
+                    err, parts, f"the {committed[0]} image(s) this run committed before it (in {parts}) are kept",
+                    "run the same `bigasp ingest` command again to continue",
+                ) from None  # fmt: skip
+            committed[0] += len(rows) + len(rejects)
             rows, rejects = [], []
 
         from tqdm import tqdm
@@ -729,7 +748,7 @@ def ingest(
         except KeyboardInterrupt:
             bar.close()
             commit()
-            fold_parts(root)
+            _fold(root)
             summary.interrupted = True
             summary.total_images = _count(root)
             summary.seconds = time.perf_counter() - t0
@@ -738,7 +757,7 @@ def ingest(
         bar.close()
         in_scope = _scope(resolved)
         gone = (lambda p, o: in_scope(p, o) and _digest(p) not in seen) if cfg.prune else None
-        summary.removed = fold_parts(root, prune=gone)
+        summary.removed = _fold(root, prune=gone)
         summary.total_images = _count(root)
     summary.seconds = time.perf_counter() - t0
     return summary

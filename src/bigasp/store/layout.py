@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -65,8 +66,37 @@ tmp_name = tmp_sibling  # readers ignore names starting with '.'
 
 def atomic_write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
     """Write a Parquet file so that readers see either the old file or the whole new one."""
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+    try:
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+    except OSError as err:
+        raise named_write_error(err, path) from None
+
+
+def os_reason(err: OSError) -> str:
+    """The plain reason of an OS error ("No space left on device"), also for pyarrow's wrapped
+    "Error writing bytes to file. Detail: [errno 28] ..." messages."""
+    if err.errno:
+        return os.strerror(err.errno)
+    return str(err.strerror or err)
+
+
+def named_write_error(err: OSError, path: str | os.PathLike) -> OSError:
+    """`err` with the file being written as its filename (pyarrow names none, or a temp file)."""
+    if err.filename is not None and str(Path(err.filename).name) == Path(path).name:
+        return err
+    new = type(err)(err.errno, f"{os_reason(err)} (writing {path})", str(path))
+    return new
+
+
+def write_failed(err: OSError, where: str | os.PathLike, kept: str, again: str) -> DataError:
+    """One line for a write that failed on the machine's side (a full disk, a quota, a read-only
+    mount): the file, the reason, what is kept, and how to continue (encode's wording)."""
+    path = err.filename if err.filename is not None else where
+    return DataError(
+        f"writing {path} failed ({os_reason(err)}); {kept} and no partial file is left: free space (or fix the "
+        f"disk) and {again}"
+    )
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
