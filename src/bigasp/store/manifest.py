@@ -124,12 +124,27 @@ def load_dataset_json(raw: bytes, path) -> dict[str, Any]:
 
 def read_dataset_json(fs, root: str) -> dict[str, Any]:
     path = f"{root}/{layout.DATASET_JSON}"
-    if not fs.exists(path):
+    local = layout.is_local(fs)
+    url = root if local else fs.unstrip_protocol(root)
+    try:
+        exists = fs.exists(path)
+        if not exists and not local:
+            layout.check_bucket(fs, root, url)
+        if exists:
+            with fs.open(path, "rb") as f:
+                raw = f.read()
+    except DataError:
+        raise
+    except Exception as err:  # object storage: unreachable, no credentials, access denied
+        failure = None if local else layout.storage_error(err, fs, url)
+        if failure is None:
+            raise
+        raise failure from None
+    if not exists:
         raise DataError(
-            f"{root} is not a bigasp dataset ({layout.DATASET_JSON} missing); create it with `bigasp ingest`"
+            f"{url} is not a bigasp dataset ({layout.DATASET_JSON} missing); create it with `bigasp ingest`"
         )
-    with fs.open(path, "rb") as f:
-        meta = load_dataset_json(f.read(), path)
+    meta = load_dataset_json(raw, path)
     version = meta.get("format_version")
     if version != layout.FORMAT_VERSION:
         raise DataError(
