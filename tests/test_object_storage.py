@@ -211,7 +211,7 @@ def test_prefetch_caches_exactly_the_next_planned_records(tmp_path, s3, s3_data)
     first = next(it)
     items = loader._items(loader.plan(0), 0)
     want = {ds._cache_key(ds.rec(int(r))) for j in range(3) for r in items[j].rows}  # batch 0 + 2 ahead
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 300  # a condition, not a time: only a hung prefetcher reaches this
     while {p.name for p in ds.cache.dir.iterdir()} != want and time.monotonic() < deadline:
         time.sleep(0.05)
     assert {p.name for p in ds.cache.dir.iterdir()} == want

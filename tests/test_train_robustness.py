@@ -314,3 +314,30 @@ def test_ctrl_c_checkpoints_then_exits_130(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "stopped by signal" in out and "last checkpoint" in out and "--resume auto" in err
     assert any((tmp_path / "run" / "checkpoints").glob("step-*/checkpoint.json"))
+
+
+@pytest.mark.slow
+def test_nonsense_optimizer_values_fall_back_to_the_previous_checkpoint_through_the_cli(tmp_path):
+    """The installed `bigasp train --resume auto` on a run whose newest checkpoint holds `lr` as a
+    string and betas [5, 5]: the checkpoint is skipped as damaged (named, with the reason), the run
+    resumes from the one before and finishes."""
+    ds = write_synthetic_latent_dataset(tmp_path / "ds", n=12, seed=0)
+    cfg = make_cfg(tmp_path / "run", ds, train={"max_samples": 8, "warmup_samples": 0},
+                   checkpoint={"every": 4, "keep_last": 5}, model={"train_text_encoder": False})  # fmt: skip
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(dump_toml(cfg.model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def bigasp(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIGASP), "train", str(cfg_path), *args], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=tmp_path)  # fmt: skip
+
+    first = bigasp()
+    assert first.returncode == 0, first.stderr[-2000:]
+    older, newest = ck.list_complete_checkpoints(cfg.run_dir)
+    _group(lr="0.001", betas=[5, 5])(newest / "state" / "optimizer.json")
+    again = bigasp("--resume", "auto", "--set", "train.max_samples=12")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"skipping damaged checkpoint: {newest / 'state' / 'optimizer.json'}: param group" in again.stderr
+    assert f"resuming from {older}" in again.stderr and "Traceback" not in again.stderr
+    assert ck.read_meta(ck.list_complete_checkpoints(cfg.run_dir)[-1])["samples_seen"] == 12
