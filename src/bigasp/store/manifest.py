@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bigasp.errors import DataError
-from bigasp.store import layout
+from bigasp.store import layout, reach
 
 # One row per unique image (content hash). Annotation columns are nullable: unknown != 0.
 MANIFEST_SCHEMA = pa.schema(
@@ -129,14 +129,14 @@ def read_dataset_json(fs, root: str) -> dict[str, Any]:
     try:
         exists = fs.exists(path)
         if not exists and not local:
-            layout.check_bucket(fs, root, url)
+            reach.check_bucket(fs, root, url)
         if exists:
             with fs.open(path, "rb") as f:
                 raw = f.read()
     except DataError:
         raise
     except Exception as err:  # object storage: unreachable, no credentials, access denied
-        failure = None if local else layout.storage_error(err, fs, url)
+        failure = None if local else reach.storage_error(err, fs, url)
         if failure is None:
             raise
         raise failure from None
