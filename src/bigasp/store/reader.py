@@ -183,18 +183,23 @@ class LatentDataset:
 
         if self.n_images == len(self.table):
             return 0
-        ids = read_manifest(self.fs, self.root, columns=["id"]).column("id")
+        import pyarrow.parquet as pq
+
         rej = read_rejects(self.fs, self.root)
+        rejected = rej.filter(pc.equal(rej.column("stage"), "encode")).column("id")
         done = pa.concat_arrays(
             [
                 self.table.column("id").combine_chunks().cast(pa.string()),
-                rej.filter(pc.equal(rej.column("stage"), "encode"))
-                .column("id")
-                .combine_chunks()
-                .cast(pa.string()),
+                rejected.combine_chunks().cast(pa.string()),
             ]
         )
-        return int(pc.sum(pc.invert(pc.is_in(ids, value_set=done))).as_py() or 0)
+        path = f"{self.root}/{layout.MANIFEST}"
+        missing = 0
+        with layout.parquet_reading(path), self.fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["id"], batch_size=1 << 20):  # flat memory
+                ids = batch.column(0).cast(pa.string())
+                missing += int(pc.sum(pc.invert(pc.is_in(ids, value_set=done))).as_py() or 0)
+        return missing
 
     def unindexed_shards(self) -> list[str]:
         """Shards on disk (relative paths) that have no index file: their latents are invisible
