@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from PIL import Image
 
 from bigasp.cli import main
 from bigasp.errors import ConfigError, ModelLoadError
+from hold_helpers import start_held
 
 BIGASP = Path(sys.executable).with_name("bigasp")  # the console script a fresh install creates
 
@@ -77,22 +77,18 @@ def test_ctrl_c_during_encode_exits_130_and_says_what_was_committed(tmp_path):
     ingest([src], ds, IngestConfig(buckets=buckets, progress=False))
     cmd = [str(BIGASP), "encode", str(ds), "--vae", "tiny", "--num-workers", "0", "--batch-size", "1",
            "--shard-size", "1", "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    shards = ds / "latents" / "shards"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        if shards.is_dir() and any(shards.rglob("*.bls")):
-            break
-        time.sleep(0.02)
+    # Held after its 5th batch: 5 latents handed to the shard writer, 235 not yet read.
+    proc, _ = start_held(cmd, "encode.batch:5")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted: encode stopped by Ctrl-C:") and "committed" in last, err[-2000:]
     assert "Traceback" not in err
-    kept = len(LatentDataset(str(ds)))
-    assert 0 < kept < 240 and f"{kept} latent(s) committed" in last
+    assert len(LatentDataset(str(ds))) == 5 and "5 latent(s) committed" in last
+    again = _cli("encode", str(ds), "--vae", "tiny", "--num-workers", "0", "--no-progress")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(LatentDataset(str(ds))) == 240
 
 
 def test_config_error_names_the_override_not_the_file(tmp_path, capsys):

@@ -175,9 +175,33 @@ def test_non_finite_latents_are_rejected_not_stored(ingested, tmp_path):
     from bigasp.store.info import dataset_info
 
     assert dataset_info(str(ds_dir))["rejects"] == {"encode:non_finite": 10}
-    assert enc.encode(ds_dir, ecfg()).skipped == 10  # recorded rejects count as done
+    again = enc.encode(ds_dir, ecfg())  # recorded rejects are not tried again, nor called "done"
+    assert again.skipped == 0 and again.rejected_before == 10 and again.encoded == 0
     retry = enc.encode(ds_dir, ecfg(retry_rejects=True))
     assert retry.encoded == 10 and len(LatentDataset(str(ds_dir))) == 10
+
+
+def test_cli_counts_earlier_rejects_apart_with_the_retry_hint(ingested, tmp_path):
+    """The installed `bigasp encode` after a pass that rejected every image: not "already done"."""
+    ds_dir = _copy(ingested, tmp_path / "ds")
+    exe = Path(sys.executable).with_name("bigasp")
+    base = [str(exe), "encode", str(ds_dir), "--vae", "tiny", "--num-workers", "0", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*base, "--set", "scaling_factor=1e9"], capture_output=True, text=True, env=env)
+    assert first.returncode == 0 and "0 encoded" in first.stdout and "10 rejected," in first.stdout, (
+        first.stderr
+    )
+    again = subprocess.run(base, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "0 already done" in again.stdout and "10 rejected before" in again.stdout, again.stdout
+    hint = again.stderr.strip().splitlines()[-1]
+    assert (
+        hint.startswith("10 image(s) an earlier encode rejected were not tried again")
+        and "--retry-rejects" in hint
+    )
+    retry = subprocess.run([*base, "--retry-rejects"], capture_output=True, text=True, env=env)
+    assert retry.returncode == 0 and "10 encoded" in retry.stdout, retry.stderr
+    assert len(LatentDataset(str(ds_dir))) == 10
 
 
 def test_vae_folder_loads_same_weights(tmp_path):

@@ -7,13 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from bigasp.store import layout
+from hold_helpers import start_held
 from test_ingest import jpeg_bytes
 
 
@@ -30,19 +30,15 @@ def test_ctrl_c_commits_what_was_examined_and_exits_130(tmp_path, workers):
     args = [str(exe), "ingest", str(src), "--out", str(out), "--no-progress", "--verify", "decode", "--workers", str(workers),
             "--set", "commit_every=20", "--set", "buckets.step=16", "--set", "buckets.min_area=3072",
             "--set", "buckets.max_area=4096"]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, _ = start_held(args, "ingest.committed:2")  # 40 examined and committed in two parts
     parts = out / layout.PARTS_DIR
-    deadline = time.monotonic() + 60
-    while not (parts.is_dir() and any(parts.glob("sources-*.parquet"))):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    assert len(list(parts.glob("sources-*.parquet"))) == 2
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, (stdout, stderr)
     assert "interrupted" in stderr and "committed" in stderr and "Traceback" not in stderr
     committed = pq.read_table(out / "sources.parquet").num_rows
-    assert 0 < committed < 440
+    assert 40 <= committed < 440  # what was committed, plus what was examined until the signal
     assert not list(parts.glob("*.parquet"))  # folded before exiting
     again = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr

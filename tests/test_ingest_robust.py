@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import tracemalloc
 from pathlib import Path
@@ -248,3 +250,133 @@ def test_damaged_dataset_json_is_one_clear_error(tmp_path, text):
     (out / layout.DATASET_JSON).write_text(text)
     with pytest.raises(BigaspError, match=r"dataset\.json"):
         ingest([src], out, IngestConfig(progress=False))
+
+
+def _bigasp(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("bigasp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def _usage_line(res: subprocess.CompletedProcess) -> str:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    return lines[0]
+
+
+def test_out_that_cannot_be_a_folder_is_exit_2_naming_it(tmp_path):
+    """The installed `bigasp ingest`: --out a file, or under a file, is one line and exit 2; the file is kept."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(jpeg_bytes(seed=1))
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    line = _usage_line(_bigasp("ingest", str(src), "--out", str(f), "--no-progress"))
+    assert line.startswith(f"error: --out must be a folder: {f} is a file"), line
+    line = _usage_line(_bigasp("ingest", str(src), "--out", str(f / "ds"), "--no-progress"))
+    assert line.startswith("error: --out must be a folder bigasp can create:") and str(f / "ds") in line, line
+    assert "Not a directory" in line and f.read_text() == "mine"
+
+
+def test_out_on_a_read_only_file_system_is_exit_2_naming_it(tmp_path):
+    """A read-only mount (as root: permissions do not stop root, a read-only file system does)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(jpeg_bytes(seed=1))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "ds").mkdir()
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+        (ro / "ds").chmod(0o555)
+    elif subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot make a read-only folder here (root, and mounting is not permitted)")
+    try:
+        line = _usage_line(_bigasp("ingest", str(src), "--out", str(ro / "new"), "--no-progress"))
+        assert line.startswith("error: --out must be a folder bigasp can create:") and str(ro / "new") in line
+        if os.geteuid() != 0:  # an existing folder it may not write
+            line = _usage_line(_bigasp("ingest", str(src), "--out", str(ro / "ds"), "--no-progress"))
+            assert (
+                line.startswith("error: --out must be a folder bigasp can write:") and str(ro / "ds") in line
+            )
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)], check=True)
+        else:
+            ro.chmod(0o755)
+
+
+def _photos(folder: Path, n: int) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"p{i:03d}.jpg").write_bytes(jpeg_bytes(128, 128, seed=900 + i))
+    return folder
+
+
+INGEST_SETS = ["--no-progress", "--set", "commit_every=10", "--set", "buckets.step=16",
+               "--set", "buckets.min_area=3072", "--set", "buckets.max_area=4096"]  # fmt: skip
+
+
+def test_write_failure_during_ingest_is_one_line_naming_the_file_and_what_is_kept(tmp_path):
+    """A real OS write failure on any machine: the installed `bigasp ingest` under a file-size limit
+    (RLIMIT_FSIZE: the kernel fails writes past it with EFBIG, as a full disk fails them with ENOSPC)."""
+    import resource
+
+    src = _photos(tmp_path / "in", 30)
+    out = tmp_path / "ds"
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
+
+    exe = Path(sys.executable).with_name("bigasp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    res = subprocess.run([str(exe), "ingest", str(src), "--out", str(out), *INGEST_SETS], capture_output=True,
+                         text=True, timeout=120, env=env, preexec_fn=small_files)  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    parts = out / layout.PARTS_DIR
+    assert lines[0].startswith(f"error: writing {parts}/sources-"), lines[0]
+    assert "failed (File too large)" in lines[0] and "this run committed before it" in lines[0]
+    assert "no partial file is left" in lines[0] and "run the same `bigasp ingest` command again" in lines[0]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]
+    again = _bigasp("ingest", str(src), "--out", str(out), *INGEST_SETS)
+    assert again.returncode == 0, again.stderr
+    assert pq.read_table(out / layout.MANIFEST).num_rows == 30
+
+
+def test_full_disk_during_ingest_on_a_real_small_filesystem(tmp_path):
+    """ENOSPC for real: the dataset on a tmpfs with room for a few parts (needs mount rights, as
+    root; skipped where mounting is not permitted). The parts committed before are kept and a
+    re-run on a roomier disk finishes without examining them again."""
+    import shutil
+
+    src = _photos(tmp_path / "in", 120)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()})")
+    try:
+        out = mnt / "ds"
+        res = _bigasp("ingest", str(src), "--out", str(out), *INGEST_SETS)
+        assert res.returncode == 2, res.stderr
+        (line,) = res.stderr.strip().splitlines()
+        assert line.startswith(f"error: writing {out}/") and "failed (No space left on device)" in line, line
+        kept = sum(pq.read_table(p).num_rows for p in (out / layout.PARTS_DIR).glob("sources-*.parquet"))
+        assert (
+            kept > 0
+            and f"the {kept} image(s) this run committed before it (in {out / layout.PARTS_DIR}) are kept"
+            in line
+        )
+        assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]
+        moved = shutil.copytree(out, tmp_path / "ds", ignore=shutil.ignore_patterns(".ingest.lock"))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    again = _bigasp("ingest", str(src), "--out", str(moved), *INGEST_SETS, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["skipped"] == kept  # committed before the disk filled: not read again
+    assert pq.read_table(moved / layout.MANIFEST).num_rows == 120

@@ -211,7 +211,7 @@ def test_prefetch_caches_exactly_the_next_planned_records(tmp_path, s3, s3_data)
     first = next(it)
     items = loader._items(loader.plan(0), 0)
     want = {ds._cache_key(ds.rec(int(r))) for j in range(3) for r in items[j].rows}  # batch 0 + 2 ahead
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 300  # a condition, not a time: only a hung prefetcher reaches this
     while {p.name for p in ds.cache.dir.iterdir()} != want and time.monotonic() < deadline:
         time.sleep(0.05)
     assert {p.name for p in ds.cache.dir.iterdir()} == want
@@ -348,3 +348,35 @@ def test_streaming_first_pass_from_a_bucket_equals_the_local_one(tmp_path, s3):
         assert (
             torch.equal(a.indices, b.indices) and a.prompts == b.prompts and torch.equal(a.latents, b.latents)
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# what failed, and where: the installed `bigasp` against the real server
+
+
+def test_missing_bucket_unreachable_endpoint_and_no_credentials_are_told_apart(s3, tmp_path):
+    """Each is one line naming what failed (bucket, endpoint, credentials) and where; a missing
+    dataset in an existing bucket is still "not a bigasp dataset"."""
+    exe = Path(sys.executable).with_name("bigasp")
+    endpoint = s3["endpoint_url"]
+    base = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "OMP_NUM_THREADS": "1"}
+
+    def line(url: str, env: dict, *cmd: str) -> str:
+        res = subprocess.run([str(exe), "dataset", *cmd, url], capture_output=True, text=True, env=env,
+                             timeout=180)  # fmt: skip
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        return res.stderr.strip().splitlines()[-1]
+
+    got = line("s3://no-such-bucket/ds", base, "info")
+    assert got.startswith(
+        f"error: s3://no-such-bucket/ds: bucket 'no-such-bucket' does not exist at {endpoint}"
+    )
+    got = line(f"s3://{BUCKET}/no-dataset", base, "verify")
+    assert got.startswith(f"error: s3://{BUCKET}/no-dataset is not a bigasp dataset (dataset.json missing)")
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+    got = line(f"s3://{BUCKET}/ds", {**base, "AWS_ENDPOINT_URL": dead, "AWS_MAX_ATTEMPTS": "1"}, "info")
+    assert got.startswith(f"error: s3://{BUCKET}/ds: cannot reach the object store at {dead}"), got
+    bare = {k: v for k, v in base.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    got = line(f"s3://{BUCKET}/ds", {**bare, "AWS_EC2_METADATA_DISABLED": "true"}, "verify")
+    assert got.startswith(f"error: s3://{BUCKET}/ds: no credentials for the object store at {endpoint}"), got
+    assert "AWS_ACCESS_KEY_ID" in got

@@ -293,3 +293,65 @@ def test_train_start_checks_latents_exist_and_match_the_models_vae(ingested, enc
         DataError, match=r"scaled by 0.13025 but the model's VAE .* uses scaling_factor 0.18215"
     ):
         preflight.check_dataset(ds, load_model(tmp_path / "other", ("vae",)), cfg)
+
+
+def test_unfinished_encode_or_lost_index_is_refused_unless_allow_partial(encoded, tmp_path):
+    """The installed `bigasp train` on a dataset whose encode did not finish (a shard's index file is
+    lost: 2 of 6 images have no latent the store can see): one line with the count and the fix;
+    `data.allow_partial = true` trains on the 4. `dataset verify` reports the unindexed shard."""
+    from bigasp.config import dump_toml
+    from train_helpers import make_cfg
+
+    ds = _copy(encoded, tmp_path / "ds", latents=True)
+    index = sorted((ds / layout.INDEX_DIR).glob("*.parquet"))[0]
+    index.unlink()
+    shard_rel = next(p for p in (ds / layout.SHARDS_DIR).rglob("*.bls") if p.stem == index.stem)
+    res = _cli("dataset", "verify", str(ds))
+    assert res.returncode == 1 and "has no index file" in res.stderr and shard_rel.name in res.stderr, (
+        res.stderr
+    )
+    assert "1 problem(s)" in res.stderr
+
+    def run(**data) -> subprocess.CompletedProcess:
+        cfg = make_cfg(tmp_path / "run", ds, train={"max_samples": 4, "warmup_samples": 0}, data=data)
+        path = tmp_path / "run.toml"
+        path.write_text(dump_toml(cfg.model_dump(mode="json")))
+        return subprocess.run([str(BIGASP), "train", str(path)], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)  # fmt: skip
+
+    res = run()
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"error: 2 of 6 ingested images in {ds} have no latent; 1 shard(s) of {ds} have no index"
+    ), last
+    assert f"run `bigasp encode {ds}` to finish" in last and "data.allow_partial = true" in last
+    assert "Traceback" not in res.stderr
+    res = run(allow_partial=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "data.allow_partial = true: training on the 4 that have one" in res.stderr
+
+
+def test_images_encode_rejected_do_not_count_as_missing(encoded, tmp_path):
+    from bigasp.store.manifest import REJECTS_SCHEMA
+    from bigasp.train import preflight
+    from train_helpers import make_cfg
+
+    ds = _copy(encoded, tmp_path / "ds", latents=True)
+    index = sorted((ds / layout.INDEX_DIR).glob("*.parquet"))[0]
+    ids = pq.read_table(index).column("id").to_pylist()
+    next(p for p in (ds / layout.SHARDS_DIR).rglob("*.bls") if p.stem == index.stem).unlink()
+    index.unlink()
+    cfg = make_cfg(tmp_path / "r", ds)
+    with pytest.raises(
+        DataError, match=rf"^2 of 6 ingested images in {ds} have no latent: run `bigasp encode"
+    ):
+        preflight.check_complete(LatentDataset(str(ds)), cfg)
+    rows = [
+        {"path": f"/x/{i}.png", "reason": "non_finite", "detail": "", "id": i, "stage": "encode"} for i in ids
+    ]
+    (ds / layout.ENCODE_REJECTS_DIR).mkdir(parents=True, exist_ok=True)
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA), ds / layout.ENCODE_REJECTS_DIR / "r.parquet"
+    )
+    preflight.check_complete(LatentDataset(str(ds)), cfg)  # rejected by encode: nothing left to finish

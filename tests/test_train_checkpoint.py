@@ -97,6 +97,96 @@ def test_exception_mid_save_leaves_previous_checkpoint_intact(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.name]  # temp removed
 
 
+@pytest.mark.skipif(
+    not Path("/dev/full").exists(), reason="needs /dev/full (a device whose writes fail ENOSPC)"
+)
+def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    """A real ENOSPC from the kernel (writes to /dev/full fail with it) in the middle of a save:
+    one line naming the checkpoint, the reason, the checkpoint kept and the fix; no temp left."""
+    first = _save(tmp_path, 100, payload="first")
+    lin = torch.nn.Linear(3, 2)
+
+    def write_model_then_fill_the_disk(folder: Path) -> None:
+        folder.mkdir()
+        (folder / "weights.bin").write_text("second")
+        (folder.parent / "config.toml").symlink_to("/dev/full")  # the save writes config.toml next
+
+    with pytest.raises(ck.CheckpointError) as err:
+        ck.save_checkpoint(
+            tmp_path, samples_seen=200, step=50, write_model=write_model_then_fill_the_disk,
+            optimizer_state=torch.optim.AdamW(lin.parameters()).state_dict(), scaler_state=None,
+            trainer_state={"samples_seen": 200}, rng_states=[ck.rng_tensors()], config_toml="x = 1\n",
+        )  # fmt: skip
+    msg = str(err.value)
+    final = tmp_path / "checkpoints" / ck.checkpoint_name(200)
+    assert msg.startswith(f"saving checkpoint {final} failed (No space left on device (errno 28))"), msg
+    assert f"the previous checkpoint {first} is kept" in msg and "--resume auto" in msg and "\n" not in msg
+    assert ck.list_complete_checkpoints(tmp_path) == [first]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.name]
+
+
+def test_safetensors_write_errors_are_recognised_and_others_are_not(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(Exception) as real:  # safetensors' own error type for an OS failure
+        save_file({"w": torch.ones(2)}, str(tmp_path / "missing-folder" / "x.safetensors"))
+    assert ck.write_failure_reason(real.value) == "No such file or directory (os error 2)"
+    assert ck.write_failure_reason(RuntimeError("a bug")) is None
+    assert ck.save_failure(KeyboardInterrupt(), tmp_path / "checkpoints" / "step-4") is None
+
+
+@pytest.mark.slow
+def test_full_disk_during_training_on_a_real_small_filesystem(tmp_path):
+    """The installed `bigasp train` with its run folder on a tmpfs with room for one checkpoint:
+    the second save fails with one line, the first checkpoint stays complete and no temp is left.
+    Needs mount rights (root); skipped where mounting is not permitted."""
+    import shutil
+
+    from bigasp.config import dump_toml
+    from bigasp.train.synthetic import write_synthetic_latent_dataset
+    from train_helpers import make_cfg
+
+    ds = write_synthetic_latent_dataset(tmp_path / "ds", n=12, seed=0)
+    exe = Path(sys.executable).with_name("bigasp")
+
+    def train(run: Path, **ckpt) -> subprocess.CompletedProcess:
+        cfg = make_cfg(run, ds, train={"max_samples": 8, "warmup_samples": 0}, checkpoint=ckpt,
+                       model={"train_text_encoder": False})  # fmt: skip
+        path = tmp_path / f"{run.name}.toml"
+        path.write_text(dump_toml(cfg.model_dump(mode="json")))
+        return subprocess.run([str(exe), "train", str(path)], capture_output=True, text=True, timeout=300)
+
+    probe = train(tmp_path / "probe")  # how big one checkpoint is
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    (one,) = ck.list_complete_checkpoints(tmp_path / "probe")
+    size = sum(f.stat().st_size for f in one.rglob("*") if f.is_file())
+    shutil.rmtree(tmp_path / "probe")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    kb = size * 3 // 2 // 1024 + 64  # one checkpoint and logs fit, a second does not
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", str(mnt)], capture_output=True
+    )
+    if res.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()})")
+    try:
+        run = mnt / "run"
+        res = train(run, every=4, keep_last=2)
+        assert res.returncode == 2, res.stderr[-2000:]
+        last = res.stderr.strip().splitlines()[-1]
+        kept = run / "checkpoints" / ck.checkpoint_name(4)
+        assert last.startswith(
+            f"error: saving checkpoint {run / 'checkpoints' / ck.checkpoint_name(8)} failed ("
+        ), last
+        assert "No space left on device" in last and f"the previous checkpoint {kept} is kept" in last
+        assert "Traceback" not in res.stderr
+        assert ck.list_complete_checkpoints(run) == [kept]
+        ck.check_files(kept)
+        assert [p.name for p in (run / "checkpoints").iterdir()] == [kept.name]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 def test_killed_process_mid_save_leaves_no_visible_partial(tmp_path):
     first = _save(tmp_path, 100, payload="first")
     code = textwrap.dedent(

@@ -4,6 +4,7 @@ checkpoints name the file and `--resume auto` falls back; a dataset's VAE must m
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -199,6 +200,26 @@ def _json(text: str):
     return lambda p: p.write_text(text)
 
 
+def _group(**values):
+    """Set values in the first saved param group (a hand-edited or damaged optimizer.json)."""
+
+    def edit(p: Path) -> None:
+        opt = json.loads(p.read_text())
+        opt["param_groups"][0].update(values)
+        p.write_text(json.dumps(opt))
+
+    return edit
+
+
+def _header_shape(p: Path) -> None:
+    """Edit one tensor's shape in the safetensors header, keeping the header's length."""
+    raw = p.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + n].replace(b'"shape":[64]', b'"shape":[65]')
+    assert header != raw[8 : 8 + n]
+    p.write_bytes(raw[:8] + header + raw[8 + n :])
+
+
 DAMAGE = [
     ("model/unet/diffusion_pytorch_model.safetensors", _truncate, "truncated or padded"),
     ("state/optimizer.safetensors", _garbage, "truncated or not safetensors"),
@@ -206,10 +227,18 @@ DAMAGE = [
     ("state/trainer.json", _json('{"samples_seen": -3}'), "'samples_seen' is -3"),
     ("state/rng.safetensors", lambda p: p.unlink(), "is missing"),
     ("model", lambda p: shutil.rmtree(p), "is missing: the checkpoint .* is incomplete"),
-]
+    ("state/optimizer.json", _group(lr="0.001"), r"param group 0 'lr' is '0.001', expected a finite number"),
+    ("state/optimizer.json", _group(betas=[5, 5]), r"'betas' is \[5, 5\], expected two numbers in \[0, 1\)"),
+    ("state/optimizer.json", _group(eps=-1e-8), r"'eps' is -1e-08, expected a finite number >= 0"),
+    ("state/optimizer.json", _group(amsgrad="no"), r"'amsgrad' is 'no', expected true or false"),
+    ("model/unet/diffusion_pytorch_model.safetensors", _header_shape,
+     r"tensor 'w' is F32 \(65,\) \(260 bytes\) but its data holds 256 bytes"),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize(("file", "damage", "message"), DAMAGE, ids=[d[0] for d in DAMAGE])
+@pytest.mark.parametrize(
+    ("file", "damage", "message"), DAMAGE, ids=[f"{d[0]}-{k}" for k, d in enumerate(DAMAGE)]
+)
 def test_damaged_checkpoint_names_the_file_and_auto_resume_falls_back(
     tmp_path, caplog, file, damage, message
 ):
@@ -272,7 +301,7 @@ def test_ctrl_c_checkpoints_then_exits_130(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a condition, not a time: only a hung start reaches this
     while not (metrics.is_file() and metrics.read_text().count("train/loss")) and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
@@ -285,3 +314,30 @@ def test_ctrl_c_checkpoints_then_exits_130(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "stopped by signal" in out and "last checkpoint" in out and "--resume auto" in err
     assert any((tmp_path / "run" / "checkpoints").glob("step-*/checkpoint.json"))
+
+
+@pytest.mark.slow
+def test_nonsense_optimizer_values_fall_back_to_the_previous_checkpoint_through_the_cli(tmp_path):
+    """The installed `bigasp train --resume auto` on a run whose newest checkpoint holds `lr` as a
+    string and betas [5, 5]: the checkpoint is skipped as damaged (named, with the reason), the run
+    resumes from the one before and finishes."""
+    ds = write_synthetic_latent_dataset(tmp_path / "ds", n=12, seed=0)
+    cfg = make_cfg(tmp_path / "run", ds, train={"max_samples": 8, "warmup_samples": 0},
+                   checkpoint={"every": 4, "keep_last": 5}, model={"train_text_encoder": False})  # fmt: skip
+    cfg_path = tmp_path / "run.toml"
+    cfg_path.write_text(dump_toml(cfg.model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def bigasp(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIGASP), "train", str(cfg_path), *args], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=tmp_path)  # fmt: skip
+
+    first = bigasp()
+    assert first.returncode == 0, first.stderr[-2000:]
+    older, newest = ck.list_complete_checkpoints(cfg.run_dir)
+    _group(lr="0.001", betas=[5, 5])(newest / "state" / "optimizer.json")
+    again = bigasp("--resume", "auto", "--set", "train.max_samples=12")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"skipping damaged checkpoint: {newest / 'state' / 'optimizer.json'}: param group" in again.stderr
+    assert f"resuming from {older}" in again.stderr and "Traceback" not in again.stderr
+    assert ck.read_meta(ck.list_complete_checkpoints(cfg.run_dir)[-1])["samples_seen"] == 12

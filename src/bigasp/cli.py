@@ -54,6 +54,21 @@ def _root(
     )
 
 
+def _dataset_group() -> typer.Typer:
+    """`bigasp dataset ...`: commands of three layers in one group, assembled here so that no
+    lower layer imports a higher one (store <- train <- report)."""
+    from bigasp.report import commands as report_commands
+    from bigasp.store import commands as store_commands
+    from bigasp.train import data_commands, info_command
+
+    group = typer.Typer(help="Inspect a dataset directory (manifest, rejects, latent shards).")
+    info_command.register(group)
+    store_commands.register(group)
+    data_commands.register(group)
+    report_commands.register(group)
+    return group
+
+
 def _register() -> None:
     from bigasp.models import commands as model_commands
 
@@ -61,15 +76,10 @@ def _register() -> None:
     from bigasp.sample import commands as sample_commands
 
     sample_commands.register(app)
-    from bigasp.store import commands as store_commands
-
-    store_commands.register(app)
+    app.add_typer(_dataset_group(), name="dataset")
     from bigasp.prep import commands as prep_commands
 
     prep_commands.register(app)
-    from bigasp.train import data_commands
-
-    data_commands.register(app)
     from bigasp.train import commands as train_commands
 
     train_commands.register(app)
@@ -82,6 +92,7 @@ def _register() -> None:
     from bigasp.annotate import commands as annotate_commands
 
     annotate_commands.register(app)
+    bench_commands.bench_app.command("annotate")(annotate_commands.bench_annotate_cmd)
     from bigasp.quality import commands as quality_commands
 
     quality_commands.register(app)

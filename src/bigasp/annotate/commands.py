@@ -155,7 +155,5 @@ def bench_annotate_cmd(
 
 
 def register(app: typer.Typer) -> None:
+    """Mount `annotate`; `bigasp.cli` adds `bench_annotate_cmd` to the bench group."""
     app.add_typer(annotate_app, name="annotate")
-    from bigasp.bench.commands import bench_app
-
-    bench_app.command("annotate")(bench_annotate_cmd)

@@ -27,6 +27,7 @@ from bigasp.annotate.config import STAGES, AnnotateConfig
 from bigasp.annotate.decode import DecodeDataset, Job, collate, manifest_jobs
 from bigasp.devices import resolve
 from bigasp.errors import BigaspError, ConfigError, DataError
+from bigasp.holdpoint import hold
 from bigasp.store import annotations as store
 from bigasp.store import layout
 from bigasp.store.manifest import read_dataset_json, read_manifest
@@ -137,6 +138,7 @@ class PartSink:
                 session=self.session, rank=self.rank, seq=self.seq, provenance=self.annot.provenance,
             )  # fmt: skip
             self.summary.parts += 1
+            hold(f"annotate.part.{self.annot.stage}")
             if self.cfg.limit_parts and self.summary.parts >= self.cfg.limit_parts:
                 raise StopAfterParts
         if self.failures and (force or len(self.failures) >= self.cfg.part_size):

@@ -127,6 +127,9 @@ def encode_cmd(
     variants: int = typer.Option(
         None, help="Latents per image (crop + VAE sample each); more adds new ones."
     ),
+    retry_rejects: bool = typer.Option(
+        None, "--retry-rejects", help="Encode again the images an earlier encode rejected."
+    ),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -149,6 +152,7 @@ def encode_cmd(
             compression=compression,
             shard_size=shard_size,
             variants=variants,
+            retry_rejects=retry_rejects,
             progress=progress,
         ),
     )
@@ -165,11 +169,19 @@ def encode_cmd(
         return
     typer.echo(
         f"encode: {s.encoded} encoded, {s.skipped} already done, {sum(s.rejects.values())} rejected, "
+        f"{s.rejected_before} rejected before, "
         f"{s.shards} shards, {s.seconds:.1f} s ({s.images_per_second:.1f} img/s while encoding) "
         f"on {s.world_size} process(es)"
     )
     _print_counts("latents per bucket (WxH):", dict(sorted(s.per_bucket.items(), key=lambda kv: -kv[1])))
     _print_counts("rejects by reason:", dict(sorted(s.rejects.items())))
+    if s.rejected_before:
+        typer.echo(
+            f"{s.rejected_before} image(s) an earlier encode rejected were not tried again (reasons: "
+            f"`bigasp dataset info {dataset}`); fix them or use a safer setting (e.g. --dtype fp32), "
+            "then re-run with --retry-rejects",
+            err=True,
+        )
 
 
 def register(app: typer.Typer) -> None:

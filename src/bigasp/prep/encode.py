@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from bigasp.buckets import Bucket, BucketConfig, BucketSet, Placement, place
 from bigasp.devices import resolve
 from bigasp.errors import ConfigError, DataError, ModelLoadError
+from bigasp.holdpoint import hold
 from bigasp.prep.config import EncodeConfig
 from bigasp.prep.images import Reject, load_for_bucket, pixel_limit
 from bigasp.prep.ingest import read_ingested
@@ -277,7 +278,8 @@ class EncodeSummary:
     rank: int = 0
     world_size: int = 1
     planned: int = 0  # this rank's share of the manifest
-    skipped: int = 0  # already encoded (or rejected) by an earlier run
+    skipped: int = 0  # already encoded by an earlier run
+    rejected_before: int = 0  # rejected by an earlier encode and not retried (`retry_rejects`)
     encoded: int = 0
     rejects: Counter = field(default_factory=Counter)
     per_bucket: Counter = field(default_factory=Counter)  # "WxH" -> latents written now
@@ -295,6 +297,7 @@ class EncodeSummary:
             "world_size": self.world_size,
             "planned": self.planned,
             "skipped": self.skipped,
+            "rejected_before": self.rejected_before,
             "encoded": self.encoded,
             "rejects": dict(sorted(self.rejects.items())),
             "per_bucket": dict(sorted(self.per_bucket.items(), key=lambda kv: -kv[1])),
@@ -307,6 +310,7 @@ class EncodeSummary:
     def merge(self, other: EncodeSummary) -> None:
         self.planned += other.planned
         self.skipped += other.skipped
+        self.rejected_before += other.rejected_before
         self.encoded += other.encoded
         self.rejects.update(other.rejects)
         self.per_bucket.update(other.per_bucket)
@@ -407,16 +411,17 @@ def _encode(root: str | Path, cfg: EncodeConfig) -> EncodeSummary:
     done_keys = pc.binary_join_element_wise(
         index.column("id"), index.column("variant").cast(pa.string()), "#"
     ).combine_chunks()
-    is_done = pc.or_(
-        pc.is_in(pa.array([f"{j.id}#{j.variant}" for j in jobs], pa.string()), value_set=done_keys),
-        pc.is_in(  # a rejected image is rejected in every variant
-            pa.array([j.id for j in jobs], pa.string()),
-            value_set=rej.column("id").combine_chunks().cast(pa.string()),
-        ),
+    encoded_before = pc.is_in(
+        pa.array([f"{j.id}#{j.variant}" for j in jobs], pa.string()), value_set=done_keys
+    ).to_numpy(zero_copy_only=False)
+    rejected_before = pc.is_in(  # a rejected image is rejected in every variant
+        pa.array([j.id for j in jobs], pa.string()),
+        value_set=rej.column("id").combine_chunks().cast(pa.string()),
     ).to_numpy(zero_copy_only=False)
     summary = EncodeSummary(rank=rank, world_size=world, planned=len(jobs))
-    todo = [j for j, d in zip(jobs, is_done, strict=True) if not d]
-    summary.skipped = len(jobs) - len(todo)
+    todo = [j for j, d in zip(jobs, encoded_before | rejected_before, strict=True) if not d]
+    summary.rejected_before = int((rejected_before & ~encoded_before).sum())
+    summary.skipped = len(jobs) - len(todo) - summary.rejected_before
 
     # The VAE is loaded even when nothing is left to do: "already done" must mean done with THIS
     # VAE, scaling and seed, not with whatever encoded the dataset before.
@@ -485,6 +490,7 @@ def _encode(root: str | Path, cfg: EncodeConfig) -> EncodeSummary:
                         summary.per_bucket[p0.bucket.name] += len(keep)
                         summary.encoded += len(keep)
                 bar.update(len(idx) + len(bad))
+                hold("encode.batch")
         except _SinkStopped:
             pass  # its error is raised below
         except KeyboardInterrupt:

@@ -37,7 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bigasp.buckets import BucketConfig, BucketSet
-from bigasp.errors import DataError
+from bigasp.errors import ConfigError, DataError
+from bigasp.holdpoint import hold
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
 from bigasp.prep.kohya import folder_repeats, reading_key
@@ -45,7 +46,9 @@ from bigasp.prep.sidecar import parse_sidecars
 from bigasp.prep.sources import CHUNK, LIST_EXT, Item, Ref, printable, resolve_source, scan
 from bigasp.store import layout
 from bigasp.store.manifest import (
+    MANIFEST_FIX,
     MANIFEST_SCHEMA,
+    REJECTS_FIX,
     REJECTS_SCHEMA,
     SOURCES,
     SOURCES_SCHEMA,
@@ -395,7 +398,15 @@ def _parts(root: Path, kind: str) -> list[Path]:
 def _read(path: Path, schema: pa.Schema) -> pa.Table:
     import pyarrow.parquet as pq
 
-    return conform(pq.read_table(path), schema)
+    with layout.parquet_reading(path, _FIX.get(path.name, layout.GENERIC_FIX)):
+        return conform(pq.read_table(path), schema)
+
+
+_FIX = {
+    SOURCES: "restore it from a backup, or ingest the sources into a new dataset folder",
+    layout.REJECTS: REJECTS_FIX,
+    layout.MANIFEST: MANIFEST_FIX,
+}
 
 
 def _old_sources(root: Path) -> pa.Table:
@@ -494,12 +505,32 @@ def fold_parts(root: Path, prune: Callable[[str, str | None], bool] | None = Non
     return pruned
 
 
+def _fold(root: Path, prune: Callable[[str, str | None], bool] | None = None) -> int:
+    """`fold_parts`, with a failed write (a full disk) said in one line with what is kept."""
+    try:
+        return fold_parts(root, prune)
+    except OSError as err:
+        raise layout.write_failed(
+            err, root, f"the committed parts in {root / layout.PARTS_DIR} and the previous manifest are kept",
+            "run the same `bigasp ingest` command again: it folds the parts in",
+        ) from None  # fmt: skip
+
+
 def _generation(path: Path) -> bytes | None:
+    """The generation token shared by sources.parquet and the manifest written with it; a
+    damaged manifest (that sources.parquet can rebuild) has none, so the next fold rewrites it."""
     import pyarrow.parquet as pq
 
     if not path.exists():
         return None
-    return (pq.read_schema(path).metadata or {}).get(b"bigasp.generation")
+    if path.name == layout.MANIFEST and (path.parent / SOURCES).exists():
+        try:
+            return (pq.read_schema(path).metadata or {}).get(b"bigasp.generation")
+        except pa.ArrowException:
+            log.warning("%s is damaged; rebuilding it from %s", path, path.parent / SOURCES)
+            return b"damaged"
+    with layout.parquet_reading(path, _FIX.get(path.name, layout.GENERIC_FIX)):
+        return (pq.read_schema(path).metadata or {}).get(b"bigasp.generation")
 
 
 def _digest(path: str) -> bytes:
@@ -564,6 +595,27 @@ def _check_out(sources: list[Path], root: Path) -> None:
             )
 
 
+def _make_out(root: Path) -> None:
+    """Create the dataset folder, or say in one line why `--out` cannot be one."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(
+            f"--out must be a folder: {printable(str(root))} is a file; give a folder for the dataset "
+            "(it is created if missing)"
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"--out must be a folder bigasp can create: {printable(str(root))}: {err.strerror or err}; "
+            "give a writable folder"
+        ) from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--out must be a folder bigasp can write: {printable(str(root))} is not writable "
+            "(permissions or a read-only file system); give a writable folder"
+        )
+
+
 def _scope(sources: list[Path]) -> Callable[[str, str | None], bool]:
     """Whether a recorded (path, origin) belongs to one of this run's sources (so it may be pruned).
 
@@ -600,7 +652,7 @@ def ingest(
                 f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar or a list of paths)"
             )
     _check_out(resolved, root)
-    root.mkdir(parents=True, exist_ok=True)
+    _make_out(root)
     t0 = time.perf_counter()
     summary = IngestSummary()
     with manifest_lock(root, holder="another `bigasp ingest`, `annotate merge` or `quality score`"):
@@ -608,7 +660,7 @@ def ingest(
         init_dataset(
             root, {"buckets": cfg.buckets.model_dump(), "ingest": cfg.model_dump(exclude={"buckets"})}
         )
-        fold_parts(root)  # a previous run that died left committed parts: keep them
+        _fold(root)  # a previous run that died left committed parts: keep them
         known = _known(root)
         seen: set[bytes] = set()
         settings_now: dict[str, str] = {}
@@ -638,6 +690,7 @@ def ingest(
         rows: list[dict] = []
         rejects: list[dict] = []
         seq = 0
+        committed = [0]  # images written in parts by this run
 
         def commit() -> None:
             nonlocal seq, rows, rejects
@@ -645,16 +698,23 @@ def ingest(
                 return
             seq += 1
             parts = root / layout.PARTS_DIR
-            if rejects:
-                layout.atomic_write_parquet(
-                    pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
-                    parts / f"rejects-{run}-{seq:06d}.parquet",
-                )
-            if rows:
-                layout.atomic_write_parquet(
-                    pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA),
-                    parts / f"sources-{run}-{seq:06d}.parquet",
-                )
+            try:
+                if rejects:
+                    layout.atomic_write_parquet(
+                        pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
+                        parts / f"rejects-{run}-{seq:06d}.parquet",
+                    )
+                if rows:
+                    layout.atomic_write_parquet(
+                        pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA),
+                        parts / f"sources-{run}-{seq:06d}.parquet",
+                    )
+            except OSError as err:
+                raise layout.write_failed(
+                    err, parts, f"the {committed[0]} image(s) this run committed before it (in {parts}) are kept",
+                    "run the same `bigasp ingest` command again to continue",
+                ) from None  # fmt: skip
+            committed[0] += len(rows) + len(rejects)
             rows, rejects = [], []
 
         from tqdm import tqdm
@@ -684,10 +744,11 @@ def ingest(
                 if pending >= cfg.commit_every:
                     commit()
                     pending = 0
+                    hold("ingest.committed")
         except KeyboardInterrupt:
             bar.close()
             commit()
-            fold_parts(root)
+            _fold(root)
             summary.interrupted = True
             summary.total_images = _count(root)
             summary.seconds = time.perf_counter() - t0
@@ -696,7 +757,7 @@ def ingest(
         bar.close()
         in_scope = _scope(resolved)
         gone = (lambda p, o: in_scope(p, o) and _digest(p) not in seen) if cfg.prune else None
-        summary.removed = fold_parts(root, prune=gone)
+        summary.removed = _fold(root, prune=gone)
         summary.total_images = _count(root)
     summary.seconds = time.perf_counter() - t0
     return summary

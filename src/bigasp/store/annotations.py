@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bigasp.errors import DataError
-from bigasp.store.layout import atomic_write_parquet, visible
+from bigasp.store.layout import atomic_write_parquet, visible, write_failed
 
 ANNOTATIONS_DIR = "annotations"
 PROVENANCE_KEY = b"bigasp"
@@ -73,7 +73,13 @@ def write_part(
     meta[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True).encode()
     table = table.replace_schema_metadata(meta)
     path = stage_dir(root, stage, model_key) / part_name(session, rank, seq)
-    atomic_write_parquet(table, path)
+    try:
+        atomic_write_parquet(table, path)
+    except OSError as err:
+        raise write_failed(
+            err, path, f"the {stage} parts written before it ({seq - 1} by this run) are kept",
+            "run the same command again to continue: images in parts already written are not done again",
+        ) from None  # fmt: skip
     return path
 
 
@@ -208,7 +214,13 @@ def write_failures(
 ) -> Path:
     """Images a stage could not annotate (id, reason, detail), beside its parts in `failed/`."""
     path = stage_dir(root, stage, model_key) / FAILED_DIR / part_name(session, rank, seq)
-    atomic_write_parquet(pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA), path)
+    try:
+        atomic_write_parquet(pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA), path)
+    except OSError as err:
+        raise write_failed(
+            err, path, f"the {stage} parts written before it are kept",
+            "run the same command again to continue: images in parts already written are not done again",
+        ) from None  # fmt: skip
     return path
 
 

@@ -1,7 +1,9 @@
-"""`bigasp dataset ...`: inspect and verify a dataset directory.
+"""`bigasp dataset verify` / `import-bigasp` and the printing of `dataset info`.
 
-Other packages add subcommands to `dataset_app` (e.g. the training-data preview), so it is a
-module-level Typer that `register` mounts once.
+The `dataset` group holds commands of several layers (info and preview need the training
+data config, report needs the report package), so the group is assembled at the top, in
+`bigasp.cli`: this module only adds the storage layer's own commands to the group it is given
+and never imports a higher layer.
 """
 
 from __future__ import annotations
@@ -9,8 +11,6 @@ from __future__ import annotations
 import json
 
 import typer
-
-dataset_app = typer.Typer(help="Inspect a dataset directory (manifest, rejects, latent shards).")
 
 
 def _human(n: int) -> str:
@@ -21,39 +21,8 @@ def _human(n: int) -> str:
     return str(n)
 
 
-@dataset_app.command("info")
-def info(
-    dataset: list[str] | None = typer.Argument(
-        None,
-        help="Dataset directories or fsspec URLs. Default: data.dataset of --config.",
-        show_default=False,
-    ),
-    config: str | None = typer.Option(
-        None, "--config", "-c", help="Run config: describe each dataset its [data] trains on."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON (a list for several)."),
-) -> None:
-    """Images, rejects by reason, bucket histogram and bytes on disk (of each dataset)."""
-    from bigasp.store.info import dataset_info
-    from bigasp.train.data_commands import data_config_for
-    from bigasp.train.datasets import dataset_specs
-
-    cfg = data_config_for(dataset, config)
-    specs = dataset_specs(cfg)
-    infos = [dataset_info(s.url, s.storage_options) | {"name": s.name} for s in specs]
-    if as_json:
-        typer.echo(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
-        return
-    for d in infos:
-        _print_info(d, named=len(infos) > 1)
-    if len(infos) > 1:
-        typer.echo(
-            f"{len(infos)} datasets trained as one: {sum(d['latents'] for d in infos)} latents "
-            f"({', '.join(str(d['name']) + ' ' + str(d['latents']) for d in infos)})"
-        )
-
-
-def _print_info(d: dict, *, named: bool) -> None:
+def print_info(d: dict, *, named: bool) -> None:
+    """The human-readable `dataset info` of one dataset (`d` from `dataset_info`)."""
     name = f", name {d['name']}" if named else ""
     typer.echo(f"dataset {d['root']} (format {d['format_version']}{name})")
     typer.echo(f"  images     {d['images']}")
@@ -83,7 +52,6 @@ def _print_info(d: dict, *, named: bool) -> None:
         typer.echo(f"    {key:<20} {_human(n)}")
 
 
-@dataset_app.command("verify")
 def verify(
     dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
 ) -> None:
@@ -101,7 +69,6 @@ def verify(
     typer.echo(f"{len(ds)} of {len(ds)} latents OK ({len(ds.shards)} shards)")
 
 
-@dataset_app.command("import-bigasp")
 def import_bigasp_cmd(
     vaes: str = typer.Argument(..., help="bigASP's vaes/ folder (vaes/ab/cd/<md5>.bin.gz)."),
     out: str = typer.Option(..., "--out", "-o", help="New dataset directory."),
@@ -116,10 +83,7 @@ def import_bigasp_cmd(
     typer.echo(json.dumps(counts))
 
 
-from bigasp.report.commands import register as _register_report  # noqa: E402
-
-_register_report(dataset_app)
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(dataset_app, name="dataset")
+def register(group: typer.Typer) -> None:
+    """Add the storage layer's commands to the `dataset` group (assembled in `bigasp.cli`)."""
+    group.command("verify")(verify)
+    group.command("import-bigasp")(import_bigasp_cmd)

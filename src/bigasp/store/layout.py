@@ -10,7 +10,9 @@ either absent or whole), so latents are written straight to the bucket (`write_p
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -64,8 +66,36 @@ tmp_name = tmp_sibling  # readers ignore names starting with '.'
 
 def atomic_write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
     """Write a Parquet file so that readers see either the old file or the whole new one."""
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+    try:
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+    except OSError as err:
+        raise named_write_error(err, path) from None
+
+
+def os_reason(err: OSError) -> str:
+    """The plain reason of an OS error ("No space left on device"), also for pyarrow's wrapped
+    "Error writing bytes to file. Detail: [errno 28] ..." messages."""
+    if err.errno:
+        return os.strerror(err.errno)
+    return str(err.strerror or err)
+
+
+def named_write_error(err: OSError, path: str | os.PathLike) -> OSError:
+    """`err` with the file being written as its filename (pyarrow names none, or a temp file)."""
+    if err.filename is not None and str(Path(err.filename).name) == Path(path).name:
+        return err
+    return type(err)(err.errno, f"{os_reason(err)} (writing {path})", str(path))
+
+
+def write_failed(err: OSError, where: str | os.PathLike, kept: str, again: str) -> DataError:
+    """One line for a write that failed on the machine's side (a full disk, a quota, a read-only
+    mount): the file, the reason, what is kept, and how to continue (encode's wording)."""
+    path = err.filename if err.filename is not None else where
+    return DataError(
+        f"writing {path} failed ({os_reason(err)}); {kept} and no partial file is left: free space (or fix the "
+        f"disk) and {again}"
+    )
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -90,8 +120,33 @@ def write_bytes(fs, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def read_parquet(fs, path: str) -> pa.Table:
-    with fs.open(path, "rb") as f:
+GENERIC_FIX = "restore it from a backup, or delete it and re-run the command that wrote it"
+
+
+def index_fix(root: str) -> str:
+    """What to do about a damaged latent index file (encode rebuilds a missing one)."""
+    return (
+        f"delete it and run `bigasp encode {root}` with the same --vae: encode rebuilds a shard's missing "
+        "index from the shard's own footer"
+    )
+
+
+@contextlib.contextmanager
+def parquet_reading(path: str | os.PathLike, fix: str = GENERIC_FIX):
+    """Turn pyarrow's error for a truncated or garbled Parquet file (which names an open stream
+    as `<Buffer>`, not the file) into one line naming the file and the fix."""
+    try:
+        yield
+    except pa.ArrowException as err:
+        reason = " ".join(str(err).split())
+        reason = (
+            reason.split(": ", 1)[-1] if reason.startswith("Could not open Parquet input source") else reason
+        )
+        raise DataError(f"{path} is damaged ({reason[:160]}); {fix}") from None
+
+
+def read_parquet(fs, path: str, fix: str = GENERIC_FIX) -> pa.Table:
+    with parquet_reading(path, fix), fs.open(path, "rb") as f:
         return pq.read_table(f)
 
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bigasp.errors import DataError
-from bigasp.store import layout
+from bigasp.store import layout, reach
 
 # One row per unique image (content hash). Annotation columns are nullable: unknown != 0.
 MANIFEST_SCHEMA = pa.schema(
@@ -124,12 +124,27 @@ def load_dataset_json(raw: bytes, path) -> dict[str, Any]:
 
 def read_dataset_json(fs, root: str) -> dict[str, Any]:
     path = f"{root}/{layout.DATASET_JSON}"
-    if not fs.exists(path):
+    local = layout.is_local(fs)
+    url = root if local else fs.unstrip_protocol(root)
+    try:
+        exists = fs.exists(path)
+        if not exists and not local:
+            reach.check_bucket(fs, root, url)
+        if exists:
+            with fs.open(path, "rb") as f:
+                raw = f.read()
+    except DataError:
+        raise
+    except Exception as err:  # object storage: unreachable, no credentials, access denied
+        failure = None if local else reach.storage_error(err, fs, url)
+        if failure is None:
+            raise
+        raise failure from None
+    if not exists:
         raise DataError(
-            f"{root} is not a bigasp dataset ({layout.DATASET_JSON} missing); create it with `bigasp ingest`"
+            f"{url} is not a bigasp dataset ({layout.DATASET_JSON} missing); create it with `bigasp ingest`"
         )
-    with fs.open(path, "rb") as f:
-        meta = load_dataset_json(f.read(), path)
+    meta = load_dataset_json(raw, path)
     version = meta.get("format_version")
     if version != layout.FORMAT_VERSION:
         raise DataError(
@@ -137,6 +152,15 @@ def read_dataset_json(fs, root: str) -> dict[str, Any]:
             "Re-ingest the images or use a matching bigasp version."
         )
     return meta
+
+
+MANIFEST_FIX = (
+    "re-run `bigasp ingest` with the same sources and --out: it rebuilds the manifest from sources.parquet "
+    "(or restore the file from a backup)"
+)
+REJECTS_FIX = (
+    "delete it and re-run `bigasp ingest` (or `bigasp encode`): the rejected files are examined again"
+)
 
 
 def read_manifest(fs, root: str, columns: list[str] | None = None) -> pa.Table:
@@ -147,7 +171,7 @@ def read_manifest(fs, root: str, columns: list[str] | None = None) -> pa.Table:
         return empty(schema)
     import pyarrow.parquet as pq
 
-    with fs.open(path, "rb") as f:
+    with layout.parquet_reading(path, MANIFEST_FIX), fs.open(path, "rb") as f:
         have = set(pq.read_schema(f).names)
         f.seek(0)
         table = pq.read_table(f, columns=[c for c in schema.names if c in have])
@@ -159,10 +183,10 @@ def read_rejects(fs, root: str) -> pa.Table:
     tables = []
     path = f"{root}/{layout.REJECTS}"
     if fs.exists(path):
-        tables.append(conform(layout.read_parquet(fs, path), REJECTS_SCHEMA))
+        tables.append(conform(layout.read_parquet(fs, path, REJECTS_FIX), REJECTS_SCHEMA))
     for p in sorted(fs.glob(f"{root}/{layout.ENCODE_REJECTS_DIR}/*.parquet")):
         if layout.visible(p):
-            tables.append(conform(layout.read_parquet(fs, p), REJECTS_SCHEMA))
+            tables.append(conform(layout.read_parquet(fs, p, REJECTS_FIX), REJECTS_SCHEMA))
     return pa.concat_tables(tables) if tables else empty(REJECTS_SCHEMA)
 
 
@@ -179,7 +203,8 @@ def read_index(fs, root: str, names: list[str] | None = None) -> pa.Table:
     paths = [f"{root}/{layout.INDEX_DIR}/{n}" for n in (index_files(fs, root) if names is None else names)]
     if not paths:
         return empty(INDEX_SCHEMA)
-    table = pa.concat_tables(conform(layout.read_parquet(fs, p), INDEX_SCHEMA) for p in paths)
+    fix = layout.index_fix(root if layout.is_local(fs) else fs.unstrip_protocol(root))
+    table = pa.concat_tables(conform(layout.read_parquet(fs, p, fix), INDEX_SCHEMA) for p in paths)
     table = table.set_column(
         table.schema.get_field_index("variant"),
         INDEX_SCHEMA.field("variant"),

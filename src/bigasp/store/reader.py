@@ -176,6 +176,42 @@ class LatentDataset:
     def __len__(self) -> int:
         return len(self.table)
 
+    def unencoded_images(self) -> int:
+        """Ingested images with no latent that encode did not reject: an encode not yet finished
+        (or a shard whose index file is lost). Re-reads the manifest's id column and the rejects."""
+        from bigasp.store.manifest import read_rejects
+
+        if self.n_images == len(self.table):
+            return 0
+        import pyarrow.parquet as pq
+
+        rej = read_rejects(self.fs, self.root)
+        rejected = rej.filter(pc.equal(rej.column("stage"), "encode")).column("id")
+        done = pa.concat_arrays(
+            [
+                self.table.column("id").combine_chunks().cast(pa.string()),
+                rejected.combine_chunks().cast(pa.string()),
+            ]
+        )
+        path = f"{self.root}/{layout.MANIFEST}"
+        missing = 0
+        with layout.parquet_reading(path), self.fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["id"], batch_size=1 << 20):  # flat memory
+                ids = batch.column(0).cast(pa.string())
+                missing += int(pc.sum(pc.invert(pc.is_in(ids, value_set=done))).as_py() or 0)
+        return missing
+
+    def unindexed_shards(self) -> list[str]:
+        """Shards on disk (relative paths) that have no index file: their latents are invisible
+        to training until `bigasp encode` rebuilds the index from the shard's footer."""
+        from bigasp.store.manifest import index_files
+        from bigasp.store.shard import index_rel, list_shards
+
+        indexed = set(index_files(self.fs, self.root))
+        return [
+            rel for rel in list_shards(self.fs, self.root) if index_rel(rel).rsplit("/", 1)[-1] not in indexed
+        ]
+
     def __repr__(self) -> str:
         return f"LatentDataset({self.root_url!r}, {len(self)} latents in {len(self.shards)} shards)"
 
@@ -363,6 +399,7 @@ class LatentDataset:
         from bigasp.store.shard import (
             ENCODING_KEYS,
             describe_encoding,
+            index_rel,
             read_shard_layout,
             verify_shard_layout,
         )
@@ -401,6 +438,11 @@ class LatentDataset:
             errors.append(
                 f"{self.root}: shards hold latents of different encodings ({kinds}); a model trains on one. "
                 "Delete the unwanted encoding's shards and their latents/index files, then re-run `bigasp encode`"
+            )
+        for rel in self.unindexed_shards():
+            errors.append(
+                f"{self.root}/{rel} has no index file ({index_rel(rel)}): its latents are not used for training; "
+                f"run `bigasp encode {self.root_url}` with the same --vae to rebuild the index from the shard's footer"
             )
         for r in range(len(self.records)):
             try:

@@ -149,6 +149,33 @@ def check_safetensors(path: Path) -> None:
         raise CheckpointError(
             f"{path} is truncated or padded: its header describes {8 + n + end} bytes, the file has {size}"
         )
+    check_tensor_entries(header, path)
+
+
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def check_tensor_entries(header: dict[str, Any], path: Path) -> None:
+    """Each tensor's dtype and shape account for exactly its bytes: an edited shape (or dtype) in
+    the header would otherwise load as a tensor of another size, or fail deep inside the model load."""
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        shape, dtype = v.get("shape"), v.get("dtype")
+        begin, end = (int(x) for x in v["data_offsets"])
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):  # fmt: skip
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r}; the file is damaged")
+        if dtype not in _DTYPE_BYTES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}; the file is damaged")
+        if end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is {dtype} {tuple(shape)} ({math.prod(shape) * _DTYPE_BYTES[dtype]} "
+                f"bytes) but its data holds {end - begin} bytes; the file is damaged"
+            )
 
 
 def _read_json(path: Path) -> Any:
@@ -185,7 +212,62 @@ def check_files(ckpt: Path) -> None:
     opt = _read_json(state / "optimizer.json")
     if not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list):
         raise CheckpointError(f"{state / 'optimizer.json'} has no param_groups list: the file is damaged")
+    check_param_groups(opt["param_groups"], state / "optimizer.json")
     check_trainer_state(_read_json(state / "trainer.json"), state / "trainer.json")
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What each optimizer hyperparameter the trainer's optimizers save may hold: a value outside it is
+# a damaged (or hand-edited) file, refused at load instead of failing at the first step.
+_GROUP_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "lr": ("a finite number >= 0", lambda v: v is None or (_real(v) and v >= 0)),
+    "initial_lr": ("a finite number >= 0", lambda v: v is None or (_real(v) and v >= 0)),
+    "betas": (
+        "two numbers in [0, 1)",
+        lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_real(b) and 0 <= b < 1 for b in v),
+    ),
+    "beta1": ("a number in [0, 1) or null", lambda v: v is None or (_real(v) and 0 <= v < 1)),
+    "eps": (
+        "a finite number >= 0 (or a list of them)",
+        lambda v: (
+            v is None
+            or (_real(v) and v >= 0)
+            or (isinstance(v, list | tuple) and all(x is None or (_real(x) and x >= 0) for x in v))
+        ),
+    ),
+    "weight_decay": ("a finite number >= 0", lambda v: _real(v) and v >= 0),
+    "momentum": ("a finite number >= 0", lambda v: _real(v) and v >= 0),
+    "clip_threshold": ("a finite number > 0", lambda v: _real(v) and v > 0),
+}
+_GROUP_FLAGS = (
+    "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "nesterov",
+    "scale_parameter", "relative_step", "warmup_init", "decoupled_weight_decay",
+)  # fmt: skip
+
+
+def check_param_groups(groups: list[Any], where: Path) -> None:
+    """Types and ranges of the saved optimizer hyperparameters (lr, betas, eps, weight decay, flags);
+    any other number must be finite. Raises `CheckpointError` naming the group and key."""
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list):
+            raise CheckpointError(
+                f"{where}: param_groups[{i}] is not a group with a params list; the file is damaged"
+            )
+        name = g.get("name", i)
+        for key, value in g.items():
+            what = f"{where}: param group {name!r} '{key}' is {value!r}"
+            if key in _GROUP_RULES:
+                expected, ok = _GROUP_RULES[key]
+                if not ok(value):
+                    raise CheckpointError(f"{what}, expected {expected}; the checkpoint is damaged")
+            elif key in _GROUP_FLAGS:
+                if value is not None and not isinstance(value, bool):
+                    raise CheckpointError(f"{what}, expected true or false; the checkpoint is damaged")
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise CheckpointError(f"{what}, expected a finite number; the checkpoint is damaged")
 
 
 def check_trainer_state(st: Any, where: Path) -> None:
@@ -375,10 +457,37 @@ def save_checkpoint(
             before_commit(tmp)
         os.replace(tmp, final)
         fsync_dir(ckpt_root)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = save_failure(err, final)
+        if failure is not None:
+            raise failure from None
         raise
     return final
+
+
+def write_failure_reason(err: BaseException) -> str | None:
+    """The operating system's reason when a checkpoint write failed on the machine's side (a full
+    disk, a quota, a read-only or lost mount), from an OSError or safetensors' own error; None
+    for anything else (a bug, an interrupt), which keeps its traceback."""
+    if isinstance(err, OSError):
+        return f"{err.strerror or err} (errno {err.errno})" if err.errno else str(err)
+    if type(err).__name__ == "SafetensorError" and "I/O error" in str(err):
+        return str(err).split("I/O error: ", 1)[-1].split(" at path ", 1)[0]  # the path: a temp name
+    return None
+
+
+def save_failure(err: BaseException, final: Path) -> CheckpointError | None:
+    """One line for a failed checkpoint write: which checkpoint, why, what was kept, the fix."""
+    reason = write_failure_reason(err)
+    if reason is None:
+        return None
+    kept = list_complete_checkpoints(final.parent)
+    previous = f"the previous checkpoint {kept[-1]} is kept" if kept else "there is no earlier checkpoint"
+    return CheckpointError(
+        f"saving checkpoint {final} failed ({reason}); no partial checkpoint is left and {previous}: free space "
+        f"on {final.parent} (or lower checkpoint.keep_last), then continue with --resume auto"
+    )
 
 
 def link_components(src: Path, dst: Path, components: list[str]) -> None:

@@ -131,6 +131,12 @@ class DataConfig(Section):
         description="At each epoch start, re-read the latent index and train on the variant generations "
         "complete by then (an encoder may keep adding them); recorded in the checkpoint for exact resume.",
     )
+    allow_partial: bool = Field(
+        False,
+        description="Train although some ingested images have no latent yet (an unfinished `bigasp encode`, or a "
+        "shard whose index file is lost): only the images that have one train. Off: training refuses to start "
+        "and says how many are missing.",
+    )
     stream: bool = Field(
         False,
         description="Start training while `bigasp encode` is still writing this dataset: the first pass (epoch 0) "

@@ -11,8 +11,6 @@ from typing import Any
 
 import typer
 
-from bigasp.store.commands import dataset_app
-
 BIGASP_CHUNKS = {
     3: 0.25,
     2: 0.66,
@@ -72,7 +70,6 @@ _DATASETS_HELP = (
 )
 
 
-@dataset_app.command("preview")
 def preview(
     dataset: list[str] | None = typer.Argument(None, help=_DATASETS_HELP, show_default=False),
     n: int = typer.Option(20, "--n", min=1, help="How many prompts to print."),
@@ -225,7 +222,6 @@ def batch_report(loader, epochs: int = 1, max_batches: int = 2000) -> dict[str, 
     return out
 
 
-@dataset_app.command("batches")
 def batches(
     dataset: list[str] | None = typer.Argument(None, help=_DATASETS_HELP, show_default=False),
     config: str | None = typer.Option(None, "--config", "-c", help="Run config (its [data] table is used)."),
@@ -287,11 +283,7 @@ def batches(
         typer.echo(f"  {bk['bucket']:<16} {bk['rows']:>9} {bk['used_epoch0']:>9}{flag}")
 
 
-def register(app: typer.Typer) -> None:
-    """The commands above are already on `dataset_app`; check that the store mounted it on `app`.
-
-    Registering this module before the store's `register` would silently hide the commands.
-    """
-    mounted = any(g.typer_instance is dataset_app for g in app.registered_groups)
-    if not mounted:
-        raise RuntimeError("bigasp.store.commands.register(app) must run before bigasp.train.data_commands")
+def register(group: typer.Typer) -> None:
+    """Add `preview` and `batches` to the `dataset` group (assembled in `bigasp.cli`)."""
+    group.command("preview")(preview)
+    group.command("batches")(batches)

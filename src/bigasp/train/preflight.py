@@ -29,6 +29,35 @@ def check_has_latents(dataset) -> None:
     raise DataError(f"{root} holds no images: run `bigasp ingest` and `bigasp encode` first")
 
 
+def check_complete(dataset, cfg) -> None:
+    """Every ingested image has a latent (or was rejected by encode): an unfinished encode or a
+    shard whose index file is lost would otherwise train on a fraction of the data without a word.
+    `data.allow_partial = true` trains on what is there; a streaming run is partial by design and
+    is not checked here (it waits for the encoder)."""
+    if not hasattr(dataset, "unencoded_images"):
+        return  # a wrapped or in-memory dataset (tests): nothing ingested to compare with
+    missing = dataset.unencoded_images()
+    unindexed = dataset.unindexed_shards()
+    if not missing and not unindexed:
+        return
+    root = dataset.root_url
+    found = []
+    if missing:
+        found.append(f"{missing} of {dataset.n_images} ingested images in {root} have no latent")
+    if unindexed:
+        found.append(f"{len(unindexed)} shard(s) of {root} have no index file (e.g. {unindexed[0]})")
+    message = (
+        "; ".join(found) + f": run `bigasp encode {root}` to finish (it also rebuilds a lost index from the "
+        "shard's footer)"
+    )
+    if getattr(cfg.data, "allow_partial", False):
+        log.warning("%s (data.allow_partial = true: training on the %d that have one)", message, len(dataset))
+        return
+    raise DataError(
+        f"{message}; or set data.allow_partial = true to train on the {len(dataset)} that have one"
+    )
+
+
 REMOTE_HEADER_SAMPLE = 64  # shard headers read on object storage (one request each)
 
 
@@ -43,6 +72,7 @@ def check_dataset(dataset, model, cfg, shards: list[str] | None = None) -> None:
         return
     if shards is None:
         check_has_latents(dataset)
+        check_complete(dataset, cfg)
     if not hasattr(dataset, "shard_headers"):
         return  # a wrapped or in-memory dataset (tests): nothing recorded to compare
     from bigasp.store.shard import ENCODING_KEYS, describe_encoding, encoding_of
