@@ -24,8 +24,6 @@ from bigasp.train.synthetic import write_synthetic_latent_dataset
 from bigasp.train.trainer import configure_model, train
 from train_helpers import make_cfg, weights
 
-pytest.importorskip("bitsandbytes")
-
 LEAN = {"trained_dtype": "bf16"}
 BF16 = {"precision": "bf16"}
 
@@ -207,7 +205,7 @@ def test_lean_run_resumed_equals_uninterrupted(tmp_path, data, option):
 @pytest.mark.slow
 def test_lean_checkpoint_saved_in_fp32_loads_in_generate(tmp_path, data):
     cfg = make_cfg(
-        tmp_path / "run", data, model={**LEAN, "save_dtype": "fp32"},
+        tmp_path / "run", data, model={**LEAN, "save_dtype": "fp32", "save_vae": True},
         train={**BF16, "optimizer": "adafactor", "fused_backward": True, "batch_size": 2, "max_samples": 4},
     )  # fmt: skip
     result = train(cfg)

@@ -171,7 +171,8 @@ class ParamwiseStep(WholeStep):
         super().__init__(*args, **kwargs)
         self.seed, self.step_index = seed, step_index
         self.index = {p: i for i, p in enumerate(self.params)}
-        self.group_of = {p: g for g in self.optimizer.param_groups for p in g["params"]}
+        # group positions, not the dicts: load_state_dict replaces the dicts (a resume), set_lr edits the new ones
+        self.group_of = {p: i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
         self.generators: dict[torch.device, torch.Generator] = {}
 
     def step(self) -> None:
@@ -186,7 +187,7 @@ class ParamwiseStep(WholeStep):
             stored = p.data
             p.data, p.grad = stored.float(), p.grad.float()
         groups = self.optimizer.param_groups
-        self.optimizer.param_groups = [{**self.group_of[p], "params": [p]}]
+        self.optimizer.param_groups = [{**groups[self.group_of[p]], "params": [p]}]
         try:
             self.optimizer.step()
         finally:
