@@ -80,12 +80,12 @@ def test_small_updates_are_lost_by_nearest_rounding_and_kept_by_stochastic_round
 # ---- fused backward == unfused step -----------------------------------------------------------
 
 
-def two_steps(cfg: RunConfig) -> tuple[dict[str, torch.Tensor], int]:
+def two_steps(cfg: RunConfig, device: str = "cpu") -> tuple[dict[str, torch.Tensor], int]:
     """Two optimizer steps of the tiny model through the trainer's own setup and update path.
     Returns the UNet weights and the most gradients alive at once while stepping."""
     torch.manual_seed(0)
     model = build_preset("tiny", ("unet", "text_encoder", "text_encoder_2"), seed=0)
-    configure_model(model, cfg, torch.device("cpu"))
+    configure_model(model, cfg, torch.device(device))
     params = [
         p
         for m in (model.unet, model.text_encoder, model.text_encoder_2)
@@ -99,22 +99,23 @@ def two_steps(cfg: RunConfig) -> tuple[dict[str, torch.Tensor], int]:
 
     handles = [p.register_post_accumulate_grad_hook(count) for p in params]  # before the fused hooks
     step = [0]
-    update = build_update(cfg, model, torch.device("cpu"), step_index=lambda: step[0])
+    update = build_update(cfg, model, torch.device(device), step_index=lambda: step[0])
     net = Denoiser(model.unet, model.text_encoder, model.text_encoder_2)
     g = torch.Generator().manual_seed(0)
     for step[0] in range(2):
         x = torch.randn(2, 4, 8, 8, generator=g)
         ids = torch.randint(0, 400, (2, 1, 77), generator=g)
         time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
-            pred = net(x, torch.tensor([100, 700]), ids, ids, time_ids)
+        x, ids, time_ids = x.to(device), ids.to(device), time_ids.to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+            pred = net(x, torch.tensor([100, 700], device=device), ids, ids, time_ids)
         update.backward(pred.float().sub(x).square().mean())
         update.grad_norm()
         update.step()
         update.finish()
     for h in handles:
         h.remove()
-    return {k: v.clone() for k, v in model.unet.state_dict().items()}, most[0]
+    return {k: v.detach().cpu().clone() for k, v in model.unet.state_dict().items()}, most[0]
 
 
 @pytest.mark.parametrize(
@@ -141,6 +142,20 @@ def test_fused_backward_equals_the_unfused_step_bitwise(tmp_path, data, model, t
     ][:5]
     n_params = sum(1 for _ in build_preset("tiny", ("unet",), seed=0).unet.parameters())
     assert fused_live == 1 and unfused_live > n_params  # fused: one gradient alive at a time
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["adafactor", "adamw8bit", "paged_adamw8bit"])
+def test_fused_backward_on_cuda_equals_the_unfused_step(tmp_path, data, optimizer):
+    if "8bit" in optimizer:  # the device image may lack it (too big to carry); the CPU tests cover the logic
+        pytest.importorskip("bitsandbytes")
+    common = {**BF16, "optimizer": optimizer, "batch_size": 2, "grad_clip": None, "device": "cuda"}
+    unfused, _ = two_steps(make_cfg(tmp_path / "a", data, model=LEAN, train=common), "cuda")
+    fused, live = two_steps(
+        make_cfg(tmp_path / "b", data, model=LEAN, train={**common, "fused_backward": True}), "cuda"
+    )
+    assert live == 1
+    assert all(torch.equal(unfused[k], fused[k]) for k in unfused)
 
 
 def test_lean_path_choice_and_defaults(tmp_path, data):

@@ -56,6 +56,11 @@ def check_setup(cfg: RunConfig, *, accumulation: int, world_size: int, device: t
             f"train.optimizer = '{t.optimizer}' needs a CUDA device ({CUDA_ONLY[t.optimizer]}) but this run "
             f"trains on {device.type}; use train.optimizer = 'adamw8bit' (runs on CPU too) or a CUDA device"
         )
+    if cfg.model.trained_dtype == "bf16" and t.parallelism == "fsdp2" and world_size > 1:
+        raise ConfigError(
+            "model.trained_dtype = 'bf16' is not wired for train.parallelism = 'fsdp2' (its per-parameter "
+            "fp32 step would see only shards); use parallelism = 'ddp' or trained_dtype = 'fp32'"
+        )
     if not t.fused_backward:
         return
     if world_size > 1:
