@@ -311,3 +311,16 @@ def test_fused_step_skips_a_non_finite_loss_and_refuses_to_hide_a_non_finite_gra
     handle.remove()
     with pytest.raises(FusedStepError, match="cannot be undone"):
         update.skip()
+
+
+def test_8bit_optimizer_without_bitsandbytes_is_refused_before_the_model_loads(tmp_path, data, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    cfg = make_cfg(tmp_path / "run", data, model={"source": str(tmp_path / "no-such-model")},
+                   train={"optimizer": "adamw8bit"})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train.optimizer = 'adamw8bit' needs the bitsandbytes package"):
+        train(cfg)

@@ -23,6 +23,7 @@ uninterrupted one without any RNG state in the checkpoint.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +56,11 @@ def check_setup(cfg: RunConfig, *, accumulation: int, world_size: int, device: t
         raise ConfigError(
             f"train.optimizer = '{t.optimizer}' needs a CUDA device ({CUDA_ONLY[t.optimizer]}) but this run "
             f"trains on {device.type}; use train.optimizer = 'adamw8bit' (runs on CPU too) or a CUDA device"
+        )
+    if t.optimizer in ("adamw8bit", "paged_adamw8bit") and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"train.optimizer = '{t.optimizer}' needs the bitsandbytes package; install it with "
+            "`pip install bitsandbytes` (or pip install 'bigasp[lean]'), or use train.optimizer = 'adafactor'"
         )
     if cfg.model.trained_dtype == "bf16" and t.parallelism == "fsdp2" and world_size > 1:
         raise ConfigError(
