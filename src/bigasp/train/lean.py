@@ -119,8 +119,8 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = N
     smaller than half a bf16 step, which round-to-nearest always loses, is kept on average."""
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round_bf16 takes float32, got {x.dtype}")
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    bits = (x.view(torch.int32) + noise) & -65536  # -65536 = 0xFFFF0000: keep sign, exponent, 7 bits
+    bits = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits.add_(x.view(torch.int32)).bitwise_and_(-65536)  # -65536 = 0xFFFF0000: sign, exponent, 7 bits
     return bits.view(torch.float32).to(torch.bfloat16)
 
 
@@ -207,12 +207,12 @@ class ParamwiseStep(WholeStep):
                 updated = p.data
                 p.data = stored
         if low:
+            p.grad = None  # the fp32 gradient copy: free it before the rounding bits are drawn
             gen = self.generators.get(p.device)
             if gen is None:
                 gen = self.generators[p.device] = torch.Generator(device=p.device)
             gen.manual_seed(rounding_seed(self.seed, self.step_index(), self.index[p]))
             p.data.copy_(stochastic_round_bf16(updated, gen))
-            p.grad = None
 
 
 class FusedStep(ParamwiseStep):
