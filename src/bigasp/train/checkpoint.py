@@ -293,6 +293,24 @@ def check_rng_state(rng: dict[str, torch.Tensor], where: Path) -> None:
             )
 
 
+# Optimizer state keys with the parameter's shape (AdamW, SGD, bitsandbytes' 8-bit codes), and
+# Adafactor's factored second moment: row means (shape[:-1]) and column means (shape[:-2] + shape[-1:]).
+PARAM_SHAPED = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "state1", "state2"}
+NON_NEGATIVE = {"exp_avg_sq", "step", "exp_avg_sq_row", "exp_avg_sq_col"}
+
+
+def expected_state_shape(key: str, shape: torch.Size) -> torch.Size | None:
+    """The shape optimizer state `key` must have for a parameter of `shape`; None = not shape-bound
+    (step counts, bitsandbytes' quantization maps and block maxima, Adafactor's RMS)."""
+    if key in PARAM_SHAPED:
+        return shape
+    if key == "exp_avg_sq_row":
+        return shape[:-1]
+    if key == "exp_avg_sq_col":
+        return shape[:-2] + shape[-1:]
+    return None
+
+
 def check_optimizer_state(optimizer: torch.optim.Optimizer, where: Path) -> None:
     """Reject a loaded optimizer state that cannot be right (wrong shapes, NaN/inf moments,
     negative second moments or step counts) now, at load, rather than as a NaN many steps later."""
@@ -303,14 +321,16 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, where: Path) -> None
                 what = f"{where}: optimizer state '{key}' of parameter {i} in group {names[id(p)]}"
                 if isinstance(v, torch.Tensor):
                     v = v.to_local() if hasattr(v, "to_local") else v
-                    if v.dim() > 0 and v.shape != (p.to_local() if hasattr(p, "to_local") else p).shape:
+                    shape = (p.to_local() if hasattr(p, "to_local") else p).shape
+                    want = expected_state_shape(key, shape)
+                    if v.dim() > 0 and want is not None and v.shape != want:
                         raise CheckpointError(
                             f"{what} has shape {tuple(v.shape)}, the parameter {tuple(p.shape)}; the checkpoint "
                             "is damaged or from another model"
                         )
                     if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                         raise CheckpointError(f"{what} holds NaN or inf; the checkpoint is damaged")
-                    if key in ("exp_avg_sq", "step") and v.numel() and bool((v < 0).any()):
+                    if key in NON_NEGATIVE and v.numel() and bool((v < 0).any()):
                         raise CheckpointError(f"{what} is negative; the checkpoint is damaged")
                 elif isinstance(v, int | float) and not (math.isfinite(v) and v >= 0):
                     raise CheckpointError(f"{what} is {v!r}; the checkpoint is damaged")
@@ -362,22 +382,44 @@ def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], d
     """torch optimizer state_dict -> (tensors by 'state.<param id or FQN>.<key>', JSON-able structure)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()  # safetensors refuses shared storage (bitsandbytes shares its quantization maps)
     for pid, pstate in state["state"].items():
-        for k, v in pstate.items():
+        for k, v in _nested_items(pstate):
             if isinstance(v, torch.Tensor):
-                tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
+                t = v.detach().cpu().contiguous()
+                if t.numel() and t.untyped_storage().data_ptr() in seen:
+                    t = t.clone()
+                seen.add(t.untyped_storage().data_ptr())
+                tensors[f"state.{pid}.{k}"] = t
             else:
                 scalars.setdefault(str(pid), {})[k] = v
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _nested_items(pstate: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """A parameter's state with nested dicts (bitsandbytes' quantization state) as 'outer/inner' keys."""
+    for k, v in pstate.items():
+        if isinstance(v, dict):
+            yield from _nested_items(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _set_nested(pstate: dict[str, Any], key: str, value: Any) -> None:
+    *outer, leaf = key.split("/")
+    for k in outer:
+        pstate = pstate.setdefault(k, {})
+    pstate[leaf] = value
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for name, t in tensors.items():
         pid, key = name.removeprefix("state.").rsplit(".", 1)  # pid: an int id or a dotted FQN
-        state.setdefault(_param_key(pid), {})[key] = t
+        _set_nested(state.setdefault(_param_key(pid), {}), key, t)
     for pid, extra in meta.get("scalars", {}).items():
-        state.setdefault(_param_key(pid), {}).update(extra)
+        for key, v in extra.items():
+            _set_nested(state.setdefault(_param_key(pid), {}), key, v)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

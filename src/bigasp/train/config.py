@@ -59,6 +59,20 @@ class ModelConfig(Section):
         description="Recompute activations in backward (UNet and trained text encoders): ~10x less "
         "activation memory for ~26% more FLOPs (docs/PERFORMANCE.md).",
     )
+    trained_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Storage dtype of TRAINED weights (and so of their gradients). fp32 = fp32 master weights "
+        "(the cluster recipe). bf16 = no fp32 copy: 2 instead of 4 bytes per weight and per gradient; each "
+        "update is computed in fp32 and stochastically rounded to bf16, so updates smaller than bf16's "
+        "spacing survive on average. Needs train.precision = 'bf16'. Turns text-encoder training off "
+        "unless model.train_text_encoder is set explicitly.",
+    )
+    save_dtype: Literal["fp32", "bf16"] | None = Field(
+        None,
+        description="dtype of the trained parts in checkpoints; unset = model.trained_dtype. fp32 with "
+        "bf16 training writes the bf16 values exactly (twice the file size, for tools that want fp32); "
+        "bf16 needs model.trained_dtype = 'bf16' (rounding fp32 master weights would break exact resume).",
+    )
     save_vae: bool = Field(
         True,
         description="Load the VAE (CPU, unused by training) so checkpoints are complete diffusers folders "
@@ -142,7 +156,27 @@ class TrainConfig(Section):
     )
     warmup_samples: int = Field(100_000, ge=0, description="Linear warmup length in samples.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of the peak lr.")
-    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; unset = no clip.")
+    grad_clip: float | None = Field(
+        1.0,
+        gt=0,
+        description="Clip the global gradient norm; unset = no clip. With fused_backward the default is "
+        "no clip (a global norm needs every gradient at once); setting it there is refused.",
+    )
+    optimizer: Literal["adamw", "adafactor", "adamw8bit", "paged_adamw8bit"] = Field(
+        "adamw",
+        description="adamw = torch AdamW, 8 bytes of state per trained weight (bigASP). adafactor = "
+        "transformers' Adafactor (factored second moment, no momentum: a few bytes per row/column; "
+        "betas/adam_eps unused, weight_decay applied as lr x wd). adamw8bit = bitsandbytes' blockwise "
+        "8-bit AdamW (2 bytes per weight; CPU or CUDA). paged_adamw8bit = the same with its state paged "
+        "to host memory under pressure (CUDA only).",
+    )
+    fused_backward: bool = Field(
+        False,
+        description="Step each parameter as soon as its gradient is complete in backward and free that "
+        "gradient, so the full set of gradients never exists (saves one gradient per trained weight). "
+        "One process only; needs gradient accumulation 1, no grad_clip and no fp16 GradScaler. Turns "
+        "text-encoder training off unless model.train_text_encoder is set explicitly.",
+    )
 
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp16",
@@ -184,6 +218,21 @@ class TrainConfig(Section):
     def _check(self) -> TrainConfig:
         if not 0 <= self.betas[0] < 1 or not 0 <= self.betas[1] < 1:
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        if self.fused_backward and self.precision == "fp16":
+            raise ValueError(
+                "train.fused_backward cannot run with train.precision = 'fp16': its GradScaler must see every "
+                "gradient before any step; use precision 'bf16' (or 'fp32')"
+            )
+        if self.fused_backward and self.gradient_accumulation not in (None, 1):
+            raise ValueError(
+                f"train.fused_backward steps in every backward, so train.gradient_accumulation = "
+                f"{self.gradient_accumulation} cannot accumulate; use 1 (raise data.device_batch_size instead)"
+            )
+        if self.fused_backward and self.grad_clip is not None and "grad_clip" in self.model_fields_set:
+            raise ValueError(
+                "train.grad_clip cannot be combined with train.fused_backward: clipping the global norm needs "
+                "every gradient at once; remove train.grad_clip (fused_backward defaults to no clip)"
+            )
         if self.parallelism == "fsdp2" and self.precision == "fp16":
             raise ValueError(
                 "train.parallelism = 'fsdp2' needs train.precision 'bf16' or 'fp32' (fp16's GradScaler "
@@ -277,6 +326,29 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
+
+    @model_validator(mode="after")
+    def _lean_defaults(self) -> RunConfig:
+        """A memory-lean run (bf16 trained weights or fused backward) changes two defaults a user did
+        not set: no text-encoder training (it costs weights, gradients and state for a small gain)
+        and, with fused backward, no gradient clipping (it needs all gradients at once)."""
+        m, t = self.model, self.train
+        if m.trained_dtype == "bf16" and t.precision != "bf16":
+            raise ValueError(
+                f"model.trained_dtype = 'bf16' needs train.precision = 'bf16' (got '{t.precision}'): bf16 "
+                "weights compute in bf16; set train.precision = 'bf16' or model.trained_dtype = 'fp32'"
+            )
+        if m.save_dtype == "bf16" and m.trained_dtype == "fp32":
+            raise ValueError(
+                "model.save_dtype = 'bf16' would round fp32 master weights, so a resume would not continue "
+                "the run exactly; use model.trained_dtype = 'bf16' or model.save_dtype = 'fp32'"
+            )
+        if m.trained_dtype == "bf16" or t.fused_backward:
+            if "train_text_encoder" not in m.model_fields_set and m.train_text_encoder:
+                m.train_text_encoder = False
+            if t.fused_backward and "grad_clip" not in t.model_fields_set and t.grad_clip is not None:
+                t.grad_clip = None
+        return self
 
     @model_validator(mode="after")
     def _check_shifts(self) -> RunConfig:

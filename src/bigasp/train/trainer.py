@@ -32,7 +32,7 @@ from bigasp.flops import TrainFlops
 from bigasp.models.components import SDXL
 from bigasp.models.io import load_model, save_diffusers_folder
 from bigasp.text import TE2_PAD
-from bigasp.train import adapters, parallel, preflight
+from bigasp.train import adapters, lean, parallel, preflight
 from bigasp.train import checkpoint as ckpt_io
 from bigasp.train.config import RunConfig, resolve_accumulation
 from bigasp.train.data import TrainLoader, eval_batches, split_dataset
@@ -48,7 +48,7 @@ from bigasp.train.distributed import (
 )
 from bigasp.train.ema import EMA, EMA_DIR
 from bigasp.train.objectives import Objective, ObjectiveConfig
-from bigasp.train.optim import build_optimizer, set_lr
+from bigasp.train.optim import load_optimizer_state, set_lr
 from bigasp.train.schedule import lr_multiplier
 from bigasp.train.stream import StreamingLoader, StreamStopped
 from bigasp.train.tracking import Tracker, truncate_jsonl
@@ -173,6 +173,7 @@ def configure_model(
         ):
             if trains:
                 getattr(model, name).gradient_checkpointing_enable()
+    lean.apply_trained_dtype(model, cfg)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         getattr(model, name).to(device)
     if model.vae is not None:
@@ -314,6 +315,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.amp_dtype = None if cfg.train.precision == "fp32" else DTYPES[cfg.train.precision]
+        lean.check_setup(cfg, accumulation=self.accumulation, world_size=self.world, device=self.device)
 
     def autocast(self):
         return torch.autocast(
@@ -391,24 +393,11 @@ class Trainer:
         return contextlib.nullcontext()
 
     def build_optimizer(self) -> None:
-        """AdamW with one param group per model part, and the fp16 loss scaler."""
-        t, model = self.cfg.train, self.model
-        self.optimizer = build_optimizer(
-            [
-                ("unet", list(model.unet.parameters()), t.lr),
-                ("text_encoder", list(model.text_encoder.parameters()), t.text_encoder_lr or t.lr),
-                ("text_encoder_2", list(model.text_encoder_2.parameters()), t.text_encoder_2_lr or t.lr),
-            ],
-            betas=t.betas,
-            eps=t.adam_eps,
-            weight_decay=t.weight_decay,
-        )
-        self.scaler = torch.amp.GradScaler(
-            self.device.type,
-            init_scale=t.grad_scaler_init,
-            growth_interval=t.growth_interval(),
-            enabled=t.precision == "fp16",
-        )
+        """`train.optimizer` with one param group per model part, the fp16 loss scaler, and how the
+        update is applied (`self.update`: whole step, per parameter with stochastic rounding for bf16
+        weights, or fused into backward; bigasp.train.lean)."""
+        self.update = lean.build_update(self.cfg, self.model, self.device, step_index=lambda: self.state.step)
+        self.optimizer, self.scaler = self.update.optimizer, self.update.scaler
 
     def build_ema(self) -> None:
         """The EMA of the trained parameters (rank 0 only; `[ema] enabled`)."""
@@ -521,8 +510,8 @@ class Trainer:
                     self.denoiser, optimizer, parallel.fqn_keyed(self.denoiser, optimizer, saved["optimizer"])
                 )
             else:
-                optimizer.load_state_dict(
-                    parallel.id_optimizer_state(self.denoiser, optimizer, saved["optimizer"])
+                load_optimizer_state(
+                    optimizer, parallel.id_optimizer_state(self.denoiser, optimizer, saved["optimizer"])
                 )
         except (KeyError, ValueError, RuntimeError) as err:
             raise ckpt_io.CheckpointError(
@@ -653,7 +642,7 @@ class Trainer:
     def train_step(self, stop: StopFlag) -> StepOutcome:
         """One optimizer step: lr, accumulation micro-steps, unscale/clip, step or skip."""
         t, st = self.cfg.train, self.state
-        optimizer, scaler, objective = self.optimizer, self.scaler, self.objective
+        optimizer, update, objective = self.optimizer, self.update, self.objective
         set_lr(
             optimizer,
             lr_multiplier(
@@ -683,7 +672,7 @@ class Trainer:
                 with self.autocast():
                     pred = self.net(prep.x_t, prep.timesteps, batch.te1_ids, batch.te2_ids, time_ids)
                 loss, mse, _ = objective.loss(pred, prep)
-                scaler.scale(loss / self.accumulation).backward()
+                update.backward(loss / self.accumulation)
             stats[0] += loss.detach().double()
             stats[1] += mse.detach().double()
             stats[2] += 1
@@ -693,31 +682,23 @@ class Trainer:
             if self.flops is not None:
                 stats[6] += self.flops.per_batch(batch)
         # Gradients are synced now; unscale (fp16), clip, and skip the step if anything is non-finite.
-        if scaler.is_enabled():
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, t.grad_clip or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards -> global norm
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = update.grad_norm()
         stats[3] += (~torch.isfinite(grad_norm)).double()
         stats[7] = float(stop.set)
         all_reduce_sum(stats)
         stats = stats.cpu()
         if stats[3].item() == 0:
-            if scaler.is_enabled():
-                scaler.step(optimizer)
-            else:
-                optimizer.step()
+            update.step()
             st.consecutive = 0
         else:
+            update.skip()
             st.skipped += 1
             st.consecutive += 1
             log.warning(
                 "step %d: non-finite loss or gradient (grad norm %s); step skipped (%d in a row, %d total)",
                 st.step, float(grad_norm), st.consecutive, st.skipped,
             )  # fmt: skip
-        if scaler.is_enabled():
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        update.finish()
         st.step += 1
         st.samples_seen += self.batch_size
         self.result.samples_seen, self.result.step, self.result.skipped_steps = (
@@ -875,6 +856,9 @@ class Trainer:
                 )
         elif dist.is_main:
             opt_state = parallel.fqn_optimizer_state(self.denoiser, self.optimizer)
+        if dist.is_main and self.cfg.model.save_dtype is not None:  # trained parts in model.save_dtype
+            copies = {n: lean.saved_copy(getattr(to_save, n), self.cfg) for n in self.sharded}
+            to_save = replace(to_save, **{n: c for n, c in copies.items() if c is not None})
         if dist.is_main and self.frozen_originals:  # frozen parts exactly as loaded, never rounded
             to_save = replace(
                 to_save,
