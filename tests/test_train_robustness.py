@@ -341,3 +341,9 @@ def test_nonsense_optimizer_values_fall_back_to_the_previous_checkpoint_through_
     assert f"skipping damaged checkpoint: {newest / 'state' / 'optimizer.json'}: param group" in again.stderr
     assert f"resuming from {older}" in again.stderr and "Traceback" not in again.stderr
     assert ck.read_meta(ck.list_complete_checkpoints(cfg.run_dir)[-1])["samples_seen"] == 12
+    # the damaged checkpoint at 8 samples was trained over again: rewritten sound, the damaged one kept aside
+    ck.check_files(newest)
+    assert ck.resolve_resume("auto", cfg.run_dir) == ck.list_complete_checkpoints(cfg.run_dir)[-1]
+    aside = newest.with_name(newest.name + ".damaged")
+    assert json.loads((aside / "state" / "optimizer.json").read_text())["param_groups"][0]["lr"] == "0.001"
+    assert f"checkpoint {newest} is damaged" in again.stderr and str(aside) in again.stderr

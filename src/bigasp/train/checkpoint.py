@@ -469,9 +469,17 @@ def save_checkpoint(
     final = ckpt_root / checkpoint_name(samples_seen)
     if final.exists():
         if is_complete(final):
-            log.info("checkpoint %s already exists; not rewriting it", final)
-            return final
-        _remove(final)
+            try:
+                check_files(final)
+            except CheckpointError as err:  # the damaged one a `--resume auto` skipped: kept aside, never deleted
+                aside = _damaged_name(final)
+                os.replace(final, aside)
+                log.warning("checkpoint %s is damaged (%s); moved it to %s and writing it anew", final, err, aside)
+            else:
+                log.info("checkpoint %s already exists; not rewriting it", final)
+                return final
+        else:
+            _remove(final)
     tmp = ckpt_root / f".tmp-{checkpoint_name(samples_seen)}-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir()
     try:
@@ -506,6 +514,17 @@ def save_checkpoint(
             raise failure from None
         raise
     return final
+
+
+def _damaged_name(final: Path) -> Path:
+    """A free `step-N.damaged[-K]` name beside `final`: not a checkpoint name, so no resume or
+    retention ever picks it up, and the user decides when to delete it."""
+    aside = final.with_name(f"{final.name}.damaged")
+    k = 1
+    while aside.exists():
+        k += 1
+        aside = final.with_name(f"{final.name}.damaged-{k}")
+    return aside
 
 
 def write_failure_reason(err: BaseException) -> str | None:
