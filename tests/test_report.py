@@ -255,3 +255,87 @@ def test_bench_report_runs(tmp_path):
     tags = rep.tags_per_image
     assert 28 < (tags * np.arange(len(tags))).sum() / tags.sum() < 38  # v1 card: 32 ± 19.8
     assert rep.annotations[0]["stage"] == "tags" and 0.4 < rep.annotations[0]["share"] < 0.6
+
+
+def test_token_estimate_for_rows_missing_from_an_n_tokens_column():
+    """A dataset with an `n_tokens` column that lacks a value for some rows: those rows are
+    estimated as rows of a dataset without the column are (a tag-only row from its tags, a
+    captioned one from its caption bytes), not as 0 tokens (one chunk)."""
+    from bigasp.train.data import DataConfig, row_chunk_estimates, row_token_estimates
+
+    tags = [f"tag_{i}" for i in range(60)]
+    table = pa.table(
+        {
+            "captions": [[], ["a woman smiles"], [LONG], [], [LONG]],
+            "tags": [tags, ["smile"], [], tags[:4], []],
+            "n_tokens": pa.array([None, 4, None, 9, None], pa.int32()),
+        }
+    )
+    cfg = DataConfig()
+    without = row_token_estimates(table.drop_columns(["n_tokens"]), cfg.prompt)
+    est = row_token_estimates(table, cfg.prompt)
+    assert est.tolist() == [without[0], 4, without[2], 9, without[4]]
+    assert est[0] == round(32 * 2.5)  # min(#tags, tag_count_mean) x tokens_per_tag: 80 tokens
+    assert row_chunk_estimates(table, cfg, est).tolist()[0] == 2  # 80 + quality tokens > 75
+    # the per-caption (list) form: a null list or a list of nulls falls back; nulls are skipped
+    lists = table.set_column(
+        2, "n_tokens", pa.array([None, [4, None], [None], [9], [None, None]], pa.list_(pa.int32()))
+    )
+    assert row_token_estimates(lists, cfg.prompt).tolist() == est.tolist()
+
+
+def test_docs_state_the_default_empty_prompt_rate():
+    """Every place the docs state the default empty-prompt (UCG) rate says the shipped default
+    (5%, bigASP v2's data.py), not the 10% of bigASP v1 / v2's unread config value."""
+    import re
+
+    from bigasp.text.synthesis import PromptConfig
+
+    rate = PromptConfig().ucg_rate
+    assert rate == 0.05
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    claims = []
+    for md in sorted(docs.glob("*.md")):
+        text = md.read_text()
+        claims += [(md.name, float(p) / 100) for p in re.findall(r"UCG empties (\d+)% of prompts", text)]
+        claims += [(md.name, float(v)) for v in re.findall(r"`data\.prompt\.ucg_rate` \((0\.\d+)", text)]
+    assert {"data-loading.md", "coming-from-kohya.md"} <= {name for name, _ in claims}
+    assert all(v == rate for _, v in claims), claims
+
+
+def test_cli_csv_cells_that_a_spreadsheet_would_run_are_quoted(tmp_path):
+    """Tags from scraped sidecars that start with = + - @ tab or CR would run as formulas when
+    tags.csv is opened in a spreadsheet (OWASP CSV injection): the installed `bigasp dataset
+    report` writes them with a leading single quote; a stored leading quote gets one more."""
+    import os
+    import subprocess
+    import sys
+
+    evil = ['=HYPERLINK("http://x","y")', "+1+cmd", "-_-", "@SUM(A1)", "\tx", "\rx", "'quoted", "plain"]
+    root = tmp_path / "ds"
+    init_dataset(root)
+    table = pa.table(
+        {
+            "id": [f"e{i}" for i in range(len(evil))],
+            "width": pa.array([1024] * len(evil), pa.int32()),
+            "height": pa.array([1024] * len(evil), pa.int32()),
+            "tags": [[t] for t in evil],
+            "captions": [["=1+2 a cat"]] * len(evil),
+        }
+    )
+    layout.atomic_write_parquet(conform(table, MANIFEST_SCHEMA), root / layout.MANIFEST)
+    bigasp = Path(sys.executable).with_name("bigasp")
+    out = tmp_path / "report"
+    cmd = [str(bigasp), "dataset", "report", str(root), "--out", str(out), "--aliases", "none",
+           "--token-sample", "0", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    for name, col in (("tags.csv", "tag"), ("tags-folded.csv", "tag"), ("ngrams.csv", "ngram")):
+        with open(out / name, newline="") as f:
+            cells = [v for r in csv.DictReader(f) for k, v in r.items() if k in (col, "canonical")]
+        assert cells, name
+        assert not [c for c in cells if c.startswith(("=", "+", "-", "@", "\t", "\r"))], (name, cells)
+    with open(out / "tags.csv", newline="") as f:
+        got = {r["tag"] for r in csv.DictReader(f)}
+    assert got == {"'" + t for t in evil if t != "plain"} | {"plain"}
