@@ -339,3 +339,73 @@ def test_cli_csv_cells_that_a_spreadsheet_would_run_are_quoted(tmp_path):
     with open(out / "tags.csv", newline="") as f:
         got = {r["tag"] for r in csv.DictReader(f)}
     assert got == {"'" + t for t in evil if t != "plain"} | {"plain"}
+
+
+def _captions_dataset(root: Path, rows: int, groups: int) -> Path:
+    """`rows` images with 1-2 Zipf-worded captions each, written in `groups` row groups."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(5)
+    vocab = [f"w{i}" for i in range(40)] + ["the", "a", "of", "woman's"]
+    caps = [[" ".join(vocab[j] for j in (rng.zipf(1.4, rng.integers(2, 14)) - 1) % len(vocab))
+             for _ in range(int(rng.integers(1, 3)))] for _ in range(rows)]  # fmt: skip
+    init_dataset(root)
+    table = conform(
+        pa.table({"id": [f"c{i:05d}" for i in range(rows)], "captions": caps,
+                  "width": pa.array([1024] * rows, pa.int32()), "height": pa.array([1024] * rows, pa.int32())}),
+        MANIFEST_SCHEMA,
+    )  # fmt: skip
+    pq.write_table(table, root / layout.MANIFEST, row_group_size=-(-rows // groups))
+    return root
+
+
+@pytest.mark.parametrize("groups", [1, 7])
+def test_caption_pass_in_worker_processes_counts_what_one_process_counts(tmp_path, groups):
+    """The caption pass split over worker processes (row ranges inside one row group, or whole
+    row groups) gives the single-process words, CLIP token counts and exact n-gram counts."""
+    root = _captions_dataset(tmp_path / "ds", 3000, groups)
+    base = dict(progress=False, token_sample=10**6, batch_rows=500)
+    one = collect(str(root), ReportOptions(workers=1, **base))
+    three = collect(str(root), ReportOptions(workers=3, **base))
+    assert one.caption_workers == 1 and three.caption_workers == 3 and len(three.worker_peak_rss_gib) >= 1
+    assert one.words_per_caption.tolist() == three.words_per_caption.tolist()
+    assert one.clip_tokens.tolist() == three.clip_tokens.tolist() and three.clip_tokenized == one.captions
+    assert one.clip_chunks == three.clip_chunks
+    for n in range(1, 8):
+        assert one.ngrams[n] == three.ngrams[n], n
+    assert three.cpu_seconds["captions"] > 0
+    sample = collect(str(root), ReportOptions(workers=2, sample=700, **base))
+    assert sample.rows == 700 and sample.words_per_caption.sum() == sample.captions
+
+
+def test_ngram_bound_holds_for_counters_merged_from_workers():
+    """Counters of disjoint caption shares, each over its memory, merged: every kept count lies
+    in [true - bound, true] with the summed bound (what the worker processes rely on)."""
+    rng = np.random.default_rng(1)
+    vocab = [f"w{i}" for i in range(30)]
+    captions = [
+        " ".join(vocab[j] for j in (rng.zipf(1.5, rng.integers(3, 12)) - 1) % 30) for _ in range(4000)
+    ]
+    exact = {n: Counter() for n in range(1, 5)}
+    for c in captions:
+        w = c.split()
+        for n in exact:
+            exact[n].update(" ".join(w[i : i + n]) for i in range(len(w) - n + 1))
+    shares = []
+    for k in range(3):
+        counter = NgramCounter(max_n=4, capacity=200, step_words=2000)
+        for s in range(k * 500, len(captions), 1500):
+            counter.add_captions(pa.array(captions[s : s + 500]))
+        shares.append(counter)
+    merged = shares[0]
+    for other in shares[1:]:
+        merged.merge(other)
+    assert merged.captions == len(captions)
+    for n in range(1, 5):
+        top = merged.top(n, 20)
+        assert len(top) == 20
+        for gram, count, bound in top:
+            assert exact[n][gram] - bound <= count <= exact[n][gram], (n, gram, count, bound)
+        if n == 1:
+            assert [c for _, c, _ in top] == [c for _, c in exact[1].most_common(20)]
+    assert merged.cands[4].max_undercount > max(s.cands[4].max_undercount for s in shares[1:]) > 0
