@@ -306,7 +306,8 @@ def test_docs_state_the_default_empty_prompt_rate():
 def test_cli_csv_cells_that_a_spreadsheet_would_run_are_quoted(tmp_path):
     """Tags from scraped sidecars that start with = + - @ tab or CR would run as formulas when
     tags.csv is opened in a spreadsheet (OWASP CSV injection): the installed `bigasp dataset
-    report` writes them with a leading single quote; a stored leading quote gets one more."""
+    report` writes them with a leading single quote; a stored leading quote gets one more.
+    (Its caption pass runs in two worker processes here.)"""
     import os
     import subprocess
     import sys
@@ -327,7 +328,7 @@ def test_cli_csv_cells_that_a_spreadsheet_would_run_are_quoted(tmp_path):
     bigasp = Path(sys.executable).with_name("bigasp")
     out = tmp_path / "report"
     cmd = [str(bigasp), "dataset", "report", str(root), "--out", str(out), "--aliases", "none",
-           "--token-sample", "0", "--no-progress"]  # fmt: skip
+           "--token-sample", "0", "--no-progress", "--workers", "2"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
