@@ -109,19 +109,22 @@ class CaptionTask:
 
 
 def caption_tasks(stream: ManifestStream, opts: ReportOptions, p: float, workers: int) -> list[CaptionTask]:
-    """Cut the manifest into row ranges: two per worker when the file has enough row groups
-    (then every range starts and ends on a row-group boundary, so no group is read twice),
-    else one per worker (workers then read the row groups they share)."""
+    """Cut the manifest into equal row ranges, two per worker when the file has at least as
+    many row groups (so a slow worker ends up with less), else one. A cut moves to a row-group
+    boundary within a tenth of a share of it; otherwise the two neighbours both read that
+    group (decoding it is cheap next to counting its n-grams)."""
     with stream.fs.open(stream.path, "rb") as f:
         md = pq.ParquetFile(f).metadata
     sizes = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)], np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     n_tasks = 2 * workers if len(sizes) >= 2 * workers else workers
-    if len(sizes) >= n_tasks:  # the row-group boundaries nearest to equal shares
-        cuts = np.searchsorted(starts, np.linspace(0, stream.total, n_tasks + 1)[1:-1])
-        bounds = np.unique(np.concatenate([[0], starts[cuts], [stream.total]]))
-    else:
-        bounds = np.unique(np.linspace(0, stream.total, n_tasks + 1).astype(np.int64))
+    share = stream.total / n_tasks
+    cuts = np.linspace(0, stream.total, n_tasks + 1)[1:-1]
+    near = starts[np.clip(np.searchsorted(starts, cuts), 0, len(starts) - 1)]
+    below = starts[np.clip(np.searchsorted(starts, cuts) - 1, 0, len(starts) - 1)]
+    near = np.where(np.abs(below - cuts) < np.abs(near - cuts), below, near)
+    cuts = np.where(np.abs(near - cuts) <= share / 10, near, np.rint(cuts)).astype(np.int64)
+    bounds = np.unique(np.concatenate([[0], cuts, [stream.total]]))
     tasks = []
     for k, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)):
         groups = [g for g in range(len(sizes)) if starts[g] < hi and starts[g + 1] > lo]
@@ -174,6 +177,8 @@ def run_task(task: CaptionTask) -> CaptionCounts:
             continue
         flat = pc.list_flatten(conform(t, schema)["captions"].combine_chunks())
         out.add(flat, np.flatnonzero(rng.random(len(flat)) < task.p))
+        if offset >= task.hi:
+            break  # the rest of the last row group belongs to the next range
     out.cpu_s = time.process_time() - c0
     out.peaks = {os.getpid(): _rss_high_water()}
     return out
