@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from bigasp.report.compute import ManifestStream, ReportOptions
 
 MAX_WORDS = 400  # words-per-caption histogram: the last bin holds every longer caption
-PARALLEL_MIN_CAPTIONS = 200_000  # below this, starting worker processes costs more than it saves
+PARALLEL_MIN_CAPTIONS = 1_000_000  # below this, the workers' fixed costs (start, merging) outweigh the gain
 
 
 @dataclass

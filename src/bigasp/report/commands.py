@@ -44,7 +44,7 @@ def report(
         "--workers",
         min=0,
         help="Processes for the caption pass (words, n-grams). 0: one per core this process may use "
-        "(from 200,000 captions on); 1: in this process.",
+        "(from 1,000,000 captions on); 1: in this process.",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
