@@ -253,6 +253,47 @@ def test_caption_input_squish_and_tokens(models):
     assert torch.allclose(px, torch.ones_like(px))  # /255, mean 0.5, std 0.5
 
 
+def test_caption_decode_is_bigasps(models):
+    """Captions are decoded as bigASP's caption-images.py did, checked against transformers'
+    tokenizer called with its exact arguments: batch_decode(skip_special_tokens=False,
+    clean_up_tokenization_spaces=False), then <|eot_id|> and <|finetune_right_pad_id|> removed
+    and the text stripped. The tiny tokenizer cleans up spaces by default, so leaving the
+    default would show."""
+    from transformers import AutoTokenizer
+
+    from bigasp.annotate.caption import JoyCaption, decode_captions
+
+    tok = AutoTokenizer.from_pretrained(str(models["llava"]), local_files_only=True)
+    assert tok.clean_up_tokenization_spaces
+
+    def bigasp(ids) -> list[str]:
+        captions = tok.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        captions = (c.replace("<|eot_id|>", "") for c in captions)
+        captions = (c.replace("<|finetune_right_pad_id|>", "") for c in captions)
+        return [c.strip() for c in captions]
+
+    words = ["a", "dog", ".", "<|start_header_id|>", "photo", ",", "cat", "<|eot_id|>"]
+    ids = torch.tensor([tok.convert_tokens_to_ids(words + ["<|finetune_right_pad_id|>"] * 2)])
+    assert decode_captions(tok, ids) == bigasp(ids) == ["a dog . <|start_header_id|> photo , cat"]
+
+    # the whole generate path: the same sampled ids, decoded both ways
+    cfg = CaptionConfig(model=str(models["llava"]), dtype="fp32", max_new_tokens=24)
+    jc = JoyCaption(cfg, torch.device("cpu"))
+    batch = np.stack([jc.prepare(picture(40, 30, s)) for s in range(4)])
+    prompt = "Write a MidJourney prompt for this image."
+    got = jc.generate(batch, prompt, seed=3)
+    ids_in = torch.tensor([jc.input_ids(prompt)] * len(batch))
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        out = jc.model.generate(input_ids=ids_in, pixel_values=jc.pixel_values(batch),
+                                attention_mask=torch.ones_like(ids_in), max_new_tokens=24, do_sample=True,
+                                suppress_tokens=None, use_cache=True)  # fmt: skip
+    want = bigasp(out[:, ids_in.shape[1] :])
+    assert got == want
+    default = [t.strip() for t in tok.batch_decode(out[:, ids_in.shape[1] :], skip_special_tokens=True)]
+    assert default != want  # the tokenizer's defaults would give other captions here
+
+
 # --- prompt mix -----------------------------------------------------------------------------------
 
 
@@ -727,3 +768,38 @@ def test_bench_annotate_runs_every_stage():
         assert r.metrics[key] > 0
     assert r.metrics["watermark_prepare_ms"] > 0
     assert r.table_row().startswith("| annotate | ")
+
+
+def test_beta_one_prompt_set_has_every_caption_type_of_joycaption_beta_one():
+    """Every caption type of JoyCaption Beta One's demo app (its CAPTION_TYPE_MAP), in its order,
+    with the app's texts for the booru tag lists, which the set once lacked."""
+    ps = load_prompt_set("beta-one")
+    assert list(ps.types) == [
+        "Descriptive", "Descriptive (Casual)", "Straightforward", "Stable Diffusion Prompt", "MidJourney",
+        "Danbooru tag list", "e621 tag list", "Rule34 tag list", "Booru-like tag list", "Art Critic",
+        "Product Listing", "Social Media Post",
+    ]  # fmt: skip
+    danbooru = (
+        "Generate only comma-separated Danbooru tags (lowercase_underscores). Strict order: `artist:`, "
+        "`copyright:`, `character:`, `meta:`, then general tags. Include counts (1girl), appearance, clothing, "
+        "accessories, pose, expression, actions, background. Use precise Danbooru syntax. No extra text."
+    )
+    assert ps.types["Danbooru tag list"] == [danbooru, danbooru + " {word_count} words or less.",
+                                             danbooru + " {length} length."]  # fmt: skip
+    e621 = (
+        "comma-separated list of e621 tags in alphabetical order for this image. Start with the artist, "
+        "copyright, character, species, meta, and lore tags (if any), prefixed by 'artist:', 'copyright:', "
+        "'character:', 'species:', 'meta:', and 'lore:'. Then all the general tags."
+    )
+    assert ps.types["e621 tag list"] == [f"Write a {e621}", f"Write a {e621} Keep it under {{word_count}} words.",
+                                         f"Write a {{length}} {e621}"]  # fmt: skip
+    rule34 = (
+        "comma-separated list of rule34 tags in alphabetical order for this image. Start with the artist, "
+        "copyright, character, and meta tags (if any), prefixed by 'artist:', 'copyright:', 'character:', and "
+        "'meta:'. Then all the general tags."
+    )
+    assert ps.types["Rule34 tag list"] == [f"Write a {rule34}",
+                                           f"Write a {rule34} Keep it under {{word_count}} words.",
+                                           f"Write a {{length}} {rule34}"]  # fmt: skip
+    assert ps.types["Descriptive"][0] == "Write a detailed description for this image."
+    assert all(len(t) == 3 for t in ps.types.values())

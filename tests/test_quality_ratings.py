@@ -5,7 +5,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import sqlite3
 import sys
+from collections import defaultdict
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -108,6 +110,30 @@ def test_labels_average_all_judgements_of_a_pair():
     assert got[("c", "d")] == (0.5, 1)
     assert got[("e", "f")] == pytest.approx((1 / 3, 3))  # f > e twice, e > f once
     assert all(f < s for f, s in got)
+
+
+def test_labels_weigh_a_tie_as_bigasp_stored_it():
+    """bigASP's arena stored a tie as both orderings, (a, b) and (b, a), and its TrainClassifier
+    notebook averaged the (1, 0) / (0, 1) rows of each pair: one win and one tie give 2/3."""
+    judged = [("a", "b", "left"), ("a", "b", "tie"), ("c", "d", "tie"), ("d", "c", "left"),
+              ("e", "f", "right"), ("f", "e", "tie"), ("e", "f", "tie"), ("g", "h", "left")]  # fmt: skip
+    rows = []  # bigASP's quality_ratings table: (win_path, lose_path)
+    for left, right, outcome in judged:
+        if outcome == "tie":
+            rows += [(left, right), (right, left)]
+        else:
+            rows.append((left, right) if outcome == "left" else (right, left))
+    notebook = defaultdict(list)
+    for win, lose in rows:
+        p1, p2, rating = (win, lose, (1, 0)) if win < lose else (lose, win, (0, 1))
+        notebook[(p1, p2)].append(rating)
+    expected = {k: float(np.mean(v, axis=0)[0]) for k, v in notebook.items()}
+    assert expected[("a", "b")] == pytest.approx(2 / 3)
+    pairs = labels([_r(*j) for j in judged])
+    got = {(f, s): float(p) for f, s, p in zip(pairs.first, pairs.second, pairs.p, strict=True)}
+    assert got == pytest.approx(expected)
+    assert dict(zip(zip(pairs.first, pairs.second, strict=True), pairs.votes.tolist(), strict=True)) == {
+        ("a", "b"): 2, ("c", "d"): 2, ("e", "f"): 3, ("g", "h"): 1}  # fmt: skip
 
 
 def test_postgres_url_errors_are_one_line(monkeypatch):

@@ -255,3 +255,158 @@ def test_bench_report_runs(tmp_path):
     tags = rep.tags_per_image
     assert 28 < (tags * np.arange(len(tags))).sum() / tags.sum() < 38  # v1 card: 32 ± 19.8
     assert rep.annotations[0]["stage"] == "tags" and 0.4 < rep.annotations[0]["share"] < 0.6
+
+
+def test_token_estimate_for_rows_missing_from_an_n_tokens_column():
+    """A dataset with an `n_tokens` column that lacks a value for some rows: those rows are
+    estimated as rows of a dataset without the column are (a tag-only row from its tags, a
+    captioned one from its caption bytes), not as 0 tokens (one chunk)."""
+    from bigasp.train.data import DataConfig, row_chunk_estimates, row_token_estimates
+
+    tags = [f"tag_{i}" for i in range(60)]
+    table = pa.table(
+        {
+            "captions": [[], ["a woman smiles"], [LONG], [], [LONG]],
+            "tags": [tags, ["smile"], [], tags[:4], []],
+            "n_tokens": pa.array([None, 4, None, 9, None], pa.int32()),
+        }
+    )
+    cfg = DataConfig()
+    without = row_token_estimates(table.drop_columns(["n_tokens"]), cfg.prompt)
+    est = row_token_estimates(table, cfg.prompt)
+    assert est.tolist() == [without[0], 4, without[2], 9, without[4]]
+    assert est[0] == round(32 * 2.5)  # min(#tags, tag_count_mean) x tokens_per_tag: 80 tokens
+    assert row_chunk_estimates(table, cfg, est).tolist()[0] == 2  # 80 + quality tokens > 75
+    # the per-caption (list) form: a null list or a list of nulls falls back; nulls are skipped
+    lists = table.set_column(
+        2, "n_tokens", pa.array([None, [4, None], [None], [9], [None, None]], pa.list_(pa.int32()))
+    )
+    assert row_token_estimates(lists, cfg.prompt).tolist() == est.tolist()
+
+
+def test_docs_state_the_default_empty_prompt_rate():
+    """Every place the docs state the default empty-prompt (UCG) rate says the shipped default
+    (5%, bigASP v2's data.py), not the 10% of bigASP v1 / v2's unread config value."""
+    import re
+
+    from bigasp.text.synthesis import PromptConfig
+
+    rate = PromptConfig().ucg_rate
+    assert rate == 0.05
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    claims = []
+    for md in sorted(docs.glob("*.md")):
+        text = md.read_text()
+        claims += [(md.name, float(p) / 100) for p in re.findall(r"UCG empties (\d+)% of prompts", text)]
+        claims += [(md.name, float(v)) for v in re.findall(r"`data\.prompt\.ucg_rate` \((0\.\d+)", text)]
+    assert {"data-loading.md", "coming-from-kohya.md"} <= {name for name, _ in claims}
+    assert all(v == rate for _, v in claims), claims
+
+
+def test_cli_csv_cells_that_a_spreadsheet_would_run_are_quoted(tmp_path):
+    """Tags from scraped sidecars that start with = + - @ tab or CR would run as formulas when
+    tags.csv is opened in a spreadsheet (OWASP CSV injection): the installed `bigasp dataset
+    report` writes them with a leading single quote; a stored leading quote gets one more.
+    (Its caption pass runs in two worker processes here.)"""
+    import os
+    import subprocess
+    import sys
+
+    evil = ['=HYPERLINK("http://x","y")', "+1+cmd", "-_-", "@SUM(A1)", "\tx", "\rx", "'quoted", "plain"]
+    root = tmp_path / "ds"
+    init_dataset(root)
+    table = pa.table(
+        {
+            "id": [f"e{i}" for i in range(len(evil))],
+            "width": pa.array([1024] * len(evil), pa.int32()),
+            "height": pa.array([1024] * len(evil), pa.int32()),
+            "tags": [[t] for t in evil],
+            "captions": [["=1+2 a cat"]] * len(evil),
+        }
+    )
+    layout.atomic_write_parquet(conform(table, MANIFEST_SCHEMA), root / layout.MANIFEST)
+    bigasp = Path(sys.executable).with_name("bigasp")
+    out = tmp_path / "report"
+    cmd = [str(bigasp), "dataset", "report", str(root), "--out", str(out), "--aliases", "none",
+           "--token-sample", "0", "--no-progress", "--workers", "2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    for name, col in (("tags.csv", "tag"), ("tags-folded.csv", "tag"), ("ngrams.csv", "ngram")):
+        with open(out / name, newline="") as f:
+            cells = [v for r in csv.DictReader(f) for k, v in r.items() if k in (col, "canonical")]
+        assert cells, name
+        assert not [c for c in cells if c.startswith(("=", "+", "-", "@", "\t", "\r"))], (name, cells)
+    with open(out / "tags.csv", newline="") as f:
+        got = {r["tag"] for r in csv.DictReader(f)}
+    assert got == {"'" + t for t in evil if t != "plain"} | {"plain"}
+
+
+def _captions_dataset(root: Path, rows: int, groups: int) -> Path:
+    """`rows` images with 1-2 Zipf-worded captions each, written in `groups` row groups."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(5)
+    vocab = [f"w{i}" for i in range(40)] + ["the", "a", "of", "woman's"]
+    caps = [[" ".join(vocab[j] for j in (rng.zipf(1.4, rng.integers(2, 14)) - 1) % len(vocab))
+             for _ in range(int(rng.integers(1, 3)))] for _ in range(rows)]  # fmt: skip
+    init_dataset(root)
+    table = conform(
+        pa.table({"id": [f"c{i:05d}" for i in range(rows)], "captions": caps,
+                  "width": pa.array([1024] * rows, pa.int32()), "height": pa.array([1024] * rows, pa.int32())}),
+        MANIFEST_SCHEMA,
+    )  # fmt: skip
+    pq.write_table(table, root / layout.MANIFEST, row_group_size=-(-rows // groups))
+    return root
+
+
+@pytest.mark.parametrize("groups", [1, 7])
+def test_caption_pass_in_worker_processes_counts_what_one_process_counts(tmp_path, groups):
+    """The caption pass split over worker processes (row ranges inside one row group, or whole
+    row groups) gives the single-process words, CLIP token counts and exact n-gram counts."""
+    root = _captions_dataset(tmp_path / "ds", 3000, groups)
+    base = dict(progress=False, token_sample=10**6, batch_rows=500)
+    one = collect(str(root), ReportOptions(workers=1, **base))
+    three = collect(str(root), ReportOptions(workers=3, **base))
+    assert one.caption_workers == 1 and three.caption_workers == 3 and len(three.worker_peak_rss_gib) >= 1
+    assert one.words_per_caption.tolist() == three.words_per_caption.tolist()
+    assert one.clip_tokens.tolist() == three.clip_tokens.tolist() and three.clip_tokenized == one.captions
+    assert one.clip_chunks == three.clip_chunks
+    for n in range(1, 8):
+        assert one.ngrams[n] == three.ngrams[n], n
+    assert three.cpu_seconds["captions"] > 0
+    sample = collect(str(root), ReportOptions(workers=2, sample=700, **base))
+    assert sample.rows == 700 and sample.words_per_caption.sum() == sample.captions
+
+
+def test_ngram_bound_holds_for_counters_merged_from_workers():
+    """Counters of disjoint caption shares, each over its memory, merged: every kept count lies
+    in [true - bound, true] with the summed bound (what the worker processes rely on)."""
+    rng = np.random.default_rng(1)
+    vocab = [f"w{i}" for i in range(30)]
+    captions = [
+        " ".join(vocab[j] for j in (rng.zipf(1.5, rng.integers(3, 12)) - 1) % 30) for _ in range(4000)
+    ]
+    exact = {n: Counter() for n in range(1, 5)}
+    for c in captions:
+        w = c.split()
+        for n in exact:
+            exact[n].update(" ".join(w[i : i + n]) for i in range(len(w) - n + 1))
+    shares = []
+    for k in range(3):
+        counter = NgramCounter(max_n=4, capacity=200, step_words=2000)
+        for s in range(k * 500, len(captions), 1500):
+            counter.add_captions(pa.array(captions[s : s + 500]))
+        shares.append(counter)
+    merged = shares[0]
+    for other in shares[1:]:
+        merged.merge(other)
+    assert merged.captions == len(captions)
+    for n in range(1, 5):
+        top = merged.top(n, 20)
+        assert len(top) == 20
+        for gram, count, bound in top:
+            assert exact[n][gram] - bound <= count <= exact[n][gram], (n, gram, count, bound)
+        if n == 1:
+            assert [c for _, c, _ in top] == [c for _, c in exact[1].most_common(20)]
+    assert merged.cands[4].max_undercount > max(s.cands[4].max_undercount for s in shares[1:]) > 0

@@ -5,7 +5,10 @@ mean 0.5 / std 0.5. Text: the prompt set's system message and the drawn user pro
 the tokenizer's chat template with the generation prompt, tokenized without special tokens,
 the image token expanded to `image_seq_length` copies. One prompt per batch, so every row has
 the same length and needs no padding. Sampling settings (temperature, top-p) come from the
-model's generation config; special tokens are stripped from the output.
+model's generation config. Decoding is bigASP's too (`decode_captions`): no clean-up of
+tokenization spaces, every special token kept except `<|eot_id|>` and the padding token
+`<|finetune_right_pad_id|>`, which are removed from the text, then surrounding whitespace
+stripped.
 """
 
 from __future__ import annotations
@@ -23,6 +26,24 @@ from bigasp.annotate.models import dtype_kwargs, local_folder, model_key, torch_
 from bigasp.annotate.prompts import PromptSet, load_prompt_set
 from bigasp.annotate.provenance import model_provenance
 from bigasp.errors import ConfigError, ModelLoadError
+
+# bigASP's caption-images.py removed exactly these from the decoded text (end of turn, padding)
+REMOVED_TOKENS = ("<|eot_id|>", "<|finetune_right_pad_id|>")
+
+
+def decode_captions(tokenizer, ids) -> list[str]:
+    """Generated ids (prompt trimmed off) -> captions, decoded as bigASP's caption-images.py did:
+    `batch_decode(skip_special_tokens=False, clean_up_tokenization_spaces=False)`, then the
+    end-of-turn and padding tokens removed and the text stripped. Leaving the tokenizer's own
+    defaults would clean up spaces (" 's" -> "'s", " ," -> ",") and drop other special tokens,
+    so the captions would differ from a bigASP-made dataset's."""
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    out = []
+    for text in texts:
+        for token in REMOVED_TOKENS:
+            text = text.replace(token, "")
+        out.append(text.strip())
+    return out
 
 
 @dataclass
@@ -170,8 +191,7 @@ class JoyCaption:
                 suppress_tokens=None,
                 use_cache=True,
             )
-        texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        return [t.strip() for t in texts]
+        return decode_captions(self.tokenizer, out[:, ids.shape[1] :])
 
     def _init_vllm(self, path: Path) -> None:
         """vLLM engine (GPU only). Its own processor builds the image input from the PIL squish."""
@@ -195,7 +215,8 @@ class JoyCaption:
             top_p=gen.get("top_p", 0.9),
             max_tokens=self.cfg.max_new_tokens,
             seed=seed,
-            skip_special_tokens=True,
+            skip_special_tokens=False,  # decoded as bigASP did (see decode_captions)
+            spaces_between_special_tokens=False,
         )
 
     def _generate_vllm(self, batch: np.ndarray, prompt: str, seed: int) -> list[str]:
@@ -207,7 +228,10 @@ class JoyCaption:
                                                   chat_template=self.template)  # fmt: skip
         reqs = [{"prompt": text, "multi_modal_data": {"image": Image.fromarray(a)}} for a in batch]
         outs = self.llm.generate(reqs, self._sampling(seed), use_tqdm=False)
-        return [o.outputs[0].text.strip() for o in outs]
+        texts = [o.outputs[0].text for o in outs]
+        for token in REMOVED_TOKENS:
+            texts = [t.replace(token, "") for t in texts]
+        return [t.strip() for t in texts]
 
     def table(self, ids: list[str], rows: list[dict[str, Any]]) -> pa.Table:
         from bigasp.annotate.tags import _rows_table

@@ -186,6 +186,7 @@ def llava(path: Path, *, side: int = 32, patch: int = 8, seed: int = 0, chat_tem
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
         pad_token="<|finetune_right_pad_id|>", additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<image>"],
+        clean_up_tokenization_spaces=True,  # on, so a decode that keeps the default shows it
     )  # fmt: skip
     if chat_template:
         fast.chat_template = LLAVA_TEMPLATE

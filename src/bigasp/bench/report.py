@@ -9,12 +9,15 @@ with punctuation, Normal(32, 19.8) tags per image (the v1 card's figures) from a
 annotations for half the images.
 
 Timed: the columnar passes (target: 13M rows in < 5 min and < 8 GB on the 2-core box) and the
-caption pass (n-grams; target >= 20k captions/s per core), plus plots and HTML.
+caption pass (n-grams; target >= 20k captions/s per core), plus plots and HTML. The caption pass
+runs in one worker process per core (`caption_workers`): its CPU seconds include theirs, and
+`caption_worker_peak_rss_gib` lists each worker's peak RSS (`peak_rss_gib` is this process's).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -133,6 +136,14 @@ def write_synthetic_dataset(root: Path, rows: int, seed: int = 0, chunk: int = 2
     return {"rows": rows, "captions": n_captions}
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average at the end (how busy the machine was: wall times depend on it)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def run_report_bench(
     *, rows: int, seed: int, ngrams: bool, command: str, keep: str | None = None
 ) -> BenchResult:
@@ -173,6 +184,9 @@ def run_report_bench(
         "total_s": total_s,
         "columnar_s_scaled_to_13m": columnar_s * 13_000_000 / max(rep.rows, 1),
         "generate_s": gen_s,
+        "caption_workers": rep.caption_workers,
+        "caption_worker_peak_rss_gib": rep.worker_peak_rss_gib,
+        "load_average_1m": _load_average(),
         **mem.result(),
     }
     return BenchResult(

@@ -300,18 +300,20 @@ class PairLabels:
 
 
 def labels(ratings: list[Rating]) -> PairLabels:
-    """Average every judgement of an unordered pair (a tie counts 0.5 / 0.5), as bigASP did."""
+    """Average every judgement of an unordered pair, as bigASP did. bigASP stored a tie as both
+    orderings (two rows, one win each way), so a tie weighs two in the average: one win and one
+    tie give 2/3, not 3/4. `votes` counts judgements (a tie is one)."""
     acc: dict[tuple[str, str], list[float]] = defaultdict(list)
+    votes: dict[tuple[str, str], int] = defaultdict(int)
     for r in ratings:
-        first_wins = {"left": 1.0, "right": 0.0, "tie": 0.5}[r.outcome]
-        if r.left_id < r.right_id:
-            acc[(r.left_id, r.right_id)].append(first_wins)
-        else:
-            acc[(r.right_id, r.left_id)].append(1.0 - first_wins)
+        first_wins = {"left": [1.0], "right": [0.0], "tie": [1.0, 0.0]}[r.outcome]
+        key = (r.left_id, r.right_id) if r.left_id < r.right_id else (r.right_id, r.left_id)
+        acc[key].extend(first_wins if key[0] == r.left_id else [1.0 - x for x in first_wins])
+        votes[key] += 1
     keys = sorted(acc)
     return PairLabels(
         first=np.array([k[0] for k in keys], dtype=object),
         second=np.array([k[1] for k in keys], dtype=object),
         p=np.array([np.mean(acc[k]) for k in keys], dtype=np.float32),
-        votes=np.array([len(acc[k]) for k in keys], dtype=np.int64),
+        votes=np.array([votes[k] for k in keys], dtype=np.int64),
     )

@@ -39,6 +39,13 @@ def report(
     ),
     min_tag_count: int = typer.Option(1, "--min-tag-count", min=1, help="Omit rarer tags from tags.csv."),
     seed: int = typer.Option(0, "--seed", help="Seeds --sample and the tokenised caption sample."),
+    workers: int = typer.Option(
+        0,
+        "--workers",
+        min=0,
+        help="Processes for the caption pass (words, n-grams). 0: one per core this process may use "
+        "(from 1,000,000 captions on); 1: in this process.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
     """Tag counts, caption n-grams, score / bucket / length / chunk distributions: CSVs, plots, index.html."""
@@ -63,6 +70,7 @@ def report(
         spacy_model=spacy_model,
         token_sample=token_sample,
         progress=progress,
+        workers=workers,
     )
     rep = collect(dataset, opts, data_cfg=cfg, aliases=table)
     page = write_report(rep, out, min_tag_count=min_tag_count)

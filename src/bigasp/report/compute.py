@@ -10,7 +10,10 @@ distinct tag or word per batch, never per row. Passes, each with its own progres
    sources, caption types, watermark flags;
 2. co-occurrence of the most used tags;
 3. captions: words per caption, n-grams and CLIP token counts of a sample of captions
-   (the only slow pass: ~Python per caption for the tokenizer, C++ for the rest).
+   (the slow pass). It runs in worker processes, one per available core, each over its own
+   row ranges of a local manifest, and their counts are merged (`NgramCounter.merge` keeps
+   the n-gram error bound); an object-storage manifest or spaCy tokens run in-process
+   (see `report.captions`).
 
 Annotation coverage, rejects and the latent count come from their own small files.
 """
@@ -31,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bigasp.errors import DataError
-from bigasp.report.ngrams import NgramCounter, caption_words
+from bigasp.report.captions import MAX_WORDS
 from bigasp.store import layout
 from bigasp.text.aliases import AliasTable, normalize_tag
 
@@ -39,7 +42,6 @@ log = logging.getLogger(__name__)
 
 SCORE_BINS = 11  # index 0 = unscored, 1..10 = score 0..9
 MAX_TAGS_PER_IMAGE = 200
-MAX_WORDS = 400
 MAX_TOKENS = 400
 RES_EDGES = 2.0 ** np.arange(6, 14.01, 0.25)  # 64 .. 16384 px, quarter-octave bins
 CAPTION_TYPE_RE = r'"caption_type"\s*:\s*"(?P<t>[^"]*)"'
@@ -62,6 +64,7 @@ class ReportOptions:
     batch_rows: int = 131_072
     ngram_capacity: int = 1_000_000  # candidates kept per n (see report.ngrams)
     progress: bool = True
+    workers: int = 0  # caption-pass processes; 0 = one per core this process may use, 1 = in-process
 
 
 @dataclass
@@ -106,7 +109,11 @@ class Report:
     ngrams: dict[int, list[tuple[str, int, int]]] = field(default_factory=dict)
     ngram_mode: str = "words"
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per pass
-    cpu_seconds: dict[str, float] = field(default_factory=dict)  # CPU time (all threads) per pass
+    cpu_seconds: dict[str, float] = field(
+        default_factory=dict
+    )  # CPU time (all threads, workers too) per pass
+    caption_workers: int = 1  # processes the caption pass ran in
+    worker_peak_rss_gib: list[float] = field(default_factory=list)  # each caption worker's peak RSS
 
     def to_json(self) -> dict[str, Any]:
         def conv(v):
@@ -320,9 +327,9 @@ def collect(
 
     # -- pass 3: captions ------------------------------------------------------------------
     t0, c0 = time.perf_counter(), time.process_time()
-    caption_pass(stream, rep, opts, chunker)
+    worker_cpu = caption_pass(stream, rep, opts, chunker)
     rep.seconds["captions"] = time.perf_counter() - t0
-    rep.cpu_seconds["captions"] = time.process_time() - c0
+    rep.cpu_seconds["captions"] = time.process_time() - c0 + worker_cpu
     return rep
 
 
@@ -339,34 +346,52 @@ def caption_pass(
     rep: Report,
     opts: ReportOptions,
     chunker: Callable[[list[str]], tuple[pa.Array, np.ndarray]] | None = None,
-) -> None:
-    """Words per caption, n-grams (on `chunker`'s tokens when given) and a sample of CLIP token counts."""
-    from bigasp.text import n_chunks_for, tokenize
+) -> float:
+    """Words per caption, n-grams (on `chunker`'s tokens when given) and a sample of CLIP token
+    counts; returns the CPU seconds its worker processes spent (0 when it ran in-process).
 
-    counter = NgramCounter(max_n=opts.max_n, capacity=opts.ngram_capacity) if opts.ngrams else None
-    if counter is not None and chunker is not None:
+    Worker processes (`report.captions`) split words and count n-grams; the CLIP tokenizer
+    runs here, on the sampled captions they send back, so workers start without torch."""
+    from bigasp.report.captions import CaptionCounts, caption_workers, parallel_captions
+
+    if chunker is not None and opts.ngrams:
         rep.ngram_mode = f"spaCy noun chunks ({opts.spacy_model})"
     p = min(1.0, opts.token_sample / max(rep.captions, 1))
-    rng = np.random.default_rng(opts.seed + 1)
-    for t in stream.batches(["captions"], "report: captions"):
-        flat = pc.list_flatten(t["captions"].combine_chunks())
-        words, doc, per_caption = caption_words(flat)
-        _bincount_into(rep.words_per_caption, per_caption)
-        if counter is not None:
-            if chunker is None:
-                counter.add_words(words, doc, len(flat))
-            else:
-                cw, cd = chunker(pc.fill_null(flat, "").to_pylist())
-                counter.add_words(cw, cd, len(flat))
-        pick = np.flatnonzero(rng.random(len(flat)) < p)
-        if len(pick):
-            texts = pc.fill_null(flat.take(pa.array(pick)), "").to_pylist()
-            lengths = np.array([len(x) for x in tokenize(texts)], np.int64)
-            _bincount_into(rep.clip_tokens, lengths)
-            rep.clip_chunks.update(n_chunks_for(int(x)) for x in lengths)
-            rep.clip_tokenized += len(lengths)
-    if counter is not None:
-        rep.ngrams = {n: counter.top(n, opts.ngram_top) for n in range(1, opts.max_n + 1)}
+    workers = caption_workers(opts.workers, rep.captions)
+    if workers > 1 and chunker is None and layout.is_local(stream.fs) and stream.rows > 0:
+        parts = parallel_captions(stream, opts, p, workers)
+        total = next(parts)
+        _tokenize_sample(rep, total)
+        for part in parts:
+            _tokenize_sample(rep, part)
+            total.merge(part)
+        rep.worker_peak_rss_gib = [v / 1024**3 for v in total.peaks.values()]
+        rep.caption_workers = len(total.peaks)
+        worker_cpu = total.cpu_s
+    else:
+        total, worker_cpu = CaptionCounts.empty(opts.ngrams, opts.max_n, opts.ngram_capacity), 0.0
+        rng = np.random.default_rng(opts.seed + 1)
+        for t in stream.batches(["captions"], "report: captions"):
+            flat = pc.list_flatten(t["captions"].combine_chunks())
+            total.add(flat, np.flatnonzero(rng.random(len(flat)) < p), chunker)
+            _tokenize_sample(rep, total)
+        rep.caption_workers = 1
+    rep.words_per_caption = total.words_per_caption
+    if total.ngrams is not None:
+        rep.ngrams = {n: total.ngrams.top(n, opts.ngram_top) for n in range(1, opts.max_n + 1)}
+    return worker_cpu
+
+
+def _tokenize_sample(rep: Report, counts) -> None:
+    """CLIP token counts of the captions `counts` sampled (then dropped from it)."""
+    from bigasp.text import n_chunks_for, tokenize
+
+    if counts.sampled:
+        lengths = np.array([len(x) for x in tokenize(counts.sampled)], np.int64)
+        _bincount_into(rep.clip_tokens, lengths)
+        rep.clip_chunks.update(n_chunks_for(int(x)) for x in lengths)
+        rep.clip_tokenized += len(lengths)
+        counts.sampled = []
 
 
 def noun_chunk_tokenizer(model: str) -> Callable[[list[str]], tuple[pa.Array, np.ndarray]]:

@@ -89,6 +89,14 @@ def caption_words(captions: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]
     return words, doc, np.bincount(doc, minlength=n).astype(np.int64)
 
 
+def _row_keys(ids: np.ndarray) -> np.ndarray:
+    """The sort keys `_add_ngrams` gives the n-grams whose word ids are the rows of `ids`."""
+    h = ids[:, 0].astype(np.uint64)
+    for j in range(1, ids.shape[1]):
+        h = _mix(h * _K1 ^ ids[:, j].astype(np.uint64))
+    return h >> np.uint64(_POS_BITS)
+
+
 def _mix(h: np.ndarray) -> np.ndarray:
     """SplitMix64's finaliser, vectorised (uint64 arithmetic wraps, as intended)."""
     h = (h ^ (h >> _S30)) * _M1
@@ -221,6 +229,37 @@ class NgramCounter:
             grams = ids32[start[:, None] + np.arange(n)]
             cand.merge(ukeys, counts, grams, self.capacity)
 
+    def merge(self, other: NgramCounter) -> None:
+        """Add the counts of a counter that saw other captions (another process's share).
+
+        Unigrams add exactly. For n >= 2 a kept count of either side misses at most that side's
+        `max_undercount`, and an n-gram one side dropped had at most that many occurrences there,
+        so the sum misses at most the sum of the two bounds; merging then keeps `capacity`
+        candidates the usual way (its drop threshold is added too). The bound holds as before.
+        """
+        if other.max_n != self.max_n:
+            raise ValueError(f"cannot merge n-gram counters of max_n {other.max_n} and {self.max_n}")
+        self.captions += other.captions
+        self.total_words += other.total_words
+        lut = np.empty(len(other.words), np.int64)
+        for i, w in enumerate(other.words):
+            v = self.vocab.get(w)
+            if v is None:
+                v = self.vocab[w] = len(self.words)
+                self.words.append(w)
+            lut[i] = v
+        if len(self.unigram) < len(self.words):
+            grow = np.zeros(len(self.words) - len(self.unigram), np.int64)
+            self.unigram = np.concatenate([self.unigram, grow])
+        self.unigram[lut] += other.unigram[: len(lut)]
+        for n, theirs in other.cands.items():
+            mine = self.cands[n]
+            mine.max_undercount += theirs.max_undercount
+            if len(theirs.keys) == 0:
+                continue
+            ids = lut[theirs.ids].astype(np.int32)
+            mine.merge(_row_keys(ids), theirs.counts, ids, self.capacity)
+
     def add_captions(self, captions: pa.Array) -> np.ndarray:
         """Count a flat array of captions; returns the word count of each caption."""
         words, doc, per_caption = caption_words(captions)
@@ -236,9 +275,13 @@ class NgramCounter:
             rows = sorted(((self.words[i], int(u[i]), 0) for i in pick), key=lambda r: (-r[1], r[0]))
             return rows[:k]
         c = self.cands[n]
-        # count descending, ties by word ids (deterministic); then the kept rows by text
-        order = np.lexsort((*c.ids.T[::-1], -c.counts))[:k]
+        # every candidate above the k-th count, and those at it; ties broken by text, so the
+        # result does not depend on word-id order (which differs when counters were merged)
+        pick = np.arange(len(c.counts))
+        if len(c.counts) > k:
+            kth = np.partition(c.counts, len(c.counts) - k)[len(c.counts) - k]
+            pick = np.flatnonzero(c.counts >= kth)
         names = self.words
-        rows = [(" ".join(names[i] for i in c.ids[j]), int(c.counts[j]), c.max_undercount) for j in order]
+        rows = [(" ".join(names[i] for i in c.ids[j]), int(c.counts[j]), c.max_undercount) for j in pick]
         rows.sort(key=lambda r: (-r[1], r[0]))
         return rows[:k]

@@ -23,11 +23,27 @@ TABLE_ROWS = 50  # rows of each table shown in the page (the CSVs have everythin
 NGRAM_ROWS = 20
 
 
+# A spreadsheet opening a CSV runs a cell that starts with one of these as a formula (OWASP
+# "CSV injection"); tags and caption n-grams come from scraped sidecars, so any of them may.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value):
+    """`value`, with a text cell that a spreadsheet would run as a formula prefixed by a single
+    quote (OWASP's advice), so Excel / LibreOffice / Sheets show it as text. A cell that already
+    starts with a quote gets one too, so removing one leading quote always gives the stored text
+    back. Numbers pass as is."""
+    if isinstance(value, str) and value.startswith((*FORMULA_STARTS, "'")):
+        return "'" + value
+    return value
+
+
 def _csv(rows: list[list], header: list[str]) -> bytes:
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    # text cells quoted: a bare CR inside a tag would otherwise end the row for every reader
+    w = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     w.writerow(header)
-    w.writerows(rows)
+    w.writerows([csv_safe(v) for v in row] for row in rows)
     return buf.getvalue().encode()
 
 

@@ -278,8 +278,9 @@ def tokens_per_byte(texts: pa.Array, sample: int = CALIBRATION_SAMPLE) -> float:
 def row_token_estimates(table: pa.Table, prompt: PromptConfig, ratio: float | None = None) -> np.ndarray:
     """Estimated content tokens of each row's prompt, int32, without tokenising every row.
 
-    Uses an `n_tokens` column when the dataset has one (int, or list = per caption, averaged).
-    Otherwise: each caption's UTF-8 byte length (free: Arrow offsets) times the dataset's
+    Uses an `n_tokens` column when the dataset has one (int, or list = per caption, averaged);
+    rows with no value there (null, or a list of nulls) are estimated as if the column were
+    absent, so a tag-only row lacking a count is not taken for an empty prompt. Otherwise: each caption's UTF-8 byte length (free: Arrow offsets) times the dataset's
     tokens-per-byte ratio, calibrated by tokenising a fixed sample of 2048 captions, averaged
     over the row's captions. Tokenising or regex-scanning 13M captions would take minutes; the
     per-row error only shifts prompts near a 75-token boundary, and the loader and
@@ -292,8 +293,21 @@ def row_token_estimates(table: pa.Table, prompt: PromptConfig, ratio: float | No
     if "n_tokens" in names:
         col = table.column("n_tokens").combine_chunks()
         if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-            return _list_mean(col, pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float64))
-        return pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.int32)
+            flat = pc.list_flatten(col)
+            valid = pc.is_valid(flat).to_numpy(zero_copy_only=False).astype(np.float64)
+            values = pc.fill_null(flat, 0).to_numpy(zero_copy_only=False).astype(np.float64)
+            owner = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)
+            known_n = np.bincount(owner, weights=valid, minlength=n)
+            sums = np.bincount(owner, weights=values * valid, minlength=n)
+            own = np.rint(sums / np.maximum(known_n, 1)).astype(np.int32)
+            known = known_n > 0
+        else:
+            own = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.int32)
+            known = pc.is_valid(col).to_numpy(zero_copy_only=False)
+        if known.all():
+            return own
+        rest = row_token_estimates(table.drop_columns(["n_tokens"]), prompt, ratio)
+        return np.where(known, own, rest).astype(np.int32)
     est = np.zeros(n, dtype=np.float64)
     has_caption = np.zeros(n, dtype=bool)
     if "captions" in names and n:
