@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -199,11 +200,16 @@ _OPENCLIP_LAYER = {
 }
 
 
-def clip_g_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+Lazy = Callable[[], torch.Tensor]  # a tensor computed when the writer reaches it
+
+
+def clip_g_to_ldm(state_dict: Mapping[str, torch.Tensor], *, lazy: bool = False) -> dict[str, Any]:
     """HF CLIPTextModelWithProjection -> OpenCLIP text tower as SGM stores it.
 
     OpenCLIP's attention is `nn.MultiheadAttention` (one `in_proj` = [q; k; v] rows) and its
     projection is a bare matrix applied as `x @ P`, i.e. the transpose of HF's Linear weight.
+    With `lazy`, those two new tensors are returned as zero-argument functions that make them,
+    so an export holds one of them at a time instead of all 32 layers' fused copies.
     """
     sd = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
     out: dict[str, torch.Tensor] = {}
@@ -217,7 +223,8 @@ def clip_g_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         elif module == "final_layer_norm":
             out[f"ln_final.{param}"] = value
         elif key == "text_projection.weight":
-            out["text_projection"] = value.t().contiguous()
+            transpose = partial(_transposed, value)
+            out["text_projection"] = transpose if lazy else transpose()
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj", module):
             fused.setdefault((int(m[1]), param), {})[m[2]] = value
         elif (m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", module)) and m[2] in _OPENCLIP_LAYER:
@@ -227,12 +234,20 @@ def clip_g_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     for (layer, param), qkv in sorted(fused.items()):
         if set(qkv) != {"q", "k", "v"}:
             raise ModelLoadError(f"text_encoder_2 layer {layer} lacks one of q/k/v {param}")
-        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])
+        fuse = partial(torch.cat, [qkv["q"], qkv["k"], qkv["v"]])
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = fuse if lazy else fuse()
     return out
 
 
-def component_to_ldm(component: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A component's state dict under its full single-file key names."""
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous()
+
+
+def component_to_ldm(component: str, module: torch.nn.Module, *, lazy: bool = False) -> dict[str, Any]:
+    """A component's state dict under its full single-file key names.
+
+    Values are the module's own tensors (or views of them) except where the layout fuses or
+    transposes; with `lazy` those few are functions that compute them (see `clip_g_to_ldm`)."""
     sd = module.state_dict()
     if component == "unet":
         mapped = unet_to_ldm(sd, module.config)
@@ -241,7 +256,7 @@ def component_to_ldm(component: str, module: torch.nn.Module) -> dict[str, torch
     elif component == "text_encoder":
         mapped = clip_l_to_ldm(sd)
     elif component == "text_encoder_2":
-        mapped = clip_g_to_ldm(sd)
+        mapped = clip_g_to_ldm(sd, lazy=lazy)
     else:
         raise ModelLoadError(f"unknown component {component!r}")
     prefix = PREFIXES[component]
@@ -279,24 +294,99 @@ def save_single_file(model: SDXL, path: str | os.PathLike, *, dtype: torch.dtype
     beside `path`, then renamed, so an interrupted export never leaves a truncated file under
     the final name.
     """
-    from safetensors.torch import save_file
-
     out = Path(path)
     if out.suffix != ".safetensors":
         raise ModelLoadError(f"single-file output {out} must end in .safetensors")
     if not model.modules():
         raise ModelLoadError("nothing to export: the model holds no components")
     out.parent.mkdir(parents=True, exist_ok=True)
-    state = ldm_state_dict(model)
-    tensors = {
-        k: v.detach()
-        .to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
-        .contiguous()
-        for k, v in progress.bar(state.items(), desc=f"exporting {out.name}", total=len(state), unit="tensor")
-    }
+    entries: dict[str, torch.Tensor | Lazy] = {}
+    for comp, module in model.modules().items():
+        entries.update(component_to_ldm(comp, module, lazy=True))
     with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=file_metadata(model))
+        write_safetensors(tmp, entries, file_metadata(model), dtype=dtype, desc=f"exporting {out.name}")
     return out
+
+
+# safetensors orders the data section by dtype (larger codes first, so every tensor stays aligned),
+# then by name; the same order here makes the file byte-identical to `safetensors.torch.save_file`.
+_ST_CODES = {
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.float32: "F32",
+    torch.int32: "I32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ST_RANK = {
+    "I64": 0,
+    "F64": 1,
+    "I32": 3,
+    "F32": 2,
+    "BF16": 4,
+    "F16": 5,
+    "I16": 6,
+    "I8": 7,
+    "U8": 8,
+    "BOOL": 9,
+}
+
+
+def _materialize(value: torch.Tensor | Lazy, dtype: torch.dtype | None) -> torch.Tensor:
+    t = value() if callable(value) else value
+    cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    return t.detach().to("cpu", dtype=cast).contiguous()
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    entries: Mapping[str, torch.Tensor | Lazy],
+    metadata: Mapping[str, str],
+    *,
+    dtype: torch.dtype | None = None,
+    desc: str = "writing",
+) -> None:
+    """Write a .safetensors file one tensor at a time.
+
+    `safetensors.torch.save_file` needs every output tensor at once: an fp16 export of an fp32
+    SDXL held a 7 GB copy beside the 14 GB model. Here the header is computed from shapes and
+    dtypes alone, then each tensor is cast (and, if lazy, computed), written and dropped, so
+    the extra memory is one tensor. `dtype` casts floating-point tensors; None keeps each one's.
+    """
+    import struct
+
+    specs: dict[str, tuple[str, tuple[int, ...], int]] = {}
+    for key, value in entries.items():
+        if callable(value):  # computed twice (here only for its shape), never kept
+            t = value()
+            shape, src = tuple(t.shape), t.dtype
+            del t
+        else:
+            shape, src = tuple(value.shape), value.dtype
+        cast = dtype if dtype is not None and src.is_floating_point else src
+        if cast not in _ST_CODES:
+            raise ModelLoadError(f"tensor {key!r} has dtype {cast}, which a .safetensors file cannot hold")
+        specs[key] = (_ST_CODES[cast], shape, math.prod(shape) * cast.itemsize)
+    order = sorted(specs, key=lambda k: (_ST_RANK[specs[k][0]], k))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for key in order:
+        code, shape, nbytes = specs[key]
+        header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key in progress.bar(order, desc=desc, total=len(order), unit="tensor"):
+            t = _materialize(entries[key], dtype)
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
 
 
 # ---------------------------------------------------------------------------------------------
