@@ -96,30 +96,16 @@ def test_file_layout_and_metadata(tiny_file):
 
 
 def test_load_reads_only_requested_components(tiny_file, monkeypatch, distinct_model):
-    import safetensors
+    from bigasp.models.single_file import TensorReader
 
-    real_open = safetensors.safe_open
+    real_read = TensorReader.read
     read: list[str] = []
 
-    class Recording:
-        def __init__(self, *a, **kw):
-            self._f = real_open(*a, **kw)
+    def recording(self, key, *a, **kw):
+        read.append(key)
+        return real_read(self, key, *a, **kw)
 
-        def __enter__(self):
-            self._h = self._f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self._f.__exit__(*exc)
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self._h.get_tensor(key)
-
-        def __getattr__(self, name):
-            return getattr(self._h, name)
-
-    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    monkeypatch.setattr(TensorReader, "read", recording)
     m = load_single_file(tiny_file, ["text_encoder_2"])
     assert m.unet is None and m.vae is None and m.text_encoder is None
     assert read and all(k.startswith(PREFIXES["text_encoder_2"]) for k in read)
@@ -468,3 +454,94 @@ def test_export_holds_one_output_tensor_at_a_time(distinct_model, tmp_path, dtyp
         _save_file_reference(distinct_model, tmp_path / "ref.safetensors", dtype)
     assert old.peak >= total  # the tracker sees the old path's copies
     assert ours.peak <= bound, (ours.peak, bound, old.peak)
+
+
+# --- loading: against diffusers' converters, and without a second copy ------------------------
+
+
+def _diffusers_reference(path, component: str, tmp_path) -> torch.nn.Module:
+    """The component as diffusers' own single-file converters load it (the field's reference)."""
+    import diffusers
+    import transformers
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
+    from bigasp.models.presets import component_config
+
+    cfg = component_config("tiny", component)
+    for key in ("architectures", "torch_dtype", "dtype"):
+        cfg.pop(key, None)
+    (tmp_path / component).mkdir()
+    (tmp_path / component / "config.json").write_text(json.dumps(cfg))
+    with safe_open(str(path), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(PREFIXES[component])}  # noqa: SIM118
+    where = str(tmp_path / component)
+    if component in ("unet", "vae"):
+        cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
+        return cls.from_single_file(sd, config=where, local_files_only=True)
+    cls = (
+        transformers.CLIPTextModel
+        if component == "text_encoder"
+        else transformers.CLIPTextModelWithProjection
+    )
+    return create_diffusers_clip_model_from_ldm(cls, sd, config=where, local_files_only=True).float()
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_loading_matches_diffusers_single_file_converters(distinct_model, tmp_path, half):
+    """Every component loads as diffusers' converters load the same file (fp32 and fp16 files;
+    the VAE's attention weights also stored 2-D, as some tools write them)."""
+    state = ldm_state_dict(distinct_model)
+    if half:
+        state = {k: v.half() for k, v in state.items()}
+    state = {
+        k: (v.flatten(1) if ".mid.attn_1." in k and v.ndim == 4 else v).contiguous() for k, v in state.items()
+    }
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path))
+    ours = load_single_file(path)
+    for comp in SDXL.COMPONENTS:
+        ref = _diffusers_reference(path, comp, tmp_path)
+        assert_identical(getattr(ours, comp), ref)
+        assert type(getattr(ours, comp)) is type(ref)
+    fp16 = load_single_file(path, ["unet"], dtype=None)  # the file's own dtype, as stored
+    assert {p.dtype for p in fp16.unet.parameters()} == {torch.float16 if half else torch.float32}
+
+
+_PEAK_SCRIPT = """
+import json, sys
+from pathlib import Path
+from bigasp.models.single_file import load_single_file
+import diffusers, transformers  # imported before the baseline
+
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
+base = status("VmRSS")
+m = load_single_file(sys.argv[1], ["text_encoder"])
+params = sum(p.numel() * p.element_size() for p in m.text_encoder.parameters())
+print(json.dumps({"added": status("VmHWM") - base, "params": params}))
+"""
+
+
+@pytest.mark.slow
+def test_loading_an_fp16_file_costs_the_model_and_one_tensor(tmp_path):
+    """Peak resident memory of loading SDXL's CLIP-L (the real size: 123 M parameters) from an
+    fp16 file into fp32 modules: the modules plus about one tensor, where the old path also held
+    the fp16 state dict and the memory-mapped file pages (about 2x the fp16 file more)."""
+    import subprocess
+    import sys
+
+    from bigasp.models.presets import build_preset
+
+    m = build_preset("sdxl-base", ["text_encoder"])
+    path = save_single_file(m, tmp_path / "clip_l.safetensors", dtype=torch.float16)
+    del m
+    res = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    largest = 49408 * 768 * 2  # the token embedding, as read (fp16)
+    assert got["added"] <= got["params"] + 2 * largest, got

@@ -9,11 +9,10 @@ This is how SDXL finetunes are actually distributed (bigASP v2 and v2.5 included
     conditioner.embedders.1.model.*        OpenCLIP bigG: fused q/k/v (`in_proj_weight`),
                                            `text_projection` stored as the transpose of HF's Linear
 
-Loading goes through diffusers' own single-file converters (the field's reference
-implementation, used by every diffusers user who loads a Civitai file), fed with only the
-tensors of the requested components and with bigasp's shipped preset configs, so it works
-offline. Saving uses bigasp's own diffusers->LDM mapping below; the round-trip test checks
-the two against each other bit for bit.
+Saving uses bigasp's diffusers->LDM key mapping below; loading uses its inverse (`file_sources`)
+to read each tensor straight into modules built from bigasp's shipped preset configs, so it
+works offline and holds no second copy of the weights. The tests check both directions bit for
+bit against diffusers' own single-file converters (the field's reference implementation).
 
 The model kind (eps/flow, shift) is recorded in the safetensors metadata, because a flow
 model sampled as eps produces garbage and a single file has no room for a side-car JSON.
@@ -26,7 +25,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from functools import cache, partial
 from pathlib import Path
@@ -458,42 +456,107 @@ def infer_preset(
     )
 
 
-def _write_configs(folder: Path, preset: str, components: Iterable[str]) -> None:
-    """The preset's component configs as the local config folders diffusers' loaders read."""
-    for comp in components:
-        cfg = component_config(preset, comp)
-        if comp.startswith("text_encoder"):
-            # bigasp builds in fp32 (as build_component); the published configs say float16.
-            for key in ("architectures", "torch_dtype", "dtype"):
-                cfg.pop(key, None)
-        (folder / comp).mkdir()
-        (folder / comp / "config.json").write_text(json.dumps(cfg, indent=2))
+_TORCH_DTYPES = {code: dt for dt, code in _ST_CODES.items()}
+_QKV = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+
+# How a module tensor comes out of the file: the whole file tensor (reshaped to the module's shape:
+# LDM's 1x1-conv attention weights vs diffusers' Linear), its transpose, or row block i of 3
+# (OpenCLIP's fused [q; k; v] in_proj).
+Source = tuple[str, str | int]
 
 
-def _diffusers_loader(component: str) -> Callable[[dict[str, torch.Tensor], str], torch.nn.Module]:
-    if component in ("unet", "vae"):
-        import diffusers
+def file_sources(component: str, module: torch.nn.Module) -> dict[str, Source]:
+    """Module state-dict key -> (single-file key, how), the inverse of `component_to_ldm`.
 
-        cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
+    Built from the same key mapping the export uses, so the two cannot drift apart; the
+    load test checks the result against diffusers' own single-file converters."""
+    sd = module.state_dict()
+    prefix = PREFIXES[component]
+    if component in ("unet", "text_encoder"):
+        # These layouts only rename: map the names themselves.
+        names = {k: k for k in sd}
+        mapped = unet_to_ldm(names, module.config) if component == "unet" else clip_l_to_ldm(names)
+        return {k: (prefix + ldm, "same") for ldm, k in mapped.items()}
+    out: dict[str, Source] = {}
+    for k, v in sd.items():
+        if component == "vae":
+            (ldm,) = vae_to_ldm({k: v}, module.config)
+            out[k] = (prefix + ldm, "same")
+        elif m := _QKV.fullmatch(k):
+            out[k] = (f"{prefix}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", "qkv".index(m[2]))
+        elif k.removeprefix("text_model.") == "text_projection.weight":
+            out[k] = (prefix + "text_projection", "t")
+        else:
+            (ldm,) = clip_g_to_ldm({k: v})
+            out[k] = (prefix + ldm, "same")
+    return out
 
-        def load(sd: dict[str, torch.Tensor], config_dir: str) -> torch.nn.Module:
-            return cls.from_single_file(sd, config=config_dir, local_files_only=True)
 
-        return load
+class TensorReader:
+    """Reads single tensors (or row blocks) of a safetensors file with plain reads into fresh
+    buffers. Unlike a memory map, whose touched pages stay in the process's resident memory
+    until it is closed, the file's bytes never count against the process: loading an fp16
+    SDXL into fp32 modules costs the modules plus one tensor, not the modules plus the file."""
 
-    import transformers
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    def __init__(self, path: Path) -> None:
+        from bigasp.models.file_header import read_header
 
-    cls = (
-        transformers.CLIPTextModel
-        if component == "text_encoder"
-        else transformers.CLIPTextModelWithProjection
-    )
+        self.path = path
+        self.header = read_header(path)
+        self._f = path.open("rb", buffering=0)
 
-    def load_clip(sd: dict[str, torch.Tensor], config_dir: str) -> torch.nn.Module:
-        return create_diffusers_clip_model_from_ldm(cls, sd, config=config_dir, local_files_only=True)
+    def close(self) -> None:
+        self._f.close()
 
-    return load_clip
+    def read(self, key: str, block: int | None = None, blocks: int = 3) -> torch.Tensor:
+        entry = self.header.tensors[key]
+        if entry.dtype not in _TORCH_DTYPES:
+            raise ModelLoadError(
+                f"{self.path}: tensor {key!r} has dtype {entry.dtype}, which bigasp cannot load"
+            )
+        dt = _TORCH_DTYPES[entry.dtype]
+        shape, start = entry.shape, self.header.header_bytes + entry.offsets[0]
+        if block is not None:
+            rows = shape[0] // blocks
+            start += block * rows * math.prod(shape[1:]) * dt.itemsize
+            shape = (rows, *shape[1:])
+        out = torch.empty(shape, dtype=dt)
+        buf = out.reshape(-1).view(torch.uint8).numpy()
+        self._f.seek(start)
+        got = 0
+        while got < len(buf):
+            n = self._f.readinto(memoryview(buf)[got:])
+            if not n:
+                raise ModelLoadError(f"{self.path} is damaged: tensor {key!r} runs past the end of the file")
+            got += n
+        return out
+
+    def load(self, source: Source, shape: torch.Size, dtype: torch.dtype | None) -> torch.Tensor:
+        key, how = source
+        t = self.read(key, how if isinstance(how, int) else None)
+        if how == "t":
+            t = t.t()
+        if t.is_floating_point() and dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        return t.reshape(shape).contiguous()
+
+
+def _load_component(
+    reader: TensorReader, preset: str, component: str, dtype: torch.dtype | None
+) -> torch.nn.Module:
+    """Build `component` with its parameters on the meta device (no memory), then give each one
+    the tensor read from the file (assign: the read tensor becomes the parameter, no copy)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        module = build_component(component_config(preset, component), component)
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    state = {}
+    for key, source in file_sources(component, module).items():
+        state[key] = reader.load(source, shapes[key], dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    del state
+    return module
 
 
 def load_single_file(
@@ -502,11 +565,15 @@ def load_single_file(
     *,
     kind: ModelKind | None = None,
     preset: str | None = None,
+    dtype: torch.dtype | None = torch.float32,
 ) -> SDXL:
     """Load the requested components of a single-file SDXL checkpoint, offline.
 
-    Only the requested components' tensors are read (safetensors is memory-mapped, so
-    loading just the UNet of a 6.9 GB file never touches the VAE or text encoder bytes).
+    Only the requested components' tensors are read (loading just the UNet of a 6.9 GB file
+    never touches the VAE or text encoder bytes), one at a time, straight into the modules:
+    memory is the loaded model plus one tensor. `dtype` is the modules' floating-point dtype
+    (fp32, what training and CPU generation use; None keeps the file's own, e.g. fp16 for an
+    fp16 run without a cast copy).
     `preset` names the architecture; when None it is inferred from the tensor shapes.
     The model kind comes from `kind` if given, else from the file's metadata (bigasp writes
     it), else eps, the kind of every SDXL checkpoint that predates bigasp.
@@ -557,17 +624,16 @@ def load_single_file(
         if kind is not None and recorded is not None and kind != recorded:
             log.warning("%s records %s; using the requested %s instead", path, recorded, kind)
         model = SDXL(kind=kind or recorded or ModelKind(), source=str(path))
-        with tempfile.TemporaryDirectory(prefix="bigasp-config-") as cfg_dir:
-            _write_configs(Path(cfg_dir), preset, components)
-            for comp in progress.bar(components, desc=f"loading {path.name}", unit="part"):
-                wanted = _expected_shapes(preset, comp)
-                sd = {k: f.get_tensor(k) for k in wanted}
-                module = _diffusers_loader(comp)(sd, str(Path(cfg_dir, comp)))
-                del sd
-                on_meta = [n for n, p in module.state_dict().items() if p.is_meta]
-                if on_meta:
-                    raise ModelLoadError(f"{path}: {comp} tensors were not loaded: {on_meta[:3]}")
-                setattr(model, comp, module.eval())
+    reader = TensorReader(path)
+    try:
+        for comp in progress.bar(components, desc=f"loading {path.name}", unit="part"):
+            module = _load_component(reader, preset, comp, dtype)
+            on_meta = [n for n, p in module.state_dict().items() if p.is_meta]
+            if on_meta:
+                raise ModelLoadError(f"{path}: {comp} tensors were not loaded: {on_meta[:3]}")
+            setattr(model, comp, module.eval())
+    finally:
+        reader.close()
     return model
 
 
