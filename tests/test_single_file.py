@@ -511,7 +511,7 @@ _PEAK_SCRIPT = """
 import json, sys
 from pathlib import Path
 from bigasp.models.single_file import load_single_file
-import diffusers, transformers  # imported before the baseline
+import accelerate, diffusers, transformers  # imported before the baseline
 
 def status(field):
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -504,11 +504,24 @@ class TensorReader:
         self.path = path
         self.header = read_header(path)
         self._f = path.open("rb", buffering=0)
+        self._stage: torch.Tensor | None = None
 
     def close(self) -> None:
         self._f.close()
+        self._stage = None
 
-    def read(self, key: str, block: int | None = None, blocks: int = 3) -> torch.Tensor:
+    def _staging(self) -> torch.Tensor:
+        """One buffer, as large as the file's largest tensor, that every tensor needing a cast is
+        read into. A fresh temporary per tensor would leave freed holes between the kept tensors
+        that the allocator does not give back (about 1 GB on SDXL)."""
+        if self._stage is None:
+            largest = max((e.offsets[1] - e.offsets[0] for e in self.header.tensors.values()), default=0)
+            self._stage = torch.empty(largest, dtype=torch.uint8)
+        return self._stage
+
+    def read(self, key: str, block: int | None = None, *, staged: bool = False) -> torch.Tensor:
+        """Tensor `key` (or row block `block` of 3) as stored: a fresh tensor, or with `staged` a
+        view of the staging buffer that the next staged read overwrites."""
         entry = self.header.tensors[key]
         if entry.dtype not in _TORCH_DTYPES:
             raise ModelLoadError(
@@ -517,28 +530,40 @@ class TensorReader:
         dt = _TORCH_DTYPES[entry.dtype]
         shape, start = entry.shape, self.header.header_bytes + entry.offsets[0]
         if block is not None:
-            rows = shape[0] // blocks
+            rows = shape[0] // 3
             start += block * rows * math.prod(shape[1:]) * dt.itemsize
             shape = (rows, *shape[1:])
-        out = torch.empty(shape, dtype=dt)
-        buf = out.reshape(-1).view(torch.uint8).numpy()
+        nbytes = math.prod(shape) * dt.itemsize
+        if staged:
+            buf = self._staging()[:nbytes]
+            out = buf.view(dt).view(shape)
+        else:
+            out = torch.empty(shape, dtype=dt)
+            buf = out.reshape(-1).view(torch.uint8)
+        view = memoryview(buf.numpy())
         self._f.seek(start)
         got = 0
-        while got < len(buf):
-            n = self._f.readinto(memoryview(buf)[got:])
+        while got < nbytes:
+            n = self._f.readinto(view[got:])
             if not n:
                 raise ModelLoadError(f"{self.path} is damaged: tensor {key!r} runs past the end of the file")
             got += n
         return out
 
     def load(self, source: Source, shape: torch.Size, dtype: torch.dtype | None) -> torch.Tensor:
+        """The module tensor for `source`: read as stored when it needs no cast (it becomes the
+        parameter itself), else read into the staging buffer and cast into a new tensor."""
         key, how = source
-        t = self.read(key, how if isinstance(how, int) else None)
-        if how == "t":
-            t = t.t()
-        if t.is_floating_point() and dtype is not None and t.dtype != dtype:
-            t = t.to(dtype)
-        return t.reshape(shape).contiguous()
+        block = how if isinstance(how, int) else None
+        stored = _TORCH_DTYPES.get(self.header.tensors[key].dtype)
+        cast = dtype is not None and stored is not None and stored.is_floating_point and stored != dtype
+        if not cast:
+            t = self.read(key, block)
+            return (t.t() if how == "t" else t).reshape(shape).contiguous()
+        src = self.read(key, block, staged=True)
+        out = torch.empty(shape, dtype=dtype)
+        out.copy_((src.t() if how == "t" else src).reshape(shape))
+        return out
 
 
 def _load_component(
