@@ -414,22 +414,36 @@ def test_header_info_counts_equal_the_loaded_modules(fp32_export):
 
 
 def test_info_never_reads_tensor_data(fp32_export, tmp_path):
-    """A copy holding only the header (the data section cut off, as in a half-downloaded file) gives the
-    same info; safetensors itself refuses that file, so no tensor byte can have been needed."""
+    """A file whose data section is a hole (sparse: no tensor byte was ever written) gives the same
+    info as the real file, so no tensor byte can have been needed."""
+    sparse = tmp_path / "sparse.safetensors"
+    with fp32_export.open("rb") as src, sparse.open("wb") as dst:
+        dst.write(src.read(read_header(fp32_export).header_bytes))
+    os.truncate(sparse, fp32_export.stat().st_size)
+    full, from_header = single_file_info(fp32_export), single_file_info(sparse)
+    for d in (full, from_header):
+        d.pop("source")
+    assert from_header == full
+
+
+@pytest.mark.parametrize("keep", ["header only", "all but one byte"])
+def test_info_calls_a_truncated_file_damaged(fp32_export, tmp_path, keep):
+    """A header that points past the end of the file (an interrupted download) is damaged, not
+    "fine": the installed command says so in one line naming the file, and safetensors (the
+    reference reader) refuses the same file."""
     header = read_header(fp32_export)
     cut = tmp_path / "cut.safetensors"
-    with fp32_export.open("rb") as src, cut.open("wb") as dst:
-        dst.write(src.read(header.header_bytes))
+    shutil.copy(fp32_export, cut)
+    os.truncate(cut, header.header_bytes if keep == "header only" else fp32_export.stat().st_size - 1)
     with pytest.raises(SafetensorError):
         safe_open(str(cut), "pt")
-    full, only_header = single_file_info(fp32_export), single_file_info(cut)
-    for d in (full, only_header):
-        d.pop("source"), d.pop("file_bytes")
-    assert only_header == full
-    sparse = tmp_path / "sparse.safetensors"  # a 7 GB file that occupies a few KB: a hole after the header
-    shutil.copy(cut, sparse)
-    os.truncate(sparse, 7 * 2**30)
-    assert single_file_info(sparse)["components"] == full["components"]
+    res = subprocess.run(
+        [str(BIGASP), "model", "info", str(cut)], capture_output=True, text=True, timeout=120, env=ENV
+    )
+    assert res.returncode == 2 and res.stdout == "", res.stdout
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(cut) in lines[0] and "damaged" in lines[0], res.stderr
+    assert f"{fp32_export.stat().st_size:,}" in lines[0]  # the size the header requires
 
 
 def test_info_on_a_file_imports_no_torch(fp32_export):
@@ -469,3 +483,45 @@ def test_docs_say_what_a_dragged_in_workflow_needs_and_gives():
         assert "directly in" in flat or "directly into" in flat, name
         assert '"Value not in list"' in flat, name
         assert "up to float rounding (at most one 8-bit level in a few pixels)" in flat, name
+
+
+def test_export_never_replaces_a_workflow_file_without_force(tmp_path):
+    """Every file `model export` would write is checked before anything is loaded or written: an
+    existing workflow file beside OUT stops it with one line naming that file, and nothing is
+    replaced (the single file itself is not written either)."""
+    out = tmp_path / "flow.safetensors"
+    cmd = [str(BIGASP), "model", "export", "tiny", str(out), "--prediction", "flow"]
+    for taken in workflow_paths(out):
+        taken.write_bytes(b"the user's own file")
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+        assert res.returncode == 2, res.stdout + res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(taken) in lines[0] and "--force" in lines[0], res.stderr
+        assert taken.read_bytes() == b"the user's own file"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [taken.name]
+        taken.unlink()
+    taken.write_bytes(b"the user's own file")
+    res = subprocess.run([*cmd, "--force"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode == 0, res.stderr
+    assert taken.read_bytes() != b"the user's own file" and out.is_file()
+
+
+def test_export_of_a_flow_file_checks_its_workflow_files_first(fp32_export, tmp_path):
+    """The kind recorded in the source file decides whether workflow files will be written; they are
+    checked before the export starts, without --prediction on the command line."""
+    out = tmp_path / "again.safetensors"
+    taken = workflow_paths(out).png
+    taken.write_bytes(b"keep me")
+    res = subprocess.run(
+        [str(BIGASP), "model", "export", str(fp32_export), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert res.returncode == 2 and str(taken) in res.stderr, res.stderr
+    assert taken.read_bytes() == b"keep me" and not out.exists()
+    assert (
+        CliRunner().invoke(app, ["model", "export", str(fp32_export), str(out), "--no-workflow"]).exit_code
+        == 0
+    )

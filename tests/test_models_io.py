@@ -214,3 +214,26 @@ def test_hub_layout_text_encoders_load_in_fp32(tiny_model, tmp_path):
         got = getattr(loaded, comp).state_dict()
         for k, v in getattr(tiny_model, comp).state_dict().items():
             assert got[k].dtype == torch.float32 and torch.equal(got[k], v.half().float()), (comp, k)
+
+
+def test_a_half_precision_run_from_a_single_file_keeps_its_tensors_and_its_image(tmp_path):
+    """`generate --dtype bf16` from an fp16 single file loads the tensors as stored (no fp32 copy)
+    and makes the same PNG as the same weights from a diffusers folder (which load as fp32)."""
+    import numpy as np
+    from PIL import Image
+
+    from bigasp.cli import main
+    from bigasp.models.single_file import save_single_file
+
+    path = save_single_file(build_preset("tiny"), tmp_path / "m.safetensors", dtype=torch.float16)
+    kept = load_model(path, file_dtype_kept=True)
+    assert {p.dtype for m in kept.modules().values() for p in m.parameters()} == {torch.float16}
+    save_diffusers_folder(load_model(path), tmp_path / "folder")
+    pixels = []
+    for source in (path, tmp_path / "folder"):
+        out = tmp_path / f"out-{source.name}"
+        args = ["generate", "a cat", "--model", str(source), "--size", "64x64", "--steps", "2"]
+        main([*args, "--device", "cpu", "--dtype", "bf16", "--out", str(out)])
+        (png,) = out.glob("*.png")
+        pixels.append(np.asarray(Image.open(png)))
+    assert np.array_equal(*pixels)

@@ -96,30 +96,16 @@ def test_file_layout_and_metadata(tiny_file):
 
 
 def test_load_reads_only_requested_components(tiny_file, monkeypatch, distinct_model):
-    import safetensors
+    from bigasp.models.single_file import TensorReader
 
-    real_open = safetensors.safe_open
+    real_read = TensorReader.read
     read: list[str] = []
 
-    class Recording:
-        def __init__(self, *a, **kw):
-            self._f = real_open(*a, **kw)
+    def recording(self, key, *a, **kw):
+        read.append(key)
+        return real_read(self, key, *a, **kw)
 
-        def __enter__(self):
-            self._h = self._f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self._f.__exit__(*exc)
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self._h.get_tensor(key)
-
-        def __getattr__(self, name):
-            return getattr(self._h, name)
-
-    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    monkeypatch.setattr(TensorReader, "read", recording)
     m = load_single_file(tiny_file, ["text_encoder_2"])
     assert m.unet is None and m.vae is None and m.text_encoder is None
     assert read and all(k.startswith(PREFIXES["text_encoder_2"]) for k in read)
@@ -201,16 +187,20 @@ def test_corrupt_and_missing_files(tmp_path):
 
 
 def test_save_is_atomic_and_keeps_the_old_file_on_failure(distinct_model, tmp_path, monkeypatch):
-    import safetensors.torch
+    import bigasp.models.single_file as sf
 
     small = SDXL(text_encoder=distinct_model.text_encoder)
     out = save_single_file(small, tmp_path / "m.safetensors")
     before = out.read_bytes()
+    materialize, calls = sf._materialize, []
 
-    def boom(*a, **kw):
-        raise OSError("disk full")
+    def boom(*a, **kw):  # fails midway: some tensors are already in the temp file
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return materialize(*a, **kw)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(sf, "_materialize", boom)
     with pytest.raises(OSError, match="disk full"):
         save_single_file(small, out)
     assert out.read_bytes() == before
@@ -358,3 +348,199 @@ def test_vae_attention_stored_as_matrices_also_loads(distinct_model, tmp_path):
     save_file(tensors, str(path))
     assert_identical(load_single_file(path, ["vae"], preset="tiny").vae, distinct_model.vae)
     assert_identical(load_single_file(path, ["vae"]).vae, distinct_model.vae)
+
+
+# --- export one tensor at a time ------------------------------------------------------------
+
+
+def _save_file_reference(model: SDXL, path, dtype: torch.dtype | None) -> None:
+    """The export as it was: every output tensor built first, then `safetensors.torch.save_file`."""
+    from bigasp.models.single_file import file_metadata
+
+    tensors = {
+        k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+        for k, v in ldm_state_dict(model).items()
+    }
+    save_file(tensors, str(path), metadata=file_metadata(model))
+
+
+def assert_same_file(ours, ref) -> None:
+    """Same header (tensor names, dtypes, shapes, data offsets, metadata) and the same data bytes.
+    Only the order of the metadata keys inside the header may differ: safetensors writes them in
+    hash order, which changes from one process to the next."""
+    import struct
+
+    a, b = ours.read_bytes(), ref.read_bytes()
+    (na,), (nb,) = struct.unpack("<Q", a[:8]), struct.unpack("<Q", b[:8])
+    assert na == nb and len(a) == len(b)
+    assert json.loads(a[8 : 8 + na]) == json.loads(b[8 : 8 + nb])
+    assert a[8 + na :] == b[8 + nb :]
+    ours_keys, ref_keys = list(json.loads(a[8 : 8 + na])), list(json.loads(b[8 : 8 + nb]))
+    assert ours_keys == ref_keys  # "__metadata__" first, then the tensors in data order
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, None])
+def test_streamed_export_writes_what_safetensors_save_file_wrote(distinct_model, tmp_path, dtype):
+    ours = save_single_file(distinct_model, tmp_path / "ours.safetensors", dtype=dtype)
+    _save_file_reference(distinct_model, tmp_path / "ref.safetensors", dtype)
+    assert_same_file(ours, tmp_path / "ref.safetensors")
+
+
+def test_safetensors_writer_orders_mixed_dtypes_as_safetensors_does(tmp_path):
+    from bigasp.models.single_file import write_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        f"{name}.{i}": torch.randn(3 + i, generator=gen).to(dt) if dt.is_floating_point else
+        torch.arange(5 + i).to(dt)
+        for i, (name, dt) in enumerate(
+            [("b", torch.float16), ("a", torch.bfloat16), ("z", torch.float32), ("c", torch.int64),
+             ("y", torch.float64), ("x", torch.int32), ("w", torch.int16), ("v", torch.int8),
+             ("u", torch.uint8), ("t", torch.bool), ("s", torch.float16), ("r", torch.float32)]
+        )
+    }  # fmt: skip
+    tensors["scalar"] = torch.tensor(4.5)
+    meta = {"z": "1", "a": "ü", "m": "x" * 7}
+    write_safetensors(tmp_path / "ours.safetensors", {**tensors, "lazy": lambda: torch.ones(2, 3)}, meta)
+    save_file({**tensors, "lazy": torch.ones(2, 3)}, str(tmp_path / "ref.safetensors"), metadata=meta)
+    assert_same_file(tmp_path / "ours.safetensors", tmp_path / "ref.safetensors")
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of the tensors torch ops create while they are alive, and the peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _gone(self, ptr: int, nbytes: int) -> None:
+        self.seen.discard(ptr)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                ptr, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                if nbytes == 0 or any(
+                    isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == ptr
+                    for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                ):
+                    continue  # a view or the input itself: no new memory
+                self.seen.add(ptr)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._gone, ptr, nbytes)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_export_holds_one_output_tensor_at_a_time(distinct_model, tmp_path, dtype):
+    """The memory an export adds to the loaded model is one output tensor (plus one fused q/k/v
+    source), counted by what torch allocates, not by timing: the old path held every cast tensor."""
+    state = ldm_state_dict(distinct_model)
+    largest_out = max(v.numel() for v in state.values()) * dtype.itemsize
+    fused = max(v.numel() * 4 for k, v in state.items() if k.endswith(("in_proj_weight", "text_projection")))
+    total = sum(v.numel() for v in state.values()) * dtype.itemsize
+    bound = largest_out + fused
+    assert total > 2 * bound  # the bound below tells the two paths apart
+    with LiveBytes() as ours:
+        save_single_file(distinct_model, tmp_path / "ours.safetensors", dtype=dtype)
+    with LiveBytes() as old:
+        _save_file_reference(distinct_model, tmp_path / "ref.safetensors", dtype)
+    assert old.peak >= total  # the tracker sees the old path's copies
+    assert ours.peak <= bound, (ours.peak, bound, old.peak)
+
+
+# --- loading: against diffusers' converters, and without a second copy ------------------------
+
+
+def _diffusers_reference(path, component: str, tmp_path) -> torch.nn.Module:
+    """The component as diffusers' own single-file converters load it (the field's reference)."""
+    import diffusers
+    import transformers
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
+    from bigasp.models.presets import component_config
+
+    cfg = component_config("tiny", component)
+    for key in ("architectures", "torch_dtype", "dtype"):
+        cfg.pop(key, None)
+    (tmp_path / component).mkdir()
+    (tmp_path / component / "config.json").write_text(json.dumps(cfg))
+    with safe_open(str(path), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(PREFIXES[component])}  # noqa: SIM118
+    where = str(tmp_path / component)
+    if component in ("unet", "vae"):
+        cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
+        return cls.from_single_file(sd, config=where, local_files_only=True)
+    cls = (
+        transformers.CLIPTextModel
+        if component == "text_encoder"
+        else transformers.CLIPTextModelWithProjection
+    )
+    return create_diffusers_clip_model_from_ldm(cls, sd, config=where, local_files_only=True).float()
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_loading_matches_diffusers_single_file_converters(distinct_model, tmp_path, half):
+    """Every component loads as diffusers' converters load the same file (fp32 and fp16 files;
+    the VAE's attention weights also stored 2-D, as some tools write them)."""
+    state = ldm_state_dict(distinct_model)
+    if half:
+        state = {k: v.half() for k, v in state.items()}
+    state = {
+        k: (v.flatten(1) if ".mid.attn_1." in k and v.ndim == 4 else v).contiguous() for k, v in state.items()
+    }
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path))
+    ours = load_single_file(path)
+    for comp in SDXL.COMPONENTS:
+        ref = _diffusers_reference(path, comp, tmp_path)
+        assert_identical(getattr(ours, comp), ref)
+        assert type(getattr(ours, comp)) is type(ref)
+    fp16 = load_single_file(path, ["unet"], dtype=None)  # the file's own dtype, as stored
+    assert {p.dtype for p in fp16.unet.parameters()} == {torch.float16 if half else torch.float32}
+
+
+_PEAK_SCRIPT = """
+import json, sys
+from pathlib import Path
+from bigasp.models.single_file import load_single_file
+import accelerate, diffusers, transformers  # imported before the baseline
+
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
+base = status("VmRSS")
+m = load_single_file(sys.argv[1], ["text_encoder"])
+params = sum(p.numel() * p.element_size() for p in m.text_encoder.parameters())
+print(json.dumps({"added": status("VmHWM") - base, "params": params}))
+"""
+
+
+@pytest.mark.slow
+def test_loading_an_fp16_file_costs_the_model_and_one_tensor(tmp_path):
+    """Peak resident memory of loading SDXL's CLIP-L (the real size: 123 M parameters) from an
+    fp16 file into fp32 modules: the modules plus about one tensor, where the old path also held
+    the fp16 state dict and the memory-mapped file pages (about 2x the fp16 file more)."""
+    import subprocess
+    import sys
+
+    from bigasp.models.presets import build_preset
+
+    m = build_preset("sdxl-base", ["text_encoder"])
+    path = save_single_file(m, tmp_path / "clip_l.safetensors", dtype=torch.float16)
+    del m
+    res = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    largest = 49408 * 768 * 2  # the token embedding, as read (fp16)
+    assert got["added"] <= got["params"] + 2 * largest, got

@@ -169,6 +169,10 @@ def export(
     ComfyUI workflow that samples it correctly is written beside the file.
     """
     from bigasp.errors import BigaspError
+
+    planned = _source_kind(model, prediction)  # every file to be written is checked first (no torch yet)
+    for target in (out, *_workflow_targets(out, workflow and planned == "flow")):
+        _refuse_existing(str(target), force)
     from bigasp.models.single_file import EXPORT_DTYPES
 
     if dtype not in EXPORT_DTYPES:
@@ -176,8 +180,10 @@ def export(
     from bigasp.models.io import load_model
     from bigasp.models.single_file import save_single_file
 
-    _refuse_existing(out, force)
     m = _with_kind(load_model(model, preset=_arch(arch, preset)), prediction, shift)
+    if workflow and m.kind.prediction == "flow" and planned != "flow":  # a source that surprised us
+        for target in _workflow_targets(out, True):
+            _refuse_existing(str(target), force)
     path = save_single_file(m, out, dtype=EXPORT_DTYPES[dtype])
     typer.echo(f"exported {path} ({m.kind.prediction}, shift {m.kind.shift}, {dtype})")
     if workflow and m.kind.prediction == "flow":
@@ -185,6 +191,41 @@ def export(
 
         for written in write_workflow(path, m.kind):
             typer.echo(f"wrote {written}")
+
+
+def _workflow_targets(out: str, wanted: bool) -> tuple:
+    from bigasp.models.comfyui import workflow_paths
+
+    return tuple(workflow_paths(out)) if wanted else ()
+
+
+def _source_kind(model: str, prediction: str | None) -> str | None:
+    """The prediction `export` will record, known before loading (so that every file the command
+    will write is checked first): --prediction, else what the source records, else eps. None when
+    the source cannot say cheaply; loading it then reports the problem."""
+    from pathlib import Path
+
+    from bigasp.errors import BigaspError
+    from bigasp.models.components import ModelKind
+    from bigasp.models.presets import PRESETS
+
+    if prediction is not None:
+        return prediction
+    if model in PRESETS:
+        return ModelKind().prediction
+    path = Path(model).expanduser()
+    try:
+        if path.is_file() and path.suffix in (".safetensors", ".sft"):
+            from bigasp.models.file_header import kind_from_metadata, read_header
+
+            kind = kind_from_metadata(read_header(path).metadata, str(path))
+        elif path.is_dir():
+            kind = ModelKind.load(path)
+        else:
+            return None
+    except (BigaspError, OSError, ValueError):
+        return None
+    return (kind or ModelKind()).prediction
 
 
 def register(app: typer.Typer) -> None:

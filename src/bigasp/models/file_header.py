@@ -3,8 +3,9 @@
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON (per tensor:
 dtype, shape, byte offsets; plus `__metadata__`), then the raw tensor data. `bigasp model info`
 on a 7 GB single-file SDXL needs only the JSON: shapes give parameter counts, the metadata
-gives the model kind. Reading it takes milliseconds and a few hundred KB, whatever the file size,
-and works on a file whose data is still downloading (the data section is never touched).
+gives the model kind. Reading it takes milliseconds and a few hundred KB, whatever the file size
+(the data section is never read: only its length is compared with what the header promises, so a
+truncated download is called damaged rather than fine).
 
 The single-file key layout and metadata names live here too, so that this view needs no torch;
 `bigasp.models.single_file` (which does the loading and saving) uses the same constants.
@@ -60,6 +61,7 @@ MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 class TensorEntry:
     dtype: str  # safetensors code, e.g. "F16"
     shape: tuple[int, ...]
+    offsets: tuple[int, int] = (0, 0)  # [begin, end) bytes within the data section
 
     @property
     def numel(self) -> int:
@@ -71,6 +73,11 @@ class Header:
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
     header_bytes: int  # 8 + N: where the data section starts
+
+    @property
+    def data_end(self) -> int:
+        """File size the header requires: the data section ends at the largest tensor end offset."""
+        return self.header_bytes + max((e.offsets[1] for e in self.tensors.values()), default=0)
 
 
 def read_header(path: str | os.PathLike) -> Header:
@@ -105,9 +112,16 @@ def read_header(path: str | os.PathLike) -> Header:
     tensors = {}
     for name, entry in data.items():
         try:
-            tensors[name] = TensorEntry(str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+            begin, end = (int(o) for o in entry["data_offsets"])
+            tensors[name] = TensorEntry(
+                str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), (begin, end)
+            )
         except (KeyError, TypeError, ValueError):
-            raise ModelLoadError(f"{path}: header entry {name!r} has no valid dtype/shape") from None
+            raise ModelLoadError(
+                f"{path}: header entry {name!r} has no valid dtype/shape/data_offsets"
+            ) from None
+        if not 0 <= begin <= end:
+            raise ModelLoadError(f"{path} is damaged: header entry {name!r} has data offsets {[begin, end]}")
     return Header(tensors=tensors, metadata=dict(metadata), header_bytes=8 + n)
 
 
@@ -137,6 +151,12 @@ def single_file_info(path: str | os.PathLike) -> dict[str, Any]:
     predates bigasp) with `kind_recorded: false`.
     """
     header = read_header(path)
+    size = Path(path).stat().st_size
+    if size < header.data_end:
+        raise ModelLoadError(
+            f"{path} is damaged: its header places tensor data up to byte {header.data_end:,} but the "
+            f"file has only {size:,} bytes (an interrupted download or copy?); download or export it again"
+        )
     components: dict[str, dict[str, Any]] = {}
     other: Counter[str] = Counter()
     for comp, prefix in PREFIXES.items():
@@ -157,7 +177,6 @@ def single_file_info(path: str | os.PathLike) -> dict[str, Any]:
             other[key.split(".")[0]] += 1
     recorded = kind_from_metadata(header.metadata, str(path))
     kind = recorded or ModelKind()
-    size = Path(path).stat().st_size
     return {
         "source": str(path),
         "format": "single-file safetensors",

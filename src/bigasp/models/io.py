@@ -91,11 +91,14 @@ def load_model(
     kind: ModelKind | None = None,
     preset: str | None = None,
     seed: int = 0,
+    file_dtype_kept: bool = False,
 ) -> SDXL:
     """Load the requested components from a preset name, a diffusers folder or a single file.
 
     `kind` overrides the model kind recorded in the checkpoint (or assumed: eps).
     `preset` names the architecture of a single file when it cannot be inferred.
+    `file_dtype_kept`: a single file's tensors keep their stored dtype (e.g. fp16, for a run in
+    fp16: no fp32 copy is ever made) instead of being loaded as fp32.
     """
     components = tuple(components)
     spec_str = str(spec)
@@ -108,7 +111,8 @@ def load_model(
     if path.is_file() and path.suffix in (".safetensors", ".sft"):
         from bigasp.models.single_file import load_single_file
 
-        return load_single_file(path, components, kind=kind, preset=preset)
+        as_stored = {"dtype": None} if file_dtype_kept else {}  # default: fp32 modules
+        return load_single_file(path, components, kind=kind, preset=preset, **as_stored)
     if path.is_dir() and incomplete_checkpoint(path) is not None:
         raise ModelLoadError(incomplete_checkpoint(path))  # type: ignore[arg-type]
     if path.is_dir():

@@ -9,11 +9,10 @@ This is how SDXL finetunes are actually distributed (bigASP v2 and v2.5 included
     conditioner.embedders.1.model.*        OpenCLIP bigG: fused q/k/v (`in_proj_weight`),
                                            `text_projection` stored as the transpose of HF's Linear
 
-Loading goes through diffusers' own single-file converters (the field's reference
-implementation, used by every diffusers user who loads a Civitai file), fed with only the
-tensors of the requested components and with bigasp's shipped preset configs, so it works
-offline. Saving uses bigasp's own diffusers->LDM mapping below; the round-trip test checks
-the two against each other bit for bit.
+Saving uses bigasp's diffusers->LDM key mapping below; loading uses its inverse (`file_sources`)
+to read each tensor straight into modules built from bigasp's shipped preset configs, so it
+works offline and holds no second copy of the weights. The tests check both directions bit for
+bit against diffusers' own single-file converters (the field's reference implementation).
 
 The model kind (eps/flow, shift) is recorded in the safetensors metadata, because a flow
 model sampled as eps produces garbage and a single file has no room for a side-car JSON.
@@ -23,11 +22,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -199,11 +198,16 @@ _OPENCLIP_LAYER = {
 }
 
 
-def clip_g_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+Lazy = Callable[[], torch.Tensor]  # a tensor computed when the writer reaches it
+
+
+def clip_g_to_ldm(state_dict: Mapping[str, torch.Tensor], *, lazy: bool = False) -> dict[str, Any]:
     """HF CLIPTextModelWithProjection -> OpenCLIP text tower as SGM stores it.
 
     OpenCLIP's attention is `nn.MultiheadAttention` (one `in_proj` = [q; k; v] rows) and its
     projection is a bare matrix applied as `x @ P`, i.e. the transpose of HF's Linear weight.
+    With `lazy`, those two new tensors are returned as zero-argument functions that make them,
+    so an export holds one of them at a time instead of all 32 layers' fused copies.
     """
     sd = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
     out: dict[str, torch.Tensor] = {}
@@ -217,7 +221,8 @@ def clip_g_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         elif module == "final_layer_norm":
             out[f"ln_final.{param}"] = value
         elif key == "text_projection.weight":
-            out["text_projection"] = value.t().contiguous()
+            transpose = partial(_transposed, value)
+            out["text_projection"] = transpose if lazy else transpose()
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj", module):
             fused.setdefault((int(m[1]), param), {})[m[2]] = value
         elif (m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", module)) and m[2] in _OPENCLIP_LAYER:
@@ -227,12 +232,20 @@ def clip_g_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     for (layer, param), qkv in sorted(fused.items()):
         if set(qkv) != {"q", "k", "v"}:
             raise ModelLoadError(f"text_encoder_2 layer {layer} lacks one of q/k/v {param}")
-        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])
+        fuse = partial(torch.cat, [qkv["q"], qkv["k"], qkv["v"]])
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = fuse if lazy else fuse()
     return out
 
 
-def component_to_ldm(component: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A component's state dict under its full single-file key names."""
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous()
+
+
+def component_to_ldm(component: str, module: torch.nn.Module, *, lazy: bool = False) -> dict[str, Any]:
+    """A component's state dict under its full single-file key names.
+
+    Values are the module's own tensors (or views of them) except where the layout fuses or
+    transposes; with `lazy` those few are functions that compute them (see `clip_g_to_ldm`)."""
     sd = module.state_dict()
     if component == "unet":
         mapped = unet_to_ldm(sd, module.config)
@@ -241,7 +254,7 @@ def component_to_ldm(component: str, module: torch.nn.Module) -> dict[str, torch
     elif component == "text_encoder":
         mapped = clip_l_to_ldm(sd)
     elif component == "text_encoder_2":
-        mapped = clip_g_to_ldm(sd)
+        mapped = clip_g_to_ldm(sd, lazy=lazy)
     else:
         raise ModelLoadError(f"unknown component {component!r}")
     prefix = PREFIXES[component]
@@ -279,24 +292,99 @@ def save_single_file(model: SDXL, path: str | os.PathLike, *, dtype: torch.dtype
     beside `path`, then renamed, so an interrupted export never leaves a truncated file under
     the final name.
     """
-    from safetensors.torch import save_file
-
     out = Path(path)
     if out.suffix != ".safetensors":
         raise ModelLoadError(f"single-file output {out} must end in .safetensors")
     if not model.modules():
         raise ModelLoadError("nothing to export: the model holds no components")
     out.parent.mkdir(parents=True, exist_ok=True)
-    state = ldm_state_dict(model)
-    tensors = {
-        k: v.detach()
-        .to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
-        .contiguous()
-        for k, v in progress.bar(state.items(), desc=f"exporting {out.name}", total=len(state), unit="tensor")
-    }
+    entries: dict[str, torch.Tensor | Lazy] = {}
+    for comp, module in model.modules().items():
+        entries.update(component_to_ldm(comp, module, lazy=True))
     with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata=file_metadata(model))
+        write_safetensors(tmp, entries, file_metadata(model), dtype=dtype, desc=f"exporting {out.name}")
     return out
+
+
+# safetensors orders the data section by dtype (larger codes first, so every tensor stays aligned),
+# then by name; the same order here makes the file byte-identical to `safetensors.torch.save_file`.
+_ST_CODES = {
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.float32: "F32",
+    torch.int32: "I32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ST_RANK = {
+    "I64": 0,
+    "F64": 1,
+    "I32": 3,
+    "F32": 2,
+    "BF16": 4,
+    "F16": 5,
+    "I16": 6,
+    "I8": 7,
+    "U8": 8,
+    "BOOL": 9,
+}
+
+
+def _materialize(value: torch.Tensor | Lazy, dtype: torch.dtype | None) -> torch.Tensor:
+    t = value() if callable(value) else value
+    cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    return t.detach().to("cpu", dtype=cast).contiguous()
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    entries: Mapping[str, torch.Tensor | Lazy],
+    metadata: Mapping[str, str],
+    *,
+    dtype: torch.dtype | None = None,
+    desc: str = "writing",
+) -> None:
+    """Write a .safetensors file one tensor at a time.
+
+    `safetensors.torch.save_file` needs every output tensor at once: an fp16 export of an fp32
+    SDXL held a 7 GB copy beside the 14 GB model. Here the header is computed from shapes and
+    dtypes alone, then each tensor is cast (and, if lazy, computed), written and dropped, so
+    the extra memory is one tensor. `dtype` casts floating-point tensors; None keeps each one's.
+    """
+    import struct
+
+    specs: dict[str, tuple[str, tuple[int, ...], int]] = {}
+    for key, value in entries.items():
+        if callable(value):  # computed twice (here only for its shape), never kept
+            t = value()
+            shape, src = tuple(t.shape), t.dtype
+            del t
+        else:
+            shape, src = tuple(value.shape), value.dtype
+        cast = dtype if dtype is not None and src.is_floating_point else src
+        if cast not in _ST_CODES:
+            raise ModelLoadError(f"tensor {key!r} has dtype {cast}, which a .safetensors file cannot hold")
+        specs[key] = (_ST_CODES[cast], shape, math.prod(shape) * cast.itemsize)
+    order = sorted(specs, key=lambda k: (_ST_RANK[specs[k][0]], k))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for key in order:
+        code, shape, nbytes = specs[key]
+        header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key in progress.bar(order, desc=desc, total=len(order), unit="tensor"):
+            t = _materialize(entries[key], dtype)
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,42 +456,132 @@ def infer_preset(
     )
 
 
-def _write_configs(folder: Path, preset: str, components: Iterable[str]) -> None:
-    """The preset's component configs as the local config folders diffusers' loaders read."""
-    for comp in components:
-        cfg = component_config(preset, comp)
-        if comp.startswith("text_encoder"):
-            # bigasp builds in fp32 (as build_component); the published configs say float16.
-            for key in ("architectures", "torch_dtype", "dtype"):
-                cfg.pop(key, None)
-        (folder / comp).mkdir()
-        (folder / comp / "config.json").write_text(json.dumps(cfg, indent=2))
+_TORCH_DTYPES = {code: dt for dt, code in _ST_CODES.items()}
+_QKV = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+
+# How a module tensor comes out of the file: the whole file tensor (reshaped to the module's shape:
+# LDM's 1x1-conv attention weights vs diffusers' Linear), its transpose, or row block i of 3
+# (OpenCLIP's fused [q; k; v] in_proj).
+Source = tuple[str, str | int]
 
 
-def _diffusers_loader(component: str) -> Callable[[dict[str, torch.Tensor], str], torch.nn.Module]:
-    if component in ("unet", "vae"):
-        import diffusers
+def file_sources(component: str, module: torch.nn.Module) -> dict[str, Source]:
+    """Module state-dict key -> (single-file key, how), the inverse of `component_to_ldm`.
 
-        cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
+    Built from the same key mapping the export uses, so the two cannot drift apart; the
+    load test checks the result against diffusers' own single-file converters."""
+    sd = module.state_dict()
+    prefix = PREFIXES[component]
+    if component in ("unet", "text_encoder"):
+        # These layouts only rename: map the names themselves.
+        names = {k: k for k in sd}
+        mapped = unet_to_ldm(names, module.config) if component == "unet" else clip_l_to_ldm(names)
+        return {k: (prefix + ldm, "same") for ldm, k in mapped.items()}
+    out: dict[str, Source] = {}
+    for k, v in sd.items():
+        if component == "vae":
+            (ldm,) = vae_to_ldm({k: v}, module.config)
+            out[k] = (prefix + ldm, "same")
+        elif m := _QKV.fullmatch(k):
+            out[k] = (f"{prefix}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", "qkv".index(m[2]))
+        elif k.removeprefix("text_model.") == "text_projection.weight":
+            out[k] = (prefix + "text_projection", "t")
+        else:
+            (ldm,) = clip_g_to_ldm({k: v})
+            out[k] = (prefix + ldm, "same")
+    return out
 
-        def load(sd: dict[str, torch.Tensor], config_dir: str) -> torch.nn.Module:
-            return cls.from_single_file(sd, config=config_dir, local_files_only=True)
 
-        return load
+class TensorReader:
+    """Reads single tensors (or row blocks) of a safetensors file with plain reads into fresh
+    buffers. Unlike a memory map, whose touched pages stay in the process's resident memory
+    until it is closed, the file's bytes never count against the process: loading an fp16
+    SDXL into fp32 modules costs the modules plus one tensor, not the modules plus the file."""
 
-    import transformers
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    def __init__(self, path: Path) -> None:
+        from bigasp.models.file_header import read_header
 
-    cls = (
-        transformers.CLIPTextModel
-        if component == "text_encoder"
-        else transformers.CLIPTextModelWithProjection
-    )
+        self.path = path
+        self.header = read_header(path)
+        self._f = path.open("rb", buffering=0)
+        self._stage: torch.Tensor | None = None
 
-    def load_clip(sd: dict[str, torch.Tensor], config_dir: str) -> torch.nn.Module:
-        return create_diffusers_clip_model_from_ldm(cls, sd, config=config_dir, local_files_only=True)
+    def close(self) -> None:
+        self._f.close()
+        self._stage = None
 
-    return load_clip
+    def _staging(self) -> torch.Tensor:
+        """One buffer, as large as the file's largest tensor, that every tensor needing a cast is
+        read into. A fresh temporary per tensor would leave freed holes between the kept tensors
+        that the allocator does not give back (about 1 GB on SDXL)."""
+        if self._stage is None:
+            largest = max((e.offsets[1] - e.offsets[0] for e in self.header.tensors.values()), default=0)
+            self._stage = torch.empty(largest, dtype=torch.uint8)
+        return self._stage
+
+    def read(self, key: str, block: int | None = None, *, staged: bool = False) -> torch.Tensor:
+        """Tensor `key` (or row block `block` of 3) as stored: a fresh tensor, or with `staged` a
+        view of the staging buffer that the next staged read overwrites."""
+        entry = self.header.tensors[key]
+        if entry.dtype not in _TORCH_DTYPES:
+            raise ModelLoadError(
+                f"{self.path}: tensor {key!r} has dtype {entry.dtype}, which bigasp cannot load"
+            )
+        dt = _TORCH_DTYPES[entry.dtype]
+        shape, start = entry.shape, self.header.header_bytes + entry.offsets[0]
+        if block is not None:
+            rows = shape[0] // 3
+            start += block * rows * math.prod(shape[1:]) * dt.itemsize
+            shape = (rows, *shape[1:])
+        nbytes = math.prod(shape) * dt.itemsize
+        if staged:
+            buf = self._staging()[:nbytes]
+            out = buf.view(dt).view(shape)
+        else:
+            out = torch.empty(shape, dtype=dt)
+            buf = out.reshape(-1).view(torch.uint8)
+        view = memoryview(buf.numpy())
+        self._f.seek(start)
+        got = 0
+        while got < nbytes:
+            n = self._f.readinto(view[got:])
+            if not n:
+                raise ModelLoadError(f"{self.path} is damaged: tensor {key!r} runs past the end of the file")
+            got += n
+        return out
+
+    def load(self, source: Source, shape: torch.Size, dtype: torch.dtype | None) -> torch.Tensor:
+        """The module tensor for `source`: read as stored when it needs no cast (it becomes the
+        parameter itself), else read into the staging buffer and cast into a new tensor."""
+        key, how = source
+        block = how if isinstance(how, int) else None
+        stored = _TORCH_DTYPES.get(self.header.tensors[key].dtype)
+        cast = dtype is not None and stored is not None and stored.is_floating_point and stored != dtype
+        if not cast:
+            t = self.read(key, block)
+            return (t.t() if how == "t" else t).reshape(shape).contiguous()
+        src = self.read(key, block, staged=True)
+        out = torch.empty(shape, dtype=dtype)
+        out.copy_((src.t() if how == "t" else src).reshape(shape))
+        return out
+
+
+def _load_component(
+    reader: TensorReader, preset: str, component: str, dtype: torch.dtype | None
+) -> torch.nn.Module:
+    """Build `component` with its parameters on the meta device (no memory), then give each one
+    the tensor read from the file (assign: the read tensor becomes the parameter, no copy)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        module = build_component(component_config(preset, component), component)
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    state = {}
+    for key, source in file_sources(component, module).items():
+        state[key] = reader.load(source, shapes[key], dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    del state
+    return module
 
 
 def load_single_file(
@@ -412,11 +590,15 @@ def load_single_file(
     *,
     kind: ModelKind | None = None,
     preset: str | None = None,
+    dtype: torch.dtype | None = torch.float32,
 ) -> SDXL:
     """Load the requested components of a single-file SDXL checkpoint, offline.
 
-    Only the requested components' tensors are read (safetensors is memory-mapped, so
-    loading just the UNet of a 6.9 GB file never touches the VAE or text encoder bytes).
+    Only the requested components' tensors are read (loading just the UNet of a 6.9 GB file
+    never touches the VAE or text encoder bytes), one at a time, straight into the modules:
+    memory is the loaded model plus one tensor. `dtype` is the modules' floating-point dtype
+    (fp32, what training and CPU generation use; None keeps the file's own, e.g. fp16 for an
+    fp16 run without a cast copy).
     `preset` names the architecture; when None it is inferred from the tensor shapes.
     The model kind comes from `kind` if given, else from the file's metadata (bigasp writes
     it), else eps, the kind of every SDXL checkpoint that predates bigasp.
@@ -467,17 +649,16 @@ def load_single_file(
         if kind is not None and recorded is not None and kind != recorded:
             log.warning("%s records %s; using the requested %s instead", path, recorded, kind)
         model = SDXL(kind=kind or recorded or ModelKind(), source=str(path))
-        with tempfile.TemporaryDirectory(prefix="bigasp-config-") as cfg_dir:
-            _write_configs(Path(cfg_dir), preset, components)
-            for comp in progress.bar(components, desc=f"loading {path.name}", unit="part"):
-                wanted = _expected_shapes(preset, comp)
-                sd = {k: f.get_tensor(k) for k in wanted}
-                module = _diffusers_loader(comp)(sd, str(Path(cfg_dir, comp)))
-                del sd
-                on_meta = [n for n, p in module.state_dict().items() if p.is_meta]
-                if on_meta:
-                    raise ModelLoadError(f"{path}: {comp} tensors were not loaded: {on_meta[:3]}")
-                setattr(model, comp, module.eval())
+    reader = TensorReader(path)
+    try:
+        for comp in progress.bar(components, desc=f"loading {path.name}", unit="part"):
+            module = _load_component(reader, preset, comp, dtype)
+            on_meta = [n for n, p in module.state_dict().items() if p.is_meta]
+            if on_meta:
+                raise ModelLoadError(f"{path}: {comp} tensors were not loaded: {on_meta[:3]}")
+            setattr(model, comp, module.eval())
+    finally:
+        reader.close()
     return model
 
 

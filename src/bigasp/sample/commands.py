@@ -37,6 +37,12 @@ def parse_dtype(name: str | None):
     return getattr(torch, DTYPES[name])
 
 
+def _on_cuda(device: str | None) -> bool:
+    from bigasp.devices import resolve
+
+    return resolve(device, setting="--device").type == "cuda"
+
+
 def build_settings(model_kind, preset: str, **flags):
     """Preset (auto = by model kind) + explicit flags -> validated GenerateSettings."""
     import logging
@@ -178,7 +184,12 @@ def generate(
 
     loras = [parse_lora(text) for text in lora or []]
     thread_defaults.apply(device, model, threads=threads)
-    m = apply_loras(load_model(model, preset=arch), loras)
+    # A half-precision run from a single file keeps the file's tensors as stored (no fp32 copy);
+    # with LoRAs the merge stays in fp32 as before.
+    import torch
+
+    half = dtypes[0] in (torch.float16, torch.bfloat16) or (dtypes[0] is None and _on_cuda(device))
+    m = apply_loras(load_model(model, preset=arch, file_dtype_kept=half and not loras), loras)
     settings = build_settings(m.kind, preset, **flags)
     gen = Generator(m, device, dtypes[0], vae_dtype=dtypes[1], loras=loras)
     images = gen.generate(prompts, settings)
