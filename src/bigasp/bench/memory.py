@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
@@ -149,24 +148,35 @@ def run_config(cfg: MemoryBenchConfig, run_dir: str):
     return load_config(RunConfig, cfg.config, overrides)
 
 
-class CudaAutocastRules(TorchFunctionMode):
-    """Inside CPU autocast, run the ops CUDA autocast keeps in fp32 (its "fp32 list": group/layer
-    norm, upsampling, exp/log/pow, softmax) on fp32 inputs, so the estimate stores what a CUDA
-    run stores. Outside autocast it changes nothing."""
+class CudaAutocastRules:
+    """Inside CPU autocast, run the ops CUDA autocast keeps in fp32 (its "fp32 list") that SDXL's
+    step uses, group norm, layer norm and upsampling, on fp32 inputs, so the estimate stores what a
+    CUDA run stores. Outside autocast nothing changes. The functions are replaced for the duration
+    (not a torch-function mode: gradient checkpointing's recompute in backward runs outside any
+    mode, and would then disagree with the forward)."""
 
-    UPCAST = frozenset({
-        F.group_norm, F.layer_norm, F.interpolate, F.softmax, F.log_softmax,
-        torch.exp, torch.log, torch.pow, torch.Tensor.exp, torch.Tensor.pow,
-        torch.softmax, torch.Tensor.softmax,
-    })  # fmt: skip
+    NAMES = ("group_norm", "layer_norm", "interpolate")
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self.UPCAST and torch.is_autocast_enabled("cpu"):
-            args, kwargs = tree_map_only(
-                torch.Tensor, lambda t: t.float() if t.is_floating_point() else t, (args, kwargs)
-            )
-        return func(*args, **kwargs)
+    def __enter__(self) -> CudaAutocastRules:
+        self.saved = {name: getattr(F, name) for name in self.NAMES}
+        for name, fn in self.saved.items():
+            setattr(F, name, self._upcast(fn))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self.saved.items():
+            setattr(F, name, fn)
+
+    @staticmethod
+    def _upcast(fn):
+        def wrapper(*args, **kwargs):
+            if torch.is_autocast_enabled("cpu"):
+                args, kwargs = tree_map_only(
+                    torch.Tensor, lambda t: t.float() if t.is_floating_point() else t, (args, kwargs)
+                )
+            return fn(*args, **kwargs)
+
+        return wrapper
 
 
 @dataclass
