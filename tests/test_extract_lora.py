@@ -5,6 +5,7 @@ and the extract generates the tuned model's image."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -219,3 +220,20 @@ def test_lowrank_svd_matches_the_exact_truncation():
     sv = np.linalg.svd(d.double().numpy(), compute_uv=False)
     optimal = float(np.sqrt((sv[8:] ** 2).sum()))
     assert float((d - up @ down).norm()) == pytest.approx(optimal, rel=1e-2)
+
+
+def test_preset_base_and_unchanged_parts_are_left_out(tmp_path):
+    """A preset name as BASE is the same model `build_preset` makes; unchanged text encoders and
+    layers are left out of the file (kohya's min_diff rule for encoders)."""
+    base = build_preset("tiny", seed=0)
+    tuned = copy.deepcopy(base)
+    mod = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    _plant(tuned.unet.get_submodule(mod), 7)
+    save_diffusers_folder(tuned, tmp_path / "tuned")
+    out = tmp_path / "p.safetensors"
+    _, layers = extract_lora("tiny", str(tmp_path / "tuned"), out, ExtractSettings(rank=2))
+    assert layers == 1
+    with safe_open(str(out), "pt") as f:
+        names = {k.split(".")[0] for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        assert names == {"lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"}
+        assert json.loads(f.metadata()["bigasp_extract"])["skipped"] == ["text_encoder", "text_encoder_2"]

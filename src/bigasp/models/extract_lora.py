@@ -286,9 +286,15 @@ def extract_lora(
 
     settings.validate()
 
+    from bigasp.models.components import SDXL
+    from bigasp.models.presets import PRESETS
+
     def load(which: str, comp: str) -> torch.nn.Module:
         spec = base if which == "base" else tuned
-        return getattr(load_model(spec, (comp,), preset=arch), comp)
+        # A preset's weights depend on the component list it is built with (a seed per component):
+        # build it as everywhere else, every component at once.
+        wanted = SDXL.COMPONENTS if spec in PRESETS else (comp,)
+        return getattr(load_model(spec, wanted, preset=arch), comp)
 
     tensors, metadata = extract(load, (base, tuned), settings)
     path = write_lora(tensors, metadata, out, settings.dtype)
