@@ -5,9 +5,8 @@ How: the trainer builds its model and optimizer (`Trainer.build_processes`, `bui
 `configure_model`, `build_optimizer`: the same code `bigasp train` runs, from the same TOML config)
 inside torch's `FakeTensorMode`, so every tensor has a shape, dtype and device but no storage; the
 SDXL step then runs as the trainer runs it (autocast at `train.precision`, the denoiser, the
-objective's loss, backward, clipping, the optimizer step). torch's `MemTracker` (a dispatch mode
-over the live storages, with module hooks to tell forward from backward) counts every storage by
-kind, and its snapshot at the peak is the table. One step runs; the reported peak is the steady
+objective's loss, backward, clipping, the optimizer step). `LiveStorages`, a dispatch mode over
+the live storages, counts every storage by kind, and its split at the peak is the table. One step runs; the reported peak is the steady
 state's, the larger of that step's optimizer-step peak and its forward/backward peak plus the
 optimizer state it leaves (alive through every later step's forward/backward).
 
@@ -18,7 +17,7 @@ What is modelled for a CUDA target on a CPU-only machine (a CPU build cannot mak
   the fused kernel too, as `build_optimizer` does for CUDA parameters;
 - attention runs through SDPA's fused CPU flash kernel, which keeps (like CUDA's flash/efficient
   kernels) only the output and the log-sum-exp for backward.
-Not modelled: the CUDA caching allocator's 512-byte rounding per block (well under 0.1% here),
+Not modelled: the CUDA caching allocator's 512-byte rounding per block,
 fragmentation and cache (`max_memory_reserved` - `max_memory_allocated`), the CUDA context
 (~0.5 GB), cuDNN/cuBLAS workspaces. The figure estimates `torch.cuda.max_memory_allocated`.
 
