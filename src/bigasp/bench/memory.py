@@ -58,16 +58,17 @@ RECIPES: dict[str, list[str]] = {
     "lora": [
         "model.adapter=lora",
         "model.adapter_rank=32",
-        "model.adapter_targets=attn-ff",
+        "model.adapter_targets=attention_ff",
         "model.train_text_encoder=false",
-        "model.weights_dtype=bf16",
+        "model.frozen_dtype=bf16",
         "model.gradient_checkpointing=true",
         "train.precision=bf16",
     ],
     # One 24 GB GPU: full UNet, bf16 weights, Adafactor fused into backward, checkpointing.
     "lean": [
         "model.train_text_encoder=false",
-        "model.weights_dtype=bf16",
+        "model.frozen_dtype=bf16",
+        "model.trained_dtype=bf16",
         "model.gradient_checkpointing=true",
         "train.precision=bf16",
         "train.optimizer=adafactor",
@@ -201,6 +202,13 @@ class Step:
         with tr.autocast():
             pred = tr.net(prep.x_t, prep.timesteps, self.te1, self.te2, self.time_ids)
         loss, _, _ = tr.objective.loss(pred, prep)
+        update = getattr(tr, "update", None)
+        if update is not None:  # a trainer whose build_optimizer makes an update strategy
+            update.backward(loss / tr.accumulation)
+            update.grad_norm()
+            update.step()
+            update.finish()
+            return
         tr.scaler.scale(loss / tr.accumulation).backward()
         if tr.scaler.is_enabled():
             tr.scaler.unscale_(tr.optimizer)
