@@ -461,8 +461,8 @@ def run_memory_bench(cfg: MemoryBenchConfig, command: str) -> BenchResult:
         batch = synthetic_batch(cfg)
         got = None
         if cfg.measure:
-            # Measured first: a process that already ran a fake-tensor step measured a real CPU step
-            # 12 MB lower on the tiny preset (unexplained); `bigasp train` never runs one.
+            # Measured first, as in a fresh `bigasp train` process: before the AdamW kernel was pinned
+            # (`pin_kernel`), a real CPU step measured after a fake one differed by 12 MB on the tiny preset.
             device = torch.device(cfg.target)
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ConfigError("--measure --device cuda needs a CUDA device; this machine has none")
