@@ -73,6 +73,12 @@ bench 150 sample sample $SDXL --res 1024x1024 --batches 1,4 --steps 5,15 --repea
 bench 200 train_b4_bf16_compile train $SDXL --res 1024x1024 --device-batch 4 --precision bf16 --tokens 231 --iters 8 --compile
 bench 120 train_b16_bf16_ckpt train $SDXL --res 1024x1024 --device-batch 16 --precision bf16 --tokens 231 --iters 4 --checkpointing
 bench 120 train_b8_fsdp train $SDXL --res 1024x1024 --device-batch 8 --precision bf16 --tokens 231 --iters 4 --fsdp
+# Peak training memory (bench memory): the fake-tensor estimate and the real step's
+# torch.cuda.max_memory_allocated (--measure) side by side, for the configs in docs/PERFORMANCE.md.
+bench 240 memory_cluster_b4 memory $SDXL --res 1024x1024 --batch 4 --recipe cluster --measure
+# The 24 GB modes: refused in one line until the trainer has their config keys (see bench memory --help).
+bench 150 memory_lora_b1 memory $SDXL --res 1024x1024 --batch 1 --recipe lora --measure
+bench 150 memory_lean_b1 memory $SDXL --res 1024x1024 --batch 1 --recipe lean --measure
 # Host side on the device's CPU: loader samples/s per worker at SDXL latent size.
 bench 60 load load --latent 128x128 --images 512 --batch 16 --batches 20
 

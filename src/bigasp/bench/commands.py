@@ -96,6 +96,64 @@ def train(
     _finish(run_train_bench(cfg, dev, _command("train", params)), json_out)
 
 
+@bench_app.command("memory")
+def memory(
+    arch: str = typer.Option(
+        None,
+        "--arch",
+        help="Architecture preset (tiny, sdxl-base); default: the config's model.source, else tiny.",
+    ),
+    res: str = typer.Option("64x64", help="Image resolution HEIGHTxWIDTH in pixels (latent = /8)."),
+    batch: int = typer.Option(1, help="Images per device per step."),
+    tokens: int = typer.Option(231, help="Prompt length: 77, 154 or 231 tokens (1-3 chunks)."),
+    recipe: str = typer.Option(
+        None,
+        help="Named settings on top of the config: cluster (fp32 master + AdamW, UNet + TE1), lora, lean.",
+    ),
+    config: str = typer.Option(
+        None, "--config", help="A `bigasp train` TOML whose [model]/[train] settings the step uses."
+    ),
+    set_: list[str] = typer.Option(
+        None, "--set", help="KEY=VALUE config override, e.g. model.gradient_checkpointing=true; repeatable."
+    ),
+    checkpointing: bool = typer.Option(
+        None, "--checkpointing/--no-checkpointing", help="model.gradient_checkpointing."
+    ),
+    precision: str = typer.Option(
+        None, help="train.precision: bf16 | fp16 (autocast over fp32 master) | fp32."
+    ),
+    device: str = typer.Option("cuda", help="The device the estimate is for: cuda (default) or cpu."),
+    measure: bool = typer.Option(
+        False, "--measure", help="Also run the step for real on --device and report the error."
+    ),
+    seed: int = typer.Option(0, help="Seed for weights and synthetic data."),
+    json_out: str = typer.Option(None, "--json", help=JSON_HELP),
+) -> None:
+    """Peak memory of one training step (forward, backward, optimizer step) split into weights /
+    gradients / optimizer state / activations, estimated on CPU with fake tensors (no allocation)."""
+    params = dict(locals())
+    import shlex
+
+    from bigasp.bench.common import parse_res
+    from bigasp.bench.memory import MemoryBenchConfig, run_memory_bench
+
+    h, w = parse_res(res)
+    overrides = list(set_ or [])
+    if checkpointing is not None:
+        overrides.append(f"model.gradient_checkpointing={str(checkpointing).lower()}")
+    if precision is not None:
+        overrides.append(f"train.precision={precision}")
+    params.pop("set_")
+    params["checkpointing"] = None
+    command = _command("memory", params)
+    command += "".join(f" --set {shlex.quote(o)}" for o in overrides)
+    cfg = MemoryBenchConfig(
+        arch=arch, height=h, width=w, batch=batch, tokens=tokens, recipe=recipe, config=config,
+        overrides=overrides, target=device, measure=measure, seed=seed,
+    )  # fmt: skip
+    _finish(run_memory_bench(cfg, command), json_out)
+
+
 @bench_app.command("encode")
 def encode(
     arch: str = typer.Option(

@@ -228,5 +228,50 @@ def _source_kind(model: str, prediction: str | None) -> str | None:
     return (kind or ModelKind()).prediction
 
 
+@model_app.command("extract-lora")
+def extract_lora(
+    base: str = typer.Argument(..., help="The model the finetune started from (preset, folder or file)."),
+    tuned: str = typer.Argument(..., help="The finetune (diffusers folder or single .safetensors)."),
+    rank: int = typer.Option(..., "--rank", help="LoRA rank of linear and 1x1 conv layers (kohya's --dim)."),
+    out: str = typer.Option(
+        None, "--out", help="Destination .safetensors (default: TUNED-NAME_lora_rRANK.safetensors here)."
+    ),
+    conv_rank: int = typer.Option(
+        None,
+        "--conv-rank",
+        help="Also extract resnet/sampler layers, 3x3 convs at this rank (kohya's --conv_dim).",
+    ),
+    clamp_quantile: float = typer.Option(
+        0.99, help="Clamp factors to this quantile of their values (1 = no clamp)."
+    ),
+    min_diff: float = typer.Option(
+        0.01, help="Leave out a text encoder whose weights changed by at most this."
+    ),
+    lowrank: bool = typer.Option(
+        False, "--lowrank", help="Randomised SVD (torch.svd_lowrank): faster on SDXL."
+    ),
+    dtype: str = typer.Option("fp16", "--dtype", help="Tensor dtype of the file: fp16, bf16 or fp32."),
+    arch: str = typer.Option(None, "--arch", help=_ARCH_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Extract a kohya-layout LoRA approximating TUNED - BASE (truncated SVD per layer).
+
+    The file loads with `bigasp generate --lora`, ComfyUI's LoraLoader and A1111/Forge.
+    """
+    from pathlib import Path
+
+    from bigasp.models.extract_lora import ExtractSettings
+    from bigasp.models.extract_lora import extract_lora as run
+
+    settings = ExtractSettings(rank, conv_rank, clamp_quantile, min_diff, lowrank, dtype)
+    settings.validate()
+    dest = Path(out) if out else Path(f"{Path(tuned.rstrip('/')).stem}_lora_r{rank}.safetensors")
+    _refuse_existing(str(dest), force)
+    path, layers = run(base, tuned, dest, settings, arch=arch)
+    typer.echo(
+        f"extracted {path} ({layers} layers, rank {rank}{f', conv rank {conv_rank}' if conv_rank else ''})"
+    )
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(model_app, name="model")
