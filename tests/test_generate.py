@@ -251,3 +251,62 @@ def test_non_finite_samples_are_an_error_not_a_black_png(gen):
     s = small().model_copy(update={"cfg": float("inf")})  # bypasses validation, as a library caller might
     with pytest.raises(BigaspError, match="NaN/inf"):
         gen.generate("a cat", s)
+
+
+@pytest.fixture(scope="module")
+def fp16_file(tmp_path_factory):
+    """A tiny SDXL single file stored in fp16, with non-trivial weights."""
+    from bigasp.models import build_preset
+    from bigasp.models.single_file import save_single_file
+
+    m = build_preset("tiny", seed=3, kind=ModelKind("flow", 1.0))
+    return save_single_file(m, tmp_path_factory.mktemp("fp16") / "m.safetensors", dtype=torch.float16)
+
+
+def _fp32_reference(path, settings):
+    """Today's fp32 path: the file's tensors cast to fp32 modules at load."""
+    from bigasp.models.io import load_model
+
+    return Generator(load_model(path), "cpu", torch.float32).generate("a red cube", settings)[0]
+
+
+def test_fp32_run_from_an_fp16_file_keeps_fp16_weights_and_the_same_image(fp16_file):
+    from bigasp.sample.commands import load_for_generate
+
+    settings = small(cfg=2.0, pag=1.0, steps=2)
+    m = load_for_generate(str(fp16_file), None, (torch.float32, torch.float32), "cpu", [])
+    gen = Generator(m, "cpu", torch.float32)
+    for comp, module in m.modules().items():  # stored as in the file: 2 bytes a weight
+        assert {p.dtype for p in module.parameters()} == {torch.float16}, comp
+        n = sum(p.numel() for p in module.parameters())
+        assert sum(p.numel() * p.element_size() for p in module.parameters()) == 2 * n, comp
+    got = gen.generate("a red cube", settings)[0]
+    assert np.array_equal(np.asarray(got), np.asarray(_fp32_reference(fp16_file, settings)))
+    # Each layer computes in fp32: its weight reads widen (the fp16 storage is untouched).
+    w = m.unet.conv_in.weight
+    assert w.dtype == torch.float32 and m.unet.conv_in.parametrizations.weight.original.dtype == torch.float16
+
+
+def test_fp16_run_after_widening_casts_the_stored_weights(fp16_file):
+    """A Generator asked for another dtype than a module widens to drops the widening first."""
+    from bigasp.models.cast_at_use import compute_dtype
+    from bigasp.sample.commands import load_for_generate
+
+    m = load_for_generate(str(fp16_file), None, (torch.float32, torch.float32), "cpu", [])
+    Generator(m, "cpu", torch.bfloat16)
+    assert {p.dtype for p in m.unet.parameters()} == {torch.bfloat16}
+    assert compute_dtype(m.unet) == torch.bfloat16 and compute_dtype(m.vae) == torch.float32
+
+
+def test_cli_fp32_image_from_an_fp16_file_equals_the_fp32_loaded_one(fp16_file, tmp_path):
+    from PIL import Image
+
+    from bigasp.cli import main
+
+    main(["generate", "a red cube", "--model", str(fp16_file), "--size", "64x64", "--steps", "2",
+          "--seed", "5", "--device", "cpu", "--no-progress", "--out", str(tmp_path)])  # fmt: skip
+    (png,) = tmp_path.glob("*.png")
+    meta = read_png_metadata(png)
+    settings = GenerateSettings.model_validate(meta["settings"])
+    want = _fp32_reference(fp16_file, settings)
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), np.asarray(want.convert("RGB")))

@@ -544,3 +544,57 @@ def test_loading_an_fp16_file_costs_the_model_and_one_tensor(tmp_path):
     got = json.loads(res.stdout.strip().splitlines()[-1])
     largest = 49408 * 768 * 2  # the token embedding, as read (fp16)
     assert got["added"] <= got["params"] + 2 * largest, got
+
+
+_WIDEN_PEAK_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+from bigasp.models.cast_at_use import cast_at_use
+from bigasp.models.single_file import load_single_file
+import accelerate, diffusers, transformers  # imported before the baseline
+
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+def peak_restart():
+    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
+    return status("VmRSS")
+ids = torch.arange(77).unsqueeze(0)
+base = peak_restart()
+m = load_single_file(sys.argv[1], ["text_encoder"], dtype=None)  # as stored: fp16
+cast_at_use(m.text_encoder, torch.float32)
+load = status("VmHWM") - base
+loaded = peak_restart()
+with torch.no_grad():
+    out = m.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+stored = sum(p.numel() * p.element_size() for p in m.text_encoder.parameters())
+print(json.dumps({"load": load, "forward": status("VmHWM") - loaded, "kept": status("VmRSS") - loaded,
+                  "stored": stored, "dtype": str(out.dtype)}))
+"""
+
+
+def test_an_fp32_forward_from_fp16_storage_costs_the_fp16_weights_and_one_widened_tensor(tmp_path):
+    """Peak resident memory of loading SDXL's CLIP-L (the real size: 123 M parameters) from an
+    fp16 file as stored and running it in fp32: the load costs the fp16 weights (0.25 GB, where
+    fp32 weights take 0.49 GB), and the forward one layer's fp32 copy at a time (the token
+    embedding is the largest), none of them kept afterwards."""
+    import subprocess
+    import sys
+
+    m = build_preset("sdxl-base", ["text_encoder"])
+    path = save_single_file(m, tmp_path / "clip_l.safetensors", dtype=torch.float16)
+    fp32_bytes = sum(p.numel() * 4 for p in m.text_encoder.parameters())
+    del m
+    res = subprocess.run(
+        [sys.executable, "-c", _WIDEN_PEAK_SCRIPT, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["dtype"] == "torch.float32" and 2 * got["stored"] == fp32_bytes, got
+    largest = 49408 * 768 * 4  # the token embedding, widened to fp32 for its lookup
+    slack = 96 * 2**20  # library code touched on first use, activations, allocator
+    assert got["load"] <= got["stored"] + slack < fp32_bytes, got
+    assert got["forward"] <= largest + slack, got  # all widened at once: 0.49 GB more
+    assert got["kept"] <= slack, got

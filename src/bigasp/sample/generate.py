@@ -238,11 +238,15 @@ def to_pil(pixels: torch.Tensor) -> list:
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move in place; cast only when needed (diffusers warns on every dtype cast)."""
+    """Move in place; cast only when needed (diffusers warns on every dtype cast). A module
+    that already computes in `dtype` from narrower stored weights (`cast_at_use`) keeps them."""
+    from bigasp.models.cast_at_use import compute_dtype, drop_cast_at_use
+
     p = next(module.parameters())
     if p.device != device:
         module.to(device=device)
-    if p.dtype != dtype:
+    if compute_dtype(module) != dtype:
+        drop_cast_at_use(module)
         module.to(dtype=dtype)
     module.eval()
 
