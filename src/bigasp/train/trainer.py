@@ -353,7 +353,8 @@ class Trainer:
         self.model = model
         self.base_identity: str | None = None
         if with_adapter:
-            self.base_identity = adapters.base_identity(model)
+            if ckpt_path is not None or dist.is_main:  # read to check a resume and to write checkpoints
+                self.base_identity = adapters.base_identity(model)
             if ckpt_path is not None:
                 adapters.check_base(ckpt_path, cfg, self.base_identity)
             self.frozen_originals = {}
@@ -872,8 +873,9 @@ class Trainer:
     def write_models(self, to_save: SDXL, folder: Path) -> None:
         """The checkpoint's model/ folder and, with EMA, a sibling ema/ folder: a complete model too.
         With an adapter: the adapter's folders (its weights, settings, base identity, files to share)."""
-        if self.base_identity is not None:
+        if self.cfg.model.adapter is not None:
             cfg, identity = self.cfg, self.base_identity
+            assert identity is not None, "the base identity is read on the rank that saves"
             adapters.write_folder(folder, to_save, cfg, identity, adapters.trainable_state(to_save))
             if self.ema is not None and self.ema.updates > 0:
                 ema_state = adapters.split_flat(self.ema.shadow)
