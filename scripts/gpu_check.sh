@@ -76,7 +76,7 @@ bench 120 train_b8_fsdp train $SDXL --res 1024x1024 --device-batch 8 --precision
 # Peak training memory (bench memory): the fake-tensor estimate and the real step's
 # torch.cuda.max_memory_allocated (--measure) side by side, for the configs in docs/PERFORMANCE.md.
 bench 240 memory_cluster_b4 memory $SDXL --res 1024x1024 --batch 4 --recipe cluster --measure
-# The 24 GB modes: refused in one line until the trainer has their config keys (see bench memory --help).
+# The 24 GB modes: LoRA rank 32 (attention + FF, UNet only) and the lean full finetune (bf16 + Adafactor fused).
 bench 150 memory_lora_b1 memory $SDXL --res 1024x1024 --batch 1 --recipe lora --measure
 bench 150 memory_lean_b1 memory $SDXL --res 1024x1024 --batch 1 --recipe lean --measure
 # Host side on the device's CPU: loader samples/s per worker at SDXL latent size.
