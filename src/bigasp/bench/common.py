@@ -92,18 +92,6 @@ def summarize(seconds: list[float]) -> dict[str, float]:
     }
 
 
-def _rss_peak_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 class PeakMemory:
     """Peak memory over a region: CUDA allocator peak on GPU, process peak RSS on CPU.
 
@@ -138,8 +126,10 @@ class PeakMemory:
                 "peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / gib,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / gib,
             }
-        rss = _rss_peak_bytes()
-        return {"peak_rss_gib": None if rss is None else rss / gib, "rss_peak_is_region": self.rss_reset}
+        from bigasp.memstat import rss_peak_bytes
+
+        rss = rss_peak_bytes()
+        return {"peak_rss_gib": rss / gib, "rss_peak_is_region": self.rss_reset}
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bigasp.memstat import rss_peak_bytes
 from bigasp.report.ngrams import NgramCounter, caption_words
 
 if TYPE_CHECKING:
@@ -180,18 +180,8 @@ def run_task(task: CaptionTask) -> CaptionCounts:
         if offset >= task.hi:
             break  # the rest of the last row group belongs to the next range
     out.cpu_s = time.process_time() - c0
-    out.peaks = {os.getpid(): _rss_high_water()}
+    out.peaks = {os.getpid(): rss_peak_bytes()}
     return out
-
-
-def _rss_high_water() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def parallel_captions(

@@ -167,7 +167,9 @@ def apply_loras(model: SDXL, specs: list[LoraSpec]) -> SDXL:
     names = []
     for k, spec in enumerate(specs):
         check_lora_file(spec.path)
-        if is_lycoris(spec.path):  # LoKr/LoHa: diffusers has no loader for these; merged by the kohya-layout formulas
+        if is_lycoris(
+            spec.path
+        ):  # LoKr/LoHa: diffusers has no loader for these; merged by the kohya-layout formulas
             try:
                 merge_lycoris(model, spec.path, spec.weight, f"--lora {spec.path}", clip_weight=spec.clip)
             except ConfigError as err:

@@ -471,10 +471,14 @@ def save_checkpoint(
         if is_complete(final):
             try:
                 check_files(final)
-            except CheckpointError as err:  # the damaged one a `--resume auto` skipped: kept aside, never deleted
+            except (
+                CheckpointError
+            ) as err:  # the damaged one a `--resume auto` skipped: kept aside, never deleted
                 aside = _damaged_name(final)
                 os.replace(final, aside)
-                log.warning("checkpoint %s is damaged (%s); moved it to %s and writing it anew", final, err, aside)
+                log.warning(
+                    "checkpoint %s is damaged (%s); moved it to %s and writing it anew", final, err, aside
+                )
             else:
                 log.info("checkpoint %s already exists; not rewriting it", final)
                 return final
