@@ -390,6 +390,9 @@ def report(
         None, help="Generate the dataset here (reused on the next run) instead of a temp dir."
     ),
     seed: int = typer.Option(0),
+    workers: int = typer.Option(
+        1, "--workers", min=0, help="Caption-pass processes, as `dataset report --workers` (0: one per core)."
+    ),
     json_out: str = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """`bigasp dataset report` on a synthetic manifest: columnar passes (s), n-gram captions/s, peak RSS."""
@@ -397,7 +400,7 @@ def report(
     from bigasp.bench.report import run_report_bench
 
     result = run_report_bench(
-        rows=rows, seed=seed, ngrams=ngrams, keep=keep, command=_command("report", params)
+        rows=rows, seed=seed, ngrams=ngrams, keep=keep, workers=workers, command=_command("report", params)
     )
     _finish(result, json_out)
 

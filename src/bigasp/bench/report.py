@@ -9,8 +9,8 @@ with punctuation, Normal(32, 19.8) tags per image (the v1 card's figures) from a
 annotations for half the images.
 
 Timed: the columnar passes (target: 13M rows in < 5 min and < 8 GB on the 2-core box) and the
-caption pass (n-grams; target >= 20k captions/s per core), plus plots and HTML. The caption pass
-runs in one worker process per core (`caption_workers`): its CPU seconds include theirs, and
+caption pass (n-grams; target >= 20k captions/s per core), plus plots and HTML. With `--workers`
+the caption pass runs in worker processes (`caption_workers`): its CPU seconds include theirs, and
 `caption_worker_peak_rss_gib` lists each worker's peak RSS (`peak_rss_gib` is this process's).
 """
 
@@ -145,7 +145,7 @@ def _load_average() -> float | None:
 
 
 def run_report_bench(
-    *, rows: int, seed: int, ngrams: bool, command: str, keep: str | None = None
+    *, rows: int, seed: int, ngrams: bool, command: str, keep: str | None = None, workers: int = 1
 ) -> BenchResult:
     from bigasp.report import ReportOptions, collect, write_report
 
@@ -155,7 +155,7 @@ def run_report_bench(
         if not (root / "manifest.parquet").exists():  # --keep DIR reuses a generated dataset
             write_synthetic_dataset(root, rows, seed)
         gen_s = time.perf_counter() - t0
-        opts = ReportOptions(ngrams=ngrams, progress=False)
+        opts = ReportOptions(ngrams=ngrams, progress=False, workers=workers)
         with PeakMemory(torch.device("cpu")) as mem:
             t0 = time.perf_counter()
             rep = collect(str(root), opts)

@@ -40,11 +40,12 @@ def report(
     min_tag_count: int = typer.Option(1, "--min-tag-count", min=1, help="Omit rarer tags from tags.csv."),
     seed: int = typer.Option(0, "--seed", help="Seeds --sample and the tokenised caption sample."),
     workers: int = typer.Option(
-        0,
+        1,
         "--workers",
         min=0,
-        help="Processes for the caption pass (words, n-grams). 0: one per core this process may use "
-        "(from 1,000,000 captions on); 1: in this process.",
+        help="Processes for the caption pass (words, n-grams). 1 (default): in this process; N: N "
+        "worker processes over row ranges; 0: one per core this process may use (from 1,000,000 "
+        "captions on). On a 2-core machine the workers were slower than one process.",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
