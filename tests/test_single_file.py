@@ -510,7 +510,11 @@ _PEAK_SCRIPT = """
 import json, sys
 from pathlib import Path
 from bigasp.models.single_file import load_single_file
-import accelerate, diffusers, transformers  # imported before the baseline
+import accelerate, diffusers, transformers
+# the model classes too: their lazy imports (about 60 MB of library code) are not the load's cost
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import UNet2DConditionModel
+import bigasp.models.presets, tqdm
 
 def status(field):
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -552,7 +556,11 @@ from pathlib import Path
 import torch
 from bigasp.models.cast_at_use import cast_at_use
 from bigasp.models.single_file import load_single_file
-import accelerate, diffusers, transformers  # imported before the baseline
+import accelerate, diffusers, transformers
+# the model classes too: their lazy imports (about 60 MB of library code) are not the load's cost
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import UNet2DConditionModel
+import bigasp.models.presets, tqdm
 
 def status(field):
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -1,14 +1,17 @@
 """Rank-sharded offline work (encode, annotate): who am I, and one summary for the whole job.
 
 These stages split their work list by rank (`items[rank::world]`) and need no communication
-while they run; a gloo group exists only to add the per-rank summaries up at the end, so a
-job launched with torchrun or SLURM `srun` prints one total from rank 0.
+while they run; the ranks meet once, through the launcher's key-value store, to add their
+summaries up, so a job launched with torchrun or SLURM `srun` prints one total from rank 0.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Protocol, TypeVar
+import pickle
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol, TypeVar
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -21,30 +24,40 @@ def dist_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def summary_group(world: int) -> bool:
-    """Start the gloo group that `gather_summary` uses; False when there is nothing to gather.
+def summary_group(world: int, stage: str) -> bool:
+    """Connect this rank to the job's key-value store; False when there is nothing to gather.
 
-    If the stage fails before `gather_summary` ends the group, an exit handler ends it while the
-    interpreter is still whole: gloo threads left running into interpreter teardown abort the
-    process ("terminate called without an active exception") and hide the real error.
+    The store is the one torch's own `env://` rendezvous makes (torchrun's agent hosts it, or
+    rank 0 under a bare `srun`), joined now so a wrong MASTER_ADDR fails before hours of work.
+    No gloo process group: these stages never exchange tensors, and gloo's worker threads, if
+    still alive at interpreter exit, abort the process ("terminate called without an active
+    exception") after the work is done, failing a finished job.
     """
-    import atexit
-
-    import torch.distributed as dist
-
-    if world <= 1 or "MASTER_ADDR" not in os.environ or not dist.is_available():
+    global _GROUP
+    if world <= 1 or "MASTER_ADDR" not in os.environ:
         return False
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-        atexit.register(_end_group)
+    if _GROUP is None:
+        from torch.distributed import rendezvous
+
+        rank = dist_env()[0]
+        url = f"env://?rank={rank}&world_size={world}"
+        store, _, _ = next(rendezvous(url, timeout=GATHER_TIMEOUT))
+        _GROUP = _Group(store, rank, world, f"bigasp/{stage}")
     return True
 
 
-def _end_group() -> None:
-    import torch.distributed as dist
+@dataclass
+class _Group:
+    store: Any  # torch.distributed.Store
+    rank: int
+    world: int
+    prefix: str
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+
+_GROUP: _Group | None = None
+# How long the first rank to finish waits for the last: ranks of a long encode can end hours
+# apart on unevenly sized shares, and by then every rank's work is already committed.
+GATHER_TIMEOUT = timedelta(hours=24)
 
 
 class Summary(Protocol):
@@ -58,15 +71,23 @@ S = TypeVar("S", bound=Summary)
 
 
 def gather_summary(summary: S) -> S:
-    """Every rank's summary added up (on every rank); ends the group."""
-    import torch.distributed as dist
+    """Every rank's summary added up (on every rank), through the store; leaves the group.
 
-    parts: list[S | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, summary)
+    Rank 0 returns last: under `srun` the store lives in its process, so it waits until every
+    rank has read the summaries before it may exit.
+    """
+    global _GROUP
+    g = _GROUP
+    if g is None:
+        raise RuntimeError("gather_summary before summary_group")
+    g.store.set(f"{g.prefix}/summary/{g.rank}", pickle.dumps(summary))
+    keys = [f"{g.prefix}/summary/{r}" for r in range(g.world)]
+    g.store.wait(keys)
     total = type(summary)(rank=summary.rank, world_size=summary.world_size)
-    for p in parts:
-        if p is not None:
-            total.merge(p)
-    dist.barrier()
-    dist.destroy_process_group()
+    for key in keys:
+        total.merge(pickle.loads(g.store.get(key)))
+    g.store.set(f"{g.prefix}/read/{g.rank}", b"1")
+    if g.rank == 0:
+        g.store.wait([f"{g.prefix}/read/{r}" for r in range(g.world)])
+    _GROUP = None
     return total

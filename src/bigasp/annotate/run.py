@@ -355,7 +355,7 @@ def annotate(dataset: str | os.PathLike, cfg: AnnotateConfig) -> AnnotateSummary
     from bigasp import progress
 
     progress.quiet_libraries()  # transformers' own loading bars would interleave with bigasp's
-    pg = summary_group(world)
+    pg = summary_group(world, "annotate")
     device = resolve(cfg.device, local_rank=local_rank, setting="annotate.device")
     summary = AnnotateSummary(rank=rank, world_size=world, stages={s: StageSummary() for s in stages})
     session = uuid.uuid4().hex[:8]

@@ -396,7 +396,7 @@ def _encode(root: str | Path, cfg: EncodeConfig) -> EncodeSummary:
     meta = read_dataset_json(fs, rootp)
     rank, world, local_rank = dist_env()
     device = resolve(cfg.device, local_rank=local_rank, setting="encode.device")  # before any model loads
-    pg = summary_group(world)
+    pg = summary_group(world, "encode")
     bcfg = cfg.buckets or BucketConfig(**meta.get("buckets", {}))
     buckets = BucketSet(bcfg.buckets())
     session = uuid.uuid4().hex[:8]
