@@ -59,7 +59,9 @@ def test_srun_ranks_add_their_summaries_up_and_rank_0_outlives_the_readers():
         }
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_USE_AGENT_STORE"):
             env.pop(k, None)
-        procs.append(subprocess.Popen([sys.executable, "-c", _RANK], env=env, stdout=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", _RANK], env=env, stdout=subprocess.PIPE, text=True)
+        )
     outs = []
     for p in procs:
         out, _ = p.communicate(timeout=300)
