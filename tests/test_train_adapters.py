@@ -473,3 +473,26 @@ def test_watch_samples_an_adapter_run_on_its_base_as_generate_lora_does(data, tm
     (png,) = (tmp_path / "gen").glob("*.png")
     with Image.open(Path(cfg.run_dir) / "samples" / ckpt.name / "p000-seed3.png") as a, Image.open(png) as b:
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_exporting_an_adapter_checkpoint_says_to_use_it_on_its_base(trained, tmp_path):
+    """`model export` / `generate --model` on an adapter checkpoint (the step folder or its model/):
+    one line naming the algorithm and the file to pass as `--lora`, nothing written."""
+    from bigasp.errors import ModelLoadError
+    from bigasp.models.io import load_model
+
+    ckpt = trained["lokr"][1]
+    for spec in (ckpt, ckpt / "model"):
+        with pytest.raises(ModelLoadError) as err:
+            load_model(spec)
+        msg = str(err.value)
+        assert "lokr checkpoint" in msg and f"--lora {ckpt / 'model' / 'lora.safetensors'}" in msg, msg
+        assert "\n" not in msg
+    exe = Path(sys.executable).with_name("bigasp")
+    out = subprocess.run([str(exe), "model", "export", str(ckpt), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode != 0 and "lokr checkpoint" in out.stderr and "Traceback" not in out.stderr, (
+        out.stderr
+    )
+    assert not (tmp_path / "out").exists()

@@ -62,6 +62,30 @@ def incomplete_checkpoint(path: Path) -> str | None:
     return None
 
 
+def adapter_checkpoint(path: Path) -> str | None:
+    """If `path` is an adapter run's checkpoint (or its model/ or ema/ folder), say how to use it.
+
+    Such a checkpoint holds only the adapter (LoRA, LoKr, ...) and the base's identity, so it is
+    not a model to load or export on its own: it goes on top of its base."""
+    for folder in (path, path / "model"):
+        meta_path = folder / "adapter.json"
+        if not meta_path.is_file():
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as err:
+            return f"{meta_path} is not valid JSON ({err}); the adapter checkpoint is damaged"
+        files = [folder / f for f in meta.get("files", [])]
+        use = files[0] if files else folder / "lora.safetensors"
+        base = (meta.get("base") or {}).get("source") or "its base model"
+        return (
+            f"{path} is a {meta.get('algorithm', 'adapter')} checkpoint (rank {meta.get('rank', '?')}), not a "
+            f"whole model: use it on top of its base, e.g. `bigasp generate --model {base} --lora {use}`, "
+            f"or load {use.name} with ComfyUI's LoraLoader"
+        )
+    return None
+
+
 def describe_missing(spec: str) -> str:
     hint = incomplete_checkpoint(Path(spec).expanduser())
     if hint is not None:
@@ -106,6 +130,8 @@ def load_model(
     if spec_str in PRESETS:
         return build_preset(spec_str, components, seed=seed, kind=kind)
     path = Path(spec_str).expanduser()
+    if path.is_dir() and (hint := adapter_checkpoint(path)) is not None:
+        raise ModelLoadError(hint)
     if is_diffusers_folder(path):
         return load_diffusers_folder(path, components, kind=kind)
     if path.is_file() and path.suffix in (".safetensors", ".sft"):
