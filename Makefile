@@ -29,9 +29,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/bigasp demo $(DEMO_ARGS)
 
+# The tests run one torch thread each, so they run in TEST_WORKERS processes (pytest-xdist),
+# a file's tests in one process (module fixtures built once). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check src tests scripts
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts
