@@ -29,10 +29,16 @@ class Count:
 
 rank, world, _ = workshare.dist_env()
 assert workshare.summary_group(world, "test")
+m = workshare.meeting()
+rule = m.broadcast({"from": rank})  # rank 0's value everywhere
+share = m.scatter([f"share-{r}" for r in range(world)] if rank == 0 else None)
+got = m.gather((rank, share))  # on rank 0 only
+m.barrier()
 mine = Count(rank=rank, world_size=world, done=10 * (rank + 1), ranks=[rank])
 total = workshare.gather_summary(mine)
 alive = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
-print(json.dumps({"rank": rank, "done": total.done, "ranks": sorted(total.ranks), "threads": alive}))
+print(json.dumps({"rank": rank, "done": total.done, "ranks": sorted(total.ranks), "threads": alive,
+                  "rule": rule, "share": share, "got": got}))
 """
 
 
@@ -42,9 +48,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_srun_ranks_add_their_summaries_up_and_rank_0_outlives_the_readers():
+def test_srun_ranks_meet_through_the_store_and_rank_0_outlives_the_readers():
     """Three processes launched as `srun` would (SLURM_* variables only, rank 0 hosts the store):
-    every rank gets the same total, and every process exits 0 (no gloo threads left to abort)."""
+    broadcast, scatter, gather and the summary give each rank what torch's collectives would, and
+    every process exits 0 (no gloo threads left to abort, rank 0 outlives the last read)."""
     port = _free_port()
     procs = []
     for rank in (2, 0, 1):  # rank 0 neither first nor last to start
@@ -70,6 +77,10 @@ def test_srun_ranks_add_their_summaries_up_and_rank_0_outlives_the_readers():
     assert sorted(o["rank"] for o in outs) == [0, 1, 2]
     assert all(o["done"] == 60 and o["ranks"] == [0, 1, 2] for o in outs), outs
     assert all(o["threads"] == [] for o in outs), outs  # nothing left running into interpreter exit
+    by_rank = {o["rank"]: o for o in outs}
+    assert all(o["rule"] == {"from": 0} and o["share"] == f"share-{r}" for r, o in by_rank.items()), outs
+    assert by_rank[0]["got"] == [[0, "share-0"], [1, "share-1"], [2, "share-2"]]
+    assert by_rank[1]["got"] is None and by_rank[2]["got"] is None
 
 
 def test_one_process_has_nothing_to_gather(monkeypatch):

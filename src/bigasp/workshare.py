@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -25,39 +24,112 @@ def dist_env() -> tuple[int, int, int]:
 
 
 def summary_group(world: int, stage: str) -> bool:
-    """Connect this rank to the job's key-value store; False when there is nothing to gather.
-
-    The store is the one torch's own `env://` rendezvous makes (torchrun's agent hosts it, or
-    rank 0 under a bare `srun`), joined now so a wrong MASTER_ADDR fails before hours of work.
-    No gloo process group: these stages never exchange tensors, and gloo's worker threads, if
-    still alive at interpreter exit, abort the process ("terminate called without an active
-    exception") after the work is done, failing a finished job.
-    """
-    global _GROUP
+    """Join the job's meeting (`meeting()` then returns it); False when there is nothing to gather."""
+    global _MEETING
     if world <= 1 or "MASTER_ADDR" not in os.environ:
         return False
-    if _GROUP is None:
-        from torch.distributed import rendezvous
-
-        rank = dist_env()[0]
-        url = f"env://?rank={rank}&world_size={world}"
-        store, _, _ = next(rendezvous(url, timeout=GATHER_TIMEOUT))
-        _GROUP = _Group(store, rank, world, f"bigasp/{stage}")
+    if _MEETING is None:
+        _MEETING = Meeting.join(dist_env()[0], world, stage)
     return True
 
 
-@dataclass
-class _Group:
-    store: Any  # torch.distributed.Store
-    rank: int
-    world: int
-    prefix: str
+def meeting() -> Meeting:
+    if _MEETING is None:
+        raise RuntimeError("meeting() before summary_group()")
+    return _MEETING
 
 
-_GROUP: _Group | None = None
-# How long the first rank to finish waits for the last: ranks of a long encode can end hours
-# apart on unevenly sized shares, and by then every rank's work is already committed.
-GATHER_TIMEOUT = timedelta(hours=24)
+class Meeting:
+    """The ranks of one offline job, talking through the launcher's key-value store.
+
+    The store is the one torch's own `env://` rendezvous makes (torchrun's agent hosts it, or
+    rank 0 under a bare `srun`), joined at the start so a wrong MASTER_ADDR fails before hours
+    of work. No gloo process group: these stages exchange a few Python objects, never tensors,
+    and gloo's worker threads, if still alive at interpreter exit, abort the process ("terminate
+    called without an active exception") after the work is done, failing a finished job.
+
+    Every rank makes the same calls in the same order (as with torch's collectives); each call
+    gets its own keys from a running count. A wait lasts up to `TIMEOUT`: ranks of a long encode
+    can end hours apart on unevenly sized shares, and by then every rank's work is committed.
+    """
+
+    def __init__(self, store: Any, rank: int, world: int, prefix: str):
+        self.store, self.rank, self.world, self.prefix = store, rank, world, prefix
+        self._calls = 0
+
+    @classmethod
+    def join(cls, rank: int, world: int, stage: str) -> Meeting:
+        from torch.distributed import rendezvous
+
+        store, _, _ = next(rendezvous(f"env://?rank={rank}&world_size={world}", timeout=TIMEOUT))
+        return cls(store, rank, world, f"bigasp/{stage}")
+
+    def _keys(self, name: str) -> str:
+        self._calls += 1
+        return f"{self.prefix}/{self._calls}-{name}"
+
+    def all_gather(self, obj: Any, name: str = "all") -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        base = self._keys(name)
+        self.store.set(f"{base}/{self.rank}", pickle.dumps(obj))
+        keys = [f"{base}/{r}" for r in range(self.world)]
+        self.store.wait(keys)
+        return [pickle.loads(self.store.get(k)) for k in keys]
+
+    def broadcast(self, obj: Any, name: str = "bcast") -> Any:
+        """Rank 0's `obj` on every rank."""
+        key = self._keys(name)
+        if self.rank == 0:
+            self.store.set(key, pickle.dumps(obj))
+            return obj
+        self.store.wait([key])
+        return pickle.loads(self.store.get(key))
+
+    def scatter(self, objs: list[Any] | None, name: str = "scatter") -> Any:
+        """Rank r gets `objs[r]` of rank 0's list (read once, then dropped from the store)."""
+        base = self._keys(name)
+        if self.rank == 0:
+            assert objs is not None and len(objs) == self.world
+            for r in range(1, self.world):
+                self.store.set(f"{base}/{r}", pickle.dumps(objs[r]))
+            return objs[0]
+        key = f"{base}/{self.rank}"
+        self.store.wait([key])
+        obj = pickle.loads(self.store.get(key))
+        self.store.delete_key(key)
+        return obj
+
+    def gather(self, obj: Any, name: str = "gather") -> list[Any] | None:
+        """Every rank's `obj` on rank 0 (None elsewhere; read once, then dropped from the store)."""
+        base = self._keys(name)
+        if self.rank != 0:
+            self.store.set(f"{base}/{self.rank}", pickle.dumps(obj))
+            return None
+        out = [obj]
+        for r in range(1, self.world):
+            key = f"{base}/{r}"
+            self.store.wait([key])
+            out.append(pickle.loads(self.store.get(key)))
+            self.store.delete_key(key)
+        return out
+
+    def barrier(self, name: str = "barrier") -> None:
+        self.all_gather(None, name)
+
+    def leave(self) -> None:
+        """The last call of the job: rank 0 returns only after every rank got here, since under
+        `srun` the store lives in rank 0's process and must outlive every rank's last read."""
+        global _MEETING
+        base = self._keys("leave")
+        self.store.set(f"{base}/{self.rank}", b"1")
+        if self.rank == 0:
+            self.store.wait([f"{base}/{r}" for r in range(self.world)])
+        if _MEETING is self:
+            _MEETING = None
+
+
+_MEETING: Meeting | None = None
+TIMEOUT = timedelta(hours=24)
 
 
 class Summary(Protocol):
@@ -71,23 +143,10 @@ S = TypeVar("S", bound=Summary)
 
 
 def gather_summary(summary: S) -> S:
-    """Every rank's summary added up (on every rank), through the store; leaves the group.
-
-    Rank 0 returns last: under `srun` the store lives in its process, so it waits until every
-    rank has read the summaries before it may exit.
-    """
-    global _GROUP
-    g = _GROUP
-    if g is None:
-        raise RuntimeError("gather_summary before summary_group")
-    g.store.set(f"{g.prefix}/summary/{g.rank}", pickle.dumps(summary))
-    keys = [f"{g.prefix}/summary/{r}" for r in range(g.world)]
-    g.store.wait(keys)
+    """Every rank's summary added up (on every rank); the job's last meeting."""
+    m = meeting()
     total = type(summary)(rank=summary.rank, world_size=summary.world_size)
-    for key in keys:
-        total.merge(pickle.loads(g.store.get(key)))
-    g.store.set(f"{g.prefix}/read/{g.rank}", b"1")
-    if g.rank == 0:
-        g.store.wait([f"{g.prefix}/read/{r}" for r in range(g.world)])
-    _GROUP = None
+    for part in m.all_gather(summary, "summary"):
+        total.merge(part)
+    m.leave()
     return total
