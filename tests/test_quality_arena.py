@@ -190,3 +190,17 @@ def test_uncertain_and_flagged_pair_modes(tmp_path):
         assert 1 - judge(np.array([f]), np.array([o]))[0] < 0.9
     store.add(ids[0], ids[1], "left", rater="r")
     assert picker.rated_in_pool(store.rated_pairs()) == 1
+
+
+def test_pairs_left_counts_only_pairs_of_readable_images(tmp_path):
+    """An image that failed to load leaves the count of pairs a rater can still judge, with its
+    rated pairs: 5 images (10 pairs), one rated, then one of its images unreadable -> 4 images, 6 pairs."""
+    store = RatingStore(tmp_path / "r.sqlite")
+    ids = [f"i{k}" for k in range(5)]
+    picker = PairPicker(5, store, ids)
+    store.add(ids[0], ids[1], "left", rater="r")
+    assert picker.total_pairs() - picker.rated_in_pool(store.rated_pairs()) == 9
+    picker.exclude(1)
+    assert picker.total_pairs() == 6 and picker.rated_in_pool(store.rated_pairs()) == 0
+    seen = {frozenset(picker.pick()) for _ in range(40)}
+    assert all(1 not in pair for pair in seen)

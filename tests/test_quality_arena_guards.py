@@ -241,3 +241,41 @@ def test_the_page_never_judges_a_pair_whose_image_failed_to_load(page, tmp_path)
         page.click("#left-frame")
     rows = arena.store.all()
     assert len(rows) == 1 and broken not in (rows[0].left_id, rows[0].right_id)
+
+
+def _no_nan(name: str):
+    raise AssertionError(f"{name} in a JSON answer")
+
+
+def test_an_image_with_a_nan_embedding_costs_only_its_prediction(dataset, tmp_path):
+    """A classifier judge over embeddings where one pool image's vector is NaN: every pair request
+    still answers 200 with valid JSON; pairs with that image carry no prediction, the others do,
+    and the uncertain mode prefers pairs it can score."""
+    import numpy as np
+    import torch
+
+    from bigasp.quality.models import QualityClassifier
+    from bigasp.quality.pairwise import judge_fn
+
+    arena = build_arena(dataset, ArenaConfig(pool=6), ratings=tmp_path / "ratings.sqlite")
+    torch.manual_seed(0)
+    vectors = np.random.default_rng(0).normal(size=(6, 16)).astype(np.float32)
+    vectors[0] = np.nan
+    judge = judge_fn(QualityClassifier(16), vectors, strict=False)
+    arena.judge = arena.picker.judge = judge
+    with serving(create_app(arena), threads=2) as url:
+        for mode in ("random", "uncertain"):
+            with_nan = 0
+            for _ in range(25):
+                status, body = _request(f"{url}/api/pair?mode={mode}&predict=1")
+                assert status == 200, body
+                pair = json.loads(body, parse_constant=_no_nan)  # a browser's JSON.parse refuses NaN
+                has_nan = "/image/0" in (pair["left"]["url"], pair["right"]["url"])
+                with_nan += has_nan
+                assert ("prediction" in pair) != has_nan, pair
+            if mode == "random":
+                assert with_nan > 0  # the NaN image is still shown: it has a readable photo
+            else:
+                assert with_nan == 0
+    with pytest.raises(Exception, match="NaN/Inf probabilities"):  # the tournament stays strict
+        judge_fn(QualityClassifier(16), vectors)(np.array([0]), np.array([1]))

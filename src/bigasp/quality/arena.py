@@ -210,7 +210,9 @@ def create_app(arena: Arena):
             "progress": arena.progress(rater),
         }
         if request.args.get("predict") == "1" and arena.judge is not None:
-            out["prediction"] = float(arena.judge(np.array([i]), np.array([j]))[0])  # P(left better)
+            p = float(arena.judge(np.array([i]), np.array([j]))[0])  # P(left better)
+            if np.isfinite(p):  # NaN (an image with a NaN embedding) is no prediction, and no JSON
+                out["prediction"] = p
         return jsonify(out)
 
     @app.post("/api/rate")

@@ -124,12 +124,18 @@ def train_pairwise(ex: Examples, cfg: PairwiseConfig) -> PairwiseResult:
 
 
 def judge_fn(
-    model: QualityClassifier, vectors: np.ndarray, batch_pairs: int = 65536, *, source: str = "the classifier"
+    model: QualityClassifier,
+    vectors: np.ndarray,
+    batch_pairs: int = 65536,
+    *,
+    source: str = "the classifier",
+    strict: bool = True,
 ):
     """`judge(first_idx, second_idx) -> P(first better)` over rows of `vectors` (eval, no dropout).
 
     NaN/Inf probabilities are a DataError: the tournament compares p > 0.5, so NaN would make
-    every first image lose without a word.
+    every first image lose without a word. `strict=False` (the arena, which only orders the
+    pairs it shows) returns them as NaN for the caller to leave aside.
     """
     model = model.eval()
     dev = next(model.parameters()).device
@@ -141,7 +147,7 @@ def judge_fn(
             i = torch.from_numpy(np.asarray(first[s : s + batch_pairs])).to(dev)
             j = torch.from_numpy(np.asarray(second[s : s + batch_pairs])).to(dev)
             p = model.judge(first_h[i], second_h[j]).float().cpu().numpy()
-            if not np.all(np.isfinite(p)):
+            if strict and not np.all(np.isfinite(p)):
                 raise DataError(
                     f"{source} gives NaN/Inf probabilities for {int(np.sum(~np.isfinite(p)))} pair(s) (damaged "
                     "model or NaN/Inf embeddings); nothing was written: retrain it with `bigasp quality train DATASET`"

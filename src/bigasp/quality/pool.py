@@ -88,10 +88,15 @@ class PairPicker:
         return i != j and i not in self.excluded and j not in self.excluded
 
     def total_pairs(self) -> int:
-        return self.n * (self.n - 1) // 2
+        """Pairs a rater can still be shown: those of two readable pool images."""
+        usable = self.n - len(self.excluded)
+        return usable * (usable - 1) // 2
 
     def rated_in_pool(self, rated: set[tuple[str, str]]) -> int:
-        pool = set(self.ids)
+        """Rated pairs among the readable pool images (the count `total_pairs` is taken from)."""
+        with self._lock:
+            gone = {self.ids[k] for k in self.excluded}
+        pool = set(self.ids) - gone
         return sum(1 for a, b in rated if a in pool and b in pool)
 
     def _rng(self) -> np.random.Generator:
@@ -134,8 +139,9 @@ class PairPicker:
                 return None
             first = np.array([c[0] for c in cands])
             second = np.array([c[1] for c in cands])
-            p = self.judge(first, second)
-            return cands[int(np.argmin(np.abs(p - 0.5)))]
+            distance = np.abs(np.asarray(self.judge(first, second), np.float64) - 0.5)
+            distance[~np.isfinite(distance)] = np.inf  # no probability (NaN embedding): last resort
+            return cands[int(np.argmin(distance))]
         cands = self._unrated(g, rated, 1)
         return cands[0] if cands else None
 
@@ -151,7 +157,7 @@ class PairPicker:
                 continue
             if self.judge is not None:
                 p_flagged_loses = 1.0 - float(self.judge(np.array([f]), np.array([o]))[0])
-                if p_flagged_loses >= self.flagged_confidence:
+                if np.isfinite(p_flagged_loses) and p_flagged_loses >= self.flagged_confidence:
                     continue
             return (f, o) if g.random() < 0.5 else (o, f)
         return None

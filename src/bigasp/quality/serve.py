@@ -39,7 +39,9 @@ def build_arena(
 
         model, _ = load_model(classifier, "quality-classifier")
         check_embedding_size(model, classifier, emb.vectors, emb.model_key)
-        judge = judge_fn(model, emb.lookup(ids), source=str(classifier))
+        # lenient: one image's NaN embedding must not break every page load (the picker and the
+        # prediction leave a non-finite probability aside)
+        judge = judge_fn(model, emb.lookup(ids), source=str(classifier), strict=False)
     flags = None
     if flagged is not None:
         if not Path(flagged).is_file():
