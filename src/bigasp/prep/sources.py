@@ -30,14 +30,26 @@ CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Ref:
-    """Bytes [offset, offset+size) of `file`; offset None = the whole file."""
+    """Bytes [offset, offset+size) of `file`; offset None = the whole file.
+
+    A Parquet row (`row` set): the image bytes in `column` of row `row` (0-based, over the whole
+    file) of the Parquet file `file`. `size` is then not used to read: a scanned row carries the
+    Parquet file's size (with `mtime`, whether the file changed), a row rebuilt from the manifest
+    the image's byte count. `read()` and `open()` are the only ways stages get the bytes.
+    """
 
     file: str
     offset: int | None
     size: int
     mtime: float = 0.0
+    row: int | None = None
+    column: str | None = None
 
     def read(self) -> bytes:
+        if self.row is not None:
+            from bigasp.prep.parquet import read_cell
+
+            return read_cell(self.file, self.row, self.column or "")
         with open(self.file, "rb") as f:
             if self.offset is None:
                 return f.read()
@@ -46,6 +58,8 @@ class Ref:
 
     def open(self) -> io.BufferedReader:
         """A seekable binary stream of exactly these bytes (a window into the tar for members)."""
+        if self.row is not None:
+            return io.BufferedReader(io.BytesIO(self.read()), CHUNK)  # type: ignore[arg-type]
         raw = open(self.file, "rb", buffering=0)  # noqa: SIM115 - returned to the caller
         if self.offset is None:
             return io.BufferedReader(raw, CHUNK)
@@ -108,7 +122,20 @@ class Item:
             parts += [None, None] if s is None else [s.size, s.mtime]
         if self.caption is not None:  # only then: keys of datasets without .caption files stay as they were
             parts += [self.caption.size, self.caption.mtime]
+        if self.data.row is not None:  # a Parquet row: which row and column of the (unchanged) file
+            parts += [self.data.row, self.data.column]
         return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
+
+
+def manifest_ref(path: str, tar_offset: int | None, file_size: int, row: int | None = None) -> Ref:
+    """Where an image's bytes are, from its manifest row: a file; a tar member (`a.tar::member`,
+    `tar_offset` set); or a Parquet row (`a.parquet::column[R]`, `row` = R set)."""
+    if row is not None:
+        file, _, rest = path.partition("::")
+        column = rest[: rest.rindex("[")] if "[" in rest else rest
+        return Ref(file, None, int(file_size), row=int(row), column=column)
+    file = path.split("::", 1)[0] if tar_offset is not None else path
+    return Ref(file, tar_offset, int(file_size))
 
 
 def printable(path: str) -> str:
