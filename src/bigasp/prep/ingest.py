@@ -42,8 +42,8 @@ from bigasp.holdpoint import hold
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
 from bigasp.prep.kohya import folder_repeats, reading_key
-from bigasp.prep.sidecar import parse_sidecars
-from bigasp.prep.sources import CHUNK, LIST_EXT, Item, Ref, printable, resolve_source, scan
+from bigasp.prep.sidecar import check_download, parse_sidecars, status_failed
+from bigasp.prep.sources import CHUNK, LIST_EXT, PARQUET_EXT, Item, Ref, printable, resolve_source, scan
 from bigasp.store import layout
 from bigasp.store.manifest import (
     MANIFEST_FIX,
@@ -70,6 +70,8 @@ REASON_SETTINGS: dict[str, tuple[str, ...]] = {
     "animated": ("animated",),
     "truncated": ("verify",),
     "corrupt": ("verify",),
+    "bad_parquet": ("parquet_image_column",),
+    "checksum_mismatch": ("checksums",),
 }
 
 
@@ -141,10 +143,24 @@ class IngestSummary:
 
 def item_key(item: Item, cfg: IngestConfig) -> str:
     """What must stay equal for an earlier result of `item` to be reused: its files' change key and
-    how they are read (the .txt as tags, kohya folder repeats)."""
-    return reading_key(
+    how they are read (the .txt as tags, kohya folder repeats, Parquet column names, checksums)."""
+    key = reading_key(
         item.change_key, cfg.txt_tags, folder_repeats(item.path, item.origin, cfg.kohya_repeats)
     )
+    return _metadata_key(item, cfg, key)
+
+
+def _metadata_key(item: Item, cfg: IngestConfig, key: str) -> str:
+    """`key` extended by the settings that change how a JSON sidecar or a Parquet row's columns
+    are read; unchanged for the defaults, so datasets ingested before these settings keep their keys."""
+    salt: list[Any] = []
+    if item.data.row is not None and cfg.parquet_columns:
+        salt.append(sorted(cfg.parquet_columns.items()))
+    if (item.json is not None or item.data.row is not None) and cfg.checksums != "auto":
+        salt.append(cfg.checksums)
+    if not salt:
+        return key
+    return hashlib.blake2b(repr((key, salt)).encode(), digest_size=12).hexdigest()
 
 
 def _reject_row(item: Item, reason: str, detail: str, cfg: IngestConfig) -> dict[str, Any]:
@@ -165,9 +181,10 @@ def _reject_row(item: Item, reason: str, detail: str, cfg: IngestConfig) -> dict
 STREAM_ABOVE = 16 << 20  # files larger than this are hashed and probed in pieces
 
 
-def _hash_and_probe(item: Item, cfg: IngestConfig):
+def _hash_and_probe(item: Item, cfg: IngestConfig, sha256: Any = None):
     """Content id and header facts. Small files are read once into memory (fastest); larger
-    ones are streamed, so a multi-GB file never sits in memory."""
+    ones are streamed, so a multi-GB file never sits in memory. `sha256`: a hashlib object that
+    is fed the same bytes (for a sidecar's checksum), or None."""
     try:
         f = item.data.open()
     except OSError as err:
@@ -179,11 +196,15 @@ def _hash_and_probe(item: Item, cfg: IngestConfig):
             if item.data.size <= STREAM_ABOVE:
                 data = f.read(item.data.size + 1)  # +1: a file that grew is caught below
                 h.update(data)
+                if sha256 is not None:
+                    sha256.update(data)
                 n = len(data)
             else:
                 data = None
                 while chunk := f.read(CHUNK):
                     h.update(chunk)
+                    if sha256 is not None:
+                        sha256.update(chunk)
                     n += len(chunk)
         except OSError as err:
             raise Reject("unreadable", str(err)) from None
@@ -227,49 +248,111 @@ def examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, dic
         )
 
 
+def _too_large(size: int, cfg: IngestConfig) -> None:
+    if size > cfg.max_file_size:
+        raise Reject(
+            "too_large",
+            f"file is {size} bytes, over max_file_size={cfg.max_file_size} (--max-file-size {size} keeps it)",
+        )
+
+
 def _examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, dict[str, Any]]:
     if item.problem:
         raise Reject(item.problem, item.error)
     if item.missing:
         raise Reject("unreadable", item.error or "listed path does not exist")
-    if item.data.size > cfg.max_file_size:
-        raise Reject(
-            "too_large",
-            f"file is {item.data.size} bytes, over max_file_size={cfg.max_file_size} "
-            f"(--max-file-size {item.data.size} keeps it)",
+    if item.data.row is not None:
+        return _examine_row(item, cfg, buckets)
+    _too_large(item.data.size, cfg)
+    early = _peek(item.json)  # only to know whether the image's sha256 is needed
+    sha = hashlib.sha256() if early is not None and b'"sha256"' in early else None
+    iid, info = _hash_and_probe(item, cfg, sha)
+    _fits(info, cfg, buckets)
+    try:
+        txt, js, caption = (
+            _sidecar(item.txt),
+            early if early is not None else _sidecar(item.json),
+            _sidecar(item.caption),
         )
-    iid, info = _hash_and_probe(item, cfg)
+    except OSError as err:
+        raise Reject("bad_sidecar", f"cannot read sidecar: {err}") from None
+    json_name = printable(item.json.file) if item.json else ""
+    if item.json is not None and item.json.offset is not None:  # a tar member's sidecar
+        json_name = f"{printable(item.path).rsplit('.', 1)[0]}.json"
+    ann = parse_sidecars(
+        txt,
+        js,
+        txt_name=printable(item.txt.file) if item.txt else "",
+        json_name=json_name,
+        caption=caption,
+        caption_name=printable(item.caption.file) if item.caption else "",
+        txt_tags=cfg.txt_tags,
+    )
+    check_download(ann.extra, json_name, sha.hexdigest() if sha is not None else None, cfg.checksums)
+    return "ok", _row(item, cfg, iid, item.data.size, info, ann)
+
+
+def _peek(ref: Ref | None) -> bytes | None:
+    """A JSON sidecar's bytes, or None when there is none or it cannot be read now (then the
+    ordinary sidecar read below reports it, in the usual order)."""
+    try:
+        return _sidecar(ref)
+    except (Reject, OSError):
+        return None
+
+
+def _fits(info, cfg: IngestConfig, buckets: BucketSet) -> None:
     if not cfg.allow_upscale and not buckets.fits_without_upscale(info.height, info.width):
         b = buckets.nearest(info.height, info.width)
         raise Reject(
             "too_small",
             f"{info.width}x{info.height} is smaller than its bucket {b.width}x{b.height} (--allow-upscale keeps it)",
         )
+
+
+def _examine_row(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, dict[str, Any]]:
+    """A Parquet row: its other columns are its JSON sidecar (read first, so a failed download's
+    row says so rather than `missing_image`), the image cell its bytes."""
+    from bigasp.prep.parquet import row_sidecar
+
+    ref = item.data
+    name = f"{printable(ref.file)} row {ref.row}"
     try:
-        txt, js, caption = _sidecar(item.txt), _sidecar(item.json), _sidecar(item.caption)
+        js = row_sidecar(ref.file, ref.row or 0, ref.column or "", cfg.parquet_columns)
     except OSError as err:
-        raise Reject("bad_sidecar", f"cannot read sidecar: {err}") from None
-    ann = parse_sidecars(
-        txt,
-        js,
-        txt_name=printable(item.txt.file) if item.txt else "",
-        json_name=printable(item.json.file) if item.json else "",
-        caption=caption,
-        caption_name=printable(item.caption.file) if item.caption else "",
-        txt_tags=cfg.txt_tags,
+        raise Reject("unreadable", str(err)) from None
+    ann = parse_sidecars(None, js, json_name=name, txt_tags=cfg.txt_tags)
+    status_failed(ann.extra, name)
+    data = read_ingested(ref, None)
+    _too_large(len(data), cfg)
+    info = probe(
+        data,
+        name=item.path,
+        size=len(data),
+        max_pixels=cfg.max_pixels,
+        animated=cfg.animated,
+        verify=cfg.verify,
     )
+    _fits(info, cfg, buckets)
+    want = "sha256" in ann.extra and ann.extra["sha256"] is not None and cfg.checksums != "off"
+    check_download(ann.extra, name, hashlib.sha256(data).hexdigest() if want else None, cfg.checksums)
+    return "ok", _row(item, cfg, content_id(data), len(data), info, ann)
+
+
+def _row(item: Item, cfg: IngestConfig, iid: str, size: int, info, ann) -> dict[str, Any]:
     group = folder_repeats(item.path, item.origin, cfg.kohya_repeats)
     if group is not None:
         ann.source = ann.source if ann.source is not None else group[0]
         ann.extra.setdefault("repeats", group[1])
-    row = {
+    return {
         "path": item.path,
         "origin": item.origin,
         "change_key": item_key(item, cfg),
         "id": iid,
         "tar_offset": item.data.offset,
-        "file_size": item.data.size,
+        "file_size": size,
         "mtime": item.mtime,
+        "row": item.data.row,
         "format": info.format,
         "mode": info.mode,
         "width": info.width,
@@ -282,7 +365,6 @@ def _examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, di
         "watermark": ann.watermark,
         "extra": json.dumps(ann.extra, sort_keys=True, ensure_ascii=False, allow_nan=False),
     }
-    return "ok", row
 
 
 def _worker_init() -> None:
@@ -628,7 +710,7 @@ def _scope(sources: list[Path]) -> Callable[[str, str | None], bool]:
     for p in sources:
         if p.is_dir():
             prefixes.append(str(p).rstrip("/") + "/")
-        elif p.suffix.lower() == ".tar":
+        elif p.suffix.lower() in (".tar", *PARQUET_EXT):  # members / rows are "source::..."
             prefixes.append(f"{p}::")
         elif p.suffix.lower() in LIST_EXT:
             lists.add(str(p))
@@ -649,7 +731,8 @@ def ingest(
     for src, p in zip(sources, resolved, strict=True):  # before anything is written or read
         if not p.exists():
             raise DataError(
-                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar or a list of paths)"
+                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar, a .parquet "
+                "or a list of paths)"
             )
     _check_out(resolved, root)
     _make_out(root)
@@ -674,7 +757,7 @@ def ingest(
             return (settings or reason_settings(reason, cfg)) == settings_now[reason]
 
         def todo() -> Iterator[Item]:  # streamed: 10M+ files never sit in a list
-            for item in scan(sources):
+            for item in scan(sources, image_column=cfg.parquet_image_column):
                 summary.scanned += 1
                 d = _digest(item.path)
                 seen.add(d)

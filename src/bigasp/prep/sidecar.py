@@ -186,3 +186,48 @@ def parse_sidecars(
     seen: set[str] = set()
     out.captions = [c for c in out.captions if not (c in seen or seen.add(c))]
     return out
+
+
+def img2dataset_record(extra: dict[str, Any]) -> bool:
+    """A record img2dataset wrote (its `.json` sidecar or metadata row): it carries `status` and
+    `original_width`/`original_height` next to the downloaded file's `sha256`."""
+    return "status" in extra and ("original_width" in extra or "original_height" in extra)
+
+
+def status_failed(extra: dict[str, Any], name: str) -> None:
+    """A downloader's record whose `status` is not "success" (img2dataset's failed_to_download,
+    failed_to_resize, ...) rejects the image as `download_failed`, with its `error_message`."""
+    status = extra.get("status")
+    if status is None or status == "success":
+        return
+    why = extra.get("error_message")
+    raise Reject(
+        "download_failed",
+        f"{name}: status {status!r}"
+        + (f" ({why})" if why else "")
+        + ", so the downloader did not store this image as downloaded; download it again, or drop the sample",
+    )
+
+
+def check_download(extra: dict[str, Any], name: str, actual_sha256: str | None, checksums: str) -> None:
+    """Downloader provenance in a sidecar: `status` must be success (see `status_failed`), and a
+    `sha256` must match the image bytes' (`actual_sha256`) where `checksums` says to check it:
+    verify = always; auto = unless it is img2dataset's record, whose sha256 is of the file as
+    downloaded, before img2dataset resized or re-encoded it; off = never."""
+    status_failed(extra, name)
+    expected = extra.get("sha256")
+    if expected is None or checksums == "off" or (checksums == "auto" and img2dataset_record(extra)):
+        return
+    if (
+        not isinstance(expected, str)
+        or len(expected) != 64
+        or any(c not in "0123456789abcdefABCDEF" for c in expected)
+    ):
+        raise _bad(name, f"'sha256' must be 64 hex digits, got {str(expected)[:80]!r}")
+    if actual_sha256 is not None and expected.lower() != actual_sha256:
+        fix = "--checksums auto" if checksums == "verify" and img2dataset_record(extra) else "--checksums off"
+        raise Reject(
+            "checksum_mismatch",
+            f"{name}: sha256 {expected.lower()} recorded, but the image bytes hash to {actual_sha256}: the image is "
+            f"not the recorded file (damaged, replaced or re-encoded); restore or re-download it ({fix} keeps it)",
+        )

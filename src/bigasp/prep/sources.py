@@ -25,6 +25,7 @@ from bigasp.errors import DataError
 
 SIDECAR_EXT = (".txt", ".json", ".caption")  # .caption: kohya's caption files
 LIST_EXT = (".txt", ".lst", ".list")
+PARQUET_EXT = (".parquet",)  # one image per row: see bigasp.prep.parquet
 CHUNK = 1 << 20
 
 
@@ -185,8 +186,9 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def scan_folder(root: Path, origin: str = "") -> Iterator[Item]:
-    """Depth-first, names sorted; follows symlinks but never visits a directory twice."""
+def scan_folder(root: Path, origin: str = "", image_column: str = "") -> Iterator[Item]:
+    """Depth-first, names sorted; follows symlinks but never visits a directory twice. Parquet
+    files in it are read as Parquet sources (`image_column`: see `scan_parquet`)."""
     origin = origin or str(root)
     stack = [root]
     seen: set[tuple[int, int]] = set()
@@ -229,6 +231,9 @@ def scan_folder(root: Path, origin: str = "") -> Iterator[Item]:
                 continue
             if not utf8_ok(e.path):
                 yield _problem(e.path, "bad_filename", BAD_NAME, origin)
+                continue
+            if ext in PARQUET_EXT:
+                yield from _parquet(e.path, origin, image_column, in_folder=True)
                 continue
             try:
                 fst = e.stat()
@@ -403,12 +408,21 @@ def resolve_source(src: str | os.PathLike) -> Path:
     return Path(src).expanduser().absolute()  # the manifest must not depend on the working directory
 
 
-def scan(sources: list[str | os.PathLike]) -> Iterator[Item]:
-    """Items of every source, in a stable order (sources in order, names sorted)."""
+def _parquet(path: str, origin: str, image_column: str, *, in_folder: bool = False) -> Iterator[Item]:
+    from bigasp.prep.parquet import scan_parquet
+
+    return scan_parquet(path, origin, image_column, in_folder=in_folder)
+
+
+def scan(sources: list[str | os.PathLike], image_column: str = "") -> Iterator[Item]:
+    """Items of every source, in a stable order (sources in order, names sorted).
+    `image_column`: the image column of Parquet sources ("" = auto-detect)."""
     for src in sources:
         p = resolve_source(src)
         if p.is_dir():
-            yield from scan_folder(p)
+            yield from scan_folder(p, image_column=image_column)
+        elif p.is_file() and p.suffix.lower() in PARQUET_EXT:
+            yield from _parquet(str(p), str(p), image_column)
         elif p.is_file() and p.suffix.lower() == ".tar":
             yield from scan_tar(p)
         elif p.is_file() and p.suffix.lower() in LIST_EXT:
@@ -417,5 +431,6 @@ def scan(sources: list[str | os.PathLike]) -> Iterator[Item]:
             yield _single(p, str(p))
         else:
             raise DataError(
-                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar or a list of paths)"
+                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar, a .parquet "
+                "or a list of paths)"
             )

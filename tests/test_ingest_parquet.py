@@ -1,0 +1,167 @@
+"""Parquet sources: one image per row (Hugging Face's {bytes, path} struct or a plain binary
+column), other columns read as the row's JSON sidecar, re-reading rows for encode/annotate,
+incremental re-runs, and bad files / cells as rejects naming the file and column."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bigasp.annotate.decode import manifest_jobs
+from bigasp.prep.images import Reject
+from bigasp.prep.ingest import content_id, ingest, read_ingested
+from bigasp.prep.sources import manifest_ref
+from bigasp.store import layout
+from bigasp.store.manifest import read_manifest
+from test_ingest import cfg, jpeg_bytes
+
+# Hugging Face `datasets` stores an `Image` feature as this struct (datasets.features.Image.pa_type).
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+IMAGES = [jpeg_bytes(64 + 8 * i, 64, seed=10 + i) for i in range(5)]
+
+
+def hf_table(images=IMAGES) -> pa.Table:
+    return pa.table(
+        {
+            "image": pa.array([{"bytes": b, "path": f"img{i}.jpg"} for i, b in enumerate(images)], HF_IMAGE),
+            "text": [f"caption {i}" for i in range(len(images))],
+            "tags": [["a", f"t{i}"] for i in range(len(images))],
+            "aesthetic": [0.5 * i for i in range(len(images))],
+        }
+    )
+
+
+def manifest(ds: Path) -> dict[str, list]:
+    return pq.read_table(ds / layout.MANIFEST).sort_by("row").to_pydict()
+
+
+def rejects(ds: Path) -> dict[str, dict]:
+    t = pq.read_table(ds / layout.REJECTS).to_pylist()
+    return {r["path"]: r for r in t}
+
+
+def test_hf_parquet_rows_are_images_with_their_columns(tmp_path):
+    f = tmp_path / "photos.parquet"
+    pq.write_table(hf_table(), f, row_group_size=2)  # 3 row groups: rows are found across groups
+    ds = tmp_path / "ds"
+    s = ingest([f], ds, cfg(allow_upscale=True, parquet_columns={"text": "caption"}))
+    assert (s.new, sum(s.rejects.values())) == (5, 0)
+    m = manifest(ds)
+    assert m["row"] == [0, 1, 2, 3, 4]
+    assert m["path"] == [f"{f}::image[{i}]" for i in range(5)]
+    assert m["id"] == [content_id(b) for b in IMAGES]
+    assert m["file_size"] == [len(b) for b in IMAGES]
+    assert m["width"] == [64 + 8 * i for i in range(5)] and m["height"] == [64] * 5
+    assert m["captions"] == [[f"caption {i}"] for i in range(5)]
+    assert m["tags"] == [["a", f"t{i}"] for i in range(5)]
+    assert [json.loads(e)["aesthetic"] for e in m["extra"]] == [0.5 * i for i in range(5)]
+    # every later stage rebuilds the reference from the manifest and gets the same bytes, checked
+    for i in reversed(range(5)):  # out of order: another row group each time
+        ref = manifest_ref(m["path"][i], m["tar_offset"][i], m["file_size"][i], m["row"][i])
+        assert read_ingested(ref, m["id"][i]) == IMAGES[i]
+    jobs = manifest_jobs(read_manifest(*layout.url_to_fs(str(ds))))
+    assert {j.id: j.ref.read() for j in jobs} == {content_id(b): b for b in IMAGES}
+    # a replaced file: the row's bytes no longer match the manifest id
+    pq.write_table(hf_table(IMAGES[::-1]), f)
+    ref = manifest_ref(m["path"][0], None, m["file_size"][0], 0)
+    with pytest.raises(Reject) as err:
+        read_ingested(ref, m["id"][0])
+    assert err.value.reason == "changed_since_ingest"
+
+
+def test_binary_column_bad_cells_and_failed_downloads(tmp_path):
+    """img2dataset's parquet output: a `jpg` binary column, key/status/error_message columns."""
+    f = tmp_path / "shard.parquet"
+    good = IMAGES[0]
+    pq.write_table(
+        pa.table(
+            {
+                "key": ["0", "1", "2", "3"],
+                "jpg": pa.array([good, None, b"not an image", None], pa.binary()),
+                "caption": ["ok", None, "junk", None],
+                "status": ["success", "success", "success", "failed_to_download"],
+                "error_message": [None, None, None, "HTTP 404"],
+            }
+        ),
+        f,
+    )
+    ds = tmp_path / "ds"
+    s = ingest([f], ds, cfg(allow_upscale=True))
+    assert s.new == 1
+    r = rejects(ds)
+    assert r[f"{f}::jpg[1]"]["reason"] == "missing_image"
+    assert "row 1" in r[f"{f}::jpg[1]"]["detail"] and "'jpg'" in r[f"{f}::jpg[1]"]["detail"]
+    assert r[f"{f}::jpg[2]"]["reason"] in ("corrupt", "unsupported_format")
+    assert r[f"{f}::jpg[3]"]["reason"] == "download_failed"
+    assert "failed_to_download" in r[f"{f}::jpg[3]"]["detail"] and "HTTP 404" in r[f"{f}::jpg[3]"]["detail"]
+    assert manifest(ds)["captions"] == [["ok"]]
+
+
+def test_bad_parquet_files_are_rejects_naming_file_and_fix(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(hf_table(IMAGES[:2]), src / "good.parquet")
+    whole = (src / "good.parquet").read_bytes()
+    (src / "cut.parquet").write_bytes(whole[: len(whole) // 2])  # truncated: no footer
+    pq.write_table(pa.table({"url": ["http://x"], "caption": ["c"]}), src / "nocol.parquet")
+    # img2dataset's per-shard metadata table (no image; the images are in 00000.tar): skipped
+    pq.write_table(
+        pa.table({"url": ["u"], "key": ["000000000"], "status": ["failed_to_download"]}),
+        src / "00000.parquet",
+    )
+    pq.write_table(
+        pa.table({"a": pa.array([IMAGES[0]], pa.binary()), "b": pa.array([IMAGES[1]], pa.binary())}),
+        src / "two.parquet",
+    )
+    ds = tmp_path / "ds"
+    s = ingest([src], ds, cfg(allow_upscale=True))
+    assert s.new == 2
+    r = rejects(ds)
+    assert set(r) == {f"{src}/cut.parquet::", f"{src}/nocol.parquet::", f"{src}/two.parquet::"}
+    assert {x["reason"] for x in r.values()} == {"bad_parquet"}
+    assert "not a readable Parquet file" in r[f"{src}/cut.parquet::"]["detail"]
+    assert "no image column" in r[f"{src}/nocol.parquet::"]["detail"]
+    assert (
+        "--image-column" in r[f"{src}/two.parquet::"]["detail"]
+        and "a, b" in r[f"{src}/two.parquet::"]["detail"]
+    )
+    # naming the column fixes the ambiguous file on a plain re-run; a wrong name says which columns exist
+    s = ingest([src / "two.parquet"], ds, cfg(allow_upscale=True, parquet_image_column="b"))
+    assert (s.duplicates, s.removed) == (1, 1)  # the file's reject is gone, its row is a copy of good's row 1
+    assert [f"{src}/good.parquet::image[1]", f"{src}/two.parquet::b[0]"] in manifest(ds)["paths"]
+    assert f"{src}/two.parquet::" not in rejects(ds)
+    ingest([src / "good.parquet"], ds, cfg(allow_upscale=True, parquet_image_column="pixels"))
+    detail = rejects(ds)[f"{src}/good.parquet::"]["detail"]
+    assert (
+        "no column 'pixels'" in detail
+        and "image, text, tags, aesthetic" in detail
+        and "--image-column" in detail
+    )
+
+
+def test_incremental_follows_the_parquet_file(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    f = src / "photos.parquet"
+    pq.write_table(hf_table(IMAGES[:3]), f)
+    ds = tmp_path / "ds"
+    c = cfg(allow_upscale=True)
+    assert ingest([f], ds, c).new == 3
+    again = ingest([f], ds, c)
+    assert (again.skipped, again.new, again.updated) == (3, 0, 0)  # unchanged file: nothing read
+    # a renamed column re-reads the rows (their sidecar changed), without any new image
+    renamed = ingest([f], ds, cfg(allow_upscale=True, parquet_columns={"text": "caption"}))
+    assert renamed.updated == 3 and manifest(ds)["captions"][0] == ["caption 0"]
+    # rewritten with 2 rows, the first replaced: row 2 is pruned, row 0 gets the new image's id
+    pq.write_table(hf_table([IMAGES[4], IMAGES[1]]), f)
+    s = ingest([f], ds, c)
+    assert (s.updated, s.removed) == (2, 1)
+    assert manifest(ds)["id"] == [content_id(IMAGES[4]), content_id(IMAGES[1])]
+    # the file removed from its folder: its rows leave the dataset
+    f.unlink()
+    s = ingest([src], ds, c)
+    assert s.removed == 2 and pq.read_metadata(ds / layout.MANIFEST).num_rows == 0
