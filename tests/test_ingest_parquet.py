@@ -165,3 +165,26 @@ def test_incremental_follows_the_parquet_file(tmp_path):
     f.unlink()
     s = ingest([src], ds, c)
     assert s.removed == 2 and pq.read_metadata(ds / layout.MANIFEST).num_rows == 0
+
+
+def test_encode_reads_parquet_rows_like_files(tmp_path):
+    """The same photos as Parquet rows and as files encode to the same latents (crc of each record)."""
+    from bigasp.prep.config import EncodeConfig
+    from bigasp.prep.encode import encode
+    from bigasp.store.manifest import read_index
+
+    f = tmp_path / "photos.parquet"
+    pq.write_table(hf_table(), f, row_group_size=2)
+    files = tmp_path / "files"
+    files.mkdir()
+    for i, b in enumerate(IMAGES):
+        (files / f"{i}.jpg").write_bytes(b)
+    ecfg = EncodeConfig(vae="tiny", num_workers=0, batch_size=2, progress=False)
+    crcs = []
+    for name, src in (("rows", f), ("files", files)):
+        ds = tmp_path / f"ds-{name}"
+        ingest([src], ds, cfg(allow_upscale=True, workers=2 if name == "rows" else 1))
+        assert encode(ds, ecfg).encoded == 5
+        index = read_index(*layout.url_to_fs(str(ds)))
+        crcs.append(dict(zip(index.column("id").to_pylist(), index.column("crc32").to_pylist(), strict=True)))
+    assert crcs[0] == crcs[1] and set(crcs[0]) == {content_id(b) for b in IMAGES}
