@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bigasp.annotate.decode import manifest_jobs
+from bigasp.errors import DataError
 from bigasp.prep.images import Reject
 from bigasp.prep.ingest import content_id, ingest, read_ingested
 from bigasp.prep.sources import manifest_ref
@@ -188,3 +189,40 @@ def test_encode_reads_parquet_rows_like_files(tmp_path):
         index = read_index(*layout.url_to_fs(str(ds)))
         crcs.append(dict(zip(index.column("id").to_pylist(), index.column("crc32").to_pylist(), strict=True)))
     assert crcs[0] == crcs[1] and set(crcs[0]) == {content_id(b) for b in IMAGES}
+
+
+def test_glob_sources_expand_and_prune_like_a_folder(tmp_path):
+    src = tmp_path / "src"
+    (src / "more").mkdir(parents=True)
+    for i, name in enumerate(["a.parquet", "b.parquet", "more/c.parquet"]):
+        pq.write_table(hf_table(IMAGES[i : i + 1]), src / name)
+    (src / "photo.jpg").write_bytes(IMAGES[3])
+    ds = tmp_path / "ds"
+    c = cfg(allow_upscale=True)
+    assert ingest([str(src / "*.parquet")], ds, c).new == 2  # not more/c.parquet, not photo.jpg
+    assert ingest([str(src / "**" / "*.parquet")], ds, c).new == 1
+    (src / "b.parquet").unlink()
+    s = ingest([str(src / "*.parquet")], ds, c)  # b no longer matches: pruned; more/c is outside `*`
+    assert s.removed == 1
+    assert sorted(manifest(ds)["path"]) == [f"{src}/a.parquet::image[0]", f"{src}/more/c.parquet::image[0]"]
+    with pytest.raises(DataError, match="matches no file"):
+        ingest([str(src / "*.tar")], ds, c)
+
+
+@pytest.mark.parametrize("pattern", ["*.parquet", "**/*.parquet", "**/?.parquet", "[ab].parquet", "*/[!x]*"])
+def test_glob_scope_matches_what_glob_expands(tmp_path, pattern):
+    """Pruning decides with a regex what `glob.glob` expanded: the two agree (glob is the reference)."""
+    import glob
+    import re
+
+    from bigasp.prep.ingest import _glob_regex
+
+    for name in ["a.parquet", "b.parquet", "ab.parquet", "d/c.parquet", "d/e/x.parquet", "d/y.tar"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    every = {str(p) for p in tmp_path.rglob("*") if p.is_file()}
+    full = str(tmp_path / pattern)
+    regex = re.compile(_glob_regex(full))
+    assert {p for p in every if regex.fullmatch(p)} == {
+        p for p in glob.glob(full, recursive=True) if p in every
+    }

@@ -43,7 +43,18 @@ from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
 from bigasp.prep.kohya import folder_repeats, reading_key
 from bigasp.prep.sidecar import check_download, parse_sidecars, status_failed
-from bigasp.prep.sources import CHUNK, LIST_EXT, PARQUET_EXT, Item, Ref, printable, resolve_source, scan
+from bigasp.prep.sources import (
+    CHUNK,
+    LIST_EXT,
+    PARQUET_EXT,
+    Item,
+    Ref,
+    expand_patterns,
+    is_pattern,
+    printable,
+    resolve_source,
+    scan,
+)
 from bigasp.store import layout
 from bigasp.store.manifest import (
     MANIFEST_FIX,
@@ -698,11 +709,12 @@ def _make_out(root: Path) -> None:
         )
 
 
-def _scope(sources: list[Path]) -> Callable[[str, str | None], bool]:
+def _scope(sources: list[Path], patterns: list[str] | None = None) -> Callable[[str, str | None], bool]:
     """Whether a recorded (path, origin) belongs to one of this run's sources (so it may be pruned).
 
     Folders and tars by path prefix (so re-ingesting a sub-folder prunes only under it); path
-    lists by the origin recorded with each row, since a list's entries can live anywhere.
+    lists by the origin recorded with each row, since a list's entries can live anywhere; glob
+    patterns by matching the file part (before `::`), so a file that no longer matches is pruned.
     """
     prefixes: list[str] = []
     exact: set[str] = set()
@@ -717,7 +729,49 @@ def _scope(sources: list[Path]) -> Callable[[str, str | None], bool]:
         else:
             exact.add(str(p))
     tup = tuple(prefixes)
+    if patterns:
+        import re
+
+        regex = re.compile("|".join(_glob_regex(p) for p in patterns))
+        return lambda path, origin: (
+            path in exact
+            or origin in lists
+            or path.startswith(tup)
+            or bool(regex.fullmatch(path.split("::", 1)[0]))
+        )
     return lambda path, origin: path in exact or origin in lists or path.startswith(tup)
+
+
+def _glob_regex(pattern: str) -> str:
+    """A glob pattern as a regex with glob's meaning: `*` and `?` stay within a folder, `**/`
+    spans folders, `[...]` is a character class."""
+    import re
+
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in pattern[i + 1 :]:
+            j = pattern.index("]", i + 1)
+            body = pattern[i + 1 : j]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = j + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
 
 
 def ingest(
@@ -725,7 +779,8 @@ def ingest(
 ) -> IngestSummary:
     """Scan `sources` into the dataset directory `out`; returns counts (also for benchmarks)."""
     cfg = cfg or IngestConfig()
-    sources = list(sources)
+    patterns = [str(resolve_source(s)) for s in sources if is_pattern(s)]
+    sources = expand_patterns(list(sources))
     root = Path(out)
     resolved = [resolve_source(s) for s in sources]
     for src, p in zip(sources, resolved, strict=True):  # before anything is written or read
@@ -838,7 +893,7 @@ def ingest(
             raise IngestInterrupted(summary) from None
         commit()
         bar.close()
-        in_scope = _scope(resolved)
+        in_scope = _scope(resolved, patterns)
         gone = (lambda p, o: in_scope(p, o) and _digest(p) not in seen) if cfg.prune else None
         summary.removed = _fold(root, prune=gone)
         summary.total_images = _count(root)

@@ -404,6 +404,33 @@ def _single(p: Path, origin: str) -> Item:
     )
 
 
+def is_pattern(src: str | os.PathLike) -> bool:
+    """A source with glob characters that names no existing path: `data/*.parquet`, quoted so that
+    bigasp (not the shell, which may hit its argument limit) expands it."""
+    s = os.fspath(src)
+    return any(c in s for c in "*?[") and not Path(s).expanduser().exists()
+
+
+def expand_patterns(sources: list[str | os.PathLike]) -> list[str | os.PathLike]:
+    """`sources` with each glob pattern replaced by its matches, sorted (`**` spans folders)."""
+    import glob
+
+    out: list[str | os.PathLike] = []
+    for src in sources:
+        if not is_pattern(src):
+            out.append(src)
+            continue
+        pattern = str(resolve_source(src))
+        found = sorted(glob.glob(pattern, recursive=True))
+        if not found:
+            raise DataError(
+                f"ingest source {printable(os.fspath(src))} matches no file; check the pattern (it is "
+                "expanded by bigasp: `*` within a folder, `**` across folders)"
+            )
+        out.extend(found)
+    return out
+
+
 def resolve_source(src: str | os.PathLike) -> Path:
     return Path(src).expanduser().absolute()  # the manifest must not depend on the working directory
 
