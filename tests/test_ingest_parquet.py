@@ -226,3 +226,43 @@ def test_glob_scope_matches_what_glob_expands(tmp_path, pattern):
     assert {p for p in every if regex.fullmatch(p)} == {
         p for p in glob.glob(full, recursive=True) if p in every
     }
+
+
+def test_cli_parquet_flags_and_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from bigasp.cli import app
+
+    f = tmp_path / "photos.parquet"
+    pq.write_table(hf_table(IMAGES[:2]).rename_columns(["pixels", "text", "labels", "aesthetic"]), f)
+    conf = tmp_path / "ingest.toml"
+    conf.write_text('[ingest]\nallow_upscale = true\nparquet_columns = {labels = "tags"}\n')
+    out = tmp_path / "ds"
+    base = ["ingest", str(f), "--out", str(out), "--config", str(conf), "--no-progress", "--json"]
+    # --column replaces the config's map (as any flag replaces its key), so both columns are named
+    res = CliRunner().invoke(
+        app, [*base, "--image-column", "pixels", "--column", "text=caption", "--column", "labels=tags"]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["new"] == 2
+    m = manifest(out)
+    assert (
+        m["path"][0] == f"{f}::pixels[0]"
+        and m["captions"][0] == ["caption 0"]
+        and m["tags"][0] == ["a", "t0"]
+    )
+    other = tmp_path / "ds2"  # the config file alone: labels -> tags, text stays in extra
+    res = CliRunner().invoke(app, [*base[:3], str(other), *base[4:], "--image-column", "pixels"])
+    assert res.exit_code == 0, res.output
+    m = manifest(other)
+    assert (
+        m["tags"][1] == ["a", "t1"]
+        and m["captions"][1] == []
+        and json.loads(m["extra"][1])["text"] == "caption 1"
+    )
+    res = CliRunner().invoke(app, [*base, "--column", "text"])
+    assert res.exit_code != 0 and "COLUMN=KEY" in res.output
+    res = CliRunner().invoke(app, [*base, "--column", "text=caption", "--column", "aesthetic=caption"])
+    assert res.exit_code != 0 and "one column per key" in str(res.exception or res.output)
+    res = CliRunner().invoke(app, [*base, "--checksums", "sometimes"])
+    assert res.exit_code != 0 and "checksums" in str(res.exception or res.output)

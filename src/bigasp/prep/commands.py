@@ -16,10 +16,17 @@ CONFIG_HELP = "TOML file with the keys in an \\[ingest] / \\[encode] table, or a
 SET_HELP = "Override a config key, e.g. --set buckets.step=16 (repeatable)."
 
 
-def _load(model, section: str, config: str | None, sets: list[str], flags: dict[str, Any]):
+def _load(
+    model,
+    section: str,
+    config: str | None,
+    sets: list[str],
+    flags: dict[str, Any],
+    names: dict[str, str] | None = None,
+):
     from bigasp.config import load_stage_config
 
-    return load_stage_config(model, section, config, sets, flags)
+    return load_stage_config(model, section, config, sets, flags, names)
 
 
 def _print_counts(title: str, counts: dict[str, int]) -> None:
@@ -115,6 +122,7 @@ def ingest_cmd(
             checksums=checksums,
             progress=progress,
         ),
+        {"parquet_image_column": "--image-column", "parquet_columns": "--column"},
     )
     try:
         s = ingest(sources, out, cfg)
