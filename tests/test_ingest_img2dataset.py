@@ -83,6 +83,10 @@ def shards(tmp_path) -> Path:
                 "json": json.dumps({"status": "failed_to_resize", "error_message": "too big"}),
             }
         )
+        # a status of the owner's own meaning is just metadata
+        tw.write(
+            {"__key__": "draft", "jpg": jpeg_bytes(64, 64, seed=36), "json": json.dumps({"status": "draft"})}
+        )
     return out
 
 
@@ -95,7 +99,9 @@ def test_img2dataset_shards_keep_provenance_and_check_downloads(shards, tmp_path
         "000000000.jpg",
         "000000001.jpg",
         "ok.jpg",
+        "draft.jpg",
     }
+    assert json.loads(m["draft.jpg"]["extra"]) == {"status": "draft"}
     a, b = m["000000000.jpg"], m["000000001.jpg"]
     assert a["id"] == content_id(SHRUNK) and (a["width"], a["height"]) == (64, 48)
     assert a["captions"] == ["a red bicycle"]  # the .txt and the json caption, once
@@ -118,10 +124,10 @@ def test_img2dataset_shards_keep_provenance_and_check_downloads(shards, tmp_path
         and "--checksums auto" in rej["000000000.jpg"]["detail"]
     )
     kept = {r["path"].rsplit("::", 1)[1] for r in pq.read_table(ds / layout.MANIFEST).to_pylist()}
-    assert kept == {"000000001.jpg", "ok.jpg"}  # stored as downloaded: its hash matches
+    assert kept == {"000000001.jpg", "ok.jpg", "draft.jpg"}  # stored as downloaded: its hash matches
     # off: nothing is compared, so the mismatching images come back
     ingest(tars, ds, cfg(allow_upscale=True, checksums="off"))
-    assert pq.read_metadata(ds / layout.MANIFEST).num_rows == 4
+    assert pq.read_metadata(ds / layout.MANIFEST).num_rows == 5
 
 
 def test_bad_sha256_value_is_a_bad_sidecar(tmp_path):

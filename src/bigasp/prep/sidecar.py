@@ -195,10 +195,14 @@ def img2dataset_record(extra: dict[str, Any]) -> bool:
 
 
 def status_failed(extra: dict[str, Any], name: str) -> None:
-    """A downloader's record whose `status` is not "success" (img2dataset's failed_to_download,
-    failed_to_resize, ...) rejects the image as `download_failed`, with its `error_message`."""
+    """A downloader's record saying the download failed rejects the image as `download_failed`,
+    with its `error_message`: an img2dataset record whose `status` is not "success"
+    (failed_to_download, failed_to_resize, ...), or any `status` starting with "fail". Other
+    statuses of other sidecars ("draft", "published") mean something else and are kept in `extra`."""
     status = extra.get("status")
-    if status is None or status == "success":
+    if not isinstance(status, str) or status == "success":
+        return
+    if not (status.lower().startswith("fail") or img2dataset_record(extra)):
         return
     why = extra.get("error_message")
     raise Reject(
