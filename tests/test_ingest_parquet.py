@@ -118,10 +118,16 @@ def test_bad_parquet_files_are_rejects_naming_file_and_fix(tmp_path):
         pa.table({"a": pa.array([IMAGES[0]], pa.binary()), "b": pa.array([IMAGES[1]], pa.binary())}),
         src / "two.parquet",
     )
+    # a Hugging Face dataset whose images are only paths (bytes null): not readable as rows
+    pq.write_table(
+        pa.table({"image": pa.array([{"bytes": None, "path": "x.jpg"}], HF_IMAGE)}), src / "paths.parquet"
+    )
     ds = tmp_path / "ds"
     s = ingest([src], ds, cfg(allow_upscale=True))
     assert s.new == 2
     r = rejects(ds)
+    only_path = r.pop(f"{src}/paths.parquet::image[0]")
+    assert only_path["reason"] == "missing_image" and "only a path 'x.jpg'" in only_path["detail"]
     assert set(r) == {f"{src}/cut.parquet::", f"{src}/nocol.parquet::", f"{src}/two.parquet::"}
     assert {x["reason"] for x in r.values()} == {"bad_parquet"}
     assert "not a readable Parquet file" in r[f"{src}/cut.parquet::"]["detail"]

@@ -97,15 +97,21 @@ class _Opened:
 _cache: dict[str, _Opened] = {}
 
 
+# The only two ways this module touches a file: a binary file object for pyarrow, and the
+# (size, mtime) stamp that says whether a cached footer / row group is still the file's.
 def _open(file: str):
     return open(file, "rb")
+
+
+def _stamp(file: str) -> tuple[int, float]:
+    st = os.stat(file)
+    return st.st_size, st.st_mtime
 
 
 def _footer(file: str) -> _Opened:
     import pyarrow.parquet as pq
 
-    st = os.stat(file)
-    key = (file, st.st_size, st.st_mtime)
+    key = (file, *_stamp(file))
     got = _cache.get(file)
     if got is not None and got.key == key:
         return got
@@ -155,12 +161,15 @@ def read_cell(file: str, row: int, column: str) -> bytes:
     A null cell, or a struct whose `bytes` is null (e.g. an image stored only as a path), is a
     `missing_image` reject naming the file, row and column."""
     value = read_columns(file, row, (column,))[column]
+    where = ""
     if isinstance(value, dict):
+        where = f", only a path {value['path']!r}" if value.get("path") else ""
         value = value.get("bytes")
     if value is None:
         raise Reject(
             "missing_image",
-            f"{file}: row {row} has no image bytes in column {column!r} (null); fill it, or drop the row",
+            f"{file}: row {row} has no image bytes in column {column!r} (null{where}); "
+            "store the image's bytes there, or drop the row",
         )
     return value
 
@@ -201,19 +210,14 @@ def scan_parquet(path: str, origin: str, image: str = "", *, in_folder: bool = F
     column, is one `bad_parquet` item (`path::`). In a folder, img2dataset's metadata tables
     (no image column, `key` and `status` columns) are skipped: their images are in the tar."""
     try:
-        st = os.stat(path)
+        size, mtime = _stamp(path)
     except OSError as err:
         yield Item(path, Ref(path, None, 0), 0.0, missing=True, error=str(err), origin=origin)
         return
 
     def problem(r: Reject) -> Item:
         return Item(
-            f"{path}::",
-            Ref(path, None, st.st_size),
-            st.st_mtime,
-            origin=origin,
-            problem=r.reason,
-            error=r.detail,
+            f"{path}::", Ref(path, None, size), mtime, origin=origin, problem=r.reason, error=r.detail
         )
 
     try:
@@ -230,7 +234,7 @@ def scan_parquet(path: str, origin: str, image: str = "", *, in_folder: bool = F
     for r in range(n):
         yield Item(
             f"{path}::{col}[{r}]",
-            Ref(path, None, st.st_size, st.st_mtime, row=r, column=col),
-            st.st_mtime,
+            Ref(path, None, size, mtime, row=r, column=col),
+            mtime,
             origin=origin,
         )

@@ -7,6 +7,10 @@ JSON keys we interpret (all optional): `caption` (string or list), `captions` (l
 numbers JSON cannot hold (NaN, Infinity, overflowing values such as 1e400 or 5000-digit
 integers) become null there, so `extra` is always valid JSON.
 
+Downloader provenance (`check_download`): a failed `status` rejects the image as
+`download_failed`, a `sha256` that does not match its bytes as `checksum_mismatch`; both keys
+stay in `extra` too. A Parquet row's other columns are read as this JSON object.
+
 Any sidecar problem is a `bad_sidecar` reject naming the file and the key; nothing in a
 sidecar (nesting thousands deep, lone surrogates, huge numbers) may raise anything else.
 """

@@ -1,4 +1,5 @@
-"""Enumerate ingest inputs: folders (recursive), uncompressed `.tar` shards, and path lists.
+"""Enumerate ingest inputs: folders (recursive), uncompressed `.tar` shards, Parquet files
+(one image per row, see `bigasp.prep.parquet`), path lists and glob patterns.
 
 Every image becomes an `Item` that says where its bytes are (a file, or an offset inside a
 tar) and where its sidecars are, so a worker process can read it without re-opening the tar
