@@ -779,8 +779,9 @@ def ingest(
 ) -> IngestSummary:
     """Scan `sources` into the dataset directory `out`; returns counts (also for benchmarks)."""
     cfg = cfg or IngestConfig()
+    sources = list(sources)
     patterns = [str(resolve_source(s)) for s in sources if is_pattern(s)]
-    sources = expand_patterns(list(sources))
+    sources = expand_patterns(sources)
     root = Path(out)
     resolved = [resolve_source(s) for s in sources]
     for src, p in zip(sources, resolved, strict=True):  # before anything is written or read
