@@ -96,7 +96,11 @@ def test_binary_column_bad_cells_and_failed_downloads(tmp_path):
     r = rejects(ds)
     assert r[f"{f}::jpg[1]"]["reason"] == "missing_image"
     assert "row 1" in r[f"{f}::jpg[1]"]["detail"] and "'jpg'" in r[f"{f}::jpg[1]"]["detail"]
-    assert r[f"{f}::jpg[2]"]["reason"] in ("corrupt", "unsupported_format")
+    assert r[f"{f}::jpg[2]"]["reason"] == "unsupported_format"
+    assert (
+        "row 2, column 'jpg'" in r[f"{f}::jpg[2]"]["detail"]
+        and "--image-column" in r[f"{f}::jpg[2]"]["detail"]
+    )
     assert r[f"{f}::jpg[3]"]["reason"] == "download_failed"
     assert "failed_to_download" in r[f"{f}::jpg[3]"]["detail"] and "HTTP 404" in r[f"{f}::jpg[3]"]["detail"]
     assert manifest(ds)["captions"] == [["ok"]]

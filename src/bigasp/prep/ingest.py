@@ -336,14 +336,23 @@ def _examine_row(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str
     status_failed(ann.extra, name)
     data = read_ingested(ref, None)
     _too_large(len(data), cfg)
-    info = probe(
-        data,
-        name=item.path,
-        size=len(data),
-        max_pixels=cfg.max_pixels,
-        animated=cfg.animated,
-        verify=cfg.verify,
-    )
+    try:
+        info = probe(
+            data,
+            name=item.path,
+            size=len(data),
+            max_pixels=cfg.max_pixels,
+            animated=cfg.animated,
+            verify=cfg.verify,
+        )
+    except Reject as r:
+        if r.reason != "unsupported_format":
+            raise
+        raise Reject(  # the extension-based detail means nothing for a cell
+            r.reason,
+            f"{name}, column {ref.column!r}: {len(data)} bytes that are no image format Pillow can open; "
+            "the image column must hold image file bytes (JPEG, PNG, WebP, ...): check --image-column",
+        ) from None
     _fits(info, cfg, buckets)
     want = "sha256" in ann.extra and ann.extra["sha256"] is not None and cfg.checksums != "off"
     check_download(ann.extra, name, hashlib.sha256(data).hexdigest() if want else None, cfg.checksums)
