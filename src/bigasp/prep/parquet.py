@@ -9,8 +9,9 @@ in the manifest's `extra`. `parquet_columns` renames columns to those keys (`tex
 
 Reading a row reads only its row group, and only the columns asked for, through pyarrow's file
 API on a file object (so the same code serves any file-like object). The last row group read is
-kept per process: ingest and encode visit rows in file order, so a row group is read once, not
-once per row.
+kept per process: ingest visits rows in file order, so a row group is read once, not once per
+row. Encode visits images in bucket order, so there each image read reads its row group again
+(docs/datasets.md advises small row groups).
 """
 
 from __future__ import annotations
