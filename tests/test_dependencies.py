@@ -34,6 +34,8 @@ UNIMPORTED_OK = {
     "ruff": "linter",
     "playwright": "browser fixtures in tests/conftest.py (imported by tests, not src)",
     "jsonschema": "validates the ComfyUI canvas workflow against the frontend's recorded schema (tests)",
+    "pytest-xdist": "`make test` runs the suite in two processes (dev extra)",
+    "webdataset": "writes tar shards as WebDataset does, for the ingest tests (dev extra)",
 }
 
 

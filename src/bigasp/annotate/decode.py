@@ -19,9 +19,9 @@ from PIL import Image
 
 from bigasp.prep.images import TRANSPOSE, Reject, pixel_limit, to_rgb
 from bigasp.prep.ingest import read_ingested
-from bigasp.prep.sources import Ref
+from bigasp.prep.sources import Ref, manifest_ref
 
-JOB_COLUMNS = ("id", "path", "tar_offset", "file_size", "orientation")
+JOB_COLUMNS = ("id", "path", "tar_offset", "file_size", "orientation", "row")
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,15 @@ class Job:
 
 def manifest_jobs(manifest: pa.Table) -> list[Job]:
     """Every manifest row as a job (no stages yet), sorted by id: the order ranks shard."""
+    if "row" not in manifest.column_names:  # a manifest table built before the column existed
+        manifest = manifest.append_column("row", pa.nulls(len(manifest), pa.int64()))
     table = manifest.select(list(JOB_COLUMNS)).sort_by("id")
     cols = table.to_pydict()
     jobs = []
     for i in range(len(table)):
         path, off = cols["path"][i], cols["tar_offset"][i]
-        file = path.split("::", 1)[0] if off is not None else path
-        jobs.append(Job(cols["id"][i], Ref(file, off, cols["file_size"][i]), cols["orientation"][i] or 1, ()))
+        ref = manifest_ref(path, off, cols["file_size"][i], cols["row"][i])
+        jobs.append(Job(cols["id"][i], ref, cols["orientation"][i] or 1, ()))
     return jobs
 
 

@@ -16,10 +16,17 @@ CONFIG_HELP = "TOML file with the keys in an \\[ingest] / \\[encode] table, or a
 SET_HELP = "Override a config key, e.g. --set buckets.step=16 (repeatable)."
 
 
-def _load(model, section: str, config: str | None, sets: list[str], flags: dict[str, Any]):
+def _load(
+    model,
+    section: str,
+    config: str | None,
+    sets: list[str],
+    flags: dict[str, Any],
+    names: dict[str, str] | None = None,
+):
     from bigasp.config import load_stage_config
 
-    return load_stage_config(model, section, config, sets, flags)
+    return load_stage_config(model, section, config, sets, flags, names)
 
 
 def _print_counts(title: str, counts: dict[str, int]) -> None:
@@ -29,9 +36,23 @@ def _print_counts(title: str, counts: dict[str, int]) -> None:
             typer.echo(f"  {k:<24} {v}")
 
 
+def _column_map(pairs: list[str]) -> dict[str, str] | None:
+    """`--column text=caption` options as {column: key}; None when none were given."""
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        col, eq, key = pair.partition("=")
+        if not eq or not col or not key:
+            raise typer.BadParameter(f"--column {pair!r}: write COLUMN=KEY, e.g. --column text=caption")
+        out[col] = key
+    return out
+
+
 def ingest_cmd(
     sources: list[str] = typer.Argument(
-        ..., help="Folders (recursive), uncompressed .tar shards, or .txt path lists."
+        ...,
+        help="Folders (recursive), uncompressed .tar shards, .parquet files (one image per row), or .txt path lists.",
     ),
     out: str = typer.Option(
         ...,
@@ -61,6 +82,18 @@ def ingest_cmd(
     kohya_repeats: str = typer.Option(
         None, help="kohya N_name folders -> source name + repeats: auto (default), on or off."
     ),
+    image_column: str = typer.Option(
+        None,
+        help="Parquet sources: the column with the image bytes (default: the one binary / {bytes} column).",
+    ),
+    columns: list[str] = typer.Option(
+        [],
+        "--column",
+        help="Parquet sources: COLUMN=KEY reads a column as a sidecar key (e.g. text=caption); repeatable.",
+    ),
+    checksums: str = typer.Option(
+        None, help="sha256 in sidecars/columns: auto (default; not img2dataset's), verify (all) or off."
+    ),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -84,8 +117,12 @@ def ingest_cmd(
             retry_rejects=retry_rejects,
             txt_tags=txt_tags,
             kohya_repeats=kohya_repeats,
+            parquet_image_column=image_column,
+            parquet_columns=_column_map(columns),
+            checksums=checksums,
             progress=progress,
         ),
+        {"parquet_image_column": "--image-column", "parquet_columns": "--column"},
     )
     try:
         s = ingest(sources, out, cfg)

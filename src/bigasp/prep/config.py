@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bigasp.buckets import BucketConfig
 from bigasp.config import Section
@@ -78,7 +78,41 @@ class IngestConfig(Section):
         "sidecar sets one) and `repeats` = N in `extra`. auto = when every subfolder of the source folder "
         "is named N_name; on = for every N_name subfolder; off = never.",
     )
+    parquet_image_column: str = Field(
+        "",
+        description="Parquet sources: the column holding the image bytes (binary, or a struct with a `bytes` "
+        "field as Hugging Face writes). Empty = the one such column (`image`, `jpg`, `png`, ... first when "
+        "several qualify).",
+    )
+    parquet_columns: dict[str, str] = Field(
+        default_factory=dict,
+        description='Parquet sources: rename columns to sidecar keys, e.g. {text = "caption"}. Every other '
+        "column of a row is read like a key of `name.json`: caption, captions, tags, score, source and "
+        "watermark are interpreted, the rest kept in `extra`.",
+    )
+    checksums: Literal["auto", "verify", "off"] = Field(
+        "auto",
+        description="A `sha256` in a sidecar or column is compared with the image's bytes; a mismatch is a "
+        "checksum_mismatch reject. auto: except img2dataset's records, whose sha256 is of the downloaded "
+        "file, which img2dataset re-encodes or resizes unless told not to; verify: every sha256; off: none.",
+    )
     progress: bool = Field(True, description="Show a progress bar with images/s.")
+
+    @field_validator("parquet_columns")
+    @classmethod
+    def _one_column_per_key(cls, v: dict[str, str]) -> dict[str, str]:
+        keys: dict[str, str] = {}
+        for col, key in v.items():
+            if not key:
+                raise ValueError(
+                    f"column {col!r} is mapped to an empty key; give the sidecar key it stands for"
+                )
+            if key in keys:
+                raise ValueError(
+                    f"both {keys[key]!r} and {col!r} are mapped to {key!r}; map one column per key"
+                )
+            keys[key] = col
+        return v
 
 
 class EncodeConfig(Section):

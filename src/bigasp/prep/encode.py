@@ -37,7 +37,7 @@ from bigasp.holdpoint import hold
 from bigasp.prep.config import EncodeConfig
 from bigasp.prep.images import Reject, load_for_bucket, pixel_limit
 from bigasp.prep.ingest import read_ingested
-from bigasp.prep.sources import Ref
+from bigasp.prep.sources import Ref, manifest_ref
 from bigasp.store import layout
 from bigasp.store.manifest import REJECTS_SCHEMA, read_dataset_json, read_index, read_manifest, read_rejects
 from bigasp.store.shard import RecordMeta, ShardWriter, list_shards, rebuild_missing_indexes
@@ -88,7 +88,7 @@ def variant_key(image_id: str, variant: int) -> str:
     return image_id if variant == 0 else f"{image_id}:{variant}"
 
 
-PLAN_COLUMNS = ("id", "path", "tar_offset", "file_size", "width", "height", "orientation")
+PLAN_COLUMNS = ("id", "path", "tar_offset", "file_size", "width", "height", "orientation", "row")
 
 
 def plan(
@@ -118,9 +118,9 @@ def plan(
     for i in range(len(mine)):
         path, off, iid = cols["path"][i], cols["tar_offset"][i], cols["id"][i]
         v = int(variant_of[i])
-        file = path.split("::", 1)[0] if off is not None else path
+        ref = manifest_ref(path, off, cols["file_size"][i], cols["row"][i])
         p = place(cols["height"][i], cols["width"][i], buckets, seed=seed, image_id=variant_key(iid, v))
-        jobs.append(Job(iid, Ref(file, off, cols["file_size"][i]), cols["orientation"][i] or 1, p, v))
+        jobs.append(Job(iid, ref, cols["orientation"][i] or 1, p, v))
     return jobs
 
 

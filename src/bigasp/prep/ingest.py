@@ -42,8 +42,19 @@ from bigasp.holdpoint import hold
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
 from bigasp.prep.kohya import folder_repeats, reading_key
-from bigasp.prep.sidecar import parse_sidecars
-from bigasp.prep.sources import CHUNK, LIST_EXT, Item, Ref, printable, resolve_source, scan
+from bigasp.prep.sidecar import check_download, parse_sidecars, status_failed
+from bigasp.prep.sources import (
+    CHUNK,
+    LIST_EXT,
+    PARQUET_EXT,
+    Item,
+    Ref,
+    expand_patterns,
+    is_pattern,
+    printable,
+    resolve_source,
+    scan,
+)
 from bigasp.store import layout
 from bigasp.store.manifest import (
     MANIFEST_FIX,
@@ -70,6 +81,8 @@ REASON_SETTINGS: dict[str, tuple[str, ...]] = {
     "animated": ("animated",),
     "truncated": ("verify",),
     "corrupt": ("verify",),
+    "bad_parquet": ("parquet_image_column",),
+    "checksum_mismatch": ("checksums",),
 }
 
 
@@ -141,10 +154,24 @@ class IngestSummary:
 
 def item_key(item: Item, cfg: IngestConfig) -> str:
     """What must stay equal for an earlier result of `item` to be reused: its files' change key and
-    how they are read (the .txt as tags, kohya folder repeats)."""
-    return reading_key(
+    how they are read (the .txt as tags, kohya folder repeats, Parquet column names, checksums)."""
+    key = reading_key(
         item.change_key, cfg.txt_tags, folder_repeats(item.path, item.origin, cfg.kohya_repeats)
     )
+    return _metadata_key(item, cfg, key)
+
+
+def _metadata_key(item: Item, cfg: IngestConfig, key: str) -> str:
+    """`key` extended by the settings that change how a JSON sidecar or a Parquet row's columns
+    are read; unchanged for the defaults, so datasets ingested before these settings keep their keys."""
+    salt: list[Any] = []
+    if item.data.row is not None and cfg.parquet_columns:
+        salt.append(sorted(cfg.parquet_columns.items()))
+    if (item.json is not None or item.data.row is not None) and cfg.checksums != "auto":
+        salt.append(cfg.checksums)
+    if not salt:
+        return key
+    return hashlib.blake2b(repr((key, salt)).encode(), digest_size=12).hexdigest()
 
 
 def _reject_row(item: Item, reason: str, detail: str, cfg: IngestConfig) -> dict[str, Any]:
@@ -165,9 +192,10 @@ def _reject_row(item: Item, reason: str, detail: str, cfg: IngestConfig) -> dict
 STREAM_ABOVE = 16 << 20  # files larger than this are hashed and probed in pieces
 
 
-def _hash_and_probe(item: Item, cfg: IngestConfig):
+def _hash_and_probe(item: Item, cfg: IngestConfig, sha256: Any = None):
     """Content id and header facts. Small files are read once into memory (fastest); larger
-    ones are streamed, so a multi-GB file never sits in memory."""
+    ones are streamed, so a multi-GB file never sits in memory. `sha256`: a hashlib object that
+    is fed the same bytes (for a sidecar's checksum), or None."""
     try:
         f = item.data.open()
     except OSError as err:
@@ -179,11 +207,15 @@ def _hash_and_probe(item: Item, cfg: IngestConfig):
             if item.data.size <= STREAM_ABOVE:
                 data = f.read(item.data.size + 1)  # +1: a file that grew is caught below
                 h.update(data)
+                if sha256 is not None:
+                    sha256.update(data)
                 n = len(data)
             else:
                 data = None
                 while chunk := f.read(CHUNK):
                     h.update(chunk)
+                    if sha256 is not None:
+                        sha256.update(chunk)
                     n += len(chunk)
         except OSError as err:
             raise Reject("unreadable", str(err)) from None
@@ -227,49 +259,120 @@ def examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, dic
         )
 
 
+def _too_large(size: int, cfg: IngestConfig) -> None:
+    if size > cfg.max_file_size:
+        raise Reject(
+            "too_large",
+            f"file is {size} bytes, over max_file_size={cfg.max_file_size} (--max-file-size {size} keeps it)",
+        )
+
+
 def _examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, dict[str, Any]]:
     if item.problem:
         raise Reject(item.problem, item.error)
     if item.missing:
         raise Reject("unreadable", item.error or "listed path does not exist")
-    if item.data.size > cfg.max_file_size:
-        raise Reject(
-            "too_large",
-            f"file is {item.data.size} bytes, over max_file_size={cfg.max_file_size} "
-            f"(--max-file-size {item.data.size} keeps it)",
+    if item.data.row is not None:
+        return _examine_row(item, cfg, buckets)
+    _too_large(item.data.size, cfg)
+    early = _peek(item.json)  # only to know whether the image's sha256 is needed
+    sha = hashlib.sha256() if early is not None and b'"sha256"' in early else None
+    iid, info = _hash_and_probe(item, cfg, sha)
+    _fits(info, cfg, buckets)
+    try:
+        txt, js, caption = (
+            _sidecar(item.txt),
+            early if early is not None else _sidecar(item.json),
+            _sidecar(item.caption),
         )
-    iid, info = _hash_and_probe(item, cfg)
+    except OSError as err:
+        raise Reject("bad_sidecar", f"cannot read sidecar: {err}") from None
+    json_name = printable(item.json.file) if item.json else ""
+    if item.json is not None and item.json.offset is not None:  # a tar member's sidecar
+        json_name = f"{printable(item.path).rsplit('.', 1)[0]}.json"
+    ann = parse_sidecars(
+        txt,
+        js,
+        txt_name=printable(item.txt.file) if item.txt else "",
+        json_name=json_name,
+        caption=caption,
+        caption_name=printable(item.caption.file) if item.caption else "",
+        txt_tags=cfg.txt_tags,
+    )
+    check_download(ann.extra, json_name, sha.hexdigest() if sha is not None else None, cfg.checksums)
+    return "ok", _row(item, cfg, iid, item.data.size, info, ann)
+
+
+def _peek(ref: Ref | None) -> bytes | None:
+    """A JSON sidecar's bytes, or None when there is none or it cannot be read now (then the
+    ordinary sidecar read below reports it, in the usual order)."""
+    try:
+        return _sidecar(ref)
+    except (Reject, OSError):
+        return None
+
+
+def _fits(info, cfg: IngestConfig, buckets: BucketSet) -> None:
     if not cfg.allow_upscale and not buckets.fits_without_upscale(info.height, info.width):
         b = buckets.nearest(info.height, info.width)
         raise Reject(
             "too_small",
             f"{info.width}x{info.height} is smaller than its bucket {b.width}x{b.height} (--allow-upscale keeps it)",
         )
+
+
+def _examine_row(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, dict[str, Any]]:
+    """A Parquet row: its other columns are its JSON sidecar (read first, so a failed download's
+    row says so rather than `missing_image`), the image cell its bytes."""
+    from bigasp.prep.parquet import row_sidecar
+
+    ref = item.data
+    name = f"{printable(ref.file)} row {ref.row}"
     try:
-        txt, js, caption = _sidecar(item.txt), _sidecar(item.json), _sidecar(item.caption)
+        js = row_sidecar(ref.file, ref.row or 0, ref.column or "", cfg.parquet_columns)
     except OSError as err:
-        raise Reject("bad_sidecar", f"cannot read sidecar: {err}") from None
-    ann = parse_sidecars(
-        txt,
-        js,
-        txt_name=printable(item.txt.file) if item.txt else "",
-        json_name=printable(item.json.file) if item.json else "",
-        caption=caption,
-        caption_name=printable(item.caption.file) if item.caption else "",
-        txt_tags=cfg.txt_tags,
-    )
+        raise Reject("unreadable", str(err)) from None
+    ann = parse_sidecars(None, js, json_name=name, txt_tags=cfg.txt_tags)
+    status_failed(ann.extra, name)
+    data = read_ingested(ref, None)
+    _too_large(len(data), cfg)
+    try:
+        info = probe(
+            data,
+            name=item.path,
+            size=len(data),
+            max_pixels=cfg.max_pixels,
+            animated=cfg.animated,
+            verify=cfg.verify,
+        )
+    except Reject as r:
+        if r.reason != "unsupported_format":
+            raise
+        raise Reject(  # the extension-based detail means nothing for a cell
+            r.reason,
+            f"{name}, column {ref.column!r}: {len(data)} bytes that are no image format Pillow can open; "
+            "the image column must hold image file bytes (JPEG, PNG, WebP, ...): check --image-column",
+        ) from None
+    _fits(info, cfg, buckets)
+    want = "sha256" in ann.extra and ann.extra["sha256"] is not None and cfg.checksums != "off"
+    check_download(ann.extra, name, hashlib.sha256(data).hexdigest() if want else None, cfg.checksums)
+    return "ok", _row(item, cfg, content_id(data), len(data), info, ann)
+
+
+def _row(item: Item, cfg: IngestConfig, iid: str, size: int, info, ann) -> dict[str, Any]:
     group = folder_repeats(item.path, item.origin, cfg.kohya_repeats)
     if group is not None:
         ann.source = ann.source if ann.source is not None else group[0]
         ann.extra.setdefault("repeats", group[1])
-    row = {
+    return {
         "path": item.path,
         "origin": item.origin,
         "change_key": item_key(item, cfg),
         "id": iid,
         "tar_offset": item.data.offset,
-        "file_size": item.data.size,
+        "file_size": size,
         "mtime": item.mtime,
+        "row": item.data.row,
         "format": info.format,
         "mode": info.mode,
         "width": info.width,
@@ -282,7 +385,6 @@ def _examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, di
         "watermark": ann.watermark,
         "extra": json.dumps(ann.extra, sort_keys=True, ensure_ascii=False, allow_nan=False),
     }
-    return "ok", row
 
 
 def _worker_init() -> None:
@@ -616,11 +718,12 @@ def _make_out(root: Path) -> None:
         )
 
 
-def _scope(sources: list[Path]) -> Callable[[str, str | None], bool]:
+def _scope(sources: list[Path], patterns: list[str] | None = None) -> Callable[[str, str | None], bool]:
     """Whether a recorded (path, origin) belongs to one of this run's sources (so it may be pruned).
 
     Folders and tars by path prefix (so re-ingesting a sub-folder prunes only under it); path
-    lists by the origin recorded with each row, since a list's entries can live anywhere.
+    lists by the origin recorded with each row, since a list's entries can live anywhere; glob
+    patterns by matching the file part (before `::`), so a file that no longer matches is pruned.
     """
     prefixes: list[str] = []
     exact: set[str] = set()
@@ -628,14 +731,56 @@ def _scope(sources: list[Path]) -> Callable[[str, str | None], bool]:
     for p in sources:
         if p.is_dir():
             prefixes.append(str(p).rstrip("/") + "/")
-        elif p.suffix.lower() == ".tar":
+        elif p.suffix.lower() in (".tar", *PARQUET_EXT):  # members / rows are "source::..."
             prefixes.append(f"{p}::")
         elif p.suffix.lower() in LIST_EXT:
             lists.add(str(p))
         else:
             exact.add(str(p))
     tup = tuple(prefixes)
+    if patterns:
+        import re
+
+        regex = re.compile("|".join(_glob_regex(p) for p in patterns))
+        return lambda path, origin: (
+            path in exact
+            or origin in lists
+            or path.startswith(tup)
+            or bool(regex.fullmatch(path.split("::", 1)[0]))
+        )
     return lambda path, origin: path in exact or origin in lists or path.startswith(tup)
+
+
+def _glob_regex(pattern: str) -> str:
+    """A glob pattern as a regex with glob's meaning: `*` and `?` stay within a folder, `**/`
+    spans folders, `[...]` is a character class."""
+    import re
+
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in pattern[i + 1 :]:
+            j = pattern.index("]", i + 1)
+            body = pattern[i + 1 : j]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = j + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
 
 
 def ingest(
@@ -644,12 +789,15 @@ def ingest(
     """Scan `sources` into the dataset directory `out`; returns counts (also for benchmarks)."""
     cfg = cfg or IngestConfig()
     sources = list(sources)
+    patterns = [str(resolve_source(s)) for s in sources if is_pattern(s)]
+    sources = expand_patterns(sources)
     root = Path(out)
     resolved = [resolve_source(s) for s in sources]
     for src, p in zip(sources, resolved, strict=True):  # before anything is written or read
         if not p.exists():
             raise DataError(
-                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar or a list of paths)"
+                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar, a .parquet "
+                "or a list of paths)"
             )
     _check_out(resolved, root)
     _make_out(root)
@@ -674,7 +822,7 @@ def ingest(
             return (settings or reason_settings(reason, cfg)) == settings_now[reason]
 
         def todo() -> Iterator[Item]:  # streamed: 10M+ files never sit in a list
-            for item in scan(sources):
+            for item in scan(sources, image_column=cfg.parquet_image_column):
                 summary.scanned += 1
                 d = _digest(item.path)
                 seen.add(d)
@@ -755,7 +903,7 @@ def ingest(
             raise IngestInterrupted(summary) from None
         commit()
         bar.close()
-        in_scope = _scope(resolved)
+        in_scope = _scope(resolved, patterns)
         gone = (lambda p, o: in_scope(p, o) and _digest(p) not in seen) if cfg.prune else None
         summary.removed = _fold(root, prune=gone)
         summary.total_images = _count(root)

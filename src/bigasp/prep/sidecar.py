@@ -7,6 +7,10 @@ JSON keys we interpret (all optional): `caption` (string or list), `captions` (l
 numbers JSON cannot hold (NaN, Infinity, overflowing values such as 1e400 or 5000-digit
 integers) become null there, so `extra` is always valid JSON.
 
+Downloader provenance (`check_download`): a failed `status` rejects the image as
+`download_failed`, a `sha256` that does not match its bytes as `checksum_mismatch`; both keys
+stay in `extra` too. A Parquet row's other columns are read as this JSON object.
+
 Any sidecar problem is a `bad_sidecar` reject naming the file and the key; nothing in a
 sidecar (nesting thousands deep, lone surrogates, huge numbers) may raise anything else.
 """
@@ -186,3 +190,52 @@ def parse_sidecars(
     seen: set[str] = set()
     out.captions = [c for c in out.captions if not (c in seen or seen.add(c))]
     return out
+
+
+def img2dataset_record(extra: dict[str, Any]) -> bool:
+    """A record img2dataset wrote (its `.json` sidecar or metadata row): it carries `status` and
+    `original_width`/`original_height` next to the downloaded file's `sha256`."""
+    return "status" in extra and ("original_width" in extra or "original_height" in extra)
+
+
+def status_failed(extra: dict[str, Any], name: str) -> None:
+    """A downloader's record saying the download failed rejects the image as `download_failed`,
+    with its `error_message`: an img2dataset record whose `status` is not "success"
+    (failed_to_download, failed_to_resize, ...), or any `status` starting with "fail". Other
+    statuses of other sidecars ("draft", "published") mean something else and are kept in `extra`."""
+    status = extra.get("status")
+    if not isinstance(status, str) or status == "success":
+        return
+    if not (status.lower().startswith("fail") or img2dataset_record(extra)):
+        return
+    why = extra.get("error_message")
+    raise Reject(
+        "download_failed",
+        f"{name}: status {status!r}"
+        + (f" ({why})" if why else "")
+        + ", so the downloader did not store this image as downloaded; download it again, or drop the sample",
+    )
+
+
+def check_download(extra: dict[str, Any], name: str, actual_sha256: str | None, checksums: str) -> None:
+    """Downloader provenance in a sidecar: `status` must be success (see `status_failed`), and a
+    `sha256` must match the image bytes' (`actual_sha256`) where `checksums` says to check it:
+    verify = always; auto = unless it is img2dataset's record, whose sha256 is of the file as
+    downloaded, before img2dataset resized or re-encoded it; off = never."""
+    status_failed(extra, name)
+    expected = extra.get("sha256")
+    if expected is None or checksums == "off" or (checksums == "auto" and img2dataset_record(extra)):
+        return
+    if (
+        not isinstance(expected, str)
+        or len(expected) != 64
+        or any(c not in "0123456789abcdefABCDEF" for c in expected)
+    ):
+        raise _bad(name, f"'sha256' must be 64 hex digits, got {str(expected)[:80]!r}")
+    if actual_sha256 is not None and expected.lower() != actual_sha256:
+        fix = "--checksums auto" if checksums == "verify" and img2dataset_record(extra) else "--checksums off"
+        raise Reject(
+            "checksum_mismatch",
+            f"{name}: sha256 {expected.lower()} recorded, but the image bytes hash to {actual_sha256}: the image is "
+            f"not the recorded file (damaged, replaced or re-encoded); restore or re-download it ({fix} keeps it)",
+        )

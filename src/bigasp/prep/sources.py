@@ -1,4 +1,5 @@
-"""Enumerate ingest inputs: folders (recursive), uncompressed `.tar` shards, and path lists.
+"""Enumerate ingest inputs: folders (recursive), uncompressed `.tar` shards, Parquet files
+(one image per row, see `bigasp.prep.parquet`), path lists and glob patterns.
 
 Every image becomes an `Item` that says where its bytes are (a file, or an offset inside a
 tar) and where its sidecars are, so a worker process can read it without re-opening the tar
@@ -25,19 +26,32 @@ from bigasp.errors import DataError
 
 SIDECAR_EXT = (".txt", ".json", ".caption")  # .caption: kohya's caption files
 LIST_EXT = (".txt", ".lst", ".list")
+PARQUET_EXT = (".parquet",)  # one image per row: see bigasp.prep.parquet
 CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
 class Ref:
-    """Bytes [offset, offset+size) of `file`; offset None = the whole file."""
+    """Bytes [offset, offset+size) of `file`; offset None = the whole file.
+
+    A Parquet row (`row` set): the image bytes in `column` of row `row` (0-based, over the whole
+    file) of the Parquet file `file`. `size` is then not used to read: a scanned row carries the
+    Parquet file's size (with `mtime`, whether the file changed), a row rebuilt from the manifest
+    the image's byte count. `read()` and `open()` are the only ways stages get the bytes.
+    """
 
     file: str
     offset: int | None
     size: int
     mtime: float = 0.0
+    row: int | None = None
+    column: str | None = None
 
     def read(self) -> bytes:
+        if self.row is not None:
+            from bigasp.prep.parquet import read_cell
+
+            return read_cell(self.file, self.row, self.column or "")
         with open(self.file, "rb") as f:
             if self.offset is None:
                 return f.read()
@@ -46,6 +60,8 @@ class Ref:
 
     def open(self) -> io.BufferedReader:
         """A seekable binary stream of exactly these bytes (a window into the tar for members)."""
+        if self.row is not None:
+            return io.BufferedReader(io.BytesIO(self.read()), CHUNK)  # type: ignore[arg-type]
         raw = open(self.file, "rb", buffering=0)  # noqa: SIM115 - returned to the caller
         if self.offset is None:
             return io.BufferedReader(raw, CHUNK)
@@ -108,7 +124,20 @@ class Item:
             parts += [None, None] if s is None else [s.size, s.mtime]
         if self.caption is not None:  # only then: keys of datasets without .caption files stay as they were
             parts += [self.caption.size, self.caption.mtime]
+        if self.data.row is not None:  # a Parquet row: which row and column of the (unchanged) file
+            parts += [self.data.row, self.data.column]
         return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
+
+
+def manifest_ref(path: str, tar_offset: int | None, file_size: int, row: int | None = None) -> Ref:
+    """Where an image's bytes are, from its manifest row: a file; a tar member (`a.tar::member`,
+    `tar_offset` set); or a Parquet row (`a.parquet::column[R]`, `row` = R set)."""
+    if row is not None:
+        file, _, rest = path.partition("::")
+        column = rest[: rest.rindex("[")] if "[" in rest else rest
+        return Ref(file, None, int(file_size), row=int(row), column=column)
+    file = path.split("::", 1)[0] if tar_offset is not None else path
+    return Ref(file, tar_offset, int(file_size))
 
 
 def printable(path: str) -> str:
@@ -158,8 +187,9 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def scan_folder(root: Path, origin: str = "") -> Iterator[Item]:
-    """Depth-first, names sorted; follows symlinks but never visits a directory twice."""
+def scan_folder(root: Path, origin: str = "", image_column: str = "") -> Iterator[Item]:
+    """Depth-first, names sorted; follows symlinks but never visits a directory twice. Parquet
+    files in it are read as Parquet sources (`image_column`: see `scan_parquet`)."""
     origin = origin or str(root)
     stack = [root]
     seen: set[tuple[int, int]] = set()
@@ -202,6 +232,9 @@ def scan_folder(root: Path, origin: str = "") -> Iterator[Item]:
                 continue
             if not utf8_ok(e.path):
                 yield _problem(e.path, "bad_filename", BAD_NAME, origin)
+                continue
+            if ext in PARQUET_EXT:
+                yield from _parquet(e.path, origin, image_column, in_folder=True)
                 continue
             try:
                 fst = e.stat()
@@ -372,16 +405,52 @@ def _single(p: Path, origin: str) -> Item:
     )
 
 
+def is_pattern(src: str | os.PathLike) -> bool:
+    """A source with glob characters that names no existing path: `data/*.parquet`, quoted so that
+    bigasp (not the shell, which may hit its argument limit) expands it."""
+    s = os.fspath(src)
+    return any(c in s for c in "*?[") and not Path(s).expanduser().exists()
+
+
+def expand_patterns(sources: list[str | os.PathLike]) -> list[str | os.PathLike]:
+    """`sources` with each glob pattern replaced by its matches, sorted (`**` spans folders)."""
+    import glob
+
+    out: list[str | os.PathLike] = []
+    for src in sources:
+        if not is_pattern(src):
+            out.append(src)
+            continue
+        pattern = str(resolve_source(src))
+        found = sorted(glob.glob(pattern, recursive=True))
+        if not found:
+            raise DataError(
+                f"ingest source {printable(os.fspath(src))} matches no file; check the pattern (it is "
+                "expanded by bigasp: `*` within a folder, `**` across folders)"
+            )
+        out.extend(found)
+    return out
+
+
 def resolve_source(src: str | os.PathLike) -> Path:
     return Path(src).expanduser().absolute()  # the manifest must not depend on the working directory
 
 
-def scan(sources: list[str | os.PathLike]) -> Iterator[Item]:
-    """Items of every source, in a stable order (sources in order, names sorted)."""
+def _parquet(path: str, origin: str, image_column: str, *, in_folder: bool = False) -> Iterator[Item]:
+    from bigasp.prep.parquet import scan_parquet
+
+    return scan_parquet(path, origin, image_column, in_folder=in_folder)
+
+
+def scan(sources: list[str | os.PathLike], image_column: str = "") -> Iterator[Item]:
+    """Items of every source, in a stable order (sources in order, names sorted).
+    `image_column`: the image column of Parquet sources ("" = auto-detect)."""
     for src in sources:
         p = resolve_source(src)
         if p.is_dir():
-            yield from scan_folder(p)
+            yield from scan_folder(p, image_column=image_column)
+        elif p.is_file() and p.suffix.lower() in PARQUET_EXT:
+            yield from _parquet(str(p), str(p), image_column)
         elif p.is_file() and p.suffix.lower() == ".tar":
             yield from scan_tar(p)
         elif p.is_file() and p.suffix.lower() in LIST_EXT:
@@ -390,5 +459,6 @@ def scan(sources: list[str | os.PathLike]) -> Iterator[Item]:
             yield _single(p, str(p))
         else:
             raise DataError(
-                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar or a list of paths)"
+                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar, a .parquet "
+                "or a list of paths)"
             )

@@ -9,13 +9,9 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from bigasp.prep.images import TRANSPOSE, to_rgb
-from bigasp.prep.sources import Ref
+from bigasp.prep.sources import Ref, manifest_ref
 
-
-def manifest_ref(path: str, tar_offset: int | None, file_size: int) -> Ref:
-    """Where an image's bytes are, from its manifest row (tar members are `a.tar::member`)."""
-    file = path.split("::", 1)[0] if tar_offset is not None else path
-    return Ref(file, tar_offset, int(file_size))
+__all__ = ["Ref", "degrade", "manifest_ref", "open_image"]
 
 
 def open_image(ref: Ref, orientation: int | None = 1, *, max_side: int | None = None) -> Image.Image:

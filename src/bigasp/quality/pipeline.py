@@ -68,13 +68,13 @@ def _manifest_refs(root: Path, ids: list[str]):
     from bigasp.store.manifest import read_manifest
 
     fs, path = layout.url_to_fs(root)
-    m = read_manifest(fs, path, ["id", "path", "tar_offset", "file_size", "orientation"]).to_pydict()
+    m = read_manifest(fs, path, ["id", "path", "tar_offset", "file_size", "orientation", "row"]).to_pydict()
     row = {i: k for k, i in enumerate(m["id"])}
     missing = [i for i in ids if i not in row]
     if missing:
         raise DataError(f"{root}: rated image {missing[0]} is not in the manifest ({len(missing)} missing)")
     return {
-        i: (manifest_ref(m["path"][row[i]], m["tar_offset"][row[i]], m["file_size"][row[i]]),
+        i: (manifest_ref(m["path"][row[i]], m["tar_offset"][row[i]], m["file_size"][row[i]], m["row"][row[i]]),
             m["orientation"][row[i]] or 1)
         for i in ids
     }  # fmt: skip

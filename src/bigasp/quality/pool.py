@@ -48,7 +48,7 @@ def load_pool(
 ) -> list[PoolImage]:
     """Pool images with where their bytes are; `embedded` limits the candidates when given."""
     fs, path = layout.url_to_fs(root)
-    m = read_manifest(fs, path, ["id", "path", "tar_offset", "file_size", "orientation"]).to_pydict()
+    m = read_manifest(fs, path, ["id", "path", "tar_offset", "file_size", "orientation", "row"]).to_pydict()
     if not m["id"]:
         raise DataError(f"{root}/{layout.MANIFEST} has no images; run `bigasp ingest` first")
     rows = {i: k for k, i in enumerate(m["id"])}
@@ -58,7 +58,7 @@ def load_pool(
     out = []
     for iid in choose_pool(candidates, store.rated_images(), size, seed):
         k = rows[iid]
-        ref = manifest_ref(m["path"][k], m["tar_offset"][k], m["file_size"][k])
+        ref = manifest_ref(m["path"][k], m["tar_offset"][k], m["file_size"][k], m["row"][k])
         out.append(PoolImage(iid, ref, m["orientation"][k] or 1))
     return out
 

@@ -39,6 +39,9 @@ MANIFEST_SCHEMA = pa.schema(
         # every source path holding these bytes, sorted; `path` is the first. Null in manifests
         # written before this column existed: read it as [path].
         pa.field("paths", pa.list_(pa.string())),
+        # Parquet sources: the image is row `row` (0-based, over the whole file) of the Parquet file,
+        # `path` = "photos.parquet::column[row]"; null for files and tar members (and older manifests).
+        pa.field("row", pa.int64()),
     ]
 )
 
