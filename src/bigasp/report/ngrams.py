@@ -82,20 +82,20 @@ def caption_ids(captions: pa.Array) -> tuple[np.ndarray, pa.Array, np.ndarray, n
 
     Word order is kept, so consecutive words of one caption are consecutive in the output
     (n-grams never cross a caption boundary). The dictionary may hold an entry, "", that no
-    word refers to (Arrow's split leaves one where a caption starts or ends with a space).
+    word refers to (Arrow's split gives one for a caption without words).
     """
     n = len(captions)
-    parts = pc.ascii_split_whitespace(_spaced_text(captions))
+    parts = pc.ascii_split_whitespace(pc.ascii_trim_whitespace(_spaced_text(captions)))
     enc = pc.dictionary_encode(pc.list_flatten(parts))
     ids = enc.indices.to_numpy(zero_copy_only=False)
-    doc = pc.list_parent_indices(parts).to_numpy(zero_copy_only=False)
+    doc = pc.list_parent_indices(parts).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     per = pc.fill_null(pc.list_value_length(parts), 0).to_numpy(zero_copy_only=False).astype(np.int64)
     empty = pc.index(enc.dictionary, "").as_py() if len(enc.dictionary) else -1
-    if empty >= 0:
+    if empty >= 0:  # only captions without words (trimmed, the rest have no empty part)
         keep = ids != empty
         per -= np.bincount(doc[~keep], minlength=n)
         ids, doc = ids[keep], doc[keep]
-    return ids, enc.dictionary, doc.astype(np.int64, copy=False), per
+    return ids, enc.dictionary, doc, per
 
 
 def caption_words(captions: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
@@ -122,6 +122,18 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> _S31)
 
 
+_IOTA = np.zeros(0, np.uint64)
+
+
+def _iota(m: int) -> np.ndarray:
+    """0..m-1 as uint64, a view of one cached array: making a fresh one per batch (and the OS
+    zeroing its pages) costs more than the sort it feeds."""
+    global _IOTA
+    if len(_IOTA) < m:
+        _IOTA = np.arange(max(m, 2 * len(_IOTA)), dtype=np.uint64)
+    return _IOTA[:m]
+
+
 def _sort_groups(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(order that sorts `key`, where each run of equal keys starts in that order, sorted keys).
 
@@ -134,7 +146,7 @@ def _sort_groups(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray
     if key_bits + pos_bits <= 64:
         packed = key.view(np.uint64)
         packed <<= np.uint64(pos_bits)
-        packed |= np.arange(m, dtype=np.uint64)
+        packed |= _iota(m)
         packed.sort()
         order = np.bitwise_and(packed, np.uint64((1 << pos_bits) - 1)).view(np.int64)
         packed >>= np.uint64(pos_bits)
@@ -146,6 +158,22 @@ def _sort_groups(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray
     new[:1] = True
     np.not_equal(sorted_key[1:], sorted_key[:-1], out=new[1:])
     return order, np.flatnonzero(new), sorted_key
+
+
+def _by_position(idx: np.ndarray, gid: np.ndarray, n_ids: int) -> tuple[np.ndarray, np.ndarray]:
+    """`idx` (distinct, >= 0) and its `gid` (< n_ids), sorted by `idx`: one plain sort of
+    `idx << b | gid`, which beats scattering `gid` to `idx` (random writes) several-fold."""
+    gid_bits = max(n_ids - 1, 1).bit_length()
+    if max(len(idx), int(idx.max(initial=0)) + 1).bit_length() + gid_bits > 64:
+        order = np.argsort(idx)
+        return idx[order], gid[order]
+    packed = idx.astype(np.uint64)
+    packed <<= np.uint64(gid_bits)
+    packed |= gid.view(np.uint64)
+    packed.sort()
+    gid = np.bitwise_and(packed, np.uint64((1 << gid_bits) - 1)).view(np.int64)
+    packed >>= np.uint64(gid_bits)
+    return packed.view(np.int64), gid
 
 
 @dataclass
@@ -193,20 +221,22 @@ class NgramCounter:
         self.captions = 0
         self.total_words = 0
 
-    def _global_ids(self, dictionary: pa.Array) -> np.ndarray:
-        """This counter's id of each dictionary word (registering new ones); Python sees only the
-        batch's distinct words. "" (which no word id refers to) is not registered."""
+    def _global_ids(self, dictionary: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """(this counter's id of each dictionary word, which entries are words): new words are
+        registered; Python sees only the batch's distinct words. "" is not a word."""
         lut = np.zeros(len(dictionary), np.int64)
+        real = np.ones(len(dictionary), bool)
         vocab, names = self.vocab, self.words
         for i, w in enumerate(dictionary.to_pylist()):
             if not w:
+                real[i] = False
                 continue
             v = vocab.get(w)
             if v is None:
                 v = vocab[w] = len(names)
                 names.append(w)
             lut[i] = v
-        return lut
+        return lut, real
 
     def add_words(self, words: pa.Array, doc: np.ndarray, n_docs: int) -> None:
         """Count one batch: `words` flat, `doc[i]` = which caption word i belongs to (ascending)."""
@@ -221,11 +251,11 @@ class NgramCounter:
         self.total_words += len(ids)
         if len(ids) == 0:
             return
-        lut = self._global_ids(dictionary)
+        lut, real = self._global_ids(dictionary)
         if len(self.unigram) < len(self.words):
             grow = np.zeros(len(self.words) - len(self.unigram), np.int64)
             self.unigram = np.concatenate([self.unigram, grow])
-        np.add.at(self.unigram, lut, np.bincount(ids, minlength=len(lut)))
+        self.unigram[lut[real]] += np.bincount(ids, minlength=len(lut))[real]
         if self.max_n < 2:
             return
         glob = lut.astype(np.int32)[ids]
@@ -291,17 +321,18 @@ class NgramCounter:
                 cand.merge(_row_keys(grams), counts[sel], grams, self.capacity)
             if n == self.max_n:
                 break
-            # dense id of each position's n-gram (-1: left out), in position order
-            gid_of_group = np.full(len(starts), -1, np.int64)
-            gid_of_group[sel] = np.arange(len(sel))
-            gid = np.empty(len(order), np.int64)
-            gid[order] = np.repeat(gid_of_group, counts)
-            ok = gid >= 0
-            both = ok[:-1] & ok[1:]
-            if pos is not None:
-                both &= pos[1:] == pos[:-1] + 1
-            nxt = np.flatnonzero(both)
-            pos = nxt if pos is None else pos[nxt]
+            # the kept n-grams' positions, in position order, with a dense id per n-gram
+            if prune:
+                chosen = np.zeros(len(starts), bool)
+                chosen[:groups] = repeated
+                idx = order[np.repeat(chosen, counts)]
+            else:
+                idx = order[: starts[groups] if groups < len(starts) else len(order)]
+            gid = np.repeat(np.arange(len(sel), dtype=np.int64), counts[sel])
+            idx, gid = _by_position(idx, gid, len(sel))
+            at = idx if pos is None else pos[idx]
+            nxt = np.flatnonzero(at[1:] == at[:-1] + 1)
+            pos = at[nxt]
             key = gid[nxt]
             key *= len(sel)
             key += gid[nxt + 1]
