@@ -331,11 +331,11 @@ class NgramCounter:
             gid = np.repeat(np.arange(len(sel), dtype=np.int64), counts[sel])
             idx, gid = _by_position(idx, gid, len(sel))
             at = idx if pos is None else pos[idx]
-            nxt = np.flatnonzero(at[1:] == at[:-1] + 1)
+            nxt = np.flatnonzero(np.diff(at) == 1)
             pos = at[nxt]
             key = gid[nxt]
             key *= len(sel)
-            key += gid[nxt + 1]
+            key += gid[1:][nxt]
             key_bits = 2 * max(len(sel) - 1, 1).bit_length()
 
     def merge(self, other: NgramCounter) -> None:
