@@ -13,10 +13,11 @@ so each n keeps at most `capacity` candidates and drops the smallest counts when
 ("lossy counting"): a kept n-gram's count is exact except that occurrences seen before it
 was last dropped are missing; `max_undercount` (the sum of the drop thresholds) bounds that
 loss. The n-grams that matter here (thousands of uses) are far above it. Within a batch,
-n-grams are grouped by exact keys (no collision can merge two of them); the kept candidates
-are keyed by a 41-bit hash of their word ids, so two kept n-grams could share a key: about
-1M^2 / 2^42 ~ 0.2 likely per n at the default capacity, and a shared key only matters if both
-n-grams are frequent enough to be shown (10k^2 / 2^42 ~ 2e-5).
+n-grams are grouped by exact keys (no collision can merge two of them). Across batches the kept
+candidates are keyed by a 41-bit hash of their word ids, so two n-grams with one hash are
+counted as one: a shown n-gram (one of the top 10k) shares its hash with some other candidate
+with odds of about 10k x (distinct candidates ever kept) / 2^41, ~0.5% per million distinct
+candidates per n, and then gains that other n-gram's count (small: it was a rare one).
 """
 
 from __future__ import annotations
