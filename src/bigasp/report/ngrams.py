@@ -34,7 +34,20 @@ _K1 = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
-_U8 = {k: np.uint8(k) for k in (5, 26, 32, 39, 48, 97, 128)}
+_U8 = {k: np.uint8(k) for k in (5, 10, 26, 32, 39, 48, 97)}
+
+
+_SCRATCH: dict[str, np.ndarray] = {}
+
+
+def _scratch(name: str, n: int, dtype: type) -> np.ndarray:
+    """A work array of `n` items kept between batches (its contents are garbage): a fresh
+    array of tens of MB per batch costs the OS zeroing its pages, more than the work on it.
+    Each name has one user at a time; nothing returned to a caller lives in one."""
+    a = _SCRATCH.get(name)
+    if a is None or len(a) < n:
+        a = _SCRATCH[name] = np.empty(max(n, 2 * len(a) if a is not None else n), dtype)
+    return a[:n]
 
 
 def _spaced_text(captions: pa.Array) -> pa.Array:
@@ -59,16 +72,22 @@ def _spaced_text(captions: pa.Array) -> pa.Array:
     offsets = np.frombuffer(buffers[1], np.int64 if width == 8 else np.int32, n + 1, text.offset * width)
     lo, hi = int(offsets[0]), int(offsets[-1])
     d = np.frombuffer(buffers[2], np.uint8, hi - lo, lo) if hi > lo else np.zeros(0, np.uint8)
-    letter = (d | _U8[32]) - _U8[97] < _U8[26]
-    word = (d - _U8[48]) < 10
+    m = hi - lo
+    t = _scratch("bytes", m, np.uint8)
+    letter = _scratch("letter", m, np.bool_)
+    word = _scratch("word", m, np.bool_)
+    np.subtract(np.bitwise_or(d, _U8[32], out=t), _U8[97], out=t)
+    np.less(t, _U8[26], out=letter)
+    np.less(np.subtract(d, _U8[48], out=t), _U8[10], out=word)
     word |= letter
-    word |= d >= _U8[128]
-    out = d | (letter.view(np.uint8) << _U8[5])  # lower case: A-Z -> a-z
+    word |= np.right_shift(d, 7, out=t).view(np.bool_)  # bytes >= 0x80
+    out = np.left_shift(letter.view(np.uint8), _U8[5])  # lower case: A-Z -> a-z
+    out |= d
     out -= _U8[32]  # (out - 32) * word + 32: the word's byte, or a space
     out *= word.view(np.uint8)
     out += _U8[32]
     # an apostrophe is part of a word only between two word characters of the same caption
-    apos = np.flatnonzero(d == _U8[39])
+    apos = np.flatnonzero(np.equal(d, _U8[39], out=letter))
     if len(apos):
         at = apos + lo
         c = np.searchsorted(offsets, at, side="right") - 1
@@ -135,12 +154,14 @@ def _iota(m: int) -> np.ndarray:
     return _IOTA[:m]
 
 
-def _sort_groups(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sort_groups(
+    key: np.ndarray, key_bits: int, scratch: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(order that sorts `key`, where each run of equal keys starts in that order, sorted keys).
 
-    `key` (int64 >= 0 or uint64) is overwritten. Sorting `key << b | index` as one uint64 with
-    a plain sort is far faster than an argsort; when `key_bits` + b do not fit in 64 bits a
-    stable argsort does it instead.
+    `key` (int64 >= 0 or uint64) is overwritten; `scratch` names a `_scratch` array to hold the
+    order. Sorting `key << b | index` as one uint64 with a plain sort is far faster than an
+    argsort; when `key_bits` + b do not fit in 64 bits a stable argsort does it instead.
     """
     m = len(key)
     pos_bits = max(m - 1, 1).bit_length()
@@ -149,7 +170,8 @@ def _sort_groups(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray
         packed <<= np.uint64(pos_bits)
         packed |= _iota(m)
         packed.sort()
-        order = np.bitwise_and(packed, np.uint64((1 << pos_bits) - 1)).view(np.int64)
+        out = _scratch(scratch, m, np.uint64) if scratch else None
+        order = np.bitwise_and(packed, np.uint64((1 << pos_bits) - 1), out=out).view(np.int64)
         packed >>= np.uint64(pos_bits)
         sorted_key = packed
     else:
@@ -287,7 +309,8 @@ class NgramCounter:
         # level 2 at every position; a caption's last word starts no 2-gram: it gets a key of
         # its own, above every real one, whose group is left out
         sentinel = n_local * n_local
-        key = local[:-1].astype(np.int64)
+        key = _scratch("key", m - 1, np.int64)
+        key[:] = local[:-1]
         key *= n_local
         key += local[1:]
         key[last] = sentinel
@@ -300,7 +323,7 @@ class NgramCounter:
                 if prune and (lengths > n - 1).any():
                     cand.max_undercount += 1
                 continue
-            order, starts, sorted_key = _sort_groups(key, key_bits)
+            order, starts, sorted_key = _sort_groups(key, key_bits, "order" if pos is None else None)
             counts = np.diff(starts, append=len(order))
             groups = len(starts)
             if pos is None and sorted_key[-1] == sentinel:
