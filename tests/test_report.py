@@ -410,3 +410,81 @@ def test_ngram_bound_holds_for_counters_merged_from_workers():
         if n == 1:
             assert [c for _, c, _ in top] == [c for _, c in exact[1].most_common(20)]
     assert merged.cands[4].max_undercount > max(s.cands[4].max_undercount for s in shares[1:]) > 0
+
+
+def _reference_words(caption: str | None) -> list[str]:
+    """The documented word rule, one character at a time in plain Python: lower case; letters
+    and digits (any script) make words; an apostrophe stays only between two of them."""
+    if caption is None:
+        return []
+    s = caption.lower()
+    words, cur = [], []
+    for i, ch in enumerate(s):
+        inner = ch == "'" and 0 < i < len(s) - 1 and s[i - 1].isalnum() and s[i + 1].isalnum()
+        if ch.isalnum() or inner:
+            cur.append(ch)
+        elif cur:
+            words.append("".join(cur))
+            cur = []
+    if cur:
+        words.append("".join(cur))
+    return words
+
+
+def _varied_captions(rng: np.random.Generator, count: int) -> list[str | None]:
+    """Captions from a small vocabulary (so n-grams repeat) with mixed case, apostrophes at word
+    edges and inside, non-ASCII words and punctuation, odd separators, empty and null ones."""
+    vocab = ["a", "The", "woman", "WOMAN'S", "rock'n'roll", "close", "up", "x2", "42", "don't",
+             "'quoted'", "it's'", "''", "Straße", "naïve", "École", "Привет", "東京", "Αθήνα", "٣"]  # fmt: skip
+    seps = [" ", " ", " ", ", ", ". ", "—", " “", "” ", "\t", "\n", "-", "'", " 🙂 ", "!?", "  "]
+    out: list[str | None] = []
+    for _ in range(count):
+        r = rng.random()
+        if r < 0.02:
+            out.append(None)
+        elif r < 0.04:
+            out.append(rng.choice(["", " ", "...", "'", "🙂"]))
+        else:
+            k = int(rng.integers(1, 16))
+            words = [vocab[j] for j in (rng.zipf(1.3, k) - 1) % len(vocab)]
+            text = "".join(w + seps[int(rng.integers(len(seps)))] for w in words)
+            out.append(text if rng.random() < 0.5 else text.rstrip())
+    return out
+
+
+@pytest.mark.parametrize("capacity", [100_000, 40])
+def test_counts_match_a_plain_python_reference(capacity):
+    """Words, exact unigram counts and n-gram counts (n = 2..7) against `collections.Counter`
+    over a character-by-character tokenisation of the same rule, on varied captions in several
+    batches: exact when the candidates fit, within [true - max_undercount, true] when not."""
+    captions = _varied_captions(np.random.default_rng(7), 3000)
+    exact = {n: Counter() for n in range(1, 8)}
+    ref_words = [_reference_words(c) for c in captions]
+    for w in ref_words:
+        for n in exact:
+            exact[n].update(" ".join(w[i : i + n]) for i in range(len(w) - n + 1))
+    counter = NgramCounter(max_n=7, capacity=capacity, step_words=1500)
+    for s in range(0, len(captions), 700):
+        batch = pa.array(captions[s : s + 700], pa.string())
+        words, doc, per = caption_words(batch)
+        want = ref_words[s : s + 700]
+        assert per.tolist() == [len(w) for w in want]
+        assert words.to_pylist() == [x for w in want for x in w]
+        assert doc.tolist() == [i for i, w in enumerate(want) for _ in w]
+        counter.add_captions(batch)
+    assert counter.total_words == sum(len(w) for w in ref_words)
+    top1 = counter.top(1, 10**6)
+    assert top1 == sorted(((g, c, 0) for g, c in exact[1].items()), key=lambda r: (-r[1], r[0]))
+    for n in range(2, 8):
+        top = counter.top(n, 50)
+        assert top or capacity < 100_000, n  # a tiny capacity may keep no 7-gram at all
+        bound = counter.cands[n].max_undercount
+        for gram, count, undercount in top:
+            assert undercount == bound
+            assert exact[n][gram] - bound <= count <= exact[n][gram], (n, gram, count, bound)
+        if capacity == 100_000:  # everything fitted: exact, and the same top list
+            assert bound == 0
+            want = sorted(exact[n].items(), key=lambda r: (-r[1], r[0]))[:50]
+            assert [(g, c) for g, c, _ in top] == want, n
+    if capacity == 40:
+        assert counter.cands[2].max_undercount > 0 and counter.top(4, 50)  # the bound was exercised

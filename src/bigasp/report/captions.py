@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bigasp.memstat import rss_peak_bytes
-from bigasp.report.ngrams import NgramCounter, caption_words
+from bigasp.report.ngrams import NgramCounter, caption_ids
 
 if TYPE_CHECKING:
     from bigasp.report.compute import ManifestStream, ReportOptions
@@ -55,12 +55,12 @@ class CaptionCounts:
         chunker: Callable[[list[str]], tuple[pa.Array, np.ndarray]] | None = None,
     ) -> None:
         """Count a flat array of captions; keep the text of those at positions `pick`."""
-        words, doc, per_caption = caption_words(flat)
+        ids, dictionary, doc, per_caption = caption_ids(flat)
         hist = np.bincount(np.clip(per_caption, 0, MAX_WORDS), minlength=MAX_WORDS + 1)
         self.words_per_caption += hist[: MAX_WORDS + 1]
         if self.ngrams is not None:
             if chunker is None:
-                self.ngrams.add_words(words, doc, len(flat))
+                self.ngrams.add_ids(ids, dictionary, doc, len(flat))
             else:
                 cw, cd = chunker(pc.fill_null(flat, "").to_pylist())
                 self.ngrams.add_words(cw, cd, len(flat))
