@@ -33,6 +33,7 @@ UNIMPORTED_OK = {
     "moto": "a real S3 API server on localhost for the tests (dev extra)",
     "ruff": "linter",
     "playwright": "browser fixtures in tests/conftest.py (imported by tests, not src)",
+    "webdataset": "tests write tar shards with webdataset.TarWriter, the layout bigasp ingests from URLs",
     "jsonschema": "validates the ComfyUI canvas workflow against the frontend's recorded schema (tests)",
 }
 

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 from bigasp.buckets import BucketConfig, BucketSet
 from bigasp.errors import ConfigError, DataError
 from bigasp.holdpoint import hold
+from bigasp.prep import remote
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
 from bigasp.prep.kohya import folder_repeats, reading_key
@@ -83,6 +84,9 @@ def read_ingested(ref: Ref, image_id: str | None) -> bytes:
     None; shared by every stage that re-reads the photos (encode, annotate)."""
     try:
         data = ref.read()
+    except FileNotFoundError as err:
+        reason = "missing" if remote.is_url(ref.file) else "unreadable"
+        raise Reject(reason, str(err)) from None
     except OSError as err:
         raise Reject("unreadable", str(err)) from None
     if image_id is not None and content_id(data) != image_id:
@@ -113,6 +117,8 @@ class IngestSummary:
     duplicates: int = 0  # new paths holding an image the dataset already has (metadata merged)
     retried: int = 0  # earlier rejects examined again (input or a setting changed, or retry_rejects)
     removed: int = 0  # paths gone from this run's sources, removed from the dataset (prune)
+    retries: int = 0  # transient object-storage failures retried (sources at URLs)
+    fetched: int = 0  # bytes fetched from URLs
     rejects: Counter = field(default_factory=Counter)  # reason -> count
     seconds: float = 0.0
     total_images: int = 0  # manifest rows after this run
@@ -131,6 +137,8 @@ class IngestSummary:
             "duplicates": self.duplicates,
             "retried": self.retried,
             "removed": self.removed,
+            "retries": self.retries,
+            "fetched": self.fetched,
             "rejects": dict(sorted(self.rejects.items())),
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 1),
@@ -170,6 +178,10 @@ def _hash_and_probe(item: Item, cfg: IngestConfig):
     ones are streamed, so a multi-GB file never sits in memory."""
     try:
         f = item.data.open()
+    except FileNotFoundError as err:
+        if remote.is_url(item.data.file):
+            raise Reject("missing", f"object not found ({err}); it was deleted since it was listed") from None
+        raise Reject("unreadable", str(err)) from None
     except OSError as err:
         raise Reject("unreadable", str(err)) from None
     with f:
@@ -217,6 +229,8 @@ def examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, dic
         return _examine(item, cfg, buckets)
     except Reject as r:
         return "reject", _reject_row(item, r.reason, r.detail, cfg)
+    except remote.RemoteAccessError:
+        raise  # credentials or permissions: every other image would fail alike; stop with one line
     except Exception as err:  # a bug, not bad input: record it and keep the run going
         log.debug("examining %s failed", item.path, exc_info=True)
         return "reject", _reject_row(
@@ -584,9 +598,11 @@ def _resolve_buckets(root: Path, cfg: IngestConfig) -> IngestConfig:
     return cfg
 
 
-def _check_out(sources: list[Path], root: Path) -> None:
+def _check_out(sources: list[Path | str], root: Path) -> None:
     out = root.resolve()
     for src in sources:
+        if isinstance(src, str):
+            continue  # a URL: never the local output folder
         s = src.resolve()
         if s.is_dir() and (out == s or s in out.parents):
             raise DataError(
@@ -616,7 +632,7 @@ def _make_out(root: Path) -> None:
         )
 
 
-def _scope(sources: list[Path]) -> Callable[[str, str | None], bool]:
+def _scope(sources: list[Path | str]) -> Callable[[str, str | None], bool]:
     """Whether a recorded (path, origin) belongs to one of this run's sources (so it may be pruned).
 
     Folders and tars by path prefix (so re-ingesting a sub-folder prunes only under it); path
@@ -626,6 +642,15 @@ def _scope(sources: list[Path]) -> Callable[[str, str | None], bool]:
     exact: set[str] = set()
     lists: set[str] = set()
     for p in sources:
+        if isinstance(p, str):  # a URL: its prefix, its shards' members, or itself
+            from bigasp.prep.urlsources import scope_prefixes
+
+            for pre in scope_prefixes(p):
+                if pre.endswith(("/", "::")):
+                    prefixes.append(pre)
+                else:
+                    exact.add(pre)
+            continue
         if p.is_dir():
             prefixes.append(str(p).rstrip("/") + "/")
         elif p.suffix.lower() == ".tar":
@@ -645,9 +670,11 @@ def ingest(
     cfg = cfg or IngestConfig()
     sources = list(sources)
     root = Path(out)
-    resolved = [resolve_source(s) for s in sources]
+    remote.configure(cfg.storage_options)
+    before = remote.stats()
+    resolved: list[Path | str] = [str(s) if remote.is_url(str(s)) else resolve_source(s) for s in sources]
     for src, p in zip(sources, resolved, strict=True):  # before anything is written or read
-        if not p.exists():
+        if isinstance(p, Path) and not p.exists():
             raise DataError(
                 f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar or a list of paths)"
             )
@@ -658,7 +685,11 @@ def ingest(
     with manifest_lock(root, holder="another `bigasp ingest`, `annotate merge` or `quality score`"):
         cfg = _resolve_buckets(root, cfg)
         init_dataset(
-            root, {"buckets": cfg.buckets.model_dump(), "ingest": cfg.model_dump(exclude={"buckets"})}
+            root,
+            {
+                "buckets": cfg.buckets.model_dump(),
+                "ingest": cfg.model_dump(exclude={"buckets", "storage_options"}),
+            },
         )
         _fold(root)  # a previous run that died left committed parts: keep them
         known = _known(root)
@@ -674,7 +705,7 @@ def ingest(
             return (settings or reason_settings(reason, cfg)) == settings_now[reason]
 
         def todo() -> Iterator[Item]:  # streamed: 10M+ files never sit in a list
-            for item in scan(sources):
+            for item in scan(sources, prefetch=cfg.prefetch):
                 summary.scanned += 1
                 d = _digest(item.path)
                 seen.add(d)
@@ -760,6 +791,11 @@ def ingest(
         summary.removed = _fold(root, prune=gone)
         summary.total_images = _count(root)
     summary.seconds = time.perf_counter() - t0
+    after = remote.stats()
+    summary.retries = after["retries"] - before["retries"]
+    summary.fetched = after["bytes"] - before["bytes"]
+    if summary.retries:
+        log.warning("ingest: %d transient object-storage failure(s) retried", summary.retries)
     return summary
 
 

@@ -17,11 +17,12 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigasp.errors import DataError
+from bigasp.prep import remote
 
 SIDECAR_EXT = (".txt", ".json", ".caption")  # .caption: kohya's caption files
 LIST_EXT = (".txt", ".lst", ".list")
@@ -30,14 +31,27 @@ CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Ref:
-    """Bytes [offset, offset+size) of `file`; offset None = the whole file."""
+    """Bytes [offset, offset+size) of `file`; offset None = the whole file.
+
+    `file` is a local path or a URL (s3://, gs://, http(s)://): a URL is read with one ranged
+    request of exactly these bytes (see `bigasp.prep.remote`). `version` is the object's ETag
+    (or a tar shard's) where it has one, so a rewritten object is seen as changed. `data` holds
+    the bytes when the scan already fetched them (a tar shard at a URL is read once, in order),
+    so they are not fetched a second time.
+    """
 
     file: str
     offset: int | None
     size: int
     mtime: float = 0.0
+    version: str = ""
+    data: bytes | None = field(default=None, compare=False, repr=False)
 
     def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        if remote.is_url(self.file):
+            return remote.read_range(self.file, self.offset, self.size)
         with open(self.file, "rb") as f:
             if self.offset is None:
                 return f.read()
@@ -46,6 +60,8 @@ class Ref:
 
     def open(self) -> io.BufferedReader:
         """A seekable binary stream of exactly these bytes (a window into the tar for members)."""
+        if self.data is not None or remote.is_url(self.file):
+            return io.BufferedReader(io.BytesIO(self.read()), CHUNK)  # type: ignore[arg-type]
         raw = open(self.file, "rb", buffering=0)  # noqa: SIM115 - returned to the caller
         if self.offset is None:
             return io.BufferedReader(raw, CHUNK)
@@ -108,6 +124,9 @@ class Item:
             parts += [None, None] if s is None else [s.size, s.mtime]
         if self.caption is not None:  # only then: keys of datasets without .caption files stay as they were
             parts += [self.caption.size, self.caption.mtime]
+        versions = [r.version for r in (self.data, self.txt, self.json, self.caption) if r is not None]
+        if any(versions):  # objects at URLs: their ETags (local files have none: keys stay as they were)
+            parts.append(versions)
         return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
 
 
@@ -372,13 +391,32 @@ def _single(p: Path, origin: str) -> Item:
     )
 
 
+def unit_of(path: str) -> str:
+    """The unit a rank owns that holds `path`: the tar for a member (`a.tar::m`), else the path."""
+    return path.split("::", 1)[0]
+
+
 def resolve_source(src: str | os.PathLike) -> Path:
     return Path(src).expanduser().absolute()  # the manifest must not depend on the working directory
 
 
-def scan(sources: list[str | os.PathLike]) -> Iterator[Item]:
-    """Items of every source, in a stable order (sources in order, names sorted)."""
+def scan(
+    sources: list[str | os.PathLike], owns: Callable[[str], bool] | None = None, prefetch: int = 2
+) -> Iterator[Item]:
+    """Items of every source, in a stable order (sources in order, names sorted).
+
+    `owns(unit)` False = the unit (a file, a tar or object, by path or URL) is another rank's
+    share: it is skipped, and at a URL not even fetched.
+    """
     for src in sources:
+        if remote.is_url(str(src)):
+            from bigasp.prep.urlsources import scan_url
+
+            yield from scan_url(str(src), owns, prefetch)
+            continue
+        if owns is not None:
+            yield from (it for it in scan([src]) if owns(unit_of(it.path)))
+            continue
         p = resolve_source(src)
         if p.is_dir():
             yield from scan_folder(p)
