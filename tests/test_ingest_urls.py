@@ -213,3 +213,73 @@ def test_object_deleted_after_ingest_is_a_missing_reject_on_reread(server, tmp_p
     with pytest.raises(Reject) as r:
         read_ingested(manifest_ref(row["path"], row["tar_offset"], row["file_size"]), row["id"])
     assert r.value.reason == "missing"
+
+
+RANK_SCRIPT = """
+import json, sys
+from bigasp.buckets import BucketConfig
+from bigasp.prep.config import IngestConfig
+from bigasp.prep.ingest import ingest
+opts, out, srcs = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3:]
+cfg = IngestConfig(buckets=BucketConfig(step=16, min_area=48 * 64, max_area=64 * 64), progress=False,
+                   storage_options=opts, commit_every=2)
+print("SUMMARY", json.dumps(ingest(srcs, out, cfg).to_json()))
+"""
+
+
+def launch_ranks(opts, outs: list[Path], srcs: list[str], hold: dict[int, str] | None = None):
+    """One process per rank, as torchrun starts them, each with its own --out folder (no shared disk)."""
+    import subprocess
+    import sys
+
+    from train_helpers import free_port
+
+    port = free_port()
+    procs = []
+    for rank, out in enumerate(outs):
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1",
+               "RANK": str(rank), "WORLD_SIZE": str(len(outs)), "LOCAL_RANK": "0",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        env.pop("BIGASP_HOLD", None)
+        if hold and rank in hold:
+            env["BIGASP_HOLD"] = hold[rank]
+        cmd = [sys.executable, "-c", RANK_SCRIPT, json.dumps(opts), str(out), *srcs]
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    return procs
+
+
+def finish(procs) -> dict:
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (_, e) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, e[-3000:]
+    return json.loads(outs[0][0].split("SUMMARY ", 1)[1])
+
+
+def test_two_ranks_equal_one_and_resume_after_a_kill(server, uploaded, tmp_path):
+    import signal
+
+    opts, _ = server
+    base = f"s3://{BUCKET}/set1"
+    srcs = [f"{base}/shards/{{00000..00001}}.tar", f"{base}/folder/"]
+    one = ingest(srcs, tmp_path / "one", cfg(opts))
+    # rank 1 is killed after its first committed part, rank 0 wherever it is then
+    procs = launch_ranks(opts, [tmp_path / "r0", tmp_path / "r1"], srcs, hold={1: "ingest.committed"})
+    r1 = procs[1]
+    for line in r1.stderr:
+        if "holding at ingest.committed" in line:
+            break
+    for p in (r1, procs[0]):
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    left = list((tmp_path / "r1" / "parts" / "rank-00001").glob("*.parquet"))
+    assert left  # rank 1's committed part stayed on its own disk
+    total = finish(launch_ranks(opts, [tmp_path / "r0", tmp_path / "r1"], list(reversed(srcs))))
+    assert total["skipped"] >= 2  # what rank 1 committed before the kill was not examined again
+    assert total["new"] + total["skipped"] + sum(total["rejects"].values()) == one.scanned
+    assert table(tmp_path / "r0") == table(tmp_path / "one")
+
+    assert table(tmp_path / "r0", "rejects.parquet") == table(tmp_path / "one", "rejects.parquet")
+    assert not list((tmp_path / "r1" / "parts").rglob("*.parquet"))  # shipped, then removed
+    assert not (tmp_path / "r1" / "manifest.parquet").exists()  # only rank 0 holds the dataset

@@ -666,137 +666,182 @@ def _scope(sources: list[Path | str]) -> Callable[[str, str | None], bool]:
 def ingest(
     sources: Iterable[str | os.PathLike], out: str | os.PathLike, cfg: IngestConfig | None = None
 ) -> IngestSummary:
-    """Scan `sources` into the dataset directory `out`; returns counts (also for benchmarks)."""
+    """Scan `sources` into the dataset directory `out`; returns counts (also for benchmarks).
+
+    Under torchrun or SLURM (several ranks) each rank examines only its share of the sources
+    and rank 0 folds every rank's parts into the one dataset (see `bigasp.prep.ingest_ranks`).
+    """
     cfg = cfg or IngestConfig()
     sources = list(sources)
     root = Path(out)
     remote.configure(cfg.storage_options)
-    before = remote.stats()
-    resolved: list[Path | str] = [str(s) if remote.is_url(str(s)) else resolve_source(s) for s in sources]
-    for src, p in zip(sources, resolved, strict=True):  # before anything is written or read
-        if isinstance(p, Path) and not p.exists():
-            raise DataError(
-                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar or a list of paths)"
-            )
+    resolved = _resolve(sources)
+    from bigasp.workshare import dist_env, summary_group
+
+    rank, world, _ = dist_env()
+    if world > 1 and summary_group(world):
+        from bigasp.prep.ingest_ranks import ingest_ranked
+
+        return ingest_ranked(sources, resolved, root, cfg, rank, world)
     _check_out(resolved, root)
     _make_out(root)
+    before = remote.stats()
     t0 = time.perf_counter()
     summary = IngestSummary()
     with manifest_lock(root, holder="another `bigasp ingest`, `annotate merge` or `quality score`"):
-        cfg = _resolve_buckets(root, cfg)
-        init_dataset(
-            root,
-            {
-                "buckets": cfg.buckets.model_dump(),
-                "ingest": cfg.model_dump(exclude={"buckets", "storage_options"}),
-            },
-        )
-        _fold(root)  # a previous run that died left committed parts: keep them
+        cfg = prepare(root, cfg)
         known = _known(root)
-        seen: set[bytes] = set()
-        settings_now: dict[str, str] = {}
-
-        def unchanged_reject(entry: tuple[str | None, str, str | None], key: str) -> bool:
-            ck, reason, settings = entry
-            if cfg.retry_rejects or ck != key:
-                return False
-            if reason not in settings_now:
-                settings_now[reason] = reason_settings(reason, cfg)
-            return (settings or reason_settings(reason, cfg)) == settings_now[reason]
-
-        def todo() -> Iterator[Item]:  # streamed: 10M+ files never sit in a list
-            for item in scan(sources, prefetch=cfg.prefetch):
-                summary.scanned += 1
-                d = _digest(item.path)
-                seen.add(d)
-                key = item_key(item, cfg)
-                if (d in known.accepted and known.accepted[d] == key) or (
-                    d in known.rejected and unchanged_reject(known.rejected[d], key)
-                ):
-                    summary.skipped += 1
-                else:
-                    yield item
-
         run = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        rows: list[dict] = []
-        rejects: list[dict] = []
-        seq = 0
-        committed = [0]  # images written in parts by this run
-
-        def commit() -> None:
-            nonlocal seq, rows, rejects
-            if not rows and not rejects:
-                return
-            seq += 1
-            parts = root / layout.PARTS_DIR
-            try:
-                if rejects:
-                    layout.atomic_write_parquet(
-                        pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
-                        parts / f"rejects-{run}-{seq:06d}.parquet",
-                    )
-                if rows:
-                    layout.atomic_write_parquet(
-                        pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA),
-                        parts / f"sources-{run}-{seq:06d}.parquet",
-                    )
-            except OSError as err:
-                raise layout.write_failed(
-                    err, parts, f"the {committed[0]} image(s) this run committed before it (in {parts}) are kept",
-                    "run the same `bigasp ingest` command again to continue",
-                ) from None  # fmt: skip
-            committed[0] += len(rows) + len(rejects)
-            rows, rejects = [], []
-
-        from tqdm import tqdm
-
-        bar = tqdm(unit="img", desc="ingest", disable=not cfg.progress, smoothing=0.05)
-        pending = 0
-        new_ids: set[str] = set()
         try:
-            for item, (status, row) in _results(todo(), cfg):
-                d = _digest(item.path)
-                if d in known.rejected:
-                    summary.retried += 1
-                if status == "ok":
-                    if d in known.accepted:
-                        summary.updated += 1
-                    elif row["id"] in known.ids or row["id"] in new_ids:
-                        summary.duplicates += 1
-                    else:
-                        summary.new += 1
-                    new_ids.add(row["id"])
-                    rows.append(row)
-                else:
-                    summary.rejects[row["reason"]] += 1
-                    rejects.append(row)
-                pending += 1
-                bar.update(1)
-                if pending >= cfg.commit_every:
-                    commit()
-                    pending = 0
-                    hold("ingest.committed")
+            seen = examine_all(sources, cfg, known, root / layout.PARTS_DIR, run, summary)
         except KeyboardInterrupt:
-            bar.close()
-            commit()
             _fold(root)
             summary.interrupted = True
             summary.total_images = _count(root)
             summary.seconds = time.perf_counter() - t0
             raise IngestInterrupted(summary) from None
-        commit()
-        bar.close()
         in_scope = _scope(resolved)
         gone = (lambda p, o: in_scope(p, o) and _digest(p) not in seen) if cfg.prune else None
         summary.removed = _fold(root, prune=gone)
         summary.total_images = _count(root)
     summary.seconds = time.perf_counter() - t0
+    _fetch_stats(summary, before)
+    return summary
+
+
+def _resolve(sources: list) -> list[Path | str]:
+    """Local sources as absolute paths (checked to exist), URLs as given; before anything is written."""
+    resolved: list[Path | str] = [str(s) if remote.is_url(str(s)) else resolve_source(s) for s in sources]
+    for src, p in zip(sources, resolved, strict=True):
+        if isinstance(p, Path) and not p.exists():
+            raise DataError(
+                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar or a list of paths)"
+            )
+    return resolved
+
+
+def _fetch_stats(summary: IngestSummary, before: dict[str, int]) -> None:
     after = remote.stats()
     summary.retries = after["retries"] - before["retries"]
     summary.fetched = after["bytes"] - before["bytes"]
     if summary.retries:
         log.warning("ingest: %d transient object-storage failure(s) retried", summary.retries)
-    return summary
+
+
+def prepare(root: Path, cfg: IngestConfig) -> IngestConfig:
+    """Under the manifest lock: the bucket rule settled, dataset.json written, a dead run's parts folded."""
+    cfg = _resolve_buckets(root, cfg)
+    init_dataset(
+        root,
+        {
+            "buckets": cfg.buckets.model_dump(),
+            "ingest": cfg.model_dump(exclude={"buckets", "storage_options"}),
+        },
+    )
+    _fold(root)  # a previous run that died left committed parts: keep them
+    return cfg
+
+
+def examine_all(
+    sources: list,
+    cfg: IngestConfig,
+    known: _Known,
+    parts: Path,
+    run: str,
+    summary: IngestSummary,
+    owns: Callable[[str], bool] | None = None,
+) -> set[bytes]:
+    """Examine what changed among the (owned share of the) sources' items, committing results as
+    parts in `parts` every `commit_every`; returns the digests of every path seen. Ctrl-C commits
+    what was examined and re-raises."""
+    seen: set[bytes] = set()
+    settings_now: dict[str, str] = {}
+
+    def unchanged_reject(entry: tuple[str | None, str, str | None], key: str) -> bool:
+        ck, reason, settings = entry
+        if cfg.retry_rejects or ck != key:
+            return False
+        if reason not in settings_now:
+            settings_now[reason] = reason_settings(reason, cfg)
+        return (settings or reason_settings(reason, cfg)) == settings_now[reason]
+
+    def todo() -> Iterator[Item]:  # streamed: 10M+ files never sit in a list
+        for item in scan(sources, owns, prefetch=cfg.prefetch):
+            summary.scanned += 1
+            d = _digest(item.path)
+            seen.add(d)
+            key = item_key(item, cfg)
+            if (d in known.accepted and known.accepted[d] == key) or (
+                d in known.rejected and unchanged_reject(known.rejected[d], key)
+            ):
+                summary.skipped += 1
+            else:
+                yield item
+
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    seq = 0
+    committed = [0]  # images written in parts by this run
+
+    def commit() -> None:
+        nonlocal seq, rows, rejects
+        if not rows and not rejects:
+            return
+        seq += 1
+        try:
+            if rejects:
+                layout.atomic_write_parquet(
+                    pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
+                    parts / f"rejects-{run}-{seq:06d}.parquet",
+                )
+            if rows:
+                layout.atomic_write_parquet(
+                    pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA),
+                    parts / f"sources-{run}-{seq:06d}.parquet",
+                )
+        except OSError as err:
+            raise layout.write_failed(
+                err, parts, f"the {committed[0]} image(s) this run committed before it (in {parts}) are kept",
+                "run the same `bigasp ingest` command again to continue",
+            ) from None  # fmt: skip
+        committed[0] += len(rows) + len(rejects)
+        rows, rejects = [], []
+
+    from tqdm import tqdm
+
+    bar = tqdm(unit="img", desc="ingest", disable=not cfg.progress, smoothing=0.05)
+    pending = 0
+    new_ids: set[str] = set()
+    try:
+        for item, (status, row) in _results(todo(), cfg):
+            d = _digest(item.path)
+            if d in known.rejected:
+                summary.retried += 1
+            if status == "ok":
+                if d in known.accepted:
+                    summary.updated += 1
+                elif row["id"] in known.ids or row["id"] in new_ids:
+                    summary.duplicates += 1
+                else:
+                    summary.new += 1
+                new_ids.add(row["id"])
+                rows.append(row)
+            else:
+                summary.rejects[row["reason"]] += 1
+                rejects.append(row)
+            pending += 1
+            bar.update(1)
+            if pending >= cfg.commit_every:
+                commit()
+                pending = 0
+                hold("ingest.committed")
+    except KeyboardInterrupt:
+        bar.close()
+        commit()
+        raise
+    commit()
+    bar.close()
+    return seen
 
 
 def _count(root: Path) -> int:
