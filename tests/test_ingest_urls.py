@@ -283,3 +283,49 @@ def test_two_ranks_equal_one_and_resume_after_a_kill(server, uploaded, tmp_path)
     assert table(tmp_path / "r0", "rejects.parquet") == table(tmp_path / "one", "rejects.parquet")
     assert not list((tmp_path / "r1" / "parts").rglob("*.parquet"))  # shipped, then removed
     assert not (tmp_path / "r1" / "manifest.parquet").exists()  # only rank 0 holds the dataset
+
+
+def test_bucket_photos_to_training_with_only_a_local_cache(server, tmp_path):
+    """URL photos -> ingest -> annotate (tiny tagger) -> merge -> encode to s3:// -> train from
+    s3:// for a few steps: the photos and the dataset live in the bucket; the only local files
+    are this machine's dataset working copy and caches."""
+    from bigasp.annotate import tiny
+    from bigasp.annotate.config import AnnotateConfig, MergeConfig
+    from bigasp.annotate.merge import merge
+    from bigasp.annotate.run import annotate
+    from bigasp.prep import encode as enc
+    from bigasp.prep.config import EncodeConfig
+    from bigasp.store import LatentDataset, layout
+    from bigasp.train.trainer import train
+    from train_helpers import make_cfg
+
+    opts, _ = server
+    fs = fs_of(opts)
+    with webdataset.TarWriter(str(tmp_path / "s.tar")) as w:
+        for k in range(4):
+            w.write({"__key__": f"{k:09d}", "jpg": jpeg(300 + k, 64, 48 + 16 * (k % 2)), "txt": f"photo {k}"})
+    fs.put(str(tmp_path / "s.tar"), f"{BUCKET}/chain/shards/00000.tar")
+    fs.pipe(f"{BUCKET}/chain/loose/a.jpg", jpeg(310, 48, 64))
+    work = tmp_path / "cache" / "ds"  # this machine's working copy of the dataset tables
+    s = ingest(
+        [f"s3://{BUCKET}/chain/shards/{{00000..00000}}.tar", f"s3://{BUCKET}/chain/loose/"], work, cfg(opts)
+    )
+    assert s.new == 5
+    tagger = tiny.onnx_tagger(tmp_path / "cache" / "joytag-tiny", kind="joytag")
+    acfg = AnnotateConfig(stages=["tags"], tags={"model": str(tagger)}, device="cpu", num_workers=0,
+                          batch_size=4, progress=False, storage_options=opts)  # fmt: skip
+    a = annotate(work, acfg)
+    assert a.stages["tags"].done == 5
+    merge(str(work), MergeConfig())
+    url = f"s3://{BUCKET}/chain/dataset"
+    for name in (layout.DATASET_JSON, layout.MANIFEST):
+        fs.put_file(str(work / name), f"{BUCKET}/chain/dataset/{name}")
+    e = enc.encode(
+        url, EncodeConfig(vae="tiny", num_workers=0, batch_size=2, progress=False, storage_options=opts)
+    )
+    assert e.encoded == 5 and not e.rejects
+    assert len(LatentDataset(url, storage_options=opts, cache_dir=tmp_path / "cache" / "latents")) == 5
+    data = {"storage_options": opts, "cache_dir": str(tmp_path / "cache" / "latents"), "validation_size": 1,
+            "stable_size": 1}  # fmt: skip
+    run = train(make_cfg(tmp_path / "cache" / "run", url, data=data, train={"max_samples": 8}))
+    assert run.step == 2
