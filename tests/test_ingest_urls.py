@@ -329,3 +329,20 @@ def test_bucket_photos_to_training_with_only_a_local_cache(server, tmp_path):
             "stable_size": 1}  # fmt: skip
     run = train(make_cfg(tmp_path / "cache" / "run", url, data=data, train={"max_samples": 8}))
     assert run.step == 2
+
+
+def test_cli_reads_urls_with_the_endpoint_from_the_environment(server, tmp_path, capsys, monkeypatch):
+    from bigasp.cli import main
+
+    opts, _ = server
+    fs_of(opts).pipe(f"{BUCKET}/cli/a.jpg", jpeg(50))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", opts["endpoint_url"])  # no storage_options: the usual variables
+    remote.configure(None)
+    main(["ingest", f"s3://{BUCKET}/cli/", "--out", str(tmp_path / "ds"), "--no-progress", "--json",
+          "--set", "buckets.step=16", "--set", "buckets.min_area=3072", "--set", "buckets.max_area=4096"])  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["new"] == 1
+    with pytest.raises(SystemExit) as stop:
+        main(["ingest", "s3://no-such-bucket/photos/", "--out", str(tmp_path / "nb")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "s3://no-such-bucket/photos/ cannot be listed" in err[0]
