@@ -89,7 +89,9 @@ def cfg(opts, **kw) -> IngestConfig:
 
 
 def table(root: Path, name: str = "manifest.parquet") -> list[dict]:
-    return sorted(pq.read_table(root / name).to_pylist(), key=lambda r: r["id"] or r["path"])
+    return sorted(
+        pq.read_table(root / name).to_pylist(), key=lambda r: r.get("id") or r.get("path") or r["url"]
+    )
 
 
 def local_path(url_path: str, prefix: str, local: Path) -> str:
@@ -192,7 +194,8 @@ def test_rerun_follows_added_changed_and_removed_objects(server, tmp_path):
     out = tmp_path / "ds"
     assert ingest(srcs, out, cfg(opts)).new == 3
     again = ingest(srcs, out, cfg(opts))
-    assert (again.skipped, again.new, again.updated) == (3, 0, 0)
+    assert (again.scanned, again.skipped, again.new, again.updated) == (3, 3, 0, 0)
+    assert again.fetched == 0  # listed and HEADed only: the unchanged shard is not downloaded again
     fs.pipe(f"{pre}/a.txt", b"second")  # changed sidecar (new ETag)
     fs.rm(f"{pre}/b.jpg")  # removed
     fs.pipe(f"{pre}/c.jpg", jpeg(33))  # added
@@ -201,6 +204,16 @@ def test_rerun_follows_added_changed_and_removed_objects(server, tmp_path):
     rows = {r["path"]: r for r in table(out)}
     assert rows[f"s3://{pre}/a.jpg"]["captions"] == ["second"]
     assert f"s3://{pre}/b.jpg" not in rows and f"s3://{pre}/c.jpg" in rows
+    with webdataset.TarWriter(f"{tmp_path}/s.tar") as w:  # the shard rewritten: new ETag
+        w.write({"__key__": "k", "jpg": jpeg(34), "txt": "in a shard"})
+    fs.put(f"{tmp_path}/s.tar", f"{pre}-shards/00000.tar")
+    s = ingest(srcs, out, cfg(opts))
+    assert (s.updated, s.skipped, s.fetched > 0) == (1, 2, True)
+    fs.rm(f"{pre}-shards/00000.tar")  # gone: its member is pruned, the shard itself a `missing` reject
+    s = ingest(srcs, out, cfg(opts))
+    assert s.removed == 1 and dict(s.rejects) == {"missing": 1}
+    assert not any("::" in p for p in (r["path"] for r in table(out)))
+    assert pq.read_table(out / "url_shards.parquet").num_rows == 0
 
 
 def test_object_deleted_after_ingest_is_a_missing_reject_on_reread(server, tmp_path):
@@ -281,6 +294,8 @@ def test_two_ranks_equal_one_and_resume_after_a_kill(server, uploaded, tmp_path)
     assert table(tmp_path / "r0") == table(tmp_path / "one")
 
     assert table(tmp_path / "r0", "rejects.parquet") == table(tmp_path / "one", "rejects.parquet")
+    shards = table(tmp_path / "one", "url_shards.parquet")  # both shards read whole, by whichever rank
+    assert len(shards) == 2 and table(tmp_path / "r0", "url_shards.parquet") == shards
     assert not list((tmp_path / "r1" / "parts").rglob("*.parquet"))  # shipped, then removed
     assert not (tmp_path / "r1" / "manifest.parquet").exists()  # only rank 0 holds the dataset
 

@@ -39,12 +39,12 @@ import pyarrow.compute as pc
 from bigasp.buckets import BucketConfig, BucketSet
 from bigasp.errors import ConfigError, DataError
 from bigasp.holdpoint import hold
-from bigasp.prep import remote
+from bigasp.prep import remote, shardbook
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
 from bigasp.prep.kohya import folder_repeats, reading_key
 from bigasp.prep.sidecar import parse_sidecars
-from bigasp.prep.sources import CHUNK, LIST_EXT, Item, Ref, printable, resolve_source, scan
+from bigasp.prep.sources import CHUNK, LIST_EXT, Item, Ref, printable, resolve_source, scan, unit_of
 from bigasp.store import layout
 from bigasp.store.manifest import (
     MANIFEST_FIX,
@@ -469,10 +469,11 @@ def fold_parts(root: Path, prune: Callable[[str, str | None], bool] | None = Non
     rows were pruned. The manifest is written last: it is the commit point.
     """
     sparts, rparts = _parts(root, "sources"), _parts(root, "rejects")
+    hparts = _parts(root, "shards")  # tar shards at URLs read whole
     legacy = _parts(root, "manifest")  # parts left by a version before sources.parquet
     spath, rpath, mpath = root / SOURCES, root / layout.REJECTS, root / layout.MANIFEST
     in_step = _generation(spath) == _generation(mpath)  # both missing, or written together
-    if not (sparts or rparts or legacy or prune) and in_step:
+    if not (sparts or rparts or hparts or legacy or prune) and in_step:
         return 0
     order = {
         p: i + 1
@@ -503,18 +504,24 @@ def fold_parts(root: Path, prune: Callable[[str, str | None], bool] | None = Non
                 sources = t
             else:
                 rejects = t
+    shards_gone = (lambda u: prune(f"{u}::", None)) if prune is not None else None
     if not (sparts or rparts or legacy or pruned) and in_step and spath.exists():
-        return 0  # nothing changed: keep the files (a no-op re-run writes nothing)
+        if hparts or (shards_gone and any(map(shards_gone, shardbook.load(root)))):
+            shardbook.fold(root, hparts, shards_gone)
+            for p in hparts:
+                p.unlink()
+        return 0  # nothing else changed: keep the files (a no-op re-run writes nothing)
     # sources and manifest carry one generation token: a crash between their writes is seen
     # (tokens differ) and the next run rebuilds the manifest even if nothing else changed.
     gen = {b"bigasp.generation": uuid.uuid4().hex.encode()}
     layout.atomic_write_parquet(sources.replace_schema_metadata(gen), spath)
     layout.atomic_write_parquet(rejects, rpath)
+    shardbook.fold(root, hparts, shards_gone)
     from bigasp.annotate.merge import reapply  # merged annotations survive the rebuild
 
     manifest = reapply(root, build_manifest(sources).replace_schema_metadata(gen))
     layout.atomic_write_parquet(manifest, mpath)  # commit point
-    for p in sparts + rparts + legacy:
+    for p in sparts + rparts + hparts + legacy:
         p.unlink()
     return pruned
 
@@ -557,6 +564,7 @@ class _Known:
     ids: set[str]
     accepted: dict[bytes, str | None]  # path digest -> change key
     rejected: dict[bytes, tuple[str | None, str, str | None]]  # path digest -> (change key, reason, settings)
+    shards: dict[str, shardbook.Record] = field(default_factory=dict)  # tar shards at URLs read whole
 
 
 def _known(root: Path) -> _Known:
@@ -574,7 +582,23 @@ def _known(root: Path) -> _Known:
         t = _read(rpath, REJECTS_SCHEMA)
         cols = [t.column(c).to_pylist() for c in ("path", "change_key", "reason", "settings")]
         rejected = {_digest(p): (k, r, s) for p, k, r, s in zip(*cols, strict=True)}
-    return _Known(set(sources.column("id").to_pylist()), accepted, rejected)
+    return _Known(set(sources.column("id").to_pylist()), accepted, rejected, shardbook.load(root))
+
+
+def shard_settings(cfg: IngestConfig) -> str | None:
+    """The settings a tar shard's members were read with (None: every shard must be read again)."""
+    if cfg.retry_rejects:
+        return None
+    keys = {"txt_tags", "kohya_repeats", *(k for ks in REASON_SETTINGS.values() for k in ks)}
+    return json.dumps(cfg.model_dump(include=keys), sort_keys=True)
+
+
+def gone_from(
+    in_scope: Callable[[str, str | None], bool], seen: set[bytes]
+) -> Callable[[str, str | None], bool]:
+    """A recorded path is gone when one of this run's sources covers it and the scan did not see
+    it, nor its unit (a tar shard skipped whole because it is unchanged: `URL::*` in `seen`)."""
+    return lambda p, o: in_scope(p, o) and _digest(p) not in seen and _digest(f"{unit_of(p)}::*") not in seen
 
 
 def _resolve_buckets(root: Path, cfg: IngestConfig) -> IngestConfig:
@@ -700,8 +724,7 @@ def ingest(
             summary.total_images = _count(root)
             summary.seconds = time.perf_counter() - t0
             raise IngestInterrupted(summary) from None
-        in_scope = _scope(resolved)
-        gone = (lambda p, o: in_scope(p, o) and _digest(p) not in seen) if cfg.prune else None
+        gone = gone_from(_scope(resolved), seen) if cfg.prune else None
         summary.removed = _fold(root, prune=gone)
         summary.total_images = _count(root)
     summary.seconds = time.perf_counter() - t0
@@ -756,6 +779,9 @@ def examine_all(
     what was examined and re-raises."""
     seen: set[bytes] = set()
     settings_now: dict[str, str] = {}
+    book = shardbook.Book(known.shards, shard_settings(cfg))
+    fed = [0]  # items handed to the examiners
+    waiting: list[tuple[int, dict]] = []  # shard records, each due once its members are committed
 
     def unchanged_reject(entry: tuple[str | None, str, str | None], key: str) -> bool:
         ck, reason, settings = entry
@@ -766,7 +792,16 @@ def examine_all(
         return (settings or reason_settings(reason, cfg)) == settings_now[reason]
 
     def todo() -> Iterator[Item]:  # streamed: 10M+ files never sit in a list
-        for item in scan(sources, owns, prefetch=cfg.prefetch):
+        for item in scan(sources, owns, prefetch=cfg.prefetch, book=book):
+            while book.skipped:  # whole shards unchanged since they were read: counted, not fetched
+                url, members = book.skipped.pop()
+                seen.update((_digest(f"{url}::*"), _digest(f"{url}::")))
+                summary.scanned += members
+                summary.skipped += members
+            while book.finished_rows:
+                row = book.finished_rows.pop(0)
+                seen.add(_digest(f"{row['url']}::"))
+                waiting.append((fed[0], row))
             summary.scanned += 1
             d = _digest(item.path)
             seen.add(d)
@@ -776,16 +811,30 @@ def examine_all(
             ):
                 summary.skipped += 1
             else:
+                fed[0] += 1
                 yield item
+        while book.skipped:
+            url, members = book.skipped.pop()
+            seen.update((_digest(f"{url}::*"), _digest(f"{url}::")))
+            summary.scanned += members
+            summary.skipped += members
+        for row in book.finished_rows:
+            seen.add(_digest(f"{row['url']}::"))
+            waiting.append((fed[0], row))
+        book.finished_rows.clear()
 
     rows: list[dict] = []
+    shard_rows: list[dict] = []
+    got = [0]  # items whose results are in `rows` / `rejects`
     rejects: list[dict] = []
     seq = 0
     committed = [0]  # images written in parts by this run
 
     def commit() -> None:
-        nonlocal seq, rows, rejects
-        if not rows and not rejects:
+        nonlocal seq, rows, rejects, shard_rows
+        while waiting and waiting[0][0] <= got[0]:  # every member of that shard is in this commit
+            shard_rows.append(waiting.pop(0)[1])
+        if not rows and not rejects and not shard_rows:
             return
         seq += 1
         try:
@@ -799,13 +848,15 @@ def examine_all(
                     pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA),
                     parts / f"sources-{run}-{seq:06d}.parquet",
                 )
+            if shard_rows:  # after the members' parts: a crash between them leaves the shard to re-read
+                shardbook.write_part(shard_rows, parts / f"shards-{run}-{seq:06d}.parquet")
         except OSError as err:
             raise layout.write_failed(
                 err, parts, f"the {committed[0]} image(s) this run committed before it (in {parts}) are kept",
                 "run the same `bigasp ingest` command again to continue",
             ) from None  # fmt: skip
         committed[0] += len(rows) + len(rejects)
-        rows, rejects = [], []
+        rows, rejects, shard_rows = [], [], []
 
     from tqdm import tqdm
 
@@ -830,6 +881,7 @@ def examine_all(
                 summary.rejects[row["reason"]] += 1
                 rejects.append(row)
             pending += 1
+            got[0] += 1
             bar.update(1)
             if pending >= cfg.commit_every:
                 commit()

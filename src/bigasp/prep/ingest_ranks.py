@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from bigasp.errors import BigaspError
-from bigasp.prep import remote
+from bigasp.prep import remote, shardbook
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.ingest import (
     IngestSummary,
@@ -36,6 +36,7 @@ from bigasp.prep.ingest import (
     _read,
     _scope,
     examine_all,
+    gone_from,
     prepare,
 )
 from bigasp.prep.sources import unit_of
@@ -59,6 +60,10 @@ class _Share:
 
 def _shares(root: Path, world: int) -> list[_Share]:
     shares = [_Share() for _ in range(world)]
+    for url, rec in shardbook.load(root).items():
+        sh = shares[owner(url, world)]
+        sh.known.shards[url] = rec
+        sh.paths.append((f"{url}::", None))
     src = _old_sources(root).select(["path", "origin", "change_key", "id"]).to_pydict()
     for p, o, k, i in zip(src["path"], src["origin"], src["change_key"], src["id"], strict=True):
         sh = shares[owner(unit_of(p), world)]
@@ -83,7 +88,9 @@ def _own_parts(d: Path) -> list[Path]:
 def _add_parts(known: _Known, d: Path) -> None:
     """Parts this rank committed in a run that was killed: done, so not examined again."""
     for p in _own_parts(d):
-        if p.name.startswith("sources-"):
+        if p.name.startswith("shards-"):
+            known.shards.update(shardbook.read_rows(p))
+        elif p.name.startswith("sources-"):
             t = _read(p, SOURCES_SCHEMA).to_pydict()
             for path, k, i in zip(t["path"], t["change_key"], t["id"], strict=True):
                 known.accepted[_digest(path)] = k
@@ -145,8 +152,8 @@ def ingest_ranked(
         _add_parts(share.known, mine)
     run = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}-r{rank:05d}"
     seen = examine_all(sources, cfg, share.known, mine, run, summary, lambda u: owner(u, world) == rank)
-    in_scope = _scope(resolved)
-    gone = [p for p, o in share.paths if in_scope(p, o) and _digest(p) not in seen] if cfg.prune else []
+    is_gone = gone_from(_scope(resolved), seen)
+    gone = [p for p, o in share.paths if is_gone(p, o)] if cfg.prune else []
     _fetch_stats(summary, before)
     shipped = _own_parts(mine) if rank != 0 else []
     payload = ([(p.name, p.read_bytes()) for p in shipped], gone, summary)

@@ -401,18 +401,18 @@ def resolve_source(src: str | os.PathLike) -> Path:
 
 
 def scan(
-    sources: list[str | os.PathLike], owns: Callable[[str], bool] | None = None, prefetch: int = 2
+    sources: list[str | os.PathLike], owns: Callable[[str], bool] | None = None, prefetch: int = 2, book=None
 ) -> Iterator[Item]:
     """Items of every source, in a stable order (sources in order, names sorted).
 
     `owns(unit)` False = the unit (a file, a tar or object, by path or URL) is another rank's
-    share: it is skipped, and at a URL not even fetched.
+    share: it is skipped, and at a URL not even fetched. `book`: see `bigasp.prep.shardbook`.
     """
     for src in sources:
         if remote.is_url(str(src)):
             from bigasp.prep.urlsources import scan_url
 
-            yield from scan_url(str(src), owns, prefetch)
+            yield from scan_url(str(src), owns, prefetch, book)
             continue
         if owns is not None:
             yield from (it for it in scan([src]) if owns(unit_of(it.path)))

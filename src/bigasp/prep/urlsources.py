@@ -97,9 +97,10 @@ class RangeReader(io.RawIOBase):
         super().close()
 
 
-def scan_url(src: str, owns: Owns | None = None, prefetch: int = PREFETCH) -> Iterator[Item]:
+def scan_url(src: str, owns: Owns | None = None, prefetch: int = PREFETCH, book=None) -> Iterator[Item]:
     """Items of one URL source (a prefix, a tar shard, brace-expanded shards, or one object);
-    `owns(unit_url)` False = another rank's share: not read at all."""
+    `owns(unit_url)` False = another rank's share: not read at all. `book` (a
+    `shardbook.Book`) skips tar shards ingested whole at the same ETag, and hears of those read whole."""
     names = expand(src)
     for url in names:
         if owns is not None and url.endswith(".tar") and not owns(url):
@@ -107,7 +108,7 @@ def scan_url(src: str, owns: Owns | None = None, prefetch: int = PREFETCH) -> It
         try:
             meta = remote.info(url)
         except FileNotFoundError as err:
-            if len(names) == 1:  # the source itself: as a missing folder on disk, the run stops
+            if url == src or not _bucket_exists(url):  # as a missing folder on disk, the run stops
                 raise remote.bucket_error(url, err) from None
             if owns is None or owns(url):
                 yield _problem(
@@ -117,9 +118,22 @@ def scan_url(src: str, owns: Owns | None = None, prefetch: int = PREFETCH) -> It
         if meta.get("type") == "directory":
             yield from scan_prefix(url, src, owns)
         elif url.lower().endswith(".tar"):
-            yield from scan_tar_url(url, meta, src, prefetch)
+            if book is not None and book.unchanged(url, remote.version(meta)) is not None:
+                continue  # ingested whole at this ETag: not fetched again
+            yield from scan_tar_url(url, meta, src, prefetch, book)
         elif owns is None or owns(url):
             yield _object_item(url, meta, {}, src)
+
+
+def _bucket_exists(url: str) -> bool:
+    """Whether the bucket (first path part) of `url` exists: a missing shard of a brace range is a
+    reject, but a missing bucket is one error line, not a reject per shard."""
+    proto, rest = url.split("://", 1)
+    try:
+        remote.info(f"{proto}://{rest.split('/', 1)[0]}")
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _object_item(url: str, meta: dict, side: dict[str, dict], origin: str) -> Item:
@@ -163,13 +177,14 @@ def scan_prefix(url: str, origin: str, owns: Owns | None = None) -> Iterator[Ite
         yield _object_item(u, objs[p], side, origin)
 
 
-def scan_tar_url(url: str, meta: dict, origin: str, prefetch: int = PREFETCH) -> Iterator[Item]:
+def scan_tar_url(url: str, meta: dict, origin: str, prefetch: int = PREFETCH, book=None) -> Iterator[Item]:
     """Members of one uncompressed tar shard at `url`, read once in order (see the module doc)."""
     size = int(meta.get("size") or 0)
     ver = remote.version(meta)
     reader = RangeReader(url, size, prefetch=prefetch)
     group: list[tuple[tarfile.TarInfo, bytes | None]] = []
     count = 0
+    items = 0
     stopped = ""
     try:
         try:
@@ -193,7 +208,9 @@ def scan_tar_url(url: str, meta: dict, origin: str, prefetch: int = PREFETCH) ->
                 break
             count += 1
             if group and _split(m.name)[0] != _split(group[0][0].name)[0]:
-                yield from _emit(url, group, size, ver, origin)
+                for it in _emit(url, group, size, ver, origin):
+                    items += 1
+                    yield it
                 group = []
             data = None
             if m.isfile() and m.offset_data + m.size <= size:
@@ -207,13 +224,16 @@ def scan_tar_url(url: str, meta: dict, origin: str, prefetch: int = PREFETCH) ->
         end = tf.offset
     finally:
         reader.close()
-    if group:
-        yield from _emit(url, group, size, ver, origin)
+    for it in _emit(url, group, size, ver, origin):
+        items += 1
+        yield it
     if not stopped:
         if end + tarfile.BLOCKSIZE > size:
             stopped = f"no end-of-archive marker: the object ends at byte {size}"
         elif remote.read_range(url, end, tarfile.BLOCKSIZE).count(0) != tarfile.BLOCKSIZE:
             stopped = f"no valid member header at byte {end}"
+    if not stopped and book is not None:
+        book.finished(url, ver, items)
     if stopped:
         yield _problem(
             f"{url}::",
