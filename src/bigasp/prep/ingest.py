@@ -12,6 +12,9 @@ also retried when a setting its reason depends on changed (`--allow-upscale` for
 now is removed (`prune`). Replaced content gets a new id (id = content hash), so its old
 latents no longer join the manifest and `bigasp encode` encodes the new bytes.
 
+Sources may be URLs (`bigasp.prep.urlsources`); under torchrun / SLURM each rank examines its
+own share and rank 0 folds every rank's parts (`bigasp.prep.ingest_ranks`).
+
 Crash safety: results are committed in parts (`parts/*.parquet`, each written atomically)
 every `commit_every` images, and folded into sources / rejects / manifest at the end (or at
 the start of the next run, if this one died). A killed run loses at most the uncommitted part.
