@@ -21,9 +21,10 @@ def dist_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def summary_group(world: int) -> bool:
+def summary_group(world: int, timeout_s: float | None = None) -> bool:
     """Start the gloo group that `gather_summary` uses; False when there is nothing to gather.
 
+    `timeout_s`: how long a collective waits for the slowest rank (torch's default: 30 minutes).
     If the stage fails before `gather_summary` ends the group, an exit handler ends it while the
     interpreter is still whole: gloo threads left running into interpreter teardown abort the
     process ("terminate called without an active exception") and hide the real error.
@@ -35,7 +36,12 @@ def summary_group(world: int) -> bool:
     if world <= 1 or "MASTER_ADDR" not in os.environ or not dist.is_available():
         return False
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        if timeout_s is None:
+            dist.init_process_group("gloo")
+        else:  # ranks that finish early wait this long for the slowest at the final gather
+            import datetime
+
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
         atexit.register(_end_group)
     return True
 

@@ -706,7 +706,7 @@ def ingest(
     from bigasp.workshare import dist_env, summary_group
 
     rank, world, _ = dist_env()
-    if world > 1 and summary_group(world):
+    if world > 1 and summary_group(world, timeout_s=6 * 3600.0):  # shares finish at different times
         from bigasp.prep.ingest_ranks import ingest_ranked
 
         return ingest_ranked(sources, resolved, root, cfg, rank, world)
