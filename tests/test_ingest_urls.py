@@ -216,6 +216,26 @@ def test_rerun_follows_added_changed_and_removed_objects(server, tmp_path):
     assert pq.read_table(out / "url_shards.parquet").num_rows == 0
 
 
+def test_object_deleted_mid_run_is_a_missing_reject(server, tmp_path):
+    """Listed, then deleted before its bytes are read: the scan and the read are ingest's own
+    steps, run here one after the other with the deletion between them."""
+    from bigasp.buckets import BucketSet
+    from bigasp.prep.ingest import examine
+    from bigasp.prep.sources import scan
+
+    opts, _ = server
+    fs = fs_of(opts)
+    fs.pipe(f"{BUCKET}/mid/a.jpg", jpeg(41))
+    fs.pipe(f"{BUCKET}/mid/b.jpg", jpeg(42))
+    remote.configure(opts)
+    items = list(scan([f"s3://{BUCKET}/mid/"]))
+    fs.rm(f"{BUCKET}/mid/b.jpg")
+    c = cfg(opts)
+    got = [examine(it, c, BucketSet(TINY.buckets())) for it in items]
+    assert [g[0] for g in got] == ["ok", "reject"]
+    assert got[1][1]["reason"] == "missing" and got[1][1]["path"] == f"s3://{BUCKET}/mid/b.jpg"
+
+
 def test_object_deleted_after_ingest_is_a_missing_reject_on_reread(server, tmp_path):
     opts, _ = server
     fs = fs_of(opts)
