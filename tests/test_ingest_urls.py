@@ -133,10 +133,8 @@ def test_url_sources_give_the_local_manifest_with_urls_and_byte_ranges(server, u
     remote.configure(opts)
     ref = manifest_ref(member["path"], member["tar_offset"], member["file_size"])
     assert read_ingested(ref, member["id"]) == want_bytes
-    # every byte of the sources fetched at most once (shards streamed once, folder objects once
-    # each), plus one 512-byte end-of-archive check per shard
-    stored = sum(p.stat().st_size for p in uploaded.rglob("*") if p.is_file())
-    assert stored < s.fetched <= stored + 2 * 512
+    # every byte of the sources fetched exactly once: shards streamed once, folder objects once each
+    assert s.fetched == sum(p.stat().st_size for p in uploaded.rglob("*") if p.is_file())
 
 
 def test_bad_objects_are_rejects_and_access_problems_one_line(server, tmp_path):

@@ -162,6 +162,11 @@ def read_range(url: str, start: int | None = None, size: int | None = None) -> b
     else:
         data = call(url, lambda: fs.cat_file(path, start=start, end=start + (size or 0)))
     _count("bytes", len(data))
+    if start is not None and len(data) > (size or 0):
+        raise OSError(
+            f"{url}: asked for {size} bytes at {start}, got {len(data)}: the server ignores ranged reads "
+            "(HTTP Range); serve the files from one that supports them (any object store does)"
+        )
     return data
 
 

@@ -88,6 +88,14 @@ class RangeReader(io.RawIOBase):
         self._pos += n
         return n
 
+    def bytes_at(self, start: int, n: int) -> bytes:
+        """Bytes [start, start+n): from the block in hand when it holds them (tarfile has just
+        read the end-of-archive block through it), else one more ranged read."""
+        i = start - self._buf_at
+        if i >= 0 and i + n <= len(self._buf):
+            return self._buf[i : i + n]
+        return remote.read_range(self.url, start, n)
+
     def close(self) -> None:
         if self._pool is not None:
             for f in self._ahead:
@@ -230,7 +238,7 @@ def scan_tar_url(url: str, meta: dict, origin: str, prefetch: int = PREFETCH, bo
     if not stopped:
         if end + tarfile.BLOCKSIZE > size:
             stopped = f"no end-of-archive marker: the object ends at byte {size}"
-        elif remote.read_range(url, end, tarfile.BLOCKSIZE).count(0) != tarfile.BLOCKSIZE:
+        elif reader.bytes_at(end, tarfile.BLOCKSIZE).count(0) != tarfile.BLOCKSIZE:
             stopped = f"no valid member header at byte {end}"
     if not stopped and book is not None:
         book.finished(url, ver, items)
