@@ -53,7 +53,7 @@ class RangeReader(io.RawIOBase):
         self._next = 0  # next byte to request
         self._buf = b""
         self._buf_at = 0
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="bigasp-shard") if prefetch > 0 else None
+        self._pool = ThreadPoolExecutor(prefetch, thread_name_prefix="bigasp-shard") if prefetch > 0 else None
         self._ahead: list[Future[bytes]] = []
         self._depth = prefetch
 
