@@ -430,7 +430,9 @@ def _url_bench(stage, params, url, local_s3, latency_ms, shards, per_shard, work
             for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
                 os.environ.setdefault(k, "bench")
             opts = {"endpoint_url": endpoint, "use_listings_cache": False}
-            fsspec.filesystem("s3", **opts).mkdir(url.removeprefix("s3://").split("/", 1)[0])
+            fsspec.filesystem("s3", **opts).makedirs(
+                url.removeprefix("s3://").split("/", 1)[0], exist_ok=True
+            )  # moto keeps buckets per process
         result = run_url_bench(
             stage=stage, url=url, storage_options=opts, shards=shards, per_shard=per_shard, workers=workers,
             seed=seed, latency_ms=latency_ms, command=_command(stage, params),

@@ -162,7 +162,7 @@ def run_url_bench(
         headline = [("prefetch_img_per_s", f"img/s {workers} workers"), ("no_prefetch_img_per_s", "img/s 0 workers"),
                     ("fetched_per_image_bytes", "x image bytes fetched")]  # fmt: skip
     return BenchResult(
-        bench=f"{stage}-url",
+        bench=stage,
         config={
             "shards": shards,
             "per_shard": per_shard,
@@ -170,6 +170,7 @@ def run_url_bench(
             "workers": workers,
             "jpeg": "768x576 q85",
             "layout": "img2dataset (jpg + txt + json)",
+            "source": "url",
         },
         metrics=metrics,
         headline=headline,
