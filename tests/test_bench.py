@@ -328,3 +328,25 @@ def test_bench_train_cuda_bf16_reports_mfu_and_bounded_compile():
     assert 0 < m["mfu"] < 1 and m["mfu_pct"] == pytest.approx(100 * m["mfu"])
     assert m["peak_allocated_gib"] > 0 and m["loss"] == m["loss"]
     assert 0 < m["compiled_graphs"] <= 16 and m["recompiles"] == 0
+
+
+def test_bench_ingest_and_encode_from_a_local_bucket(tmp_path):
+    pytest.importorskip("moto.server")
+    url = [
+        "--url",
+        "s3://bench/photos",
+        "--local-s3",
+        "--latency-ms",
+        "1",
+        "--shards",
+        "1",
+        "--per-shard",
+        "3",
+    ]
+    m = _run_cli(["bench", "ingest", *url], tmp_path)["metrics"]
+    assert m["images"] == 3 and m["prefetch_img_per_s"] > 0 and m["no_prefetch_img_per_s"] > 0
+    assert (
+        m["prefetch_fetched_per_shard_bytes"] == m["no_prefetch_fetched_per_shard_bytes"] == 1.0
+    )  # once each
+    m = _run_cli(["bench", "encode", *url, "--workers", "1"], tmp_path)["metrics"]
+    assert m["fetched_per_image_bytes"] == 1.0 and m["prefetch_img_per_s"] > 0

@@ -33,9 +33,9 @@ UNIMPORTED_OK = {
     "moto": "a real S3 API server on localhost for the tests (dev extra)",
     "ruff": "linter",
     "playwright": "browser fixtures in tests/conftest.py (imported by tests, not src)",
+    "webdataset": "tests write tar shards with webdataset.TarWriter, the layout bigasp ingests from URLs",
     "jsonschema": "validates the ComfyUI canvas workflow against the frontend's recorded schema (tests)",
     "pytest-xdist": "`make test` runs the suite in two processes (dev extra)",
-    "webdataset": "writes tar shards as WebDataset does, for the ingest tests (dev extra)",
 }
 
 

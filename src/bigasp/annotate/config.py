@@ -6,7 +6,7 @@ watermark-tagger.py, caption-images.py): thresholds, query, batch sizes, prompt 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -133,6 +133,11 @@ class AnnotateConfig(Section):
         description="Stop after writing this many parts per stage (0 = no limit); for tests and trials.",
     )
     progress: bool = Field(True, description="Progress bar.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for photos at URLs (a dataset ingested from s3://, gs://, https://), e.g. "
+        "{endpoint_url = ..., key = ..., secret = ...}; empty = the usual AWS_* / GOOGLE_* variables.",
+    )
 
 
 class MergeConfig(Section):

@@ -28,6 +28,7 @@ from bigasp.annotate.decode import DecodeDataset, Job, collate, manifest_jobs
 from bigasp.devices import resolve
 from bigasp.errors import BigaspError, ConfigError, DataError
 from bigasp.holdpoint import hold
+from bigasp.prep import remote
 from bigasp.store import annotations as store
 from bigasp.store import layout
 from bigasp.store.manifest import read_dataset_json, read_manifest
@@ -345,6 +346,7 @@ def annotate(dataset: str | os.PathLike, cfg: AnnotateConfig) -> AnnotateSummary
     """Annotate this rank's share of `dataset`; returns the summary (merged over ranks on rank 0)."""
     t0 = time.perf_counter()
     root = Path(dataset)
+    remote.configure(cfg.storage_options)  # photos ingested from URLs are re-read from there
     fs, rootp = layout.url_to_fs(str(root))
     read_dataset_json(fs, rootp)
     stages = enabled_stages(cfg)

@@ -168,10 +168,24 @@ def encode(
     seed: int = typer.Option(0),
     peak_tflops: float = typer.Option(H100_BF16_PEAK_TFLOPS, help=PEAK_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    url: str = typer.Option(
+        None,
+        help="Object-storage URL: ingest img2dataset-style shards there, then time `encode` reading the photos.",
+    ),
+    local_s3: bool = typer.Option(
+        False, "--local-s3", help="Serve --url from a local S3 server (moto) in this process."
+    ),
+    latency_ms: float = typer.Option(0.0, help="With --local-s3: delay added to every request."),
+    shards: int = typer.Option(2, help="With --url: tar shards."),
+    per_shard: int = typer.Option(100, help="With --url: images per shard."),
+    workers: int = typer.Option(4, help="With --url: DataLoader workers reading photos ahead."),
     json_out: str = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
-    """VAE encoder images/s at one resolution."""
+    """VAE encoder images/s at one resolution; with --url, the encode stage reading photos from a bucket."""
     params = dict(locals())  # first: only the command options
+    if url or local_s3:
+        _url_bench("encode", params, url, local_s3, latency_ms, shards, per_shard, workers, seed, json_out)
+        return
     from bigasp.bench.common import parse_res, resolve_device
     from bigasp.bench.encode import run_encode_bench
 
@@ -373,13 +387,57 @@ def stream(
 def ingest(
     images: int = typer.Option(2000, help="Small JPEGs generated and scanned."),
     seed: int = typer.Option(0),
+    url: str = typer.Option(
+        None,
+        help="Object-storage URL (s3://bucket/prefix): upload img2dataset-style tar shards there and ingest them.",
+    ),
+    local_s3: bool = typer.Option(
+        False, "--local-s3", help="Serve --url from a local S3 server (moto) in this process."
+    ),
+    latency_ms: float = typer.Option(0.0, help="With --local-s3: delay added to every request."),
+    shards: int = typer.Option(4, help="With --url: tar shards."),
+    per_shard: int = typer.Option(250, help="With --url: images per shard (each with .txt and .json)."),
     json_out: str = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
-    """Ingest header scan images/s over generated small JPEGs (target ≥ 500/s on one core)."""
+    """Ingest images/s: header scan of generated small JPEGs (target ≥ 500/s on one core), or with --url
+    tar shards in a bucket, with and without read-ahead, and the bytes fetched per image."""
     params = dict(locals())  # first: only the command options
+    if url or local_s3:
+        _url_bench("ingest", params, url, local_s3, latency_ms, shards, per_shard, 0, seed, json_out)
+        return
     from bigasp.bench.ingest import run_ingest_bench
 
     _finish(run_ingest_bench(images=images, seed=seed, command=_command("ingest", params)), json_out)
+
+
+def _url_bench(stage, params, url, local_s3, latency_ms, shards, per_shard, workers, seed, json_out) -> None:
+    import contextlib
+    import os
+
+    from bigasp.bench.urls import run_url_bench
+    from bigasp.errors import ConfigError
+
+    if not url:
+        raise ConfigError("--local-s3 serves --url: pass e.g. --url s3://bench/photos")
+    with contextlib.ExitStack() as stack:
+        opts: dict = {}
+        if local_s3:
+            import fsspec
+
+            from bigasp.bench.s3server import local_s3 as serve
+
+            endpoint = stack.enter_context(serve(latency_ms))
+            for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                os.environ.setdefault(k, "bench")
+            opts = {"endpoint_url": endpoint, "use_listings_cache": False}
+            fsspec.filesystem("s3", **opts).makedirs(
+                url.removeprefix("s3://").split("/", 1)[0], exist_ok=True
+            )  # moto keeps buckets per process
+        result = run_url_bench(
+            stage=stage, url=url, storage_options=opts, shards=shards, per_shard=per_shard, workers=workers,
+            seed=seed, latency_ms=latency_ms, command=_command(stage, params),
+        )  # fmt: skip
+    _finish(result, json_out)
 
 
 @bench_app.command("report")

@@ -16,8 +16,32 @@ from contextlib import contextmanager
 from bigasp.errors import ConfigError
 
 
+class Faults:
+    """Transient failures to inject: the next `slow_down` requests are answered 503 SlowDown, as
+    a throttled bucket does, so retry-with-backoff is exercised against the real protocol."""
+
+    def __init__(self, slow_down: int = 0):
+        self.slow_down = slow_down
+        self.injected = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.slow_down <= 0:
+                return False
+            self.slow_down -= 1
+            self.injected += 1
+            return True
+
+
+_SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
 @contextmanager
-def local_s3(latency_ms: float = 0.0) -> Iterator[str]:
+def local_s3(latency_ms: float = 0.0, faults: Faults | None = None) -> Iterator[str]:
     """Run the server while the block runs; yields its endpoint URL (http://127.0.0.1:PORT)."""
     try:
         from moto.moto_server.werkzeug_app import (
@@ -36,6 +60,12 @@ def local_s3(latency_ms: float = 0.0) -> Iterator[str]:
     def delayed(environ, start_response):
         if delay > 0:
             time.sleep(delay)
+        if faults is not None and faults.take():
+            body = b"" if environ.get("REQUEST_METHOD") == "HEAD" else _SLOW_DOWN
+            start_response(
+                "503 Slow Down", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))]
+            )
+            return [body]
         return app(environ, start_response)
 
     server = make_server("127.0.0.1", 0, delayed, threaded=True, request_handler=MotoRequestHandler)

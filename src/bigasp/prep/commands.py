@@ -52,7 +52,8 @@ def _column_map(pairs: list[str]) -> dict[str, str] | None:
 def ingest_cmd(
     sources: list[str] = typer.Argument(
         ...,
-        help="Folders (recursive), uncompressed .tar shards, .parquet files (one image per row), or .txt path lists.",
+        help="Folders (recursive), uncompressed .tar shards, .parquet files (one image per row), .txt path "
+        "lists, or URLs (s3://bucket/photos/, 's3://bucket/shards/{00000..01023}.tar': quote brace ranges).",
     ),
     out: str = typer.Option(
         ...,
@@ -143,6 +144,7 @@ def ingest_cmd(
         f"{s.duplicates} duplicates (merged), {s.retried} rejects retried, {s.removed} removed (gone from the "
         f"sources), {sum(s.rejects.values())} rejected in {s.seconds:.1f} s ({s.images_per_second:.0f} img/s); "
         f"{s.total_images} images in {out}"
+        + (f"; {s.retries} transient object-storage failures retried" if s.retries else "")
     )
     _print_counts("rejects by reason:", dict(sorted(s.rejects.items())))
 

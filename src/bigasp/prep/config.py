@@ -97,6 +97,19 @@ class IngestConfig(Section):
         "file, which img2dataset re-encodes or resizes unless told not to; verify: every sha256; off: none.",
     )
     progress: bool = Field(True, description="Show a progress bar with images/s.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for sources at URLs (s3://, gs://, https://), e.g. {endpoint_url = ..., "
+        "key = ..., secret = ...}; empty = credentials from the usual AWS_* / GOOGLE_* variables. Never "
+        "written to dataset.json.",
+    )
+    prefetch: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="Ranged requests in flight ahead of the reader while a tar shard at a URL is read (0 = "
+        "fetch on demand).",
+    )
 
     @field_validator("parquet_columns")
     @classmethod

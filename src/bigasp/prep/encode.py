@@ -34,6 +34,7 @@ from bigasp.buckets import Bucket, BucketConfig, BucketSet, Placement, place
 from bigasp.devices import resolve
 from bigasp.errors import ConfigError, DataError, ModelLoadError
 from bigasp.holdpoint import hold
+from bigasp.prep import remote
 from bigasp.prep.config import EncodeConfig
 from bigasp.prep.images import Reject, load_for_bucket, pixel_limit
 from bigasp.prep.ingest import read_ingested
@@ -392,6 +393,7 @@ def _encode(root: str | Path, cfg: EncodeConfig) -> EncodeSummary:
     from bigasp.models.identity import vae_identity
 
     t0 = time.perf_counter()
+    remote.configure(cfg.storage_options)  # photos ingested from URLs: read with the dataset's options
     fs, rootp = layout.url_to_fs(str(root), cfg.storage_options)
     meta = read_dataset_json(fs, rootp)
     rank, world, local_rank = dist_env()

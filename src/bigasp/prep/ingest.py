@@ -12,6 +12,9 @@ also retried when a setting its reason depends on changed (`--allow-upscale` for
 now is removed (`prune`). Replaced content gets a new id (id = content hash), so its old
 latents no longer join the manifest and `bigasp encode` encodes the new bytes.
 
+Sources may be URLs (`bigasp.prep.urlsources`); under torchrun / SLURM each rank examines its
+own share and rank 0 folds every rank's parts (`bigasp.prep.ingest_ranks`).
+
 Crash safety: results are committed in parts (`parts/*.parquet`, each written atomically)
 every `commit_every` images, and folded into sources / rejects / manifest at the end (or at
 the start of the next run, if this one died). A killed run loses at most the uncommitted part.
@@ -39,6 +42,7 @@ import pyarrow.compute as pc
 from bigasp.buckets import BucketConfig, BucketSet
 from bigasp.errors import ConfigError, DataError
 from bigasp.holdpoint import hold
+from bigasp.prep import remote, shardbook
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
 from bigasp.prep.kohya import folder_repeats, reading_key
@@ -54,6 +58,7 @@ from bigasp.prep.sources import (
     printable,
     resolve_source,
     scan,
+    unit_of,
 )
 from bigasp.store import layout
 from bigasp.store.manifest import (
@@ -96,6 +101,9 @@ def read_ingested(ref: Ref, image_id: str | None) -> bytes:
     None; shared by every stage that re-reads the photos (encode, annotate)."""
     try:
         data = ref.read()
+    except FileNotFoundError as err:
+        reason = "missing" if remote.is_url(ref.file) else "unreadable"
+        raise Reject(reason, str(err)) from None
     except OSError as err:
         raise Reject("unreadable", str(err)) from None
     if image_id is not None and content_id(data) != image_id:
@@ -126,6 +134,8 @@ class IngestSummary:
     duplicates: int = 0  # new paths holding an image the dataset already has (metadata merged)
     retried: int = 0  # earlier rejects examined again (input or a setting changed, or retry_rejects)
     removed: int = 0  # paths gone from this run's sources, removed from the dataset (prune)
+    retries: int = 0  # transient object-storage failures retried (sources at URLs)
+    fetched: int = 0  # bytes fetched from URLs
     rejects: Counter = field(default_factory=Counter)  # reason -> count
     seconds: float = 0.0
     total_images: int = 0  # manifest rows after this run
@@ -144,6 +154,8 @@ class IngestSummary:
             "duplicates": self.duplicates,
             "retried": self.retried,
             "removed": self.removed,
+            "retries": self.retries,
+            "fetched": self.fetched,
             "rejects": dict(sorted(self.rejects.items())),
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 1),
@@ -198,6 +210,10 @@ def _hash_and_probe(item: Item, cfg: IngestConfig, sha256: Any = None):
     is fed the same bytes (for a sidecar's checksum), or None."""
     try:
         f = item.data.open()
+    except FileNotFoundError as err:
+        if remote.is_url(item.data.file):
+            raise Reject("missing", f"object not found ({err}); it was deleted since it was listed") from None
+        raise Reject("unreadable", str(err)) from None
     except OSError as err:
         raise Reject("unreadable", str(err)) from None
     with f:
@@ -249,6 +265,8 @@ def examine(item: Item, cfg: IngestConfig, buckets: BucketSet) -> tuple[str, dic
         return _examine(item, cfg, buckets)
     except Reject as r:
         return "reject", _reject_row(item, r.reason, r.detail, cfg)
+    except remote.RemoteAccessError:
+        raise  # credentials or permissions: every other image would fail alike; stop with one line
     except Exception as err:  # a bug, not bad input: record it and keep the run going
         log.debug("examining %s failed", item.path, exc_info=True)
         return "reject", _reject_row(
@@ -557,10 +575,11 @@ def fold_parts(root: Path, prune: Callable[[str, str | None], bool] | None = Non
     rows were pruned. The manifest is written last: it is the commit point.
     """
     sparts, rparts = _parts(root, "sources"), _parts(root, "rejects")
+    hparts = _parts(root, "shards")  # tar shards at URLs read whole
     legacy = _parts(root, "manifest")  # parts left by a version before sources.parquet
     spath, rpath, mpath = root / SOURCES, root / layout.REJECTS, root / layout.MANIFEST
     in_step = _generation(spath) == _generation(mpath)  # both missing, or written together
-    if not (sparts or rparts or legacy or prune) and in_step:
+    if not (sparts or rparts or hparts or legacy or prune) and in_step:
         return 0
     order = {
         p: i + 1
@@ -591,18 +610,24 @@ def fold_parts(root: Path, prune: Callable[[str, str | None], bool] | None = Non
                 sources = t
             else:
                 rejects = t
+    shards_gone = (lambda u: prune(f"{u}::", None)) if prune is not None else None
     if not (sparts or rparts or legacy or pruned) and in_step and spath.exists():
-        return 0  # nothing changed: keep the files (a no-op re-run writes nothing)
+        if hparts or (shards_gone and any(map(shards_gone, shardbook.load(root)))):
+            shardbook.fold(root, hparts, shards_gone)
+            for p in hparts:
+                p.unlink()
+        return 0  # nothing else changed: keep the files (a no-op re-run writes nothing)
     # sources and manifest carry one generation token: a crash between their writes is seen
     # (tokens differ) and the next run rebuilds the manifest even if nothing else changed.
     gen = {b"bigasp.generation": uuid.uuid4().hex.encode()}
     layout.atomic_write_parquet(sources.replace_schema_metadata(gen), spath)
     layout.atomic_write_parquet(rejects, rpath)
+    shardbook.fold(root, hparts, shards_gone)
     from bigasp.annotate.merge import reapply  # merged annotations survive the rebuild
 
     manifest = reapply(root, build_manifest(sources).replace_schema_metadata(gen))
     layout.atomic_write_parquet(manifest, mpath)  # commit point
-    for p in sparts + rparts + legacy:
+    for p in sparts + rparts + hparts + legacy:
         p.unlink()
     return pruned
 
@@ -645,6 +670,7 @@ class _Known:
     ids: set[str]
     accepted: dict[bytes, str | None]  # path digest -> change key
     rejected: dict[bytes, tuple[str | None, str, str | None]]  # path digest -> (change key, reason, settings)
+    shards: dict[str, shardbook.Record] = field(default_factory=dict)  # tar shards at URLs read whole
 
 
 def _known(root: Path) -> _Known:
@@ -662,7 +688,23 @@ def _known(root: Path) -> _Known:
         t = _read(rpath, REJECTS_SCHEMA)
         cols = [t.column(c).to_pylist() for c in ("path", "change_key", "reason", "settings")]
         rejected = {_digest(p): (k, r, s) for p, k, r, s in zip(*cols, strict=True)}
-    return _Known(set(sources.column("id").to_pylist()), accepted, rejected)
+    return _Known(set(sources.column("id").to_pylist()), accepted, rejected, shardbook.load(root))
+
+
+def shard_settings(cfg: IngestConfig) -> str | None:
+    """The settings a tar shard's members were read with (None: every shard must be read again)."""
+    if cfg.retry_rejects:
+        return None
+    keys = {"txt_tags", "kohya_repeats", *(k for ks in REASON_SETTINGS.values() for k in ks)}
+    return json.dumps(cfg.model_dump(include=keys), sort_keys=True)
+
+
+def gone_from(
+    in_scope: Callable[[str, str | None], bool], seen: set[bytes]
+) -> Callable[[str, str | None], bool]:
+    """A recorded path is gone when one of this run's sources covers it and the scan did not see
+    it, nor its unit (a tar shard skipped whole because it is unchanged: `URL::*` in `seen`)."""
+    return lambda p, o: in_scope(p, o) and _digest(p) not in seen and _digest(f"{unit_of(p)}::*") not in seen
 
 
 def _resolve_buckets(root: Path, cfg: IngestConfig) -> IngestConfig:
@@ -686,9 +728,11 @@ def _resolve_buckets(root: Path, cfg: IngestConfig) -> IngestConfig:
     return cfg
 
 
-def _check_out(sources: list[Path], root: Path) -> None:
+def _check_out(sources: list[Path | str], root: Path) -> None:
     out = root.resolve()
     for src in sources:
+        if isinstance(src, str):
+            continue  # a URL: never the local output folder
         s = src.resolve()
         if s.is_dir() and (out == s or s in out.parents):
             raise DataError(
@@ -718,7 +762,7 @@ def _make_out(root: Path) -> None:
         )
 
 
-def _scope(sources: list[Path], patterns: list[str] | None = None) -> Callable[[str, str | None], bool]:
+def _scope(sources: list[Path | str], patterns: list[str] | None = None) -> Callable[[str, str | None], bool]:
     """Whether a recorded (path, origin) belongs to one of this run's sources (so it may be pruned).
 
     Folders and tars by path prefix (so re-ingesting a sub-folder prunes only under it); path
@@ -729,6 +773,15 @@ def _scope(sources: list[Path], patterns: list[str] | None = None) -> Callable[[
     exact: set[str] = set()
     lists: set[str] = set()
     for p in sources:
+        if isinstance(p, str):  # a URL: its prefix, its shards' members, or itself
+            from bigasp.prep.urlsources import scope_prefixes
+
+            for pre in scope_prefixes(p):
+                if pre.endswith(("/", "::")):
+                    prefixes.append(pre)
+                else:
+                    exact.add(pre)
+            continue
         if p.is_dir():
             prefixes.append(str(p).rstrip("/") + "/")
         elif p.suffix.lower() in (".tar", *PARQUET_EXT):  # members / rows are "source::..."
@@ -786,129 +839,214 @@ def _glob_regex(pattern: str) -> str:
 def ingest(
     sources: Iterable[str | os.PathLike], out: str | os.PathLike, cfg: IngestConfig | None = None
 ) -> IngestSummary:
-    """Scan `sources` into the dataset directory `out`; returns counts (also for benchmarks)."""
+    """Scan `sources` into the dataset directory `out`; returns counts (also for benchmarks).
+
+    Under torchrun or SLURM (several ranks) each rank examines only its share of the sources
+    and rank 0 folds every rank's parts into the one dataset (see `bigasp.prep.ingest_ranks`).
+    """
     cfg = cfg or IngestConfig()
     sources = list(sources)
     patterns = [str(resolve_source(s)) for s in sources if is_pattern(s)]
     sources = expand_patterns(sources)
     root = Path(out)
-    resolved = [resolve_source(s) for s in sources]
-    for src, p in zip(sources, resolved, strict=True):  # before anything is written or read
-        if not p.exists():
-            raise DataError(
-                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar, a .parquet "
-                "or a list of paths)"
-            )
+    remote.configure(cfg.storage_options)
+    resolved = _resolve(sources)
+    from bigasp.workshare import dist_env, summary_group
+
+    rank, world, _ = dist_env()
+    if world > 1 and summary_group(world, "ingest"):
+        from bigasp.prep.ingest_ranks import ingest_ranked
+
+        return ingest_ranked(sources, resolved, root, cfg, rank, world, patterns)
     _check_out(resolved, root)
     _make_out(root)
+    before = remote.stats()
     t0 = time.perf_counter()
     summary = IngestSummary()
     with manifest_lock(root, holder="another `bigasp ingest`, `annotate merge` or `quality score`"):
-        cfg = _resolve_buckets(root, cfg)
-        init_dataset(
-            root, {"buckets": cfg.buckets.model_dump(), "ingest": cfg.model_dump(exclude={"buckets"})}
-        )
-        _fold(root)  # a previous run that died left committed parts: keep them
+        cfg = prepare(root, cfg)
         known = _known(root)
-        seen: set[bytes] = set()
-        settings_now: dict[str, str] = {}
-
-        def unchanged_reject(entry: tuple[str | None, str, str | None], key: str) -> bool:
-            ck, reason, settings = entry
-            if cfg.retry_rejects or ck != key:
-                return False
-            if reason not in settings_now:
-                settings_now[reason] = reason_settings(reason, cfg)
-            return (settings or reason_settings(reason, cfg)) == settings_now[reason]
-
-        def todo() -> Iterator[Item]:  # streamed: 10M+ files never sit in a list
-            for item in scan(sources, image_column=cfg.parquet_image_column):
-                summary.scanned += 1
-                d = _digest(item.path)
-                seen.add(d)
-                key = item_key(item, cfg)
-                if (d in known.accepted and known.accepted[d] == key) or (
-                    d in known.rejected and unchanged_reject(known.rejected[d], key)
-                ):
-                    summary.skipped += 1
-                else:
-                    yield item
-
         run = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        rows: list[dict] = []
-        rejects: list[dict] = []
-        seq = 0
-        committed = [0]  # images written in parts by this run
-
-        def commit() -> None:
-            nonlocal seq, rows, rejects
-            if not rows and not rejects:
-                return
-            seq += 1
-            parts = root / layout.PARTS_DIR
-            try:
-                if rejects:
-                    layout.atomic_write_parquet(
-                        pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
-                        parts / f"rejects-{run}-{seq:06d}.parquet",
-                    )
-                if rows:
-                    layout.atomic_write_parquet(
-                        pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA),
-                        parts / f"sources-{run}-{seq:06d}.parquet",
-                    )
-            except OSError as err:
-                raise layout.write_failed(
-                    err, parts, f"the {committed[0]} image(s) this run committed before it (in {parts}) are kept",
-                    "run the same `bigasp ingest` command again to continue",
-                ) from None  # fmt: skip
-            committed[0] += len(rows) + len(rejects)
-            rows, rejects = [], []
-
-        from tqdm import tqdm
-
-        bar = tqdm(unit="img", desc="ingest", disable=not cfg.progress, smoothing=0.05)
-        pending = 0
-        new_ids: set[str] = set()
         try:
-            for item, (status, row) in _results(todo(), cfg):
-                d = _digest(item.path)
-                if d in known.rejected:
-                    summary.retried += 1
-                if status == "ok":
-                    if d in known.accepted:
-                        summary.updated += 1
-                    elif row["id"] in known.ids or row["id"] in new_ids:
-                        summary.duplicates += 1
-                    else:
-                        summary.new += 1
-                    new_ids.add(row["id"])
-                    rows.append(row)
-                else:
-                    summary.rejects[row["reason"]] += 1
-                    rejects.append(row)
-                pending += 1
-                bar.update(1)
-                if pending >= cfg.commit_every:
-                    commit()
-                    pending = 0
-                    hold("ingest.committed")
+            seen = examine_all(sources, cfg, known, root / layout.PARTS_DIR, run, summary)
         except KeyboardInterrupt:
-            bar.close()
-            commit()
             _fold(root)
             summary.interrupted = True
             summary.total_images = _count(root)
             summary.seconds = time.perf_counter() - t0
             raise IngestInterrupted(summary) from None
-        commit()
-        bar.close()
-        in_scope = _scope(resolved, patterns)
-        gone = (lambda p, o: in_scope(p, o) and _digest(p) not in seen) if cfg.prune else None
+        gone = gone_from(_scope(resolved, patterns), seen) if cfg.prune else None
         summary.removed = _fold(root, prune=gone)
         summary.total_images = _count(root)
     summary.seconds = time.perf_counter() - t0
+    _fetch_stats(summary, before)
     return summary
+
+
+def _resolve(sources: list) -> list[Path | str]:
+    """Local sources as absolute paths (checked to exist), URLs as given; before anything is written."""
+    resolved: list[Path | str] = [str(s) if remote.is_url(str(s)) else resolve_source(s) for s in sources]
+    for src, p in zip(sources, resolved, strict=True):
+        if isinstance(p, Path) and not p.exists():
+            raise DataError(
+                f"ingest source {printable(str(src))} does not exist (expected a folder, a .tar or a list of paths)"
+            )
+    return resolved
+
+
+def _fetch_stats(summary: IngestSummary, before: dict[str, int]) -> None:
+    after = remote.stats()
+    summary.retries = after["retries"] - before["retries"]
+    summary.fetched = after["bytes"] - before["bytes"]
+    if summary.retries:
+        log.warning("ingest: %d transient object-storage failure(s) retried", summary.retries)
+
+
+def prepare(root: Path, cfg: IngestConfig) -> IngestConfig:
+    """Under the manifest lock: the bucket rule settled, dataset.json written, a dead run's parts folded."""
+    cfg = _resolve_buckets(root, cfg)
+    init_dataset(
+        root,
+        {
+            "buckets": cfg.buckets.model_dump(),
+            "ingest": cfg.model_dump(exclude={"buckets", "storage_options"}),
+        },
+    )
+    _fold(root)  # a previous run that died left committed parts: keep them
+    return cfg
+
+
+def examine_all(
+    sources: list,
+    cfg: IngestConfig,
+    known: _Known,
+    parts: Path,
+    run: str,
+    summary: IngestSummary,
+    owns: Callable[[str], bool] | None = None,
+) -> set[bytes]:
+    """Examine what changed among the (owned share of the) sources' items, committing results as
+    parts in `parts` every `commit_every`; returns the digests of every path seen. Ctrl-C commits
+    what was examined and re-raises."""
+    seen: set[bytes] = set()
+    settings_now: dict[str, str] = {}
+    book = shardbook.Book(known.shards, shard_settings(cfg))
+    fed = [0]  # items handed to the examiners
+    waiting: list[tuple[int, dict]] = []  # shard records, each due once its members are committed
+
+    def unchanged_reject(entry: tuple[str | None, str, str | None], key: str) -> bool:
+        ck, reason, settings = entry
+        if cfg.retry_rejects or ck != key:
+            return False
+        if reason not in settings_now:
+            settings_now[reason] = reason_settings(reason, cfg)
+        return (settings or reason_settings(reason, cfg)) == settings_now[reason]
+
+    def todo() -> Iterator[Item]:  # streamed: 10M+ files never sit in a list
+        for item in scan(
+            sources, owns, prefetch=cfg.prefetch, book=book, image_column=cfg.parquet_image_column
+        ):
+            while book.skipped:  # whole shards unchanged since they were read: counted, not fetched
+                url, members = book.skipped.pop()
+                seen.update((_digest(f"{url}::*"), _digest(f"{url}::")))
+                summary.scanned += members
+                summary.skipped += members
+            while book.finished_rows:
+                row = book.finished_rows.pop(0)
+                seen.add(_digest(f"{row['url']}::"))
+                waiting.append((fed[0], row))
+            summary.scanned += 1
+            d = _digest(item.path)
+            seen.add(d)
+            key = item_key(item, cfg)
+            if (d in known.accepted and known.accepted[d] == key) or (
+                d in known.rejected and unchanged_reject(known.rejected[d], key)
+            ):
+                summary.skipped += 1
+            else:
+                fed[0] += 1
+                yield item
+        while book.skipped:
+            url, members = book.skipped.pop()
+            seen.update((_digest(f"{url}::*"), _digest(f"{url}::")))
+            summary.scanned += members
+            summary.skipped += members
+        for row in book.finished_rows:
+            seen.add(_digest(f"{row['url']}::"))
+            waiting.append((fed[0], row))
+        book.finished_rows.clear()
+
+    rows: list[dict] = []
+    shard_rows: list[dict] = []
+    got = [0]  # items whose results are in `rows` / `rejects`
+    rejects: list[dict] = []
+    seq = 0
+    committed = [0]  # images written in parts by this run
+
+    def commit() -> None:
+        nonlocal seq, rows, rejects, shard_rows
+        while waiting and waiting[0][0] <= got[0]:  # every member of that shard is in this commit
+            shard_rows.append(waiting.pop(0)[1])
+        if not rows and not rejects and not shard_rows:
+            return
+        seq += 1
+        try:
+            if rejects:
+                layout.atomic_write_parquet(
+                    pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
+                    parts / f"rejects-{run}-{seq:06d}.parquet",
+                )
+            if rows:
+                layout.atomic_write_parquet(
+                    pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA),
+                    parts / f"sources-{run}-{seq:06d}.parquet",
+                )
+            if shard_rows:  # after the members' parts: a crash between them leaves the shard to re-read
+                shardbook.write_part(shard_rows, parts / f"shards-{run}-{seq:06d}.parquet")
+        except OSError as err:
+            raise layout.write_failed(
+                err, parts, f"the {committed[0]} image(s) this run committed before it (in {parts}) are kept",
+                "run the same `bigasp ingest` command again to continue",
+            ) from None  # fmt: skip
+        committed[0] += len(rows) + len(rejects)
+        rows, rejects, shard_rows = [], [], []
+
+    from tqdm import tqdm
+
+    bar = tqdm(unit="img", desc="ingest", disable=not cfg.progress, smoothing=0.05)
+    pending = 0
+    new_ids: set[str] = set()
+    try:
+        for item, (status, row) in _results(todo(), cfg):
+            d = _digest(item.path)
+            if d in known.rejected:
+                summary.retried += 1
+            if status == "ok":
+                if d in known.accepted:
+                    summary.updated += 1
+                elif row["id"] in known.ids or row["id"] in new_ids:
+                    summary.duplicates += 1
+                else:
+                    summary.new += 1
+                new_ids.add(row["id"])
+                rows.append(row)
+            else:
+                summary.rejects[row["reason"]] += 1
+                rejects.append(row)
+            pending += 1
+            got[0] += 1
+            bar.update(1)
+            if pending >= cfg.commit_every:
+                commit()
+                pending = 0
+                hold("ingest.committed")
+    except KeyboardInterrupt:
+        bar.close()
+        commit()
+        raise
+    commit()
+    bar.close()
+    return seen
 
 
 def _count(root: Path) -> int:

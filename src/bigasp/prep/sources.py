@@ -18,11 +18,12 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigasp.errors import DataError
+from bigasp.prep import remote
 
 SIDECAR_EXT = (".txt", ".json", ".caption")  # .caption: kohya's caption files
 LIST_EXT = (".txt", ".lst", ".list")
@@ -34,6 +35,12 @@ CHUNK = 1 << 20
 class Ref:
     """Bytes [offset, offset+size) of `file`; offset None = the whole file.
 
+    `file` is a local path or a URL (s3://, gs://, http(s)://): a URL is read with one ranged
+    request of exactly these bytes (see `bigasp.prep.remote`). `version` is the object's ETag
+    (or a tar shard's) where it has one, so a rewritten object is seen as changed. `data` holds
+    the bytes when the scan already fetched them (a tar shard at a URL is read once, in order),
+    so they are not fetched a second time.
+
     A Parquet row (`row` set): the image bytes in `column` of row `row` (0-based, over the whole
     file) of the Parquet file `file`. `size` is then not used to read: a scanned row carries the
     Parquet file's size (with `mtime`, whether the file changed), a row rebuilt from the manifest
@@ -44,14 +51,20 @@ class Ref:
     offset: int | None
     size: int
     mtime: float = 0.0
+    version: str = ""
+    data: bytes | None = field(default=None, compare=False, repr=False)
     row: int | None = None
     column: str | None = None
 
     def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
         if self.row is not None:
             from bigasp.prep.parquet import read_cell
 
             return read_cell(self.file, self.row, self.column or "")
+        if remote.is_url(self.file):
+            return remote.read_range(self.file, self.offset, self.size)
         with open(self.file, "rb") as f:
             if self.offset is None:
                 return f.read()
@@ -60,7 +73,7 @@ class Ref:
 
     def open(self) -> io.BufferedReader:
         """A seekable binary stream of exactly these bytes (a window into the tar for members)."""
-        if self.row is not None:
+        if self.data is not None or self.row is not None or remote.is_url(self.file):
             return io.BufferedReader(io.BytesIO(self.read()), CHUNK)  # type: ignore[arg-type]
         raw = open(self.file, "rb", buffering=0)  # noqa: SIM115 - returned to the caller
         if self.offset is None:
@@ -126,6 +139,9 @@ class Item:
             parts += [self.caption.size, self.caption.mtime]
         if self.data.row is not None:  # a Parquet row: which row and column of the (unchanged) file
             parts += [self.data.row, self.data.column]
+        versions = [r.version for r in (self.data, self.txt, self.json, self.caption) if r is not None]
+        if any(versions):  # objects at URLs: their ETags (local files have none: keys stay as they were)
+            parts.append(versions)
         return hashlib.blake2b(repr(parts).encode(), digest_size=12).hexdigest()
 
 
@@ -409,6 +425,8 @@ def is_pattern(src: str | os.PathLike) -> bool:
     """A source with glob characters that names no existing path: `data/*.parquet`, quoted so that
     bigasp (not the shell, which may hit its argument limit) expands it."""
     s = os.fspath(src)
+    if remote.is_url(s):  # URLs take webdataset's brace ranges instead (bigasp.prep.urlsources)
+        return False
     return any(c in s for c in "*?[") and not Path(s).expanduser().exists()
 
 
@@ -432,6 +450,11 @@ def expand_patterns(sources: list[str | os.PathLike]) -> list[str | os.PathLike]
     return out
 
 
+def unit_of(path: str) -> str:
+    """The unit a rank owns that holds `path`: the tar for a member (`a.tar::m`), else the path."""
+    return path.split("::", 1)[0]
+
+
 def resolve_source(src: str | os.PathLike) -> Path:
     return Path(src).expanduser().absolute()  # the manifest must not depend on the working directory
 
@@ -442,10 +465,28 @@ def _parquet(path: str, origin: str, image_column: str, *, in_folder: bool = Fal
     return scan_parquet(path, origin, image_column, in_folder=in_folder)
 
 
-def scan(sources: list[str | os.PathLike], image_column: str = "") -> Iterator[Item]:
+def scan(
+    sources: list[str | os.PathLike],
+    owns: Callable[[str], bool] | None = None,
+    prefetch: int = 2,
+    book=None,
+    image_column: str = "",
+) -> Iterator[Item]:
     """Items of every source, in a stable order (sources in order, names sorted).
-    `image_column`: the image column of Parquet sources ("" = auto-detect)."""
+
+    `owns(unit)` False = the unit (a file, a tar or object, by path or URL) is another rank's
+    share: it is skipped, and at a URL not even fetched. `book`: see `bigasp.prep.shardbook`.
+    `image_column`: the image column of Parquet sources ("" = auto-detect).
+    """
     for src in sources:
+        if remote.is_url(str(src)):
+            from bigasp.prep.urlsources import scan_url
+
+            yield from scan_url(str(src), owns, prefetch, book)
+            continue
+        if owns is not None:
+            yield from (it for it in scan([src], image_column=image_column) if owns(unit_of(it.path)))
+            continue
         p = resolve_source(src)
         if p.is_dir():
             yield from scan_folder(p, image_column=image_column)
