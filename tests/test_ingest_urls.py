@@ -379,3 +379,31 @@ def test_cli_reads_urls_with_the_endpoint_from_the_environment(server, tmp_path,
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "s3://no-such-bucket/photos/ cannot be listed" in err[0]
+
+
+def test_parquet_at_a_url_gives_the_local_rows_and_reads_them_back_by_range(server, tmp_path):
+    """A Parquet file with an image column at s3://, alone and inside a prefix: the same ids, rows
+    and captions as the same file on disk, recorded as `URL::column[R]`, and re-read by URL."""
+    import pyarrow as pa
+
+    opts, _ = server
+    images = [jpeg(300 + k) for k in range(5)]
+    t = pa.table({"image": pa.array(images, pa.binary()), "caption": [f"row {k}" for k in range(5)]})
+    local = tmp_path / "pq"
+    local.mkdir()
+    pq.write_table(t, local / "photos.parquet", row_group_size=2)
+    fs_of(opts).put(str(local / "photos.parquet"), f"{BUCKET}/pq/photos.parquet")
+    url = f"s3://{BUCKET}/pq/photos.parquet"
+    ingest([local / "photos.parquet"], tmp_path / "disk", cfg(opts))
+    ingest([url], tmp_path / "one", cfg(opts))
+    ingest([f"s3://{BUCKET}/pq/"], tmp_path / "prefix", cfg(opts))
+    disk = table(tmp_path / "disk")
+    for name in ("one", "prefix"):
+        rows = table(tmp_path / name)
+        assert [r["id"] for r in rows] == [r["id"] for r in disk] and len(rows) == 5
+        assert [r["captions"] for r in rows] == [r["captions"] for r in disk] and disk[0]["captions"]
+        assert [r["row"] for r in rows] == [r["row"] for r in disk]
+        for r in rows:
+            assert r["path"] == f"{url}::image[{r['row']}]", r["path"]
+            ref = manifest_ref(r["path"], r["tar_offset"], r["file_size"], r["row"])
+            assert read_ingested(ref, r["id"]) == images[r["row"]]

@@ -25,6 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from bigasp.prep import remote
 from bigasp.prep.images import Reject
 from bigasp.prep.sources import PARQUET_EXT, Item, Ref
 
@@ -101,10 +102,22 @@ _cache: dict[str, _Opened] = {}
 # The only two ways this module touches a file: a binary file object for pyarrow, and the
 # (size, mtime) stamp that says whether a cached footer / row group is still the file's.
 def _open(file: str):
+    """A seekable binary file: pyarrow reads the footer, then only the row groups it needs (at a
+    URL, as ranged requests of 1 MiB blocks)."""
+    if remote.is_url(file):
+        fs, path = remote.filesystem(file)
+        return remote.call(file, lambda: fs.open(path, "rb", block_size=1 << 20, cache_type="readahead"))
     return open(file, "rb")
 
 
 def _stamp(file: str) -> tuple[int, float]:
+    """(size, modification time) that say whether the file changed (at a URL: its LastModified)."""
+    if remote.is_url(file):
+        meta = remote.info(file)
+        modified = meta.get("LastModified") or meta.get("mtime") or meta.get("last_modified")
+        return int(meta.get("size") or 0), float(modified.timestamp()) if hasattr(
+            modified, "timestamp"
+        ) else 0.0
     st = os.stat(file)
     return st.st_size, st.st_mtime
 

@@ -482,7 +482,7 @@ def scan(
         if remote.is_url(str(src)):
             from bigasp.prep.urlsources import scan_url
 
-            yield from scan_url(str(src), owns, prefetch, book)
+            yield from scan_url(str(src), owns, prefetch, book, image_column)
             continue
         if owns is not None:
             yield from (it for it in scan([src], image_column=image_column) if owns(unit_of(it.path)))

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from bigasp.prep import remote
-from bigasp.prep.sources import SIDECAR_EXT, Item, Ref, _hidden, _problem, _split
+from bigasp.prep.parquet import scan_parquet
+from bigasp.prep.sources import PARQUET_EXT, SIDECAR_EXT, Item, Ref, _hidden, _problem, _split
 
 READ_BLOCK = 4 << 20  # bytes per ranged request while streaming a shard
 PREFETCH = 2  # requests in flight ahead of the parser (0 = fetch on demand)
@@ -105,7 +106,9 @@ class RangeReader(io.RawIOBase):
         super().close()
 
 
-def scan_url(src: str, owns: Owns | None = None, prefetch: int = PREFETCH, book=None) -> Iterator[Item]:
+def scan_url(
+    src: str, owns: Owns | None = None, prefetch: int = PREFETCH, book=None, image_column: str = ""
+) -> Iterator[Item]:
     """Items of one URL source (a prefix, a tar shard, brace-expanded shards, or one object);
     `owns(unit_url)` False = another rank's share: not read at all. `book` (a
     `shardbook.Book`) skips tar shards ingested whole at the same ETag, and hears of those read whole."""
@@ -124,7 +127,10 @@ def scan_url(src: str, owns: Owns | None = None, prefetch: int = PREFETCH, book=
                 )
             continue
         if meta.get("type") == "directory":
-            yield from scan_prefix(url, src, owns)
+            yield from scan_prefix(url, src, owns, image_column)
+        elif url.lower().endswith(PARQUET_EXT):
+            if owns is None or owns(url):
+                yield from scan_parquet(url, src, image_column)
         elif url.lower().endswith(".tar"):
             if book is not None and book.unchanged(url, remote.version(meta)) is not None:
                 continue  # ingested whole at this ETag: not fetched again
@@ -159,7 +165,7 @@ def _object_item(url: str, meta: dict, side: dict[str, dict], origin: str) -> It
     )
 
 
-def scan_prefix(url: str, origin: str, owns: Owns | None = None) -> Iterator[Item]:
+def scan_prefix(url: str, origin: str, owns: Owns | None = None, image_column: str = "") -> Iterator[Item]:
     """Objects under a prefix, sorted by key; sidecars pair by name in the same folder."""
     fs, path = remote.filesystem(url)
     try:
@@ -180,6 +186,9 @@ def scan_prefix(url: str, origin: str, owns: Owns | None = None) -> Iterator[Ite
             continue
         u = f"{proto}://{p}"
         if owns is not None and not owns(u):
+            continue
+        if ext in PARQUET_EXT:  # one image per row, as in a folder on disk
+            yield from scan_parquet(u, origin, image_column, in_folder=True)
             continue
         side = {s: (f"{proto}://{stem}{s}", objs[stem + s]) for s in SIDECAR_EXT if stem + s in objs}
         yield _object_item(u, objs[p], side, origin)
