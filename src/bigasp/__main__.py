@@ -1,3 +1,3 @@
-from bigasp.cli import main
+from bigasp.cli import run
 
-main()
+run()

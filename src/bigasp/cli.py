@@ -186,5 +186,44 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(rc)
 
 
+def run() -> None:
+    """The `bigasp` executable: `main()`, then the interpreter's own exit steps (other threads
+    joined, atexit handlers run, output flushed) and `os._exit`, skipping only the final teardown.
+
+    In that teardown, native thread pools still alive (pyarrow's, reading a Python file object;
+    gloo's) can abort a process whose work is done and whose exit status is already decided
+    ("terminate called without an active exception", SIGABRT): a finished encode would report
+    failure to torchrun or SLURM. `main()` stays a plain function for callers in Python.
+    """
+    code: int = 0
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:  # sys.exit("message"): printed, status 1, as the interpreter does
+            print(stop.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # a bug: the traceback, as the interpreter would print it
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    _leave(code)
+
+
+def _leave(code: int) -> None:
+    import atexit
+    import contextlib
+    import threading
+
+    for thread in threading.enumerate():  # what the interpreter waits for before exiting
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # logging.shutdown, multiprocessing's children, ... (registered handlers)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing left to say
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run()
