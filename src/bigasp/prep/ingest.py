@@ -60,7 +60,7 @@ from bigasp.prep.sources import (
     scan,
     unit_of,
 )
-from bigasp.store import layout
+from bigasp.store import layout, workcopy
 from bigasp.store.manifest import (
     MANIFEST_FIX,
     MANIFEST_SCHEMA,
@@ -848,16 +848,41 @@ def ingest(
     sources = list(sources)
     patterns = [str(resolve_source(s)) for s in sources if is_pattern(s)]
     sources = expand_patterns(sources)
-    root = Path(out)
     remote.configure(cfg.storage_options)
     resolved = _resolve(sources)
     from bigasp.workshare import dist_env, summary_group
 
     rank, world, _ = dist_env()
+    url = str(out).rstrip("/") if remote.is_url(str(out)) else None
+    root = workcopy.work_dir(url, cfg.work_dir) if url else Path(out)
+    if url and rank == 0:  # rank 0 holds the dataset: it alone reads and writes the URL
+        workcopy.pull(url, root, cfg.storage_options, annotations=_MERGED_STAGES)
     if world > 1 and summary_group(world, "ingest"):
         from bigasp.prep.ingest_ranks import ingest_ranked
 
-        return ingest_ranked(sources, resolved, root, cfg, rank, world, patterns)
+        summary = ingest_ranked(sources, resolved, root, cfg, rank, world, patterns)
+        if url and rank == 0:
+            workcopy.push(url, root, cfg.storage_options)
+        return summary
+    try:
+        summary = _ingest_here(sources, resolved, patterns, root, cfg)
+    except IngestInterrupted:
+        if url:  # what Ctrl-C committed is in the working copy's tables: the URL gets it too
+            workcopy.push(url, root, cfg.storage_options)
+        raise
+    if url:
+        workcopy.push(url, root, cfg.storage_options)
+    return summary
+
+
+# stages whose results a merged manifest takes again when ingest rebuilds it (not the embeddings)
+_MERGED_STAGES = ("tags", "watermark", "caption", "quality")
+
+
+def _ingest_here(
+    sources: list, resolved: list, patterns: list[str], root: Path, cfg: IngestConfig
+) -> IngestSummary:
+    """One process's `ingest` into the local dataset folder `root`."""
     _check_out(resolved, root)
     _make_out(root)
     before = remote.stats()
@@ -909,7 +934,7 @@ def prepare(root: Path, cfg: IngestConfig) -> IngestConfig:
         root,
         {
             "buckets": cfg.buckets.model_dump(),
-            "ingest": cfg.model_dump(exclude={"buckets", "storage_options"}),
+            "ingest": cfg.model_dump(exclude={"buckets", "storage_options", "work_dir"}),
         },
     )
     _fold(root)  # a previous run that died left committed parts: keep them
