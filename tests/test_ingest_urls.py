@@ -387,6 +387,14 @@ def test_ingest_out_url_reruns_incrementally_from_any_working_copy(server, tmp_p
     assert (more.new, more.skipped, more.total_images) == (1, 3, 4)
     with fs.open(f"{BUCKET}/inc/ds/manifest.parquet", "rb") as f:
         assert pq.read_table(f).num_rows == 4
+    # a run killed after it folded into the working copy but before it wrote the URL: the plain
+    # local ingest below is that state; the rerun keeps the newer local tables and writes them
+    fs.pipe(f"{BUCKET}/inc/photos/4.jpg", jpeg(405))
+    assert ingest([src], tmp_path / "a", cfg(opts)).new == 1
+    resumed = ingest([src], url, cfg(opts, work_dir=str(tmp_path / "a")))
+    assert (resumed.new, resumed.skipped, resumed.total_images) == (0, 5, 5)
+    with fs.open(f"{BUCKET}/inc/ds/manifest.parquet", "rb") as f:
+        assert pq.read_table(f).num_rows == 5
     with pytest.raises(SystemExit) as stop:
         main(["ingest", src, "--out", "s3://no-such-bucket/ds", "--work", str(tmp_path / "nb"), "--no-progress",
               "--set", f"storage_options.endpoint_url={opts['endpoint_url']}"])  # fmt: skip
