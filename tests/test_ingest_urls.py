@@ -258,8 +258,15 @@ print("SUMMARY", json.dumps(ingest(srcs, out, cfg).to_json()))
 """
 
 
-def launch_ranks(opts, outs: list[Path], srcs: list[str], hold: dict[int, str] | None = None):
-    """One process per rank, as torchrun starts them, each with its own --out folder (no shared disk)."""
+def launch_ranks(
+    opts,
+    outs: list[Path | str],
+    srcs: list[str],
+    hold: dict[int, str] | None = None,
+    work: list[Path] | None = None,
+):
+    """One process per rank, as torchrun starts them, each with its own --out folder (no shared disk),
+    or, for --out at a URL, its own working-copy folder (`work`, as $BIGASP_WORK_DIR)."""
     import subprocess
     import sys
 
@@ -272,6 +279,8 @@ def launch_ranks(opts, outs: list[Path], srcs: list[str], hold: dict[int, str] |
                "RANK": str(rank), "WORLD_SIZE": str(len(outs)), "LOCAL_RANK": "0",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
         env.pop("BIGASP_HOLD", None)
+        if work:
+            env["BIGASP_WORK_DIR"] = str(work[rank])
         if hold and rank in hold:
             env["BIGASP_HOLD"] = hold[rank]
         cmd = [sys.executable, "-c", RANK_SCRIPT, json.dumps(opts), str(out), *srcs]
@@ -316,6 +325,22 @@ def test_two_ranks_equal_one_and_resume_after_a_kill(server, uploaded, tmp_path)
     assert len(shards) == 2 and table(tmp_path / "r0", "url_shards.parquet") == shards
     assert not list((tmp_path / "r1" / "parts").rglob("*.parquet"))  # shipped, then removed
     assert not (tmp_path / "r1" / "manifest.parquet").exists()  # only rank 0 holds the dataset
+
+
+def test_two_ranks_ingest_to_a_url_as_one_rank_does(server, uploaded, tmp_path):
+    """Two ranks, each with its own working copy, ingest into s3://: rank 0 alone writes the URL,
+    and its manifest is the one-rank manifest."""
+    opts, _ = server
+    base = f"s3://{BUCKET}/set1"
+    srcs = [f"{base}/shards/{{00000..00001}}.tar", f"{base}/folder/"]
+    ingest(srcs, tmp_path / "one", cfg(opts))
+    url = f"s3://{BUCKET}/ranked/ds"
+    total = finish(launch_ranks(opts, [url, url], srcs, work=[tmp_path / "w0", tmp_path / "w1"]))
+    assert total["total_images"] == len(table(tmp_path / "one"))
+    with fs_of(opts).open(f"{BUCKET}/ranked/ds/manifest.parquet", "rb") as f:
+        got = sorted(pq.read_table(f).to_pylist(), key=lambda r: r["id"])
+    assert got == table(tmp_path / "one")
+    assert not list((tmp_path / "w1").rglob("manifest.parquet"))  # only rank 0 holds the dataset
 
 
 def test_bucket_photos_to_training_with_only_a_local_cache(server, tmp_path):
