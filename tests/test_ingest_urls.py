@@ -374,7 +374,10 @@ def test_bucket_photos_to_training_with_only_a_local_cache(server, tmp_path):
     a = annotate(url, acfg)
     assert a.stages["tags"].done == 5
     again = annotate(url, acfg.model_copy(update={"work_dir": str(tmp_path / "cache" / "annotate2")}))
-    assert (again.stages["tags"].done, again.stages["tags"].skipped) == (0, 5)  # the URL's parts count as done
+    assert (again.stages["tags"].done, again.stages["tags"].skipped) == (
+        0,
+        5,
+    )  # the URL's parts count as done
     # merged on "another machine": a fresh working copy sees the parts annotate wrote to the URL
     merge(url, MergeConfig(storage_options=opts, work_dir=str(tmp_path / "cache" / "merge")))
     names = [n.split("/chain/dataset/", 1)[1] for n in fs.find(f"{BUCKET}/chain/dataset")]

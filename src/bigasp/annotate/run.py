@@ -349,8 +349,9 @@ def annotate(dataset: str | os.PathLike, cfg: AnnotateConfig) -> AnnotateSummary
     url = str(dataset).rstrip("/") if remote.is_url(str(dataset)) else None
     if url:  # run in this machine's working copy; the parts go to the URL for `merge` anywhere
         root = workcopy.work_dir(url, cfg.work_dir)
-        done = [*enabled_stages(cfg), *(["quality"] if "caption" in enabled_stages(cfg) else [])]
-        workcopy.pull(url, root, cfg.storage_options, annotations=done)
+        stages = enabled_stages(cfg)  # their parts at the URL are what is done; captions read the scores
+        needed = [*stages, *(["quality"] if "caption" in stages else [])]
+        workcopy.pull(url, root, cfg.storage_options, annotations=needed)
         try:
             return _annotate(root, cfg, t0)
         finally:  # also after a failure or Ctrl-C: the parts written so far are kept at the URL

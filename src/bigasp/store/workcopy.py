@@ -84,7 +84,12 @@ def pull(
     stages not here yet (parts never change once written)."""
     fs, root = _fs(url, storage_options)
     local.mkdir(parents=True, exist_ok=True)
-    _check(url, lambda: fs.ls(root.split("/", 1)[0]))  # the bucket: a missing one is one line here
+    bucket = root.split("/", 1)[0]
+    if bucket and not _check(url, lambda: fs.exists(bucket)):  # one cheap request (S3: HeadBucket)
+        raise DataError(
+            f"dataset {url} cannot be reached: there is no bucket {bucket!r}; check the bucket name and the "
+            "endpoint (storage_options endpoint_url), or create the bucket"
+        )
     mark = local / _MARK
     seen = _check(url, lambda: _version(fs, f"{root}/{layout.MANIFEST}"))
     if not (seen and mark.exists() and mark.read_text() == seen):
