@@ -385,6 +385,10 @@ def test_bucket_photos_to_training_with_only_a_local_cache(server, tmp_path):
     assert not [n for n in names if n.startswith("parts/") or "lock" in n or "/." in "/" + n]
     with fs.open(f"{BUCKET}/chain/dataset/{layout.MANIFEST}", "rb") as f:
         assert all(pq.read_table(f).column("tags").to_pylist())  # the merged tags are in the URL's manifest
+    # a later ingest from a fresh working copy rebuilds the manifest and keeps the merge
+    assert ingest(srcs, url, cfg(opts, work_dir=str(tmp_path / "cache" / "ingest2"))).skipped == 5
+    with fs.open(f"{BUCKET}/chain/dataset/{layout.MANIFEST}", "rb") as f:
+        assert all(pq.read_table(f).column("tags").to_pylist())
     e = enc.encode(
         url, EncodeConfig(vae="tiny", num_workers=0, batch_size=2, progress=False, storage_options=opts)
     )

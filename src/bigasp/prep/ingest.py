@@ -856,7 +856,9 @@ def ingest(
     url = str(out).rstrip("/") if remote.is_url(str(out)) else None
     root = workcopy.work_dir(url, cfg.work_dir) if url else Path(out)
     if url and rank == 0:  # rank 0 holds the dataset: it alone reads and writes the URL
-        workcopy.pull(url, root, cfg.storage_options, annotations=_MERGED_STAGES)
+        workcopy.pull(url, root, cfg.storage_options)
+        if merged := _merged_stages(root):  # the rebuilt manifest takes the recorded merge again
+            workcopy.pull(url, root, cfg.storage_options, annotations=merged)
     if world > 1 and summary_group(world, "ingest"):
         from bigasp.prep.ingest_ranks import ingest_ranked
 
@@ -875,8 +877,15 @@ def ingest(
     return summary
 
 
-# stages whose results a merged manifest takes again when ingest rebuilds it (not the embeddings)
-_MERGED_STAGES = ("tags", "watermark", "caption", "quality")
+def _merged_stages(root: Path) -> list[str]:
+    """The annotation stages whose results `annotate merge` put in this dataset's manifest."""
+    from bigasp.annotate.merge import SOURCES as MERGE_SOURCES
+
+    path = root / layout.DATASET_JSON
+    if not path.exists():
+        return []
+    columns = (json.loads(path.read_text()).get("annotations") or {}).get("columns") or {}
+    return sorted({MERGE_SOURCES[c][0] for c in columns if c in MERGE_SOURCES})
 
 
 def _ingest_here(

@@ -90,6 +90,7 @@ def pull(
             f"dataset {url} cannot be reached: there is no bucket {bucket!r}; check the bucket name and the "
             "endpoint (storage_options endpoint_url), or create the bucket"
         )
+    fs.invalidate_cache(root)  # a listing cached earlier in this process may predate another machine's push
     mark = local / _MARK
     seen = _check(url, lambda: _version(fs, f"{root}/{layout.MANIFEST}"))
     if not (seen and mark.exists() and mark.read_text() == seen):
@@ -122,12 +123,15 @@ def push(url: str, local: Path, storage_options=None, *, tables=TABLES, annotati
     sidecar snapshot) first, then the tables, the manifest last. Never `parts/` or locks."""
     fs, root = _fs(url, storage_options)
     if annotations and (local / ANNOTATIONS).is_dir():
+        base = f"{root}/{ANNOTATIONS}"
+        fs.invalidate_cache(base)
+        there = set(_check(url, lambda: fs.find(base))) if _check(url, lambda: fs.exists(base)) else set()
         for p in sorted((local / ANNOTATIONS).rglob("*.parquet")):
             rel = p.relative_to(local).as_posix()
             if not all(layout.visible(s) for s in rel.split("/")):
                 continue
             dst = f"{root}/{rel}"
-            if p.name == "sidecar-values.parquet" or not _check(url, lambda dst=dst: fs.exists(dst)):
+            if p.name == "sidecar-values.parquet" or dst not in there:  # parts never change once written
                 _check(url, lambda p=p, dst=dst: fs.put_file(str(p), dst))
     pushed = False
     for name in tables:
