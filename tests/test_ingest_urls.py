@@ -258,8 +258,15 @@ print("SUMMARY", json.dumps(ingest(srcs, out, cfg).to_json()))
 """
 
 
-def launch_ranks(opts, outs: list[Path], srcs: list[str], hold: dict[int, str] | None = None):
-    """One process per rank, as torchrun starts them, each with its own --out folder (no shared disk)."""
+def launch_ranks(
+    opts,
+    outs: list[Path | str],
+    srcs: list[str],
+    hold: dict[int, str] | None = None,
+    work: list[Path] | None = None,
+):
+    """One process per rank, as torchrun starts them, each with its own --out folder (no shared disk),
+    or, for --out at a URL, its own working-copy folder (`work`, as $BIGASP_WORK_DIR)."""
     import subprocess
     import sys
 
@@ -272,6 +279,8 @@ def launch_ranks(opts, outs: list[Path], srcs: list[str], hold: dict[int, str] |
                "RANK": str(rank), "WORLD_SIZE": str(len(outs)), "LOCAL_RANK": "0",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
         env.pop("BIGASP_HOLD", None)
+        if work:
+            env["BIGASP_WORK_DIR"] = str(work[rank])
         if hold and rank in hold:
             env["BIGASP_HOLD"] = hold[rank]
         cmd = [sys.executable, "-c", RANK_SCRIPT, json.dumps(opts), str(out), *srcs]
@@ -318,6 +327,22 @@ def test_two_ranks_equal_one_and_resume_after_a_kill(server, uploaded, tmp_path)
     assert not (tmp_path / "r1" / "manifest.parquet").exists()  # only rank 0 holds the dataset
 
 
+def test_two_ranks_ingest_to_a_url_as_one_rank_does(server, uploaded, tmp_path):
+    """Two ranks, each with its own working copy, ingest into s3://: rank 0 alone writes the URL,
+    and its manifest is the one-rank manifest."""
+    opts, _ = server
+    base = f"s3://{BUCKET}/set1"
+    srcs = [f"{base}/shards/{{00000..00001}}.tar", f"{base}/folder/"]
+    ingest(srcs, tmp_path / "one", cfg(opts))
+    url = f"s3://{BUCKET}/ranked/ds"
+    total = finish(launch_ranks(opts, [url, url], srcs, work=[tmp_path / "w0", tmp_path / "w1"]))
+    assert total["total_images"] == len(table(tmp_path / "one"))
+    with fs_of(opts).open(f"{BUCKET}/ranked/ds/manifest.parquet", "rb") as f:
+        got = sorted(pq.read_table(f).to_pylist(), key=lambda r: r["id"])
+    assert got == table(tmp_path / "one")
+    assert not list((tmp_path / "w1").rglob("manifest.parquet"))  # only rank 0 holds the dataset
+
+
 def test_bucket_photos_to_training_with_only_a_local_cache(server, tmp_path):
     """URL photos -> ingest -> annotate (tiny tagger) -> merge -> encode to s3:// -> train from
     s3:// for a few steps: the photos and the dataset live in the bucket; the only local files
@@ -339,20 +364,31 @@ def test_bucket_photos_to_training_with_only_a_local_cache(server, tmp_path):
             w.write({"__key__": f"{k:09d}", "jpg": jpeg(300 + k, 64, 48 + 16 * (k % 2)), "txt": f"photo {k}"})
     fs.put(str(tmp_path / "s.tar"), f"{BUCKET}/chain/shards/00000.tar")
     fs.pipe(f"{BUCKET}/chain/loose/a.jpg", jpeg(310, 48, 64))
-    work = tmp_path / "cache" / "ds"  # this machine's working copy of the dataset tables
-    s = ingest(
-        [f"s3://{BUCKET}/chain/shards/{{00000..00000}}.tar", f"s3://{BUCKET}/chain/loose/"], work, cfg(opts)
-    )
+    url = f"s3://{BUCKET}/chain/dataset"  # the dataset's only home; each step works in a local copy
+    srcs = [f"s3://{BUCKET}/chain/shards/{{00000..00000}}.tar", f"s3://{BUCKET}/chain/loose/"]
+    s = ingest(srcs, url, cfg(opts, work_dir=str(tmp_path / "cache" / "ingest")))
     assert s.new == 5
     tagger = tiny.onnx_tagger(tmp_path / "cache" / "joytag-tiny", kind="joytag")
-    acfg = AnnotateConfig(stages=["tags"], tags={"model": str(tagger)}, device="cpu", num_workers=0,
-                          batch_size=4, progress=False, storage_options=opts)  # fmt: skip
-    a = annotate(work, acfg)
+    acfg = AnnotateConfig(stages=["tags"], tags={"model": str(tagger)}, device="cpu", num_workers=0, batch_size=4,
+                          progress=False, storage_options=opts, work_dir=str(tmp_path / "cache" / "annotate"))  # fmt: skip
+    a = annotate(url, acfg)
     assert a.stages["tags"].done == 5
-    merge(str(work), MergeConfig())
-    url = f"s3://{BUCKET}/chain/dataset"
-    for name in (layout.DATASET_JSON, layout.MANIFEST):
-        fs.put_file(str(work / name), f"{BUCKET}/chain/dataset/{name}")
+    again = annotate(url, acfg.model_copy(update={"work_dir": str(tmp_path / "cache" / "annotate2")}))
+    assert (again.stages["tags"].done, again.stages["tags"].skipped) == (
+        0,
+        5,
+    )  # the URL's parts count as done
+    # merged on "another machine": a fresh working copy sees the parts annotate wrote to the URL
+    merge(url, MergeConfig(storage_options=opts, work_dir=str(tmp_path / "cache" / "merge")))
+    names = [n.split("/chain/dataset/", 1)[1] for n in fs.find(f"{BUCKET}/chain/dataset")]
+    assert {layout.DATASET_JSON, layout.MANIFEST, "sources.parquet", "url_shards.parquet"} <= set(names)
+    assert not [n for n in names if n.startswith("parts/") or "lock" in n or "/." in "/" + n]
+    with fs.open(f"{BUCKET}/chain/dataset/{layout.MANIFEST}", "rb") as f:
+        assert all(pq.read_table(f).column("tags").to_pylist())  # the merged tags are in the URL's manifest
+    # a later ingest from a fresh working copy rebuilds the manifest and keeps the merge
+    assert ingest(srcs, url, cfg(opts, work_dir=str(tmp_path / "cache" / "ingest2"))).skipped == 5
+    with fs.open(f"{BUCKET}/chain/dataset/{layout.MANIFEST}", "rb") as f:
+        assert all(pq.read_table(f).column("tags").to_pylist())
     e = enc.encode(
         url, EncodeConfig(vae="tiny", num_workers=0, batch_size=2, progress=False, storage_options=opts)
     )
@@ -362,6 +398,43 @@ def test_bucket_photos_to_training_with_only_a_local_cache(server, tmp_path):
             "stable_size": 1}  # fmt: skip
     run = train(make_cfg(tmp_path / "cache" / "run", url, data=data, train={"max_samples": 8}))
     assert run.step == 2
+
+
+def test_ingest_out_url_reruns_incrementally_from_any_working_copy(server, tmp_path, capsys):
+    """A second `ingest --out URL` skips everything, on this machine and from a fresh working copy
+    (another machine); a bad dataset URL is one line."""
+    from bigasp.cli import main
+
+    opts, _ = server
+    fs = fs_of(opts)
+    for k in range(3):
+        fs.pipe(f"{BUCKET}/inc/photos/{k}.jpg", jpeg(400 + k))
+    src, url = f"s3://{BUCKET}/inc/photos/", f"s3://{BUCKET}/inc/ds"
+    first = ingest([src], url, cfg(opts, work_dir=str(tmp_path / "a")))
+    assert first.new == 3
+    again = ingest([src], url, cfg(opts, work_dir=str(tmp_path / "a")))
+    other = ingest([src], url, cfg(opts, work_dir=str(tmp_path / "b")))
+    for s in (again, other):
+        assert (s.new, s.skipped, s.total_images) == (0, 3, 3)
+    fs.pipe(f"{BUCKET}/inc/photos/3.jpg", jpeg(404))  # a new photo: the rerun from the first copy adds it
+    more = ingest([src], url, cfg(opts, work_dir=str(tmp_path / "a")))
+    assert (more.new, more.skipped, more.total_images) == (1, 3, 4)
+    with fs.open(f"{BUCKET}/inc/ds/manifest.parquet", "rb") as f:
+        assert pq.read_table(f).num_rows == 4
+    # a run killed after it folded into the working copy but before it wrote the URL: the plain
+    # local ingest below is that state; the rerun keeps the newer local tables and writes them
+    fs.pipe(f"{BUCKET}/inc/photos/4.jpg", jpeg(405))
+    assert ingest([src], tmp_path / "a", cfg(opts)).new == 1
+    resumed = ingest([src], url, cfg(opts, work_dir=str(tmp_path / "a")))
+    assert (resumed.new, resumed.skipped, resumed.total_images) == (0, 5, 5)
+    with fs.open(f"{BUCKET}/inc/ds/manifest.parquet", "rb") as f:
+        assert pq.read_table(f).num_rows == 5
+    with pytest.raises(SystemExit) as stop:
+        main(["ingest", src, "--out", "s3://no-such-bucket/ds", "--work", str(tmp_path / "nb"), "--no-progress",
+              "--set", f"storage_options.endpoint_url={opts['endpoint_url']}"])  # fmt: skip
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "s3://no-such-bucket/ds cannot be reached" in err[0], err
 
 
 def test_cli_reads_urls_with_the_endpoint_from_the_environment(server, tmp_path, capsys, monkeypatch):

@@ -42,7 +42,9 @@ def _load(model, section: str, config: str | None, sets: list[str], flags: dict[
 
 @annotate_app.command("run")
 def run_cmd(
-    dataset: str = typer.Argument(..., help="Dataset directory made by `bigasp ingest`."),
+    dataset: str = typer.Argument(
+        ..., help="Dataset directory made by `bigasp ingest`, or its URL (s3://bucket/ds; see work_dir)."
+    ),
     config: str = typer.Option(None, "--config", help=CONFIG_HELP),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
     stage: list[str] = typer.Option([], "--stage", help="embed, tags, watermark, caption (repeatable)."),
@@ -106,7 +108,7 @@ def run_cmd(
 
 @annotate_app.command("merge")
 def merge_cmd(
-    dataset: str = typer.Argument(..., help="Dataset directory."),
+    dataset: str = typer.Argument(..., help="Dataset directory, or its URL (s3://bucket/ds)."),
     config: str = typer.Option(None, "--config", help=CONFIG_HELP),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
     precedence: str = typer.Option(None, help="sidecar (default: sidecar values win) or annotations."),

@@ -136,7 +136,13 @@ class AnnotateConfig(Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec options for photos at URLs (a dataset ingested from s3://, gs://, https://), e.g. "
-        "{endpoint_url = ..., key = ..., secret = ...}; empty = the usual AWS_* / GOOGLE_* variables.",
+        "{endpoint_url = ..., key = ..., secret = ...}; empty = the usual AWS_* / GOOGLE_* variables; also "
+        "used for a dataset at a URL.",
+    )
+    work_dir: str = Field(
+        "",
+        description="For a dataset at a URL: this machine's working copy (empty = ~/.cache/bigasp/datasets/<hash "
+        "of the URL>, or $BIGASP_WORK_DIR/<hash>).",
     )
 
 
@@ -155,4 +161,14 @@ class MergeConfig(Section):
     models: dict[str, str] = Field(
         default_factory=dict,
         description="Model key per stage when a stage has results from several models, e.g. {tags = 'joytag'}.",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for a dataset at a URL (s3://bucket/ds), e.g. {endpoint_url = ...}; empty = "
+        "the usual AWS_* / GOOGLE_* variables.",
+    )
+    work_dir: str = Field(
+        "",
+        description="For a dataset at a URL: this machine's working copy (empty = ~/.cache/bigasp/datasets/<hash "
+        "of the URL>, or $BIGASP_WORK_DIR/<hash>).",
     )

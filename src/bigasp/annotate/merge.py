@@ -30,8 +30,9 @@ import pyarrow.compute as pc
 from bigasp import __version__
 from bigasp.annotate.config import MergeConfig
 from bigasp.errors import DataError
+from bigasp.prep import remote
 from bigasp.store import annotations as store
-from bigasp.store import layout
+from bigasp.store import layout, workcopy
 from bigasp.store.manifest import (
     MANIFEST_SCHEMA,
     conform,
@@ -51,6 +52,8 @@ SOURCES = {  # manifest column -> (stage, result column)
     "watermark": ("watermark", "watermark"),
 }
 MERGED = ("tags", "captions", "score", "watermark")
+MERGE_TABLES = (layout.DATASET_JSON, layout.MANIFEST)  # what merge rewrites; the manifest last
+MERGED_STAGES = tuple(stage for stage, _ in SOURCES.values())
 
 
 def _empty(col: pa.ChunkedArray) -> pa.Array:
@@ -141,6 +144,13 @@ def merge(dataset: str, cfg: MergeConfig) -> dict[str, Any]:
     `bigasp ingest` re-applies it whenever it rebuilds the manifest from the sidecars, so a
     later ingest never silently drops merged annotations.
     """
+    if remote.is_url(dataset):  # merged in this machine's working copy, then written back
+        url = dataset.rstrip("/")
+        local = workcopy.work_dir(url, cfg.work_dir)
+        workcopy.pull(url, local, cfg.storage_options, annotations=MERGED_STAGES)
+        report = merge(str(local), cfg)
+        workcopy.push(url, local, cfg.storage_options, tables=MERGE_TABLES, annotations=True)
+        return report
     root = Path(dataset)
     fs, rootp = layout.url_to_fs(str(root))
     read_dataset_json(fs, rootp)

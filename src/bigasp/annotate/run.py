@@ -30,7 +30,7 @@ from bigasp.errors import BigaspError, ConfigError, DataError
 from bigasp.holdpoint import hold
 from bigasp.prep import remote
 from bigasp.store import annotations as store
-from bigasp.store import layout
+from bigasp.store import layout, workcopy
 from bigasp.store.manifest import read_dataset_json, read_manifest
 from bigasp.workshare import dist_env, gather_summary, summary_group
 
@@ -345,8 +345,21 @@ def enabled_stages(cfg: AnnotateConfig) -> list[str]:
 def annotate(dataset: str | os.PathLike, cfg: AnnotateConfig) -> AnnotateSummary:
     """Annotate this rank's share of `dataset`; returns the summary (merged over ranks on rank 0)."""
     t0 = time.perf_counter()
-    root = Path(dataset)
     remote.configure(cfg.storage_options)  # photos ingested from URLs are re-read from there
+    url = str(dataset).rstrip("/") if remote.is_url(str(dataset)) else None
+    if url:  # run in this machine's working copy; the parts go to the URL for `merge` anywhere
+        root = workcopy.work_dir(url, cfg.work_dir)
+        stages = enabled_stages(cfg)  # their parts at the URL are what is done; captions read the scores
+        needed = [*stages, *(["quality"] if "caption" in stages else [])]
+        workcopy.pull(url, root, cfg.storage_options, annotations=needed)
+        try:
+            return _annotate(root, cfg, t0)
+        finally:  # also after a failure or Ctrl-C: the parts written so far are kept at the URL
+            workcopy.push(url, root, cfg.storage_options, tables=(), annotations=True)
+    return _annotate(Path(dataset), cfg, t0)
+
+
+def _annotate(root: Path, cfg: AnnotateConfig, t0: float) -> AnnotateSummary:
     fs, rootp = layout.url_to_fs(str(root))
     read_dataset_json(fs, rootp)
     stages = enabled_stages(cfg)

@@ -59,7 +59,13 @@ def ingest_cmd(
         ...,
         "--out",
         "-o",
-        help="Dataset directory (created if missing; re-runs follow the sources: new, changed and removed files).",
+        help="Dataset directory, or a URL (s3://bucket/ds: ingest runs in a local working copy, then writes the "
+        "tables there); created if missing; re-runs follow the sources: new, changed and removed files.",
+    ),
+    work: str = typer.Option(
+        None,
+        "--work",
+        help="With --out at a URL: the local working copy (default ~/.cache/bigasp/datasets/<hash of the URL>).",
     ),
     config: str = typer.Option(None, "--config", help=CONFIG_HELP),
     sets: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -122,8 +128,9 @@ def ingest_cmd(
             parquet_columns=_column_map(columns),
             checksums=checksums,
             progress=progress,
+            work_dir=work,
         ),
-        {"parquet_image_column": "--image-column", "parquet_columns": "--column"},
+        {"parquet_image_column": "--image-column", "parquet_columns": "--column", "work_dir": "--work"},
     )
     try:
         s = ingest(sources, out, cfg)

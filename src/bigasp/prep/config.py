@@ -103,6 +103,12 @@ class IngestConfig(Section):
         "key = ..., secret = ...}; empty = credentials from the usual AWS_* / GOOGLE_* variables. Never "
         "written to dataset.json.",
     )
+    work_dir: str = Field(
+        "",
+        description="With --out at a URL (s3://bucket/ds): this machine's working copy of the dataset, where "
+        "ingest runs before it writes the tables to the URL; empty = ~/.cache/bigasp/datasets/<hash of the "
+        "URL> ($BIGASP_WORK_DIR instead of ~/.cache/bigasp/datasets when set). Never written to dataset.json.",
+    )
     prefetch: int = Field(
         2,
         ge=0,

@@ -60,7 +60,7 @@ from bigasp.prep.sources import (
     scan,
     unit_of,
 )
-from bigasp.store import layout
+from bigasp.store import layout, workcopy
 from bigasp.store.manifest import (
     MANIFEST_FIX,
     MANIFEST_SCHEMA,
@@ -848,16 +848,50 @@ def ingest(
     sources = list(sources)
     patterns = [str(resolve_source(s)) for s in sources if is_pattern(s)]
     sources = expand_patterns(sources)
-    root = Path(out)
     remote.configure(cfg.storage_options)
     resolved = _resolve(sources)
     from bigasp.workshare import dist_env, summary_group
 
     rank, world, _ = dist_env()
+    url = str(out).rstrip("/") if remote.is_url(str(out)) else None
+    root = workcopy.work_dir(url, cfg.work_dir) if url else Path(out)
+    if url and rank == 0:  # rank 0 holds the dataset: it alone reads and writes the URL
+        workcopy.pull(url, root, cfg.storage_options)
+        if merged := _merged_stages(root):  # the rebuilt manifest takes the recorded merge again
+            workcopy.pull(url, root, cfg.storage_options, annotations=merged)
     if world > 1 and summary_group(world, "ingest"):
         from bigasp.prep.ingest_ranks import ingest_ranked
 
-        return ingest_ranked(sources, resolved, root, cfg, rank, world, patterns)
+        summary = ingest_ranked(sources, resolved, root, cfg, rank, world, patterns)
+        if url and rank == 0:
+            workcopy.push(url, root, cfg.storage_options)
+        return summary
+    try:
+        summary = _ingest_here(sources, resolved, patterns, root, cfg)
+    except IngestInterrupted:
+        if url:  # what Ctrl-C committed is in the working copy's tables: the URL gets it too
+            workcopy.push(url, root, cfg.storage_options)
+        raise
+    if url:
+        workcopy.push(url, root, cfg.storage_options)
+    return summary
+
+
+def _merged_stages(root: Path) -> list[str]:
+    """The annotation stages whose results `annotate merge` put in this dataset's manifest."""
+    from bigasp.annotate.merge import SOURCES as MERGE_SOURCES
+
+    path = root / layout.DATASET_JSON
+    if not path.exists():
+        return []
+    columns = (json.loads(path.read_text()).get("annotations") or {}).get("columns") or {}
+    return sorted({MERGE_SOURCES[c][0] for c in columns if c in MERGE_SOURCES})
+
+
+def _ingest_here(
+    sources: list, resolved: list, patterns: list[str], root: Path, cfg: IngestConfig
+) -> IngestSummary:
+    """One process's `ingest` into the local dataset folder `root`."""
     _check_out(resolved, root)
     _make_out(root)
     before = remote.stats()
@@ -909,7 +943,7 @@ def prepare(root: Path, cfg: IngestConfig) -> IngestConfig:
         root,
         {
             "buckets": cfg.buckets.model_dump(),
-            "ingest": cfg.model_dump(exclude={"buckets", "storage_options"}),
+            "ingest": cfg.model_dump(exclude={"buckets", "storage_options", "work_dir"}),
         },
     )
     _fold(root)  # a previous run that died left committed parts: keep them
