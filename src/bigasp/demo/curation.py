@@ -82,3 +82,61 @@ def score_spearman(quality: Sequence[float], scores: Sequence[int | None]) -> fl
         raise ValueError("fewer than 3 scored photos: nothing to correlate")
     q, s = zip(*pairs, strict=True)
     return float(spearmanr(q, s).statistic)
+
+
+EMBED_MODEL = "builtin:image-stats"  # the demo's stand-in for CLIP (docs/demo.md)
+
+
+def curate(
+    st, dataset: Path, out: Path, hidden: Mapping[str, float], *, seed: int, ratings: int,
+    ingest_params: dict,
+) -> str:  # fmt: skip
+    """Embed, rate and score the ingested photos through the real CLI; returns the key of the scores
+    (stages that read them are redone when it changes). `st` is the demo's `Stages`."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from bigasp.demo.run import find_config
+
+    quality_cfg = find_config("demo-quality.toml")
+    embed_params = {**ingest_params, "embed": EMBED_MODEL}
+    st.run("annotate", embed_params,
+           lambda: st.cli("annotate", str(dataset), "--stage", "embed", "--embed-model", EMBED_MODEL,
+                          "--device", "cpu", "--num-workers", "0", "--no-progress"))  # fmt: skip
+    rate_params = {**embed_params, "ratings": ratings, "rating_seed": seed}
+    ratings_file = out / "simulated-ratings.parquet"
+
+    def rate() -> None:
+        shutil.rmtree(dataset / "quality", ignore_errors=True)  # a fresh store: import appends
+        ids, qs, _ = manifest_quality(dataset, hidden)
+        pq.write_table(simulate_ratings(ids, qs, ratings, seed), ratings_file)
+        st.echo(
+            f"[demo] {ratings} judgements of simulated raters (they see the hidden quality): {ratings_file}"
+        )
+        st.cli("quality", "import", str(dataset), str(ratings_file))
+
+    st.run("rate", rate_params, rate)
+    quality_params = {**rate_params, "cfg": quality_cfg.read_text()}
+
+    def quality() -> None:
+        cfg = ["--config", str(quality_cfg)]
+        st.cli("quality", "train", str(dataset), "--clip", EMBED_MODEL, *cfg)
+        st.cli("quality", "rank", str(dataset), *cfg)
+        st.cli("quality", "fit-scorer", str(dataset), *cfg)
+        st.cli("quality", "score", str(dataset))
+
+    st.run("quality", quality_params, quality)
+    _, qs, scores = manifest_quality(dataset, hidden)
+    st.echo(
+        f"[demo] scores from bigasp's quality stage vs the hidden quality: Spearman {score_spearman(qs, scores):.3f}"
+    )
+    return st.key(quality_params)
+
+
+def quality_figures(result, dataset: Path, hidden: Mapping[str, float], out: Path) -> None:
+    """Fill the quality figures of `result` (a DemoResult) from the dataset's manifest."""
+    _, qs, scores = manifest_quality(dataset, hidden)
+    result.score_spearman = score_spearman(qs, scores)
+    result.score_histogram = np.bincount([s for s in scores if s is not None], minlength=10).tolist()
+    result.arena_command = f"bigasp quality arena {dataset}"
