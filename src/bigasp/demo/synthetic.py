@@ -310,8 +310,8 @@ def combinations(
 # --- The demo's photos: a hidden quality, for bigasp's own quality stage to find -------------------
 #
 # Each photo has a hidden quality q ~ U(0, 1) that only the simulated raters see. It sets how
-# washed-out the photo is: every pixel is pulled toward mid-grey, keeping a share `contrast(q)` of
-# its distance (q = 1: untouched; q = 0: MIN_CONTRAST of the contrast left), as a hazy, flat or
+# washed-out the photo is: every pixel is pulled toward mid-grey, keeping a share `contrast_of(q)`
+# of its distance (q = 1: untouched; q = 0: MIN_CONTRAST of the contrast left), as a hazy, flat or
 # badly exposed photo is. The sidecars carry no score: scores come from `bigasp quality`. Why
 # contrast and not blur or noise: at 64 px an 8x VAE has an 8x8 latent, far coarser than a blur
 # radius or a noise grain, so a tiny model cannot draw those on demand; contrast lives in the
@@ -319,7 +319,7 @@ def combinations(
 
 MIN_CONTRAST = 0.2  # contrast kept at q = 0
 MID_GREY = 128.0
-LOW_QUALITY_BELOW = 1 / 3  # photos below this hidden quality get "low quality" in one caption
+LOW_QUALITY_BELOW = 0.4  # photos below this hidden quality (clearly washed out) get "low quality" in one caption
 
 
 @dataclass(frozen=True)
@@ -346,9 +346,16 @@ class RatedPhotoSpec:
         return contrast_of(self.quality)
 
 
+CONTRAST_MIDPOINT = 0.5  # hidden quality at which half the lost contrast is back
+CONTRAST_WIDTH = 0.06  # logistic width: q < 0.35 keeps <= 27% of the contrast, q > 0.65 >= 93%
+
+
 def contrast_of(quality: float) -> float:
-    """Share of the photo's contrast kept at hidden quality `quality` (linear from MIN_CONTRAST to 1)."""
-    return MIN_CONTRAST + (1.0 - MIN_CONTRAST) * quality
+    """Share of the photo's contrast kept at hidden quality `quality`: a steep logistic step from
+    MIN_CONTRAST to 1, so most photos are clearly washed out or clearly crisp, as a photo
+    collection is mostly fine with a tail of failed shots, and the few in between grade smoothly."""
+    step = 1.0 / (1.0 + math.exp(-(quality - CONTRAST_MIDPOINT) / CONTRAST_WIDTH))
+    return MIN_CONTRAST + (1.0 - MIN_CONTRAST) * step
 
 
 def rated_spec(index: int, *, seed: int = 0, base: int = 64) -> RatedPhotoSpec:
