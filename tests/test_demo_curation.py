@@ -20,8 +20,8 @@ def test_rated_photos_are_washed_out_by_their_hidden_quality():
         assert metrics.rms_contrast(img) == pytest.approx(want, abs=0.6)
         side = synthetic.rated_sidecar(spec)
         assert "score" not in side and "quality" not in str(side["demo"])
-        low = any("low quality" in c for c in side["captions"])
-        assert low == (spec.quality < synthetic.LOW_QUALITY_BELOW)
+        assert ("low_quality" in side["tags"]) == (spec.quality < synthetic.LOW_QUALITY_BELOW)
+        assert not any("quality" in c for c in side["captions"])
 
 
 def test_metrics_read_colour_and_shape_of_washed_out_photos():

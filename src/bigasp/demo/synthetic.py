@@ -319,7 +319,7 @@ def combinations(
 
 MIN_CONTRAST = 0.2  # contrast kept at q = 0
 MID_GREY = 128.0
-LOW_QUALITY_BELOW = 0.4  # photos below this hidden quality (clearly washed out) get "low quality" in one caption
+LOW_QUALITY_BELOW = 0.4  # photos below this hidden quality (clearly washed out) are tagged low_quality
 
 
 @dataclass(frozen=True)
@@ -395,24 +395,23 @@ def render_rated(spec: RatedPhotoSpec, *, seed: int = 0) -> Image.Image:
 
 
 def rated_sidecar(spec: RatedPhotoSpec) -> dict:
-    """Two captions and tags, as a captioner and a tagger would write them: a clearly washed-out photo
-    is called "low quality" in one of its captions. No score: bigasp's quality stage gives it one."""
+    """Two captions and tags, as a captioner and a tagger would write them: a clearly washed-out
+    photo is tagged `low_quality` (the tagger's word; training prompts built from tags carry it).
+    The captions describe the content only. No score: bigasp's quality stage gives it one."""
     thing = f"{spec.colour} {spec.shape}"
     bg = f"{spec.background} background"
-    low = spec.quality < LOW_QUALITY_BELOW
     forms = (
-        f"A {'washed-out, low quality ' if low else ''}photo of a {thing} on a {bg}.",
+        f"A photo of a {thing} on a {bg}.",
         f"A {thing} centred on a plain {bg}, photograph.",
         f"This image shows a single {thing} against a {bg}.",
     )
     first = spec.index % len(forms)
-    captions = (
-        [forms[0], forms[1 + spec.index % 2]] if low else [forms[first], forms[(first + 1) % len(forms)]]
-    )
     tags = [f"{spec.colour}_{spec.shape}", spec.shape, spec.colour, f"{spec.background}_background",
             "simple_background"]  # fmt: skip
+    if spec.quality < LOW_QUALITY_BELOW:
+        tags.append("low_quality")
     return {
-        "captions": captions,
+        "captions": [forms[first], forms[(first + 1) % len(forms)]],
         "tags": tags,
         "source": "bigasp-demo",
         "watermark": False,
@@ -432,7 +431,7 @@ class RatedSet:
         return {
             "root": str(self.root),
             "photos": len(self.specs),
-            "low_quality_captions": sum(s.quality < LOW_QUALITY_BELOW for s in self.specs),
+            "tagged_low_quality": sum(s.quality < LOW_QUALITY_BELOW for s in self.specs),
             "broken": len(self.broken),
         }
 
