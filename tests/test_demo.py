@@ -69,7 +69,9 @@ def test_stream_demo_encodes_and_trains_together(tmp_path: Path):
     streams its first pass; every stage still leaves its product, and a re-run reuses them."""
     from bigasp.demo.run import DemoPlan, run_demo
 
-    plan = DemoPlan(photos=128, max_samples=960, validate_every=480, images_per_prompt=1, steps=4, ratings=400)
+    plan = DemoPlan(
+        photos=128, max_samples=960, validate_every=480, images_per_prompt=1, steps=4, ratings=400
+    )
     out = tmp_path / "demo"
     result = run_demo(out, plan=plan, stream=True, echo=lambda _: None)
     assert result.stream_waves is not None and result.stream_waves >= 1
@@ -94,7 +96,9 @@ def test_lora_demo_trains_an_adapter_on_the_frozen_base(tmp_path: Path):
     from bigasp.demo.report import format_report
     from bigasp.demo.run import DemoPlan, run_demo
 
-    plan = DemoPlan(photos=128, max_samples=960, validate_every=480, images_per_prompt=1, steps=4, ratings=400)
+    plan = DemoPlan(
+        photos=128, max_samples=960, validate_every=480, images_per_prompt=1, steps=4, ratings=400
+    )
     out = tmp_path / "demo"
     result = run_demo(out, plan=plan, lora=True, echo=lambda _: None)
     adapter = Path(result.paths["adapter"])

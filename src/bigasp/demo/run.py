@@ -66,11 +66,15 @@ class DemoPlan:
 
     @classmethod
     def default(cls) -> DemoPlan:
-        return cls(photos=512, max_samples=28800, validate_every=2880, images_per_prompt=4, steps=20, ratings=3000)
+        return cls(
+            photos=512, max_samples=28800, validate_every=2880, images_per_prompt=4, steps=20, ratings=3000
+        )
 
     @classmethod
     def quick(cls) -> DemoPlan:
-        return cls(photos=384, max_samples=7200, validate_every=1440, images_per_prompt=2, steps=12, ratings=1500)
+        return cls(
+            photos=384, max_samples=7200, validate_every=1440, images_per_prompt=2, steps=12, ratings=1500
+        )
 
 
 @dataclass
