@@ -54,8 +54,9 @@ def find_config(name: str) -> Path:
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of one demo run. `default` fits 5 min on 2 CPU cores; `quick` is half the training
-    (about 2 min on the shared dev box, measured) — the shortest run that still learns colour."""
+    """Sizes of one demo run. `default` fits 5 min on 2 CPU cores (curation, 28,800 training
+    samples, the grid); `quick` is a smoke run for the test suite: fewer photos and ratings and a
+    quarter of the training, long enough to learn colour but not the score tags (docs/demo.md)."""
 
     photos: int
     max_samples: int  # training length; the run stops at half, then resumes
