@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
-MIN_COLOUR_ADHERENCE = 0.4  # chance is 0.25 (4 colours); see docs/demo.md for the quick run's figures
+# Quick run, seeds 0 / 1 / 2 (docs/demo.md): colour 67% / 75% / 77%, Spearman 0.868 / 0.891 / 0.875,
+# validation loss 83% / 85% / 84% lower. Chance colour adherence is 25%; scores unrelated to the
+# hidden quality give a Spearman near 0.
+MIN_COLOUR_ADHERENCE = 0.5
 MIN_VAL_LOSS_DROP = 0.10  # final validation loss at least 10% below the untrained model's
-MIN_SCORE_SPEARMAN = 0.75  # hidden quality vs bigasp's own scores (scipy); see docs/demo.md
+MIN_SCORE_SPEARMAN = 0.8
 
 
 @pytest.mark.slow
