@@ -185,7 +185,7 @@ def _quote(a: str) -> str:
 NEGATIVE_PROMPT = "low quality"  # the v2.5 card's advice; the grid's own halves use none ("")
 # CFG scale for every demo image: the low end of the v2.5 card's CFG 2-5 (PAG 2 as the preset).
 # At the preset's 3 the tiny model overshoots hues (a red square comes out orange, read as yellow);
-# the score tags' contrast gap is the same at 2.5 and 3 (docs/demo.md).
+# the score tags' contrast gap is about the same at 2.5 and 3 (docs/demo.md).
 DEMO_CFG = 2.5
 
 
