@@ -803,3 +803,25 @@ def test_beta_one_prompt_set_has_every_caption_type_of_joycaption_beta_one():
                                            f"Write a {{length}} {rule34}"]  # fmt: skip
     assert ps.types["Descriptive"][0] == "Write a detailed description for this image."
     assert all(len(t) == 3 for t in ps.types.values())
+
+
+def test_builtin_image_stats_embedder_through_the_cli(ingested, tmp_path):
+    """`--embed-model builtin:image-stats`: every image embedded through the decode workers equals the
+    embedder applied to the plainly decoded image, and its contrast statistics are numpy's std."""
+    from bigasp.annotate.config import EmbedConfig
+    from bigasp.annotate.stats_embed import STATS_DIM, ImageStatsEmbedder, features
+    from bigasp.cli import main
+
+    ds = copy_ds(ingested, tmp_path / "ds")
+    main(["annotate", str(ds), "--stage", "embed", "--embed-model", "builtin:image-stats", "--device", "cpu",
+          "--num-workers", "0", "--no-progress"])  # fmt: skip
+    emb = store.read_embeddings(ds)
+    assert emb.model_key == "image-stats" and emb.vectors.shape == (9, STATS_DIM)
+    images = manifest_images(ds)
+    direct = ImageStatsEmbedder(EmbedConfig(model="builtin:image-stats"))(list(images.values()))
+    np.testing.assert_allclose(
+        emb.lookup(list(images)).astype(np.float32), direct.astype(np.float32), rtol=1e-3, atol=1e-3
+    )
+    im = next(iter(images.values()))
+    std = np.asarray(im, np.float32).reshape(-1, 3).std(axis=0) / 255.0
+    np.testing.assert_allclose(features(im)[14:17], np.log(std + 1e-3), rtol=1e-5)

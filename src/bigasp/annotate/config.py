@@ -22,7 +22,8 @@ class EmbedConfig(Section):
     model: str = Field(
         "",
         description="Local folder of a CLIP model or CLIP vision model (bigASP: openai/clip-vit-base-patch32) "
-        "with its preprocessor_config.json.",
+        "with its preprocessor_config.json; or builtin:image-stats, 64 image statistics (contrast, "
+        "sharpness, noise, JPEG, colour) that stand in for CLIP where none is at hand (the demo).",
     )
     key: str = Field("", description="Results folder name; unset = the model folder's name.")
     batch_size: int = Field(128, gt=0, description="Images per forward pass (bigASP: 128).")

@@ -158,6 +158,10 @@ def _final_flush(sink: PartSink, summary: AnnotateSummary) -> None:
 
 def build_annotator(stage: str, cfg: AnnotateConfig, device):
     if stage == "embed":
+        from bigasp.annotate.stats_embed import ImageStatsEmbedder, is_builtin_stats
+
+        if is_builtin_stats(cfg.embed.model):
+            return ImageStatsEmbedder(cfg.embed, device)
         from bigasp.annotate.embed import ClipEmbedder
 
         return ClipEmbedder(cfg.embed, device)

@@ -9,7 +9,7 @@ import typer
 
 def demo(
     quick: bool = typer.Option(
-        False, "--quick", help="Half the training (about 2 minutes on 2 shared cores)."
+        False, "--quick", help="A smoke run: fewer photos and ratings, a quarter of the training."
     ),
     out: Path = typer.Option(
         Path("demo-out"), "--out", help="Output folder (re-running reuses finished stages)."
@@ -34,7 +34,7 @@ def demo(
         "base-model/, dataset/ and grid/ are replaced).",
     ),
 ) -> None:
-    """Synthetic photos -> ingest -> encode -> train -> generate -> gallery, on CPU, in minutes."""
+    """Synthetic photos -> ingest -> quality scores -> encode -> train -> generate -> gallery, on CPU, in minutes."""
     import torch
 
     from bigasp.demo.report import format_report

@@ -1,11 +1,16 @@
 """Learned-behaviour figures for the demo, measured on generated images without a network.
 
-The synthetic photos make these simple and honest: foreground shapes are saturated colours
-and backgrounds are desaturated, so the foreground of any image is its saturated pixels.
+The synthetic photos make these simple and honest: one saturated shape near the centre of a
+plain, desaturated background, so the foreground of any image is the pixels that differ from
+its border colour, and pulling an image toward grey (washed out) keeps every pixel's hue.
+- foreground: pixels whose RGB distance from the median border colour is at least half the
+  image's 99th-percentile distance (and at least MIN_DISTANCE), with some saturation left;
 - colour: the most common palette hue among foreground pixels (chance = 1/len(palette));
 - shape: the foreground mask's width profile at 20/50/80% of its height, matched to the
   ideal profiles of square (1, 1, 1), circle (0.8, 1, 0.8) and upright triangle
   (0.2, 0.5, 0.8);
+- contrast: RMS contrast, the standard deviation of the pixel values per channel, averaged
+  over R, G, B (washing out by a factor k multiplies it by k: the degradation the low scores had);
 - sharpness: variance of the Laplacian of the grey image (blur lowers it sharply).
 """
 
@@ -20,9 +25,10 @@ from PIL import Image
 
 from bigasp.demo.synthetic import COLOURS
 
-# A pixel is foreground when it is clearly coloured and not near-black.
-MIN_SATURATION = 0.45
-MIN_VALUE = 0.25
+# A pixel is foreground when it stands out from the border colour and keeps some saturation.
+MIN_DISTANCE = 15.0  # RGB distance (0-255 units) below which nothing stands out
+RELATIVE_DISTANCE = 0.5  # of the image's 99th-percentile distance from the border colour
+MIN_SATURATION = 0.08  # hue is meaningless on grey pixels
 MIN_FOREGROUND = 0.02  # share of pixels below which an image "has no shape"
 
 SHAPE_PROFILES: dict[str, tuple[float, float, float]] = {
@@ -36,10 +42,18 @@ def _hsv(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB").convert("HSV"), dtype=np.float32) / 255.0
 
 
+def border_colour(rgb: np.ndarray) -> np.ndarray:
+    """Median colour of the outermost pixel ring (the background: shapes sit near the centre)."""
+    ring = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
+    return np.median(ring, axis=0)
+
+
 def foreground_mask(img: Image.Image) -> np.ndarray:
-    """Boolean [H, W]: pixels saturated and bright enough to belong to a shape."""
-    hsv = _hsv(img)
-    return (hsv[..., 1] >= MIN_SATURATION) & (hsv[..., 2] >= MIN_VALUE)
+    """Boolean [H, W]: pixels that stand out from the border colour and are not grey."""
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+    dist = np.linalg.norm(rgb - border_colour(rgb), axis=2)
+    cut = max(MIN_DISTANCE, RELATIVE_DISTANCE * float(np.percentile(dist, 99)))
+    return (dist >= cut) & (_hsv(img)[..., 1] >= MIN_SATURATION)
 
 
 def _palette_hues(palette: Mapping[str, tuple[int, int, int]]) -> dict[str, float]:
@@ -49,7 +63,7 @@ def _palette_hues(palette: Mapping[str, tuple[int, int, int]]) -> dict[str, floa
 def dominant_colour(img: Image.Image, palette: Mapping[str, tuple[int, int, int]] = COLOURS) -> str | None:
     """Palette name most foreground pixels are closest to in hue; None if there is no foreground."""
     hsv = _hsv(img)
-    mask = (hsv[..., 1] >= MIN_SATURATION) & (hsv[..., 2] >= MIN_VALUE)
+    mask = foreground_mask(img)
     if mask.mean() < MIN_FOREGROUND:
         return None
     hues = hsv[..., 0][mask]
@@ -84,6 +98,12 @@ def sharpness(img: Image.Image) -> float:
     g = np.asarray(img.convert("L"), dtype=np.float64)
     lap = g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4 * g[1:-1, 1:-1]
     return float(lap.var())
+
+
+def rms_contrast(img: Image.Image) -> float:
+    """Standard deviation of the pixel values (0-255) per channel, averaged over R, G, B."""
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float64).reshape(-1, 3)
+    return float(rgb.std(axis=0).mean())
 
 
 @dataclass(frozen=True)
@@ -140,4 +160,28 @@ def sharpness_gap(high: Sequence[Image.Image], low: Sequence[Image.Image]) -> Sh
         raise ValueError("sharpness_gap needs at least one high- and one low-score image")
     return SharpnessGap(
         float(np.mean([sharpness(i) for i in high])), float(np.mean([sharpness(i) for i in low]))
+    )
+
+
+@dataclass(frozen=True)
+class ContrastGap:
+    """Mean RMS contrast of two sets of generations (same prompts and seeds but for one change);
+    ratio > 1 means the first set is crisper, as photos with high scores were."""
+
+    high: float
+    low: float
+
+    @property
+    def ratio(self) -> float:
+        return self.high / self.low if self.low > 0 else float("inf")
+
+    def __str__(self) -> str:
+        return f"{self.high:.1f} vs {self.low:.1f} (ratio {self.ratio:.2f}x)"
+
+
+def contrast_gap(high: Sequence[Image.Image], low: Sequence[Image.Image]) -> ContrastGap:
+    if not high or not low:
+        raise ValueError("contrast_gap needs at least one image on each side")
+    return ContrastGap(
+        float(np.mean([rms_contrast(i) for i in high])), float(np.mean([rms_contrast(i) for i in low]))
     )

@@ -18,9 +18,16 @@ from bigasp.fsutil import atomic_path
 
 
 def measure(
-    result: Any, images: Sequence[Sequence[Image.Image]], labels: Sequence[tuple[str, str, str]]
+    result: Any,
+    images: Sequence[Sequence[Image.Image]],
+    labels: Sequence[tuple[str, str, str]],
+    negative: Sequence[Sequence[Image.Image]] | None = None,
 ) -> None:
-    """Fill `result` (a DemoResult) from generated images[prompt][seed] and their (colour, shape, quality)."""
+    """Fill `result` (a DemoResult) from generated images[prompt][seed] and their (colour, shape, quality).
+
+    Adherence counts every image of the grid (both score tags). `negative`: the low-score prompts'
+    images generated again with the negative prompt, same seeds, compared with the low-score ones.
+    """
     flat = [(im, lab) for row, lab in zip(images, labels, strict=True) for im in row]
     col = metrics.colour_adherence([im for im, _ in flat], [lab[0] for _, lab in flat])
     shp = metrics.shape_adherence([im for im, _ in flat], [lab[1] for _, lab in flat])
@@ -30,36 +37,55 @@ def measure(
     result.colour_adherence, result.colour_chance = col.rate, col.chance
     result.shape_adherence, result.shape_chance = shp.rate, shp.chance
     result.sharpness_high, result.sharpness_low = gap.high, gap.low
+    low = [im for im, lab in flat if lab[2] == "low"]
+    contrast = metrics.contrast_gap([im for im, lab in flat if lab[2] == "high"], low)
+    result.contrast_high, result.contrast_low = contrast.high, contrast.low
+    if negative is not None:
+        result.contrast_negative = metrics.contrast_gap([im for row in negative for im in row], low).high
 
 
 def write_grid_image(
     path: Path,
     images: Sequence[Sequence[Image.Image]],
     labels: Sequence[tuple[str, str, str]],
+    negative: Sequence[Sequence[Image.Image]] | None = None,
     scale: int = 1,
 ) -> Path:
-    """Rows = colour x shape; columns = seeds with `score_9`, then seeds with `score_1`."""
+    """Rows = colour x shape; columns = seeds with `score_9`, the same seeds with `score_1`, and
+    (with `negative`) the `score_1` prompts again with the negative prompt "low quality"."""
     rows: dict[tuple[str, str], dict[str, Sequence[Image.Image]]] = {}
     for row, (colour, shape, quality) in zip(images, labels, strict=True):
         rows.setdefault((colour, shape), {})[quality] = row
+    if negative is not None:
+        low = [lab for lab in labels if lab[2] == "low"]
+        for row, (colour, shape, _) in zip(negative, low, strict=True):
+            rows[(colour, shape)]["negative"] = row
     cell = max(im.width for r in images for im in r) * scale
     per = max(len(r) for r in images)
     label_w, head_h, gap = 110, 18, 8
-    width = label_w + 2 * per * cell + gap
+    columns = [("high", "score_9"), ("low", "score_1")]
+    if negative is not None:
+        columns.append(("negative", 'score_1, negative "low quality"'))
+    width = label_w + len(columns) * (per * cell + gap)
     height = head_h + len(rows) * cell
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    draw.text((label_w, 3), "score_9 (high quality)", fill=(0, 0, 0))
-    draw.text((label_w + per * cell + gap, 3), "score_1 (low quality)", fill=(0, 0, 0))
+    starts = [label_w + k * (per * cell + gap) for k in range(len(columns))]
+    for (_, title), x0 in zip(columns, starts, strict=True):
+        draw.text((x0, 3), title, fill=(0, 0, 0))
     for r, ((colour, shape), by_q) in enumerate(rows.items()):
         y = head_h + r * cell
         draw.text((4, y + cell // 2 - 6), f"{colour} {shape}", fill=(0, 0, 0))
-        for q, x0 in (("high", label_w), ("low", label_w + per * cell + gap)):
+        for (q, _), x0 in zip(columns, starts, strict=True):
             for j, im in enumerate(by_q.get(q, ())):
                 sheet.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (x0 + j * cell, y))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    sheet.save(tmp)
+    # A 256-colour palette (no dithering) keeps every cell readable at about a quarter of the
+    # RGB file's size; the figures are measured on the generated PNGs, never on this sheet.
+    sheet.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
+        tmp, optimize=True
+    )
     tmp.replace(path)
     return path
 
@@ -128,8 +154,24 @@ def format_report(result: Any) -> str:
         + _before(result, "base_colour_adherence"),
         f"  shape adherence  : {result.shape_adherence:.0%} (chance {result.shape_chance:.0%})"
         + _before(result, "base_shape_adherence"),
-        f"  sharpness gap    : score_9 {result.sharpness_high:.0f} vs score_1 {result.sharpness_low:.0f} "
-        f"(Laplacian variance, ratio {result.sharpness_ratio:.2f}x)",
+        f"  contrast gap     : score_9 {result.contrast_high:.1f} vs score_1 {result.contrast_low:.1f} "
+        f"(RMS contrast, the low scores' washed-out look; ratio {result.contrast_ratio:.2f}x)",
+        *(
+            [
+                f'  negative prompt  : score_1 with negative "low quality" {result.contrast_negative:.1f} vs '
+                f"{result.contrast_low:.1f} without (ratio {result.negative_ratio:.2f}x)"
+            ]
+            if getattr(result, "contrast_negative", None) is not None
+            else []
+        ),
+        *(
+            [
+                f"  quality scores   : Spearman {result.score_spearman:.3f} between the hidden quality and "
+                f"bigasp's score; photos per score 0..9: {result.score_histogram}"
+            ]
+            if getattr(result, "score_spearman", None) is not None
+            else []
+        ),
         f"  validation loss  : {result.val_loss_start:.4f} -> {result.val_loss_end:.4f} ({val_drop:.0%} lower)",
     ]
     if getattr(result, "stream_waves", None) is not None:
@@ -152,6 +194,11 @@ def format_report(result: Any) -> str:
         f"  loss plot        : {p['loss_plot']}",
         f"  summary          : {p['summary']}",
     ]
+    if getattr(result, "arena_command", ""):
+        lines += [
+            "",
+            f"  rate the photos yourself (then re-run the quality commands): {result.arena_command}",
+        ]
     if result.reused:
         lines.append(f"  reused finished stages: {', '.join(result.reused)}")
     return "\n".join(lines)

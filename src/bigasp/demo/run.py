@@ -1,10 +1,13 @@
 """`bigasp demo`: the whole pipeline on synthetic photos, through the real CLI stages.
 
-photos -> `bigasp ingest` -> `bigasp model save` (+ the shipped demo VAE) -> `bigasp encode`
+photos (each with a hidden quality) -> `bigasp ingest` -> `bigasp annotate` (embeddings) ->
+simulated raters -> `bigasp quality import` -> `bigasp quality train / rank / fit-scorer / score`
+(the scores training sees) -> `bigasp model save` (+ the shipped demo VAE) -> `bigasp encode`
 -> `bigasp dataset report` -> `bigasp train configs/demo.toml --stop-at HALF` -> `bigasp train ... --resume auto`
--> `bigasp generate` (colour x shape grid, high and low score tags) -> `bigasp watch --once`
-(HTML gallery of every checkpoint) -> figures (colour/shape adherence, sharpness gap) and a
-validation-loss plot.
+-> `bigasp generate` (colour x shape grid with `score_9`, with `score_1`, and with `score_1` plus the
+negative prompt "low quality") -> `bigasp watch --once` (HTML gallery of every checkpoint) ->
+figures (Spearman of the scores with the hidden quality, colour/shape adherence, the contrast gap
+between score tags and with the negative prompt) and a validation-loss plot.
 
 `--lora` trains a LoCon adapter on the starting model instead (configs/demo-lora.toml: every base
 weight frozen), generates with `bigasp generate --model base-model --lora ADAPTER`, and measures
@@ -51,22 +54,28 @@ def find_config(name: str) -> Path:
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of one demo run. `default` fits 5 min on 2 CPU cores; `quick` is half the training
-    (about 2 min on the shared dev box, measured) — the shortest run that still learns colour."""
+    """Sizes of one demo run. `default` fits 5 min on 2 CPU cores (curation, 32,640 training
+    samples, the grid); `quick` is a smoke run for the test suite: fewer photos and ratings and a
+    quarter of the training, long enough to learn colour but not the score tags (docs/demo.md)."""
 
     photos: int
     max_samples: int  # training length; the run stops at half, then resumes
     validate_every: int
     images_per_prompt: int  # seeds per grid prompt (more = steadier adherence figures)
     steps: int  # sampling steps
+    ratings: int = 3000  # judgements of the simulated raters
 
     @classmethod
     def default(cls) -> DemoPlan:
-        return cls(photos=384, max_samples=14400, validate_every=1440, images_per_prompt=4, steps=20)
+        return cls(
+            photos=512, max_samples=32640, validate_every=2720, images_per_prompt=4, steps=20, ratings=3000
+        )
 
     @classmethod
     def quick(cls) -> DemoPlan:
-        return cls(photos=384, max_samples=7200, validate_every=1440, images_per_prompt=2, steps=12)
+        return cls(
+            photos=384, max_samples=7200, validate_every=1440, images_per_prompt=2, steps=12, ratings=1500
+        )
 
 
 @dataclass
@@ -83,6 +92,12 @@ class DemoResult:
     shape_chance: float = 0.0
     sharpness_high: float = 0.0
     sharpness_low: float = 0.0
+    contrast_high: float = 0.0  # RMS contrast of score_9 generations
+    contrast_low: float = 0.0  # ... of score_1 generations (negative "")
+    contrast_negative: float | None = None  # ... of score_1 generations with negative "low quality"
+    score_spearman: float | None = None  # hidden quality vs the score bigasp's quality stage gave
+    score_histogram: list[int] = field(default_factory=list)
+    arena_command: str = ""
     val_loss_start: float = 0.0
     val_loss_end: float = 0.0
     stable_loss_start: float | None = None
@@ -97,6 +112,16 @@ class DemoResult:
     @property
     def sharpness_ratio(self) -> float:
         return self.sharpness_high / self.sharpness_low if self.sharpness_low > 0 else float("inf")
+
+    @property
+    def contrast_ratio(self) -> float:
+        return self.contrast_high / self.contrast_low if self.contrast_low > 0 else float("inf")
+
+    @property
+    def negative_ratio(self) -> float | None:
+        if self.contrast_negative is None or self.contrast_low <= 0:
+            return None
+        return self.contrast_negative / self.contrast_low
 
 
 class Stages:
@@ -157,11 +182,19 @@ def _quote(a: str) -> str:
     return json.dumps(a) if (" " in a or not a) else a
 
 
+NEGATIVE_PROMPT = "low quality"  # the v2.5 card's advice; the grid's own halves use none ("")
+# CFG scale for every demo image: the low end of the v2.5 card's CFG 2-5 (PAG 2 as the preset).
+# At the preset's 3 the tiny model overshoots hues (a red square comes out orange, read as yellow);
+# the score tags' contrast gap is about the same at 2.5 and 3 (docs/demo.md).
+DEMO_CFG = 2.5
+
+
 def grid_prompts() -> tuple[list[str], list[tuple[str, str, str]]]:
     """The generation grid: every colour x shape, once with a high and once with a low score tag.
 
     Backgrounds rotate so the grid is varied yet every prompt is in the training distribution.
-    Returns (prompts, [(colour, shape, 'high'|'low')]) in the same order.
+    Returns (prompts, [(colour, shape, 'high'|'low')]) in the same order. The third column of the
+    grid is the low half again, generated with the negative prompt NEGATIVE_PROMPT.
     """
     backgrounds = list(synthetic.BACKGROUNDS)
     prompts: list[str] = []
@@ -216,9 +249,11 @@ def run_demo(
     run_dir, grid_dir = out / f"run{tag}", out / f"grid{tag}"
     t_start = time.perf_counter()
 
-    # 1. Photos (pure function of seed; rewriting identical files is a no-op).
-    st.run("photos", {"n": plan.photos, "seed": seed},
-           lambda: echo(f"[demo] photos: {synthetic.write_photos(photos, plan.photos, seed=seed).summary()}"))  # fmt: skip
+    # 1. Photos (pure function of seed; rewriting identical files is a no-op). Their hidden quality
+    # is known only to this process (the simulated raters), never written next to them.
+    st.run("photos", {"n": plan.photos, "seed": seed, "kind": "rated"},
+           lambda: echo(f"[demo] photos: {synthetic.write_rated_photos(photos, plan.photos, seed=seed).summary()}"))  # fmt: skip
+    hidden = {f"{s.name}.png": s.quality for s in synthetic.rated_specs(plan.photos, seed=seed)}
 
     # 2. Ingest, with the demo's scaled-down bucket rule.
     st.run("ingest", {"n": plan.photos, "seed": seed, "cfg": data_cfg.read_text()},
@@ -237,6 +272,12 @@ def run_demo(
 
     st.run("base-model", {"vae": _dir_digest(DEMO_VAE_DIR), "preset": preset}, make_base)
 
+    # 3b. Curation: embeddings, ratings, and bigasp's own quality scores for every photo.
+    from bigasp.demo.curation import curate
+
+    quality_key = curate(st, dataset, out, hidden, seed=seed, ratings=plan.ratings,
+                         ingest_params={"n": plan.photos, "seed": seed, "cfg": data_cfg.read_text()})  # fmt: skip
+
     # 4. Encode with the shipped VAE. Redone with other parameters (seed, VAE), the old latents are
     # of another encoding, which encode refuses to mix: this folder is the demo's, so start over.
     def encode() -> None:
@@ -246,15 +287,18 @@ def run_demo(
             "encode", str(dataset), "--vae", str(DEMO_VAE_DIR), "--config", str(data_cfg), "--seed", str(seed)
         )
 
-    encode_params = {"vae": _dir_digest(DEMO_VAE_DIR), "seed": seed, "n": plan.photos} | (
-        {"stream": True} if stream else {}
-    )
+    encode_params = {
+        "vae": _dir_digest(DEMO_VAE_DIR),
+        "seed": seed,
+        "n": plan.photos,
+        "quality": quality_key,
+    } | ({"stream": True} if stream else {})
     if not stream:
         st.run("encode", encode_params, encode)
     report_dir = out / "dataset-report"
 
     def report() -> None:  # 4b. Dataset report: tags, caption n-grams, scores, buckets, chunk counts.
-        st.run("report", {"n": plan.photos, "seed": seed},
+        st.run("report", {"n": plan.photos, "seed": seed, "quality": quality_key},
                lambda: st.cli("dataset", "report", str(dataset), "--out", str(report_dir), "--no-progress"))  # fmt: skip
 
     if not stream:
@@ -277,7 +321,7 @@ def run_demo(
     train_params = {
         "cfg": train_cfg.read_text(),
         "overrides": overrides,
-        "data": st.key({"n": plan.photos}),
+        "data": st.key({"n": plan.photos, "seed": seed, "quality": quality_key}),
         "base": [preset, _dir_digest(DEMO_VAE_DIR)],
     }
 
@@ -329,15 +373,17 @@ def run_demo(
     final = _final_checkpoint(run_dir, plan.max_samples)
     adapter = final / "model" / "lora.safetensors"
 
-    # 6. Generate the grid with the v2.5-style sampler (euler + beta, CFG + PAG preset).
+    # 6. Generate the grid with the v2.5-style sampler (euler + beta, PAG 2 as the preset, CFG DEMO_CFG).
     prompts, labels = grid_prompts()
-    gen_params = {"ckpt": final.name, "train": train_params, "steps": plan.steps,
+    gen_params = {"ckpt": final.name, "train": train_params, "steps": plan.steps, "cfg": DEMO_CFG,
                   "n": plan.images_per_prompt, "seed": seed, "prompts": prompts}  # fmt: skip
 
-    def generate(into: Path, model: list[str]) -> None:
+    low_prompts = [p for p, lab in zip(prompts, labels, strict=True) if lab[2] == "low"]
+
+    def generate(into: Path, model: list[str], these: list[str] = prompts, negative: str = "") -> None:
         tmp = out / f".{into.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        st.cli("generate", *prompts, *model, "--preset", "bigasp-v2.5",
+        st.cli("generate", *these, *model, "--preset", "bigasp-v2.5", "--cfg", str(DEMO_CFG), "--negative", negative,
                "--size", "64x64", "--steps", str(plan.steps), "--seed", str(seed),
                "--batch", str(plan.images_per_prompt), "--device", "cpu", "--out", str(tmp), quiet=True)  # fmt: skip
         shutil.rmtree(into, ignore_errors=True)
@@ -353,13 +399,18 @@ def run_demo(
                lambda: generate(base_grid, ["--model", str(base)]))  # fmt: skip
     else:
         st.run("generate", gen_params, lambda: generate(grid_dir, ["--model", str(final / "model")]))
+        # The same score_1 prompts and seeds with the negative prompt the v2.5 card advises.
+        st.run("generate-negative", gen_params,
+               lambda: generate(out / "grid-negative", ["--model", str(final / "model")], low_prompts,
+                                NEGATIVE_PROMPT))  # fmt: skip
 
         # 7. Watch-style gallery: every checkpoint (half-way and final) side by side.
         prompt_file = out / "watch-prompts.txt"
         prompt_file.write_text("\n".join(prompts[: len(prompts) // 2]) + "\n")
         st.run("watch", gen_params,
                lambda: st.cli("watch", str(run_dir), "--prompts", str(prompt_file), "--seeds", str(seed), "--once",
-                              "--size", "64x64", "--steps", str(plan.steps), "--device", "cpu"))  # fmt: skip
+                              "--size", "64x64", "--steps", str(plan.steps), "--cfg", str(DEMO_CFG),
+                              "--device", "cpu"))  # fmt: skip
 
     # 8. Figures.
     from bigasp.demo.report import measure, write_grid_image, write_loss_plot
@@ -376,8 +427,14 @@ def run_demo(
         loader = json.loads((final / "state" / "trainer.json").read_text())["loader"][0]["stream"]
         result.stream_waves = len(loader["waves"])
     images = _grid_images(grid_dir, seed, len(prompts), plan.images_per_prompt)
-    measure(result, images, labels)
-    grid_png = write_grid_image(out / f"grid{tag}.png", images, labels)
+    negative_images = (
+        None if lora else _grid_images(out / "grid-negative", seed, len(low_prompts), plan.images_per_prompt)
+    )
+    measure(result, images, labels, negative_images)
+    from bigasp.demo.curation import quality_figures
+
+    quality_figures(result, dataset, hidden, out)
+    grid_png = write_grid_image(out / f"grid{tag}.png", images, labels, negative_images)
     curve = write_loss_plot(out / f"validation-loss{tag}.png", run_dir / "metrics.jsonl", result)
     result.stage_seconds = {**st.seconds, "total": time.perf_counter() - t_start}
     result.reused = st.reused
@@ -396,8 +453,10 @@ def run_demo(
     }
     summary = out / f"summary{tag}.json"
     summary.write_text(
-        json.dumps({**asdict(result), "sharpness_ratio": result.sharpness_ratio}, indent=2) + "\n"
-    )
+        json.dumps({**asdict(result), "sharpness_ratio": result.sharpness_ratio,
+                    "contrast_ratio": result.contrast_ratio, "negative_ratio": result.negative_ratio},
+                   indent=2) + "\n"
+    )  # fmt: skip
     result.paths["summary"] = str(summary)
     return result
 

@@ -305,3 +305,160 @@ def combinations(
 ) -> list[tuple[str, str]]:
     """Every (colour, shape) pair, in a fixed order (the demo grid's rows)."""
     return [(c, s) for s in shapes for c in colours]
+
+
+# --- The demo's photos: a hidden quality, for bigasp's own quality stage to find -------------------
+#
+# Each photo has a hidden quality q ~ U(0, 1) that only the simulated raters see. It sets how
+# washed-out the photo is: every pixel is pulled toward mid-grey, keeping a share `contrast_of(q)`
+# of its distance (q = 1: untouched; q = 0: MIN_CONTRAST of the contrast left), as a hazy, flat or
+# badly exposed photo is. The sidecars carry no score: scores come from `bigasp quality`. Why
+# contrast and not blur or noise: at 64 px an 8x VAE has an 8x8 latent, far coarser than a blur
+# radius or a noise grain, so a tiny model cannot draw those on demand; contrast lives in the
+# latent's colour channels, so a model can learn and express it (docs/demo.md).
+
+MIN_CONTRAST = 0.2  # contrast kept at q = 0
+MID_GREY = 128.0
+LOW_QUALITY_BELOW = 0.4  # photos below this hidden quality (clearly washed out) are tagged low_quality
+
+
+@dataclass(frozen=True)
+class RatedPhotoSpec:
+    """One demo photo: content, framing and its hidden quality."""
+
+    index: int
+    colour: str
+    shape: str
+    background: str
+    width: int
+    height: int
+    cx: float
+    cy: float
+    size: float
+    quality: float  # hidden: only the simulated raters see it
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}_{self.colour}_{self.shape}"
+
+    @property
+    def contrast(self) -> float:
+        return contrast_of(self.quality)
+
+
+CONTRAST_MIDPOINT = 0.5  # hidden quality at which half the lost contrast is back
+CONTRAST_WIDTH = 0.06  # logistic width: q < 0.35 keeps <= 27% of the contrast, q > 0.65 >= 93%
+
+
+def contrast_of(quality: float) -> float:
+    """Share of the photo's contrast kept at hidden quality `quality`: a steep logistic step from
+    MIN_CONTRAST to 1, so most photos are clearly washed out or clearly crisp, as a photo
+    collection is mostly fine with a tail of failed shots, and the few in between grade smoothly."""
+    step = 1.0 / (1.0 + math.exp(-(quality - CONTRAST_MIDPOINT) / CONTRAST_WIDTH))
+    return MIN_CONTRAST + (1.0 - MIN_CONTRAST) * step
+
+
+def rated_spec(index: int, *, seed: int = 0, base: int = 64) -> RatedPhotoSpec:
+    """Colour and shape cycle (balanced); the shape is large and near the centre so that an 8x8
+    latent still holds its outline; aspect and area as `photo_spec` (the bucket fit only downscales)."""
+    rng = np.random.default_rng([seed, index, 0xC0DE])
+    colour = tuple(COLOURS)[index % len(COLOURS)]
+    shape = SHAPES[(index // len(COLOURS)) % len(SHAPES)]
+    background = tuple(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    aspect = ASPECTS[int(rng.integers(len(ASPECTS)))]
+    area = (base * float(rng.uniform(1.25, 1.6))) ** 2
+    width = round(math.sqrt(area * aspect))
+    height = round(math.sqrt(area / aspect))
+    size = float(rng.uniform(0.6, 0.75))
+    cx = float(rng.uniform(0.45, 0.55))
+    cy = float(rng.uniform(0.45, 0.55))
+    quality = float(rng.random())
+    return RatedPhotoSpec(index, colour, shape, background, width, height, cx, cy, size, quality)
+
+
+def washed_out(img: Image.Image, contrast: float) -> Image.Image:
+    """Every pixel pulled toward mid-grey, keeping `contrast` of its distance (RMS contrast x `contrast`)."""
+    arr = np.asarray(img, dtype=np.float32)
+    out = MID_GREY + (arr - MID_GREY) * contrast
+    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
+
+
+def render_rated(spec: RatedPhotoSpec, *, seed: int = 0) -> Image.Image:
+    """Draw the photo (deterministic): the clean shape, then washed out by its hidden quality."""
+    rng = np.random.default_rng([seed, spec.index, 0xD1CE])
+    jitter = rng.integers(-12, 13, size=3)
+    bg = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(BACKGROUNDS[spec.background], jitter, strict=True))
+    img = draw_shape(
+        spec.width, spec.height, spec.shape, COLOURS[spec.colour], bg, cx=spec.cx, cy=spec.cy, size=spec.size
+    )
+    return washed_out(img, spec.contrast)
+
+
+def rated_sidecar(spec: RatedPhotoSpec) -> dict:
+    """Two captions and tags, as a captioner and a tagger would write them: a clearly washed-out
+    photo is tagged `low_quality` (the tagger's word; training prompts built from tags carry it).
+    The captions describe the content only. No score: bigasp's quality stage gives it one."""
+    thing = f"{spec.colour} {spec.shape}"
+    bg = f"{spec.background} background"
+    forms = (
+        f"A photo of a {thing} on a {bg}.",
+        f"A {thing} centred on a plain {bg}, photograph.",
+        f"This image shows a single {thing} against a {bg}.",
+    )
+    first = spec.index % len(forms)
+    tags = [f"{spec.colour}_{spec.shape}", spec.shape, spec.colour, f"{spec.background}_background",
+            "simple_background"]  # fmt: skip
+    if spec.quality < LOW_QUALITY_BELOW:
+        tags.append("low_quality")
+    return {
+        "captions": [forms[first], forms[(first + 1) % len(forms)]],
+        "tags": tags,
+        "source": "bigasp-demo",
+        "watermark": False,
+        "demo": {"colour": spec.colour, "shape": spec.shape},
+    }
+
+
+@dataclass(frozen=True)
+class RatedSet:
+    """What `write_rated_photos` produced."""
+
+    root: Path
+    specs: tuple[RatedPhotoSpec, ...]
+    broken: tuple[str, ...]
+
+    def summary(self) -> dict:
+        return {
+            "root": str(self.root),
+            "photos": len(self.specs),
+            "tagged_low_quality": sum(s.quality < LOW_QUALITY_BELOW for s in self.specs),
+            "broken": len(self.broken),
+        }
+
+    def quality_by_name(self) -> dict[str, float]:
+        return {f"{s.name}.png": s.quality for s in self.specs}
+
+
+def rated_specs(n: int, *, seed: int = 0, base: int = 64) -> tuple[RatedPhotoSpec, ...]:
+    return tuple(rated_spec(i, seed=seed, base=base) for i in range(n))
+
+
+def write_rated_photos(
+    out_dir: str | os.PathLike, n: int, *, seed: int = 0, base: int = 64, broken: bool = True
+) -> RatedSet:
+    """The demo's photos: `n` PNGs with sidecars (no scores) plus a few broken files, idempotently
+    (files already right are not rewritten); only these files are written into `out_dir`."""
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    specs = rated_specs(n, seed=seed, base=base)
+    for spec in specs:
+        _write_if_changed(root / f"{spec.name}.png", _png_bytes(render_rated(spec, seed=seed)))
+        _write_if_changed(
+            root / f"{spec.name}.json", (json.dumps(rated_sidecar(spec), indent=2) + "\n").encode()
+        )
+    names: tuple[str, ...] = ()
+    if broken:
+        for name, data in _broken_payloads(seed, base).items():
+            _write_if_changed(root / name, data)
+        names = tuple(name for name, _ in BROKEN_FILES)
+    return RatedSet(root, specs, names)

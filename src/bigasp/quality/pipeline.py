@@ -129,8 +129,13 @@ def train(
 
             from bigasp.annotate.config import EmbedConfig
             from bigasp.annotate.embed import ClipEmbedder
+            from bigasp.annotate.stats_embed import ImageStatsEmbedder, is_builtin_stats
 
-            embedder = ClipEmbedder(EmbedConfig(model=str(clip)), torch.device("cpu"))
+            embedder = (
+                ImageStatsEmbedder(EmbedConfig(model=clip))
+                if is_builtin_stats(clip)
+                else ClipEmbedder(EmbedConfig(model=str(clip)), torch.device("cpu"))
+            )
         degraded = degraded_embeddings(root, rated, embedder, cfg)
         dim = next(iter(degraded.values())).shape[0]
         if dim != emb.vectors.shape[1]:

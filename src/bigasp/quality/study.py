@@ -75,7 +75,8 @@ class StatsEmbedder:
         f = np.stack([self.features(im) for im in calib])
         self.mean, self.std = f.mean(0), f.std(0) + 1e-6
 
-    def features(self, img: Image.Image) -> np.ndarray:
+    @staticmethod
+    def features(img: Image.Image) -> np.ndarray:
         """Measured on the image as it is (no resize, so JPEG's 8-pixel grid stays aligned)."""
         rgb = np.asarray(img.convert("RGB"), np.float32)
         g = rgb.mean(2) / 255.0
@@ -101,7 +102,7 @@ class StatsEmbedder:
             np.log(g.std() + eps),
             *(rgb.reshape(-1, 3).mean(0) / 255.0),  # content: colour
             np.log(lap.mean() + eps),
-            *self._dct_features(g),
+            *StatsEmbedder._dct_features(g),
         ]
         return np.asarray(f, np.float32)
 
