@@ -15,11 +15,11 @@ runner = CliRunner()
 
 
 def test_console_entry_point_help(capsys):
-    """`bigasp` is installed as bigasp.cli:main, and `bigasp --help` exits 0 listing the stages."""
+    """`bigasp` is installed as bigasp.cli:run (main, then an exit without interpreter teardown), and `bigasp --help` exits 0 listing the stages."""
     from importlib.metadata import entry_points
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "bigasp"]
-    assert ep.value == "bigasp.cli:main"
+    assert ep.value == "bigasp.cli:run"
     try:
         main(["--help"])
     except SystemExit as e:  # click may exit 0 after printing help

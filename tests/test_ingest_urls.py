@@ -20,11 +20,11 @@ from PIL import Image
 
 from bigasp.buckets import BucketConfig
 from bigasp.errors import DataError
-from bigasp.prep import remote
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject
 from bigasp.prep.ingest import ingest, read_ingested
 from bigasp.quality.images import manifest_ref
+from bigasp.store import remote
 
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")

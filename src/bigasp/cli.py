@@ -215,10 +215,11 @@ def _leave(code: int) -> None:
     import contextlib
     import threading
 
-    for thread in threading.enumerate():  # what the interpreter waits for before exiting
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # logging.shutdown, multiprocessing's children, ... (registered handlers)
+    # The interpreter's own first exit steps, in its order: threading's exit hooks (they stop
+    # concurrent.futures' executors, whose manager threads would otherwise wait forever), then
+    # every non-daemon thread joined, then the atexit handlers (logging, multiprocessing, ...).
+    threading._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing left to say
             stream.flush()

@@ -30,9 +30,8 @@ import pyarrow.compute as pc
 from bigasp import __version__
 from bigasp.annotate.config import MergeConfig
 from bigasp.errors import DataError
-from bigasp.prep import remote
 from bigasp.store import annotations as store
-from bigasp.store import layout, workcopy
+from bigasp.store import layout, remote, workcopy
 from bigasp.store.manifest import (
     MANIFEST_SCHEMA,
     conform,

@@ -28,9 +28,8 @@ from bigasp.annotate.decode import DecodeDataset, Job, collate, manifest_jobs
 from bigasp.devices import resolve
 from bigasp.errors import BigaspError, ConfigError, DataError
 from bigasp.holdpoint import hold
-from bigasp.prep import remote
 from bigasp.store import annotations as store
-from bigasp.store import layout, workcopy
+from bigasp.store import layout, remote, workcopy
 from bigasp.store.manifest import read_dataset_json, read_manifest
 from bigasp.workshare import dist_env, gather_summary, summary_group
 

@@ -87,9 +87,8 @@ def _encode_reads(ds: Path, buckets, workers: int) -> dict[str, float]:
     from torch.utils.data import DataLoader
 
     from bigasp.buckets import BucketSet
-    from bigasp.prep import remote
     from bigasp.prep.encode import PLAN_COLUMNS, DecodeDataset, bucket_batches, collate, plan
-    from bigasp.store import layout
+    from bigasp.store import layout, remote
     from bigasp.store.manifest import read_manifest
 
     jobs = plan(
@@ -123,9 +122,9 @@ def run_url_bench(
     command: str,
 ) -> BenchResult:
     from bigasp.buckets import BucketConfig
-    from bigasp.prep import remote
     from bigasp.prep.config import IngestConfig
     from bigasp.prep.ingest import ingest
+    from bigasp.store import remote
 
     brace, image_bytes, shard_bytes = write_shards(url, storage_options, shards, per_shard, seed)
     n = shards * per_shard

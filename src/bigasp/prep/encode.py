@@ -34,12 +34,11 @@ from bigasp.buckets import Bucket, BucketConfig, BucketSet, Placement, place
 from bigasp.devices import resolve
 from bigasp.errors import ConfigError, DataError, ModelLoadError
 from bigasp.holdpoint import hold
-from bigasp.prep import remote
 from bigasp.prep.config import EncodeConfig
 from bigasp.prep.images import Reject, load_for_bucket, pixel_limit
 from bigasp.prep.ingest import read_ingested
 from bigasp.prep.sources import Ref, manifest_ref
-from bigasp.store import layout
+from bigasp.store import layout, remote
 from bigasp.store.manifest import REJECTS_SCHEMA, read_dataset_json, read_index, read_manifest, read_rejects
 from bigasp.store.shard import RecordMeta, ShardWriter, list_shards, rebuild_missing_indexes
 from bigasp.workshare import dist_env, gather_summary, summary_group

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from bigasp.buckets import BucketConfig, BucketSet
 from bigasp.errors import ConfigError, DataError
 from bigasp.holdpoint import hold
-from bigasp.prep import remote, shardbook
+from bigasp.prep import shardbook
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.images import Reject, pixel_limit, probe
 from bigasp.prep.kohya import folder_repeats, reading_key
@@ -60,7 +60,7 @@ from bigasp.prep.sources import (
     scan,
     unit_of,
 )
-from bigasp.store import layout, workcopy
+from bigasp.store import layout, remote, workcopy
 from bigasp.store.manifest import (
     MANIFEST_FIX,
     MANIFEST_SCHEMA,

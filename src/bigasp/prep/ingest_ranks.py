@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from bigasp.errors import BigaspError
-from bigasp.prep import remote, shardbook
+from bigasp.prep import shardbook
 from bigasp.prep.config import IngestConfig
 from bigasp.prep.ingest import (
     IngestSummary,
@@ -40,7 +40,7 @@ from bigasp.prep.ingest import (
     prepare,
 )
 from bigasp.prep.sources import unit_of
-from bigasp.store import layout
+from bigasp.store import layout, remote
 from bigasp.store.manifest import REJECTS_SCHEMA, SOURCES_SCHEMA, manifest_lock
 
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from bigasp.prep import remote
 from bigasp.prep.images import Reject
 from bigasp.prep.sources import PARQUET_EXT, Item, Ref
+from bigasp.store import remote
 
 __all__ = ["PARQUET_EXT", "image_column", "read_cell", "row_sidecar", "scan_parquet"]
 

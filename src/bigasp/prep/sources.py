@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigasp.errors import DataError
-from bigasp.prep import remote
+from bigasp.store import remote
 
 SIDECAR_EXT = (".txt", ".json", ".caption")  # .caption: kohya's caption files
 LIST_EXT = (".txt", ".lst", ".list")
@@ -36,7 +36,7 @@ class Ref:
     """Bytes [offset, offset+size) of `file`; offset None = the whole file.
 
     `file` is a local path or a URL (s3://, gs://, http(s)://): a URL is read with one ranged
-    request of exactly these bytes (see `bigasp.prep.remote`). `version` is the object's ETag
+    request of exactly these bytes (see `bigasp.store.remote`). `version` is the object's ETag
     (or a tar shard's) where it has one, so a rewritten object is seen as changed. `data` holds
     the bytes when the scan already fetched them (a tar shard at a URL is read once, in order),
     so they are not fetched a second time.

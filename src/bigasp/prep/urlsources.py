@@ -24,9 +24,9 @@ import tarfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from bigasp.prep import remote
 from bigasp.prep.parquet import scan_parquet
 from bigasp.prep.sources import PARQUET_EXT, SIDECAR_EXT, Item, Ref, _hidden, _problem, _split
+from bigasp.store import remote
 
 READ_BLOCK = 4 << 20  # bytes per ranged request while streaming a shard
 PREFETCH = 2  # requests in flight ahead of the parser (0 = fetch on demand)

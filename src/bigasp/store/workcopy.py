@@ -25,8 +25,7 @@ from pathlib import Path
 
 from bigasp.errors import DataError
 from bigasp.fsutil import atomic_path, atomic_write_bytes
-from bigasp.prep import remote
-from bigasp.store import layout
+from bigasp.store import layout, remote
 
 DEFAULT_WORK_DIR = "~/.cache/bigasp/datasets"
 SOURCES = "sources.parquet"
