@@ -5,14 +5,23 @@ place, however loaded the machine is."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 from bigasp.holdpoint import ENV, MESSAGE
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """Popen `preexec_fn`: SIGINT back to its default in the child. A suite started as a
+    background job (`make test &` in a script) runs with SIGINT ignored, every child inherits
+    that, and Python then installs no KeyboardInterrupt handler: a Ctrl-C test would hang."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_held(cmd: list[str], point: str, *, env: dict | None = None, **kw) -> tuple[subprocess.Popen, str]:
     """-> (the process, now waiting at `point`; the stderr it wrote before). Fails if it ends first."""
     env = {**(env or os.environ), "OMP_NUM_THREADS": "1", ENV: point}
+    kw.setdefault("preexec_fn", ctrl_c_as_in_a_terminal)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
     seen: list[str] = []
     name = point.partition(":")[0]

@@ -20,6 +20,7 @@ import pytest
 from bigasp.quality.arena import HostPolicy, create_app, serving
 from bigasp.quality.config import ArenaConfig
 from bigasp.quality.serve import build_arena
+from hold_helpers import ctrl_c_as_in_a_terminal
 from quality_helpers import photo_dataset
 
 BIGASP = Path(sys.executable).with_name("bigasp")
@@ -86,7 +87,8 @@ def test_allow_host_option_of_the_installed_command(dataset, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [str(BIGASP), "quality", "arena", str(dataset), "--port", "0", "--allow-host", "arena.lan",
            "--ratings", str(tmp_path / "r.sqlite")]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=ctrl_c_as_in_a_terminal)  # fmt: skip
     try:
         url = None
         for line in proc.stdout:  # blocks until the server has bound its port and says where
