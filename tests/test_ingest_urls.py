@@ -25,6 +25,7 @@ from bigasp.prep.images import Reject
 from bigasp.prep.ingest import ingest, read_ingested
 from bigasp.quality.images import manifest_ref
 from bigasp.store import remote
+from s3_helpers import LOCAL_S3_ENV
 
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -48,13 +49,7 @@ def server():
 
     faults = Faults()
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        }.items():
+        for k, v in LOCAL_S3_ENV.items():
             mp.setenv(k, v)
         with local_s3(faults=faults) as endpoint:
             opts = {"endpoint_url": endpoint, "use_listings_cache": False}

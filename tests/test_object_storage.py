@@ -33,6 +33,7 @@ from bigasp.store.cache import RecordCache
 from bigasp.train.data import DataConfig, TrainLoader, open_dataset
 from bigasp.train.synthetic import write_synthetic_latent_dataset
 from bigasp.train.trainer import train
+from s3_helpers import LOCAL_S3_ENV
 from train_helpers import free_port, make_cfg, weights
 
 moto_server = pytest.importorskip("moto.server")
@@ -47,13 +48,7 @@ SRC = Path(__file__).parents[1] / "src"
 def s3():
     """A moto S3 server on a free local port; yields the fsspec storage_options that reach it."""
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        }.items():
+        for k, v in LOCAL_S3_ENV.items():
             mp.setenv(k, v)
         server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
         server.start()

@@ -141,8 +141,8 @@ def shape_adherence(images: Sequence[Image.Image], shapes: Sequence[str]) -> Adh
 
 
 @dataclass(frozen=True)
-class SharpnessGap:
-    """Mean Laplacian variance for high- vs low-score prompts; ratio > 1 means score tags work."""
+class _Gap:
+    """One measure averaged over two sets of generations (same prompts and seeds but for one change)."""
 
     high: float
     low: float
@@ -150,6 +150,10 @@ class SharpnessGap:
     @property
     def ratio(self) -> float:
         return self.high / self.low if self.low > 0 else float("inf")
+
+
+class SharpnessGap(_Gap):
+    """Mean Laplacian variance for high- vs low-score prompts; ratio > 1 means score tags work."""
 
     def __str__(self) -> str:
         return f"high-score {self.high:.0f} vs low-score {self.low:.0f} (ratio {self.ratio:.2f}x)"
@@ -163,17 +167,9 @@ def sharpness_gap(high: Sequence[Image.Image], low: Sequence[Image.Image]) -> Sh
     )
 
 
-@dataclass(frozen=True)
-class ContrastGap:
-    """Mean RMS contrast of two sets of generations (same prompts and seeds but for one change);
-    ratio > 1 means the first set is crisper, as photos with high scores were."""
-
-    high: float
-    low: float
-
-    @property
-    def ratio(self) -> float:
-        return self.high / self.low if self.low > 0 else float("inf")
+class ContrastGap(_Gap):
+    """Mean RMS contrast of two sets of generations; ratio > 1 means the first set is crisper, as
+    photos with high scores were."""
 
     def __str__(self) -> str:
         return f"{self.high:.1f} vs {self.low:.1f} (ratio {self.ratio:.2f}x)"
