@@ -577,9 +577,21 @@ load = status("VmHWM") - base
 loaded = peak_restart()
 with torch.no_grad():
     out = m.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+forward = status("VmHWM") - loaded
+# what the forward left alive: every fp32 tensor still reachable (the output is 0.2 MB)
+import gc, warnings
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # isinstance on lazy library modules warns of deprecations
+    live = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+live_fp32 = sum(t.numel() * 4 for t in live if t.dtype == torch.float32)
+# steady state: a second forward adds nothing resident (the first one's RSS includes allocator
+# arenas of torch's threads and library pages touched on first use, which vary by machine)
+again = peak_restart()
+with torch.no_grad():
+    m.text_encoder(ids, output_hidden_states=True)
 stored = sum(p.numel() * p.element_size() for p in m.text_encoder.parameters())
-print(json.dumps({"load": load, "forward": status("VmHWM") - loaded, "kept": status("VmRSS") - loaded,
-                  "stored": stored, "dtype": str(out.dtype)}))
+print(json.dumps({"load": load, "forward": forward, "live_fp32": live_fp32,
+                  "kept_by_another": status("VmRSS") - again, "stored": stored, "dtype": str(out.dtype)}))
 """
 
 
@@ -587,7 +599,8 @@ def test_an_fp32_forward_from_fp16_storage_costs_the_fp16_weights_and_one_widene
     """Peak resident memory of loading SDXL's CLIP-L (the real size: 123 M parameters) from an
     fp16 file as stored and running it in fp32: the load costs the fp16 weights (0.25 GB, where
     fp32 weights take 0.49 GB), and the forward one layer's fp32 copy at a time (the token
-    embedding is the largest), none of them kept afterwards."""
+    embedding is the largest), none of them kept afterwards: no fp32 tensor but the output stays
+    alive, and a second forward leaves resident memory where it found it."""
     import subprocess
     import sys
 
@@ -605,4 +618,5 @@ def test_an_fp32_forward_from_fp16_storage_costs_the_fp16_weights_and_one_widene
     slack = 96 * 2**20  # library code touched on first use, activations, allocator
     assert got["load"] <= got["stored"] + slack < fp32_bytes, got
     assert got["forward"] <= largest + slack, got  # all widened at once: 0.49 GB more
-    assert got["kept"] <= slack, got
+    assert got["live_fp32"] <= 77 * 768 * 4 * 2, got  # the output and its input; a kept copy is 151 MB+
+    assert got["kept_by_another"] <= slack, got
