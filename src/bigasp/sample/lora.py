@@ -177,14 +177,26 @@ def apply_loras(model: SDXL, specs: list[LoraSpec]) -> SDXL:
             log.info("LyCORIS %s at weight %g (text encoders %g)", spec.path.name, spec.weight, spec.clip)
             continue
         name = f"lora{k}"
+        diffusers_log = logging.getLogger("diffusers.loaders.peft")
+        level = diffusers_log.level
         try:
+            # diffusers logs a failed load before raising it; the one line below says it better
+            diffusers_log.setLevel(logging.CRITICAL)
             with warnings.catch_warnings():  # several adapters in one model is the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 host.load_lora_weights(str(spec.path), adapter_name=name)
         except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as err:
+            text = " ".join(str(err).split())
+            if "not found in the base model" in text:  # peft: no target module exists in SDXL
+                raise LoraError(
+                    f"--lora {spec.path}: its layers match no layer of this SDXL model ({text}); it is "
+                    "for another architecture (SD 1.5, SD 2, Flux, ...)"
+                ) from None
             raise LoraError(
-                f"--lora {spec.path}: not an SDXL LoRA this model can load ({type(err).__name__}: {err})"
+                f"--lora {spec.path}: not an SDXL LoRA this model can load ({type(err).__name__}: {text})"
             ) from None
+        finally:
+            diffusers_log.setLevel(level)
         if not _has_adapter(model, name):
             raise LoraError(f"--lora {spec.path}: none of its keys matches a layer of this model")
         names.append(name)
