@@ -475,3 +475,168 @@ def test_parquet_at_a_url_gives_the_local_rows_and_reads_them_back_by_range(serv
             assert r["path"] == f"{url}::image[{r['row']}]", r["path"]
             ref = manifest_ref(r["path"], r["tar_offset"], r["file_size"], r["row"])
             assert read_ingested(ref, r["id"]) == images[r["row"]]
+
+
+# --- annotate / encode of URL photos: ranks, and a stopped encode resumed ------------------------
+
+
+@pytest.fixture(scope="module")
+def url_dataset(server, tmp_path_factory) -> Path:
+    """A local dataset whose 8 photos live in the bucket (two tar shards and a folder; three bucket
+    shapes), so annotate and encode fetch every photo by a ranged GET."""
+    opts, _ = server
+    d = tmp_path_factory.mktemp("urlds")
+    sizes = [(64, 48), (48, 64), (64, 64)]
+    for s in range(2):
+        with webdataset.TarWriter(str(d / f"{s:05d}.tar")) as w:
+            for k in range(3):
+                i = 3 * s + k
+                w.write({"__key__": f"{i:09d}", "jpg": jpeg(500 + i, *sizes[i % 3]), "txt": f"photo {i}"})
+        fs_of(opts).put(str(d / f"{s:05d}.tar"), f"{BUCKET}/ranks/shards/{s:05d}.tar")
+    fs_of(opts).pipe(f"{BUCKET}/ranks/loose/a.jpg", jpeg(520, 48, 64))
+    fs_of(opts).pipe(f"{BUCKET}/ranks/loose/b.jpg", jpeg(521, 64, 48))
+    srcs = [f"s3://{BUCKET}/ranks/shards/{{00000..00001}}.tar", f"s3://{BUCKET}/ranks/loose/"]
+    assert ingest(srcs, d / "ds", cfg(opts)).new == 8
+    assert all(r["path"].startswith(f"s3://{BUCKET}/ranks/") for r in table(d / "ds"))
+    return d / "ds"
+
+
+def copy_dataset(ds: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(ds, to)
+    return to
+
+
+def url_env(opts) -> dict[str, str]:
+    """A child's environment: the worktree's code, and the bucket's endpoint and keys as the usual
+    AWS_* variables (the CLI is given no storage_options)."""
+    env = {**os.environ, **LOCAL_S3_ENV, "AWS_ENDPOINT_URL": opts["endpoint_url"],
+           "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env.pop("BIGASP_HOLD", None)
+    return env
+
+
+def torchrun(opts, *args: str):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bigasp",
+           *args, "--no-progress", "--json"]  # fmt: skip
+    proc = subprocess.run(cmd, env=url_env(opts), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert '"world_size": 2' in proc.stdout, proc.stdout[-2000:]
+    return proc
+
+
+LATENT_COLS = [
+    "id",
+    "bucket_height",
+    "bucket_width",
+    "original_height",
+    "original_width",
+    "crop_top",
+    "crop_left",
+]
+
+
+def assert_same_latents(a: Path | str, b: Path | str) -> None:
+    from bigasp.store import LatentDataset
+
+    d1, d2 = LatentDataset(str(a)), LatentDataset(str(b))
+    assert len(d1) == len(d2) == 8
+    assert d1.table.select(LATENT_COLS).equals(d2.table.select(LATENT_COLS))
+    for i in range(len(d1)):
+        # same photo, crop and noise; only the conv kernels' summation order may differ with the batch
+        np.testing.assert_allclose(d1.read_latent(i).numpy(), d2.read_latent(i).numpy(), rtol=2e-3, atol=2e-4)
+
+
+def test_annotate_and_encode_of_url_photos_two_ranks_equal_one(server, url_dataset, tmp_path):
+    """torchrun, 2 ranks, photos at URLs and the endpoint only in the environment: each rank fetches
+    its share by ranged GETs and writes its own parts / shards; the result is the one-process one."""
+    from bigasp.annotate import tiny
+    from bigasp.annotate.config import AnnotateConfig
+    from bigasp.annotate.run import annotate
+    from bigasp.prep import encode as enc
+    from bigasp.prep.config import EncodeConfig
+    from bigasp.store import annotations as store
+    from bigasp.store import layout
+    from bigasp.store.manifest import read_index
+
+    opts, faults = server
+    assert faults.slow_down == 0
+    one = copy_dataset(url_dataset, tmp_path / "one")
+    two = copy_dataset(url_dataset, tmp_path / "two")
+    tagger = tiny.onnx_tagger(tmp_path / "joytag-tiny", kind="joytag")
+    acfg = AnnotateConfig(stages=["tags"], tags={"model": str(tagger)}, device="cpu", num_workers=0, batch_size=2,
+                          part_size=2, progress=False, storage_options=opts)  # fmt: skip
+    assert annotate(one, acfg).stages["tags"].done == 8
+    proc = torchrun(opts, "annotate", str(two), "--stage", "tags", "--tags-model", str(tagger), "--device", "cpu",
+                    "--num-workers", "0", "--batch-size", "2", "--part-size", "2")  # fmt: skip
+    stages = json.loads(proc.stdout)["stages"]["tags"]
+    assert (stages["done"], sum(stages["failed"].values())) == (8, 0), proc.stdout
+    ranks = {p.name.split("-r")[1][:5] for p in (two / "annotations").rglob("*.parquet")}
+    assert ranks == {"00000", "00001"}  # both ranks fetched photos and wrote their own parts
+    a, b = store.read_stage(one, "tags"), store.read_stage(two, "tags")
+    assert a.num_rows == 8 and a.column_names == b.column_names
+    for col in a.column_names:
+        assert a.column(col).equals(b.column(col)), col
+
+    s = enc.encode(one, EncodeConfig(vae="tiny", num_workers=0, batch_size=2, shard_size=2, progress=False,
+                                     storage_options=opts))  # fmt: skip
+    assert s.encoded == 8 and not s.rejects
+    proc = torchrun(opts, "encode", str(two), "--vae", "tiny", "--num-workers", "0", "--batch-size", "2",
+                    "--shard-size", "2")  # fmt: skip
+    summary = json.loads(proc.stdout)
+    assert (summary["encoded"], summary["rejects"]) == (8, {}), proc.stdout
+    ranks = {p.name.split("-r")[1][:5] for p in (two / layout.SHARDS_DIR).rglob("*.bls")}
+    assert ranks == {"00000", "00001"}  # both ranks wrote their own shards
+    assert_same_latents(one, two)
+    assert len(read_index(*layout.url_to_fs(str(two)))) == 8  # each photo encoded once, by one rank
+
+
+def test_encode_of_url_photos_killed_and_rerun_loses_and_repeats_nothing(server, url_dataset, tmp_path):
+    """`bigasp encode` on URL photos, Ctrl-C'd after its 3rd batch (3 latents committed), then
+    re-run and SIGKILLed after 2 more batches, then re-run to the end: the dataset is the
+    uninterrupted encode's, and each run encoded only what the runs before had not committed."""
+    import signal
+    import subprocess
+    import sys
+
+    from bigasp.prep import encode as enc
+    from bigasp.prep.config import EncodeConfig
+    from bigasp.store import LatentDataset, layout
+    from bigasp.store.shard import list_shards
+    from hold_helpers import start_held
+
+    opts, faults = server
+    assert faults.slow_down == 0
+    whole = copy_dataset(url_dataset, tmp_path / "whole")
+    s = enc.encode(whole, EncodeConfig(vae="tiny", num_workers=0, batch_size=1, shard_size=1, progress=False,
+                                       storage_options=opts))  # fmt: skip
+    assert s.encoded == 8
+    ds = copy_dataset(url_dataset, tmp_path / "ds")
+    cmd = [sys.executable, "-m", "bigasp", "encode", str(ds), "--vae", "tiny", "--num-workers", "0",
+           "--batch-size", "1", "--shard-size", "1", "--no-progress", "--json"]  # fmt: skip
+
+    proc, _ = start_held(cmd, "encode.batch:3", env=url_env(opts))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "3 latent(s) committed" in err.strip().splitlines()[-1], err[-2000:]
+    assert len(LatentDataset(str(ds))) == 3
+
+    proc, _ = start_held(cmd, "encode.batch:2", env=url_env(opts))  # 2 more batches handed to the writer
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    # what the writer thread had committed when the kill came: whole shards (one latent each; a
+    # shard is renamed into place complete, then indexed: a kill between the two leaves a shard the
+    # next encode indexes, never encodes again)
+    killed = len(list_shards(*layout.url_to_fs(str(ds))))
+    assert 3 <= len(LatentDataset(str(ds))) <= killed <= 5
+
+    last = subprocess.run(cmd, env=url_env(opts), capture_output=True, text=True, timeout=300)
+    assert last.returncode == 0, last.stderr[-3000:]
+    summary = json.loads(last.stdout)
+    assert (summary["skipped"], summary["encoded"], summary["rejects"]) == (killed, 8 - killed, {}), summary
+    assert_same_latents(whole, ds)
