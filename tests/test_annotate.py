@@ -573,6 +573,76 @@ def test_killed_process_resumes_without_duplicates(ingested, models, tmp_path):
     assert len(ids) == len(set(ids)) == 8
 
 
+def test_cli_annotate_write_failure_is_one_line_and_a_rerun_finishes(ingested, models, tmp_path):
+    """A real OS write failure through `bigasp annotate`: a file-size limit (RLIMIT_FSIZE; the
+    kernel fails writes past it with EFBIG, as a full disk fails them with ENOSPC, and Python
+    ignores SIGXFSZ) that the first parts fit and a later, larger part does not. One line naming
+    that part, what is kept and how to continue; the parts before it untouched; a re-run without
+    the limit finishes with the result of an uninterrupted run."""
+    import hashlib
+    import resource
+
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def cli(ds: Path, limit: int | None = None) -> subprocess.CompletedProcess:
+        def small_files() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+        cmd = [sys.executable, "-m", "bigasp", "annotate", str(ds), "--stage", "tags",
+               "--tags-model", str(models["joytag"]), "--part-size", "1", "--device", "cpu",
+               "--num-workers", "0", "--no-progress", "--json"]  # fmt: skip
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180,
+                              preexec_fn=small_files if limit else None)  # fmt: skip
+
+    def digests(paths: list[Path]) -> list[str]:
+        return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+    # One image a part, written in order: the limit lets every part up to the first one larger than
+    # all before it be written (sizes measured on an uninterrupted run; same model, same bytes).
+    full = copy_ds(ingested, tmp_path / "full")
+    res = cli(full)
+    assert res.returncode == 0, res.stderr[-3000:]
+    full_parts = store.list_parts(full, "tags", "joytag-tiny")
+    sizes = [p.stat().st_size for p in full_parts]
+    assert len(sizes) == 9
+    fails_at = next((i for i in range(1, 9) if sizes[i] > max(sizes[:i])), None)
+    assert fails_at is not None, f"no part is larger than every part before it: {sizes}"
+    limit = max(sizes[:fails_at])
+
+    ds = copy_ds(ingested, tmp_path / "ds")
+    res = cli(ds, limit)
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    kept = store.list_parts(ds, "tags", "joytag-tiny")
+    assert len(kept) == fails_at
+    session = kept[0].name.split("-r")[0]
+    failed = store.stage_dir(ds, "tags", "joytag-tiny") / store.part_name(session, 0, fails_at + 1)
+    assert lines[0] == (
+        f"error: writing {failed} failed (File too large); the tags parts written before it "
+        f"({fails_at} by this run) are kept and no partial file is left: free space (or fix the disk) "
+        "and run the same command again to continue: images in parts already written are not done again"
+    )
+    assert not failed.exists() and not [p for p in ds.rglob("*") if p.name.startswith(".tmp")]
+    assert digests(kept) == digests(full_parts[:fails_at])  # the same bytes an uninterrupted run wrote
+    before = digests(kept)
+
+    res = cli(ds)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)["stages"]["tags"]
+    assert summary["skipped"] == fails_at and summary["done"] == 9 - fails_at
+    assert digests(kept) == before
+    ids = [r["id"] for r in _all_rows(ds, "tags")]
+    assert len(ids) == len(set(ids)) == 9
+    a, b = store.read_stage(full, "tags"), store.read_stage(ds, "tags")
+    assert a.column("id").equals(b.column("id")) and a.column("tags").equals(b.column("tags"))
+    np.testing.assert_allclose(
+        np.concatenate(a.column("probs").to_pylist()),
+        np.concatenate(b.column("probs").to_pylist()),
+        rtol=1e-5,
+    )
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one(ingested, models, tmp_path):
     one = copy_ds(ingested, tmp_path / "one")

@@ -117,6 +117,7 @@ class PartSink:
         self.failures: list[dict[str, str]] = []
         self.seq = 0
         self.fseq = 0
+        self.write_failed = False  # a part or failures file could not be written (a full disk)
 
     def add(self, image_id: str, row: dict[str, Any]) -> None:
         self.ids.append(image_id)
@@ -133,26 +134,40 @@ class PartSink:
             ids, rows = self.ids[:n], self.rows[:n]
             self.ids, self.rows = self.ids[n:], self.rows[n:]
             self.seq += 1
-            store.write_part(
-                self.root, self.annot.stage, self.annot.key, self.annot.table(ids, rows),
-                session=self.session, rank=self.rank, seq=self.seq, provenance=self.annot.provenance,
-            )  # fmt: skip
+            try:
+                store.write_part(
+                    self.root, self.annot.stage, self.annot.key, self.annot.table(ids, rows),
+                    session=self.session, rank=self.rank, seq=self.seq, provenance=self.annot.provenance,
+                )  # fmt: skip
+            except DataError:
+                self.write_failed = True
+                raise
             self.summary.parts += 1
             hold(f"annotate.part.{self.annot.stage}")
             if self.cfg.limit_parts and self.summary.parts >= self.cfg.limit_parts:
                 raise StopAfterParts
         if self.failures and (force or len(self.failures) >= self.cfg.part_size):
             self.fseq += 1
-            store.write_failures(self.root, self.annot.stage, self.annot.key, self.failures,
-                                 session=self.session, rank=self.rank, seq=self.fseq)  # fmt: skip
+            try:
+                store.write_failures(self.root, self.annot.stage, self.annot.key, self.failures,
+                                     session=self.session, rank=self.rank, seq=self.fseq)  # fmt: skip
+            except DataError:
+                self.write_failed = True
+                raise
             self.failures = []
 
 
-def _final_flush(sink: PartSink, summary: AnnotateSummary) -> None:
-    try:
-        sink.flush(force=True)
-    except StopAfterParts:
-        summary.stopped_early = True
+def _final_flush(sinks: list[PartSink], summary: AnnotateSummary) -> None:
+    """Write what the sinks still hold, unless a write has failed: then nothing more is written
+    (the disk is full), and the error naming the failed file and the parts kept before it is the
+    one the command reports, not a second failure of a later part."""
+    if any(sink.write_failed for sink in sinks):
+        return
+    for sink in sinks:
+        try:
+            sink.flush(force=True)
+        except StopAfterParts:
+            summary.stopped_early = True
 
 
 def build_annotator(stage: str, cfg: AnnotateConfig, device):
@@ -253,8 +268,7 @@ def _image_pass(root, jobs, stages, cfg, device, summary, session, rank) -> None
     finally:
         bar.close()
         if not stopped:
-            for sink in sinks.values():
-                _final_flush(sink, summary)
+            _final_flush(list(sinks.values()), summary)
     summary.pass_seconds["image"] = time.perf_counter() - t0
 
 
@@ -325,7 +339,7 @@ def _caption_pass(root, manifest, jobs_by_id, cfg, device, summary, session, ran
     finally:
         bar.close()
         if not stopped:
-            _final_flush(sink, summary)
+            _final_flush([sink], summary)
     summary.pass_seconds["caption"] = time.perf_counter() - t0
 
 
