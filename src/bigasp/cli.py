@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 import typer
@@ -147,6 +148,18 @@ def one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+def _raised_in_a_worker(err: BaseException) -> str:
+    """The message of an error a DataLoader worker raised: torch re-raises it in the main process
+    as the same class with "Caught X in DataLoader worker process N. Original Traceback ..." as
+    its text; the user's line is the original message, the traceback's last entry."""
+    text = str(err)
+    if "\nOriginal Traceback" not in text:
+        return text
+    name = type(err).__name__
+    found = list(re.finditer(rf"^(?:\w+\.)*{re.escape(name)}: ", text, re.M))
+    return text[found[-1].end() :].strip() if found else text
+
+
 def _fail(prefix: str, message: str, code: int, *, traceback_available: bool = True) -> None:
     if _debug["on"] and traceback_available:
         import traceback
@@ -169,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = app(args=argv, standalone_mode=False)
     except BigaspError as err:
-        _fail(getattr(err, "label", "error"), str(err), getattr(err, "exit_code", 2))
+        _fail(getattr(err, "label", "error"), _raised_in_a_worker(err), getattr(err, "exit_code", 2))
     except _exit_types() as e:
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, *_abort_types()):

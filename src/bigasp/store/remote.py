@@ -8,8 +8,9 @@ object-storage failures alike:
 - a transient failure (timeout, dropped connection, a 5xx or throttling reply) is retried with
   exponential backoff and counted (`stats()`; ingest logs the count);
 - a missing object is a `FileNotFoundError` (the caller records a reject);
-- bad credentials, a missing bucket or a denied permission is a `RemoteAccessError`: one line
-  naming the URL and what to check, because retrying or rejecting every image cannot fix it.
+- bad credentials, a missing bucket, a denied permission or a store that failed every attempt
+  (refused connection, timeouts) is a `RemoteAccessError`: one line naming the URL and what to
+  check, because retrying further or rejecting every image cannot fix it.
 
 fsspec options (an endpoint, keys) come from `configure()`: the CLI passes the config's
 `storage_options`, as the latent store does; unset = the usual AWS_* / GOOGLE_* variables.
@@ -138,6 +139,23 @@ def access_error(url: str, err: BaseException) -> RemoteAccessError:
     )
 
 
+def unreachable_error(url: str, err: BaseException) -> RemoteAccessError:
+    """The one line for a store that failed every attempt (refused connection, timeouts, 5xx):
+    the run stops, since every other image would fail alike (and would otherwise be rejected)."""
+    from bigasp.store.reach import endpoint_of
+
+    detail = " ".join(str(err).split())[:200] or type(err).__name__
+    try:
+        where = endpoint_of(filesystem(url)[0])
+    except Exception:  # naming the endpoint must not hide the failure itself
+        where = "its endpoint"
+    return RemoteAccessError(
+        f"cannot read {url}: the object store at {where} failed {ATTEMPTS} attempts ({detail}); check the "
+        "endpoint (storage_options endpoint_url or AWS_ENDPOINT_URL), the network and that the server is up, "
+        "then run the same command again: the work committed so far is kept"
+    )
+
+
 def call(url: str, fn: Callable[[], T]) -> T:
     """`fn()` with transient failures retried (backoff, counted) and access failures in one line."""
     for attempt in range(ATTEMPTS):
@@ -147,8 +165,10 @@ def call(url: str, fn: Callable[[], T]) -> T:
         except Exception as err:  # classified below; anything unknown propagates unchanged
             if _access(err):
                 raise access_error(url, err) from None
-            if not _transient(err) or attempt == ATTEMPTS - 1:
+            if not _transient(err):
                 raise
+            if attempt == ATTEMPTS - 1:
+                raise unreachable_error(url, err) from None
             _count("retries")
             time.sleep(BACKOFF_S * (2**attempt))
     raise AssertionError("unreachable")
