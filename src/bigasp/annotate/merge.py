@@ -52,7 +52,6 @@ SOURCES = {  # manifest column -> (stage, result column)
 }
 MERGED = ("tags", "captions", "score", "watermark")
 MERGE_TABLES = (layout.DATASET_JSON, layout.MANIFEST)  # what merge rewrites; the manifest last
-MERGED_STAGES = tuple(stage for stage, _ in SOURCES.values())
 
 
 def _empty(col: pa.ChunkedArray) -> pa.Array:
@@ -146,7 +145,8 @@ def merge(dataset: str, cfg: MergeConfig) -> dict[str, Any]:
     if remote.is_url(dataset):  # merged in this machine's working copy, then written back
         url = dataset.rstrip("/")
         local = workcopy.work_dir(url, cfg.work_dir)
-        workcopy.pull(url, local, cfg.storage_options, annotations=MERGED_STAGES)
+        stages = [SOURCES[col][0] for col in cfg.columns]  # only what the merged columns read
+        workcopy.pull(url, local, cfg.storage_options, annotations=stages)
         report = merge(str(local), cfg)
         workcopy.push(url, local, cfg.storage_options, tables=MERGE_TABLES, annotations=True)
         return report

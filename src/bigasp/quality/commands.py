@@ -1,8 +1,12 @@
 """`bigasp quality arena | train | rank | fit-scorer | score | export | import`.
 
 Settings come from (lowest to highest priority): the section defaults (bigASP's recipe), an
-optional TOML file (`--config`, with [pairwise] / [rank] / [scorer] / [arena] tables), then
-`--set key=value` overrides of the command's own section.
+optional TOML file (`--config`, with [pairwise] / [rank] / [scorer] / [score] / [arena] tables),
+then `--set key=value` overrides of the command's own section.
+
+`score` also takes a dataset at a URL (s3://bucket/ds), scored in a local working copy; the
+other commands need a local dataset (a sample of the photos ingested and embedded on this
+machine) and say so in one line when given a URL.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ quality_app = typer.Typer(
     help="Quality scores 0-9 the bigASP way: rate pairs, train, rank, fit the scorer, score.",
     no_args_is_help=True,
 )
-CONFIG_HELP = "TOML file with \\[pairwise] / \\[rank] / \\[scorer] / \\[arena] tables."
+CONFIG_HELP = "TOML file with \\[pairwise] / \\[rank] / \\[scorer] / \\[score] / \\[arena] tables."
 SET_HELP = "Override a key of this command's section, e.g. --set samples=20000 (repeatable)."
 DATASET_HELP = "Dataset directory (made by `bigasp ingest`, with embeddings from `bigasp annotate`)."
 RATINGS_HELP = (
@@ -26,6 +30,20 @@ RATINGS_HELP = (
     "postgresql://user@host/db URL."
 )
 EMBED_HELP = "Model key of the embeddings to use (needed only when the dataset has several)."
+
+
+def _local(dataset: str, command: str) -> Path:
+    """The dataset folder; a URL is one line: this command needs a local dataset."""
+    from bigasp.store import remote
+
+    if remote.is_url(dataset):
+        raise BigaspError(
+            f"`bigasp quality {command}` needs a local dataset, not {dataset}: rate, train, rank and fit the "
+            "scorer on a local sample (e.g. `bigasp ingest SOME_SHARDS --out sample` and `bigasp annotate sample "
+            "--embed-model CLIP`, the CLIP that embedded the bucket's dataset), then score the dataset at the URL "
+            f"with `bigasp quality score {dataset} --scorer sample/quality/scorer.safetensors` (docs/quality.md)"
+        )
+    return Path(dataset)
 
 
 def _cfg(section: str, config: str | None, sets: list[str]):
@@ -44,7 +62,7 @@ def _echo_json(report: dict) -> None:
 
 @quality_app.command("arena")
 def arena_cmd(
-    dataset: Path = typer.Argument(..., help=DATASET_HELP),
+    dataset: str = typer.Argument(..., help=DATASET_HELP),
     host: str = typer.Option(
         "127.0.0.1", help="Address to listen on; anything but loopback is reachable by others."
     ),
@@ -78,8 +96,9 @@ def arena_cmd(
     """Serve the rating web app until Ctrl-C (rate with the mouse or ← → space, undo with z)."""
     from bigasp.quality.serve import build_arena, run_server
 
+    root = _local(dataset, "arena")
     cfg = _cfg("arena", config, sets)
-    arena = build_arena(dataset, cfg, ratings=ratings, classifier=classifier, flagged=flagged,
+    arena = build_arena(root, cfg, ratings=ratings, classifier=classifier, flagged=flagged,
                         embed_key=embed_key, token=token)  # fmt: skip
     run_server(
         arena, host=host, port=port, threads=cfg.threads, echo=typer.echo, allow_hosts=tuple(allow_host)
@@ -88,7 +107,7 @@ def arena_cmd(
 
 @quality_app.command("train")
 def train_cmd(
-    dataset: Path = typer.Argument(..., help=DATASET_HELP),
+    dataset: str = typer.Argument(..., help=DATASET_HELP),
     clip: str = typer.Option(
         None, "--clip", help="Local CLIP folder that made the embeddings (embeds the blurred/JPEG copies)."
     ),
@@ -103,7 +122,12 @@ def train_cmd(
     from bigasp.quality.pipeline import train
 
     r = train(
-        dataset, _cfg("pairwise", config, sets), clip=clip, out=out, ratings_db=ratings, embed_key=embed_key
+        _local(dataset, "train"),
+        _cfg("pairwise", config, sets),
+        clip=clip,
+        out=out,
+        ratings_db=ratings,
+        embed_key=embed_key,
     )
     if as_json:
         _echo_json(r)
@@ -118,7 +142,7 @@ def train_cmd(
 
 @quality_app.command("rank")
 def rank_cmd(
-    dataset: Path = typer.Argument(..., help=DATASET_HELP),
+    dataset: str = typer.Argument(..., help=DATASET_HELP),
     method: str = typer.Option(
         None, help="elo (tournament judged by the classifier) or bradley-terry (votes)."
     ),
@@ -136,7 +160,9 @@ def rank_cmd(
     from bigasp.quality.pipeline import rank
 
     cfg = _cfg("rank", config, sets + ([f'method="{method}"'] if method else []))
-    r = rank(dataset, cfg, classifier=classifier, out=out, ratings_db=ratings, embed_key=embed_key)
+    r = rank(
+        _local(dataset, "rank"), cfg, classifier=classifier, out=out, ratings_db=ratings, embed_key=embed_key
+    )
     if as_json:
         _echo_json(r)
         return
@@ -146,7 +172,7 @@ def rank_cmd(
 
 @quality_app.command("fit-scorer")
 def fit_scorer_cmd(
-    dataset: Path = typer.Argument(..., help=DATASET_HELP),
+    dataset: str = typer.Argument(..., help=DATASET_HELP),
     ranking: Path = typer.Option(None, help="Ranking file (default DATASET/quality/ranking.parquet)."),
     out: Path = typer.Option(None, help="Model file (default DATASET/quality/scorer.safetensors)."),
     embed_key: str = typer.Option(None, "--embed-key", help=EMBED_HELP),
@@ -157,7 +183,13 @@ def fit_scorer_cmd(
     """Train bigASP's score classifier: embedding -> bin (the score 0-9)."""
     from bigasp.quality.pipeline import fit_scorer
 
-    r = fit_scorer(dataset, _cfg("scorer", config, sets), ranking=ranking, out=out, embed_key=embed_key)
+    r = fit_scorer(
+        _local(dataset, "fit-scorer"),
+        _cfg("scorer", config, sets),
+        ranking=ranking,
+        out=out,
+        embed_key=embed_key,
+    )
     if as_json:
         _echo_json(r)
         return
@@ -168,8 +200,15 @@ def fit_scorer_cmd(
 
 @quality_app.command("score")
 def score_cmd(
-    dataset: Path = typer.Argument(..., help=DATASET_HELP),
-    scorer: Path = typer.Option(None, help="Score model (default DATASET/quality/scorer.safetensors)."),
+    dataset: str = typer.Argument(
+        ...,
+        help=DATASET_HELP + " Or its URL (s3://bucket/ds), scored in a local working copy (see --work).",
+    ),
+    scorer: Path = typer.Option(
+        None,
+        help="Score model (default DATASET/quality/scorer.safetensors; for a dataset at a URL it is "
+        "downloaded from there, else pass the file fit-scorer made on a local sample).",
+    ),
     manifest: bool = typer.Option(
         True, "--manifest/--no-manifest", help="Also write `score` into the manifest."
     ),
@@ -177,6 +216,18 @@ def score_cmd(
         "annotations", help="annotations (default: the model's score wins) or sidecar (sidecar scores win)."
     ),
     embed_key: str = typer.Option(None, "--embed-key", help=EMBED_HELP),
+    work: str = typer.Option(
+        None,
+        "--work",
+        help="For a dataset at a URL: this machine's working copy (default ~/.cache/bigasp/datasets/<hash of "
+        "the URL>, or $BIGASP_WORK_DIR/<hash>).",
+    ),
+    config: str = typer.Option(None, "--config", help=CONFIG_HELP),
+    sets: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Override a key of \\[score], e.g. --set storage_options.endpoint_url=http://... (repeatable).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ) -> None:
     """Score every image with an embedding (annotations/quality/), and fill the manifest's `score`."""
@@ -184,7 +235,9 @@ def score_cmd(
 
     if precedence not in ("annotations", "sidecar"):
         raise BigaspError(f"--precedence {precedence!r}: use 'annotations' or 'sidecar'")
-    r = score(dataset, scorer=scorer, embed_key=embed_key, manifest=manifest, precedence=precedence)
+    cfg = _cfg("score", config, sets)
+    r = score(dataset, scorer=scorer, embed_key=embed_key, manifest=manifest, precedence=precedence,
+              storage_options=cfg.storage_options, work_dir=work or cfg.work_dir or None)  # fmt: skip
     if as_json:
         _echo_json(r)
         return
@@ -196,7 +249,7 @@ def score_cmd(
 
 @quality_app.command("export")
 def export_cmd(
-    dataset: Path = typer.Argument(..., help=DATASET_HELP),
+    dataset: str = typer.Argument(..., help=DATASET_HELP),
     out: Path = typer.Argument(..., help="Parquet file to write."),
     ratings: str = typer.Option(None, help=RATINGS_HELP),
 ) -> None:
@@ -205,14 +258,14 @@ def export_cmd(
     from bigasp.quality.ratings import RatingStore
     from bigasp.store.layout import atomic_write_parquet
 
-    table = RatingStore(ratings or Paths(dataset).ratings).export_table()
+    table = RatingStore(ratings or Paths(_local(dataset, "export")).ratings).export_table()
     atomic_write_parquet(table, out)
     typer.echo(f"export: {table.num_rows} ratings -> {out}")
 
 
 @quality_app.command("import")
 def import_cmd(
-    dataset: Path = typer.Argument(..., help=DATASET_HELP),
+    dataset: str = typer.Argument(..., help=DATASET_HELP),
     file: Path = typer.Argument(..., help="Parquet file written by `bigasp quality export`."),
     ratings: str = typer.Option(None, help=RATINGS_HELP),
 ) -> None:
@@ -227,7 +280,7 @@ def import_cmd(
         table = pq.read_table(file)
     except Exception as err:
         raise DataError(f"{file}: not a readable Parquet file ({err})") from err
-    n = RatingStore(ratings or Paths(dataset).ratings).import_table(table, str(file))
+    n = RatingStore(ratings or Paths(_local(dataset, "import")).ratings).import_table(table, str(file))
     typer.echo(f"import: {n} ratings from {file}")
 
 

@@ -1,4 +1,4 @@
-"""`[pairwise]`, `[rank]`, `[scorer]` and `[arena]` config sections of `bigasp quality`.
+"""`[pairwise]`, `[rank]`, `[scorer]`, `[score]` and `[arena]` config sections of `bigasp quality`.
 
 Defaults are bigASP's published recipe (quality-arena/TrainClassifier.ipynb,
 TrainRanker.ipynb and manual_scoring.py of fpgaminer/bigasp-training); docs/quality.md
@@ -7,7 +7,7 @@ cites each number.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -74,6 +74,21 @@ class ScorerConfig(Section):
     seed: int = Field(0, description="Keys the split, batch order, init and dropout.")
 
 
+class ScoreConfig(Section):
+    """Where `bigasp quality score` finds a dataset that lives at a URL (s3://bucket/ds)."""
+
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for a dataset at a URL, e.g. {endpoint_url = ..., key = ..., secret = ...}; "
+        "empty = the usual AWS_* / GOOGLE_* variables. Never written anywhere.",
+    )
+    work_dir: str = Field(
+        "",
+        description="For a dataset at a URL: this machine's working copy (--work; empty = "
+        "~/.cache/bigasp/datasets/<hash of the URL>, or $BIGASP_WORK_DIR/<hash>).",
+    )
+
+
 class ArenaConfig(Section):
     """The rating web app (`bigasp quality arena`)."""
 
@@ -94,9 +109,10 @@ class ArenaConfig(Section):
 
 
 class QualityConfig(Section):
-    """One TOML file may hold all four sections."""
+    """One TOML file may hold all five sections."""
 
     pairwise: PairwiseConfig = Field(default_factory=PairwiseConfig)
     rank: RankConfig = Field(default_factory=RankConfig)
     scorer: ScorerConfig = Field(default_factory=ScorerConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
     arena: ArenaConfig = Field(default_factory=ArenaConfig)

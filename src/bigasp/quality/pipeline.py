@@ -27,7 +27,7 @@ from bigasp.quality.keys import key64, rng
 from bigasp.quality.models import check_embedding_size, file_digest, load_model, save_model
 from bigasp.quality.ratings import RatingStore, labels
 from bigasp.store import layout
-from bigasp.store.annotations import read_embeddings
+from bigasp.store.annotations import list_models, read_embeddings
 from bigasp.store.layout import atomic_write_parquet
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,8 @@ def fit_scorer(
 
 def score(
     root: str | Path, *, scorer: Path | None = None, embed_key: str | None = None, manifest: bool = True,
-    precedence: str = "annotations", batch: int = 65536,
+    precedence: str = "annotations", batch: int = 65536, storage_options: dict[str, Any] | None = None,
+    work_dir: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Score every embedded image not yet scored by this scorer; optionally fill the manifest.
 
@@ -306,13 +307,34 @@ def score(
     column: sidecar snapshot, lock, provenance, re-applied by later ingests). Scoring is an
     explicit request to score the dataset, so the model's scores win over sidecar scores by
     default (`precedence="sidecar"` keeps those).
+
+    A dataset at a URL (s3://bucket/ds) is scored in this machine's working copy (`work_dir`,
+    see `bigasp.store.workcopy`): its tables, embeddings and existing scores are pulled (the
+    scores at the URL count as done), the new score parts are pushed, then the manifest is
+    filled by `annotate merge`'s own URL path, which writes the manifest last.
     """
+    from bigasp.store import remote
+
+    if remote.is_url(str(root)):
+        return _score_url(str(root).rstrip("/"), scorer=scorer, embed_key=embed_key, manifest=manifest,
+                          precedence=precedence, batch=batch, storage_options=storage_options or {},
+                          work_dir=work_dir)  # fmt: skip
+    root = Path(root)
+    scorer = scorer or Paths(root).scorer
+    report, histogram = _score_parts(root, scorer, str(scorer), embed_key, batch)
+    if manifest:
+        report.update(_fill_manifest(str(root), report["model_key"], precedence, histogram))
+    return report
+
+
+def _score_parts(
+    root: Path, scorer: Path, scorer_name: str, embed_key: str | None, batch: int
+) -> tuple[dict[str, Any], list[int]]:
+    """Score the embeddings not yet scored by `scorer` into quality parts; (report, histogram of all)."""
     from bigasp.quality import scoring
     from bigasp.quality.scorer import predict
     from bigasp.quality.training import device
 
-    root = Path(root)
-    scorer = scorer or Paths(root).scorer
     model, meta = load_model(scorer, "score-classifier")
     model = model.to(device())
     digest = file_digest(scorer)
@@ -323,7 +345,7 @@ def score(
     todo = np.array([i not in done for i in emb.ids], bool)
     provenance = {
         "model": "bigasp ScoreClassifier",
-        "scorer": str(scorer),
+        "scorer": scorer_name,
         "scorer_sha256": digest,
         "embeddings": emb.model_key,
         "bins": meta.get("bins"),
@@ -336,21 +358,60 @@ def score(
         written = scoring.write_scores(root, key, ids, scores, probs, provenance)
     report: dict[str, Any] = {"model_key": key, "scored": len(ids), "already_scored": int((~todo).sum()),
                               "parts": [str(p) for p in written]}  # fmt: skip
-    _, all_scores = scoring.read_scores(root, key) if ids or manifest else ([], np.zeros(0, np.int8))
-    bins = int(meta["bins"])
-    histogram = np.bincount(all_scores.astype(int), minlength=bins).tolist()
+    _, all_scores = scoring.read_scores(root, key) if len(emb.ids) else ([], np.zeros(0, np.int8))
+    histogram = np.bincount(all_scores.astype(int), minlength=int(meta["bins"])).tolist()
     warning = one_bin_warning(histogram, scorer)
     if warning:
         log.warning("%s", warning)
         report["warning"] = warning
-    if manifest:
-        from bigasp.annotate.config import MergeConfig
-        from bigasp.annotate.merge import merge
+    return report, histogram
 
-        cfg = MergeConfig(precedence=precedence, columns=["score"], models={scoring.STAGE: key})
-        merged = merge(str(root), cfg)["columns"]["score"]
-        report["manifest_rows"] = merged["from_annotations"]
-        report["histogram"] = histogram
+
+def _fill_manifest(
+    dataset: str, key: str, precedence: str, histogram: list[int], **url_options: Any
+) -> dict[str, Any]:
+    """The manifest's `score` column from the quality parts of `key`, through `bigasp annotate merge`."""
+    from bigasp.annotate.config import MergeConfig
+    from bigasp.annotate.merge import merge
+    from bigasp.quality import scoring
+
+    cfg = MergeConfig(precedence=precedence, columns=["score"], models={scoring.STAGE: key}, **url_options)
+    merged = merge(dataset, cfg)["columns"]["score"]
+    return {"manifest_rows": merged["from_annotations"], "histogram": histogram}
+
+
+def _score_url(
+    url: str, *, scorer: Path | None, embed_key: str | None, manifest: bool, precedence: str, batch: int,
+    storage_options: dict[str, Any], work_dir: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    from bigasp.quality import scoring
+    from bigasp.store import workcopy
+
+    local = workcopy.work_dir(url, work_dir)
+    workcopy.pull(url, local, storage_options, annotations=("embed", scoring.STAGE))
+    if not (local / layout.MANIFEST).is_file():
+        raise DataError(
+            f"{url} has no {layout.MANIFEST}; make the dataset with `bigasp ingest ... --out {url}`"
+        )
+    if not list_models(local, "embed"):
+        raise DataError(f"{url} has no embeddings yet; run `bigasp annotate {url} --stage embed` first")
+    if scorer is None:  # the default scorer is the dataset's own quality/scorer.safetensors
+        name = f"{QUALITY_DIR}/scorer.safetensors"
+        scorer = workcopy.pull_file(url, local, name, storage_options)
+        if scorer is None:
+            raise DataError(
+                f"{url}/{name} does not exist: pass --scorer FILE, the scorer `bigasp quality fit-scorer` made "
+                "on a local sample of the photos (SAMPLE/quality/scorer.safetensors), or upload it there"
+            )
+        scorer_name = f"{url}/{name}"
+    else:
+        scorer_name = str(scorer)
+    report, histogram = _score_parts(local, scorer, scorer_name, embed_key, batch)
+    workcopy.push(url, local, storage_options, tables=(), annotations=True)  # the scores, before the manifest
+    report.update(dataset=url, work_dir=str(local))
+    if manifest:  # annotate merge's URL path: the copy is current, the manifest goes to the URL last
+        report.update(_fill_manifest(url, report["model_key"], precedence, histogram,
+                                     storage_options=storage_options, work_dir=str(local)))  # fmt: skip
     return report
 
 

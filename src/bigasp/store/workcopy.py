@@ -117,6 +117,21 @@ def pull(
             _check(url, lambda: fs.get_file(snap, str(tmp)))
 
 
+def pull_file(url: str, local: Path, name: str, storage_options=None) -> Path | None:
+    """The dataset's file `name` (e.g. quality/scorer.safetensors) copied into the working copy,
+    fresh each time; None when the URL has no such file."""
+    fs, root = _fs(url, storage_options)
+    src = f"{root}/{name}"
+    fs.invalidate_cache(src.rsplit("/", 1)[0])
+    if not _check(url, lambda: fs.exists(src)):
+        return None
+    dst = local / name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:
+        _check(url, lambda: fs.get_file(src, str(tmp)))
+    return dst
+
+
 def push(url: str, local: Path, storage_options=None, *, tables=TABLES, annotations: bool = False) -> None:
     """Write the working copy's finished files to `url`: new annotation parts (and the
     sidecar snapshot) first, then the tables, the manifest last. Never `parts/` or locks."""
