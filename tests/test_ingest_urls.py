@@ -640,3 +640,66 @@ def test_encode_of_url_photos_killed_and_rerun_loses_and_repeats_nothing(server,
     summary = json.loads(last.stdout)
     assert (summary["skipped"], summary["encoded"], summary["rejects"]) == (killed, 8 - killed, {}), summary
     assert_same_latents(whole, ds)
+
+
+def visible_files(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*")
+            if p.is_file() and not p.name.startswith(".")}  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["annotate", "encode"])
+def test_a_store_that_cannot_be_reached_stops_with_one_line(server, url_dataset, tmp_path, stage):
+    """The photos' endpoint refuses every connection (the server is gone): after its retries the
+    command stops with one line naming the photo and the endpoint, nothing is written, and the
+    error raised in a DataLoader worker is said as such, not as torch's wrapped traceback."""
+    import subprocess
+    import sys
+
+    from train_helpers import free_port
+
+    opts, _ = server
+    ds = copy_dataset(url_dataset, tmp_path / "ds")
+    before = visible_files(ds)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {
+        **url_env(opts),
+        "AWS_ENDPOINT_URL": dead,
+        "AWS_MAX_ATTEMPTS": "1",
+    }  # botocore: no retries of its own
+    args = {
+        "annotate": ["--stage", "embed", "--embed-model", "builtin:image-stats", "--device", "cpu"],
+        "encode": ["--vae", "tiny"],
+    }[stage]
+    res = subprocess.run(
+        [sys.executable, "-m", "bigasp", stage, str(ds), *args, "--num-workers", "2", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error")]
+    assert "Traceback" not in res.stderr and len(errors) == 1, res.stderr[-3000:]
+    assert (
+        f"cannot read s3://{BUCKET}/ranks/" in errors[0] and f"the object store at {dead} failed" in errors[0]
+    )
+    assert "DataLoader worker" not in errors[0], errors[0]
+    assert visible_files(ds) == before  # no latent, index, part or manifest change (locks aside)
+
+
+def test_remote_call_turns_a_store_that_fails_every_attempt_into_one_line(monkeypatch):
+    """Unit: refused connections are retried ATTEMPTS times, then one RemoteAccessError naming the
+    URL (ingest re-raises it instead of rejecting every image); other errors pass unchanged."""
+    from bigasp.store import remote
+
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.0)
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    with pytest.raises(
+        remote.RemoteAccessError, match=r"^cannot read s3://b/k\.jpg: the object store at .* failed 6"
+    ):
+        remote.call("s3://b/k.jpg", refused)
+    assert len(calls) == remote.ATTEMPTS
+    with pytest.raises(FileNotFoundError):
+        remote.call("s3://b/k.jpg", lambda: (_ for _ in ()).throw(FileNotFoundError("k.jpg")))
