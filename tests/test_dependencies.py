@@ -36,6 +36,7 @@ UNIMPORTED_OK = {
     "webdataset": "tests write tar shards with webdataset.TarWriter, the layout bigasp ingests from URLs",
     "jsonschema": "validates the ComfyUI canvas workflow against the frontend's recorded schema (tests)",
     "pytest-xdist": "`make test` runs the suite in two processes (dev extra)",
+    "lycoris-lora": "tests check bigasp's LoKr/LoHa merge against LyCORIS' own diff_weight (dev extra)",
 }
 
 

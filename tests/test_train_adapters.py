@@ -326,6 +326,36 @@ def test_file_key_names_are_those_comfyui_and_kohya_read(trained, tiny_model, al
         assert k[down].shape[0] == 4 and float(k[down.replace("lora_down.weight", "alpha")]) == 2.0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_lycoris_layers_merge_as_the_lycoris_package_computes_them(trained, tiny_model, algo):
+    """The weight delta bigasp merges for each LoKr/LoHa layer of a trained file equals the one
+    the LyCORIS package (lycoris-lora, the reference implementation of both algorithms) computes
+    from the same tensors: `lycoris.functional.{lokr,loha}.diff_weight`."""
+    functional = pytest.importorskip("lycoris.functional")
+    from bigasp.models.adapter_files import lycoris_delta
+
+    tensors = load_file(str(trained[algo][1] / "model" / "lora.safetensors"))
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name, _, suffix = key.partition(".")
+        groups.setdefault(name, {})[suffix.removesuffix(".weight")] = t.float()
+    layers = kohya_module_map(tiny_model)
+    assert len(groups) > 4
+    for name, p in groups.items():
+        shape = layers[name][1].weight.shape
+        alpha = float(p["alpha"])
+        if algo == "loha":  # LyCORIS: (w1d, w1u, w2d, w2u, t1, t2), gamma = alpha / rank
+            ref = functional.loha.diff_weight(p["hada_w1_b"], p["hada_w1_a"], p["hada_w2_b"], p["hada_w2_a"],
+                                              None, None, gamma=alpha / p["hada_w1_b"].shape[0], backend="torch")  # fmt: skip
+        else:  # LyCORIS: (w1, w1a, w1b, w2, w2a, w2b, t), gamma = alpha (divided by the factored rank)
+            ref = functional.lokr.diff_weight(*(p.get(k) for k in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2",
+                                                                    "lokr_w2_a", "lokr_w2_b", "lokr_t2")),
+                                              gamma=alpha, backend="torch")  # fmt: skip
+        ours = lycoris_delta(p, shape)
+        torch.testing.assert_close(ours, ref.reshape(shape).float(), rtol=1e-5, atol=1e-7, msg=name)
+
+
 def _one_line_lora_error(model, path: Path) -> str:
     with pytest.raises(LoraError) as err:
         apply_loras(model, [LoraSpec(path, 1.0)])
