@@ -24,6 +24,7 @@ from bigasp.prep.images import load_for_bucket, pixel_limit, probe
 from bigasp.prep.ingest import ingest
 from bigasp.store import LatentDataset, layout
 from bigasp.store.manifest import read_index
+from bigasp.store.reader import INDEX_COLUMNS
 
 TINY = BucketConfig(step=16, min_area=48 * 64, max_area=64 * 64)
 SRC = Path(__file__).parents[1] / "src"
@@ -229,15 +230,7 @@ def test_torchrun_two_processes_equal_one(ingested, encoded, tmp_path):
     ranks = {p.name.split("-r")[1][:5] for p in (two / layout.SHARDS_DIR).rglob("*.bls")}
     assert ranks == {"00000", "00001"}  # both ranks wrote their own shards
     d1, d2 = LatentDataset(str(one)), LatentDataset(str(two))
-    cols = [
-        "id",
-        "bucket_height",
-        "bucket_width",
-        "original_height",
-        "original_width",
-        "crop_top",
-        "crop_left",
-    ]
+    cols = ["id", *INDEX_COLUMNS[INDEX_COLUMNS.index("bucket_height") :]]  # which image, how it was cut
     assert d1.table.select(cols).equals(d2.table.select(cols))
     for i in range(len(d1)):
         # Same image, crop and noise; only the conv kernels' float summation order may differ

@@ -529,15 +529,11 @@ def torchrun(opts, *args: str):
     return proc
 
 
-LATENT_COLS = [
-    "id",
-    "bucket_height",
-    "bucket_width",
-    "original_height",
-    "original_width",
-    "crop_top",
-    "crop_left",
-]
+def latent_cols() -> list[str]:
+    """The columns that say which image a latent is and how it was cut: id + bucket, size, crop."""
+    from bigasp.store.reader import INDEX_COLUMNS
+
+    return ["id", *INDEX_COLUMNS[INDEX_COLUMNS.index("bucket_height") :]]
 
 
 def assert_same_latents(a: Path | str, b: Path | str) -> None:
@@ -545,7 +541,7 @@ def assert_same_latents(a: Path | str, b: Path | str) -> None:
 
     d1, d2 = LatentDataset(str(a)), LatentDataset(str(b))
     assert len(d1) == len(d2) == 8
-    assert d1.table.select(LATENT_COLS).equals(d2.table.select(LATENT_COLS))
+    assert d1.table.select(latent_cols()).equals(d2.table.select(latent_cols()))
     for i in range(len(d1)):
         # same photo, crop and noise; only the conv kernels' summation order may differ with the batch
         np.testing.assert_allclose(d1.read_latent(i).numpy(), d2.read_latent(i).numpy(), rtol=2e-3, atol=2e-4)
